@@ -1,0 +1,153 @@
+"""Building blocks shared by the native LLaDA and Dream models.
+
+Pure tensor code: RMS normalisation, rotate-half rotary embeddings, the
+padding-mask conversion and bidirectional (non-causal) scaled dot-product
+attention with grouped-query heads. Nothing here knows parameter names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "RMSNorm",
+    "rotary_cos_sin",
+    "apply_rotary",
+    "prepare_attention_mask",
+    "bidirectional_attention",
+    "default_position_ids",
+]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned per-channel gain.
+
+    The statistic is computed in float32 and the normalised activations are cast
+    back to the input dtype before the gain is applied (as in LLaDA and Qwen2).
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., hidden)
+        x32 = x.to(torch.float32)
+        variance = x32.pow(2).mean(-1, keepdim=True)  # (..., 1)
+        normed = (x32 * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        return self.weight * normed
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def default_position_ids(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Positions 0..seq_len-1 for every row: (batch, seq_len) int64."""
+    return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, seq_len)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE tables computed on the fly (no buffers, so nothing can go stale).
+
+    Args:
+        position_ids: (batch, seq) integer positions.
+        head_dim: even per-head dimension.
+        theta: RoPE base.
+
+    Returns:
+        cos, sin: (batch, seq, head_dim) float32.
+    """
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (head_dim/2,)
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (batch, seq, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # x: (..., head_dim) -> (-x2, x1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool
+) -> torch.Tensor:
+    """Rotate queries or keys.
+
+    Args:
+        x: (batch, heads, seq, head_dim).
+        cos, sin: (batch, seq, head_dim).
+        full_precision: rotate in float32 and cast back (LLaDA); otherwise cast the
+            tables to ``x.dtype`` first (Qwen2 / Dream).
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (batch, 1, seq, head_dim)
+    if full_precision:
+        x32 = x.to(torch.float32)
+        return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+def prepare_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, seq_len: int
+) -> torch.Tensor | None:
+    """Turn a user mask into an SDPA ``attn_mask`` for bidirectional attention.
+
+    Accepts ``None``; a padding mask (batch, seq) of 1 (real) / 0 (pad), which hides
+    padded *keys* from every query; or an already prepared 4-D mask
+    (batch or 1, heads or 1, seq or 1, seq), boolean (True = attend) or additive
+    float, which is passed through (so a prepared mask can be handed on to blocks). An all-ones padding mask becomes ``None``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        rows, cols = attention_mask.shape[-2:]
+        if cols != seq_len or rows not in (1, seq_len) or attention_mask.shape[0] not in (1, batch):
+            raise ValueError(
+                f"attention_mask: expected 4-D shape (batch, heads, {seq_len} or 1, {seq_len}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, seq_len):
+        raise ValueError(
+            f"attention_mask: expected a (batch, seq) = ({batch}, {seq_len}) padding mask of 1/0 "
+            f"or a 4-D mask, got shape {tuple(attention_mask.shape)}"
+        )
+    keep = attention_mask.bool()  # (batch, seq)
+    if bool(keep.all()):
+        return None
+    return keep[:, None, None, :]  # (batch, 1, 1, seq): key padding, broadcast over queries
+
+
+def bidirectional_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Non-causal softmax attention with grouped-query heads.
+
+    Args:
+        q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim),
+            heads a multiple of kv_heads.
+        attn_mask: output of :func:`prepare_attention_mask` or ``None``.
+
+    Returns:
+        (batch, seq, heads * head_dim)
+    """
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if n_heads % n_kv != 0:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv})")
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (batch, heads, seq, head_dim)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False)
+    batch, _, seq, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, seq, n_heads * head_dim)
