@@ -1,15 +1,28 @@
-"""Native transformers-5 implementations of the LLaDA and Dream diffusion LMs."""
+"""Native transformers-5 implementations of the LLaDA and Dream diffusion LMs.
 
+Importing this package registers nothing; call :func:`register_native_models`.
+"""
+
+from .auto import register_native_models
+from .configuration_dream import DREAM_MASK_TOKEN_ID, DreamConfig
 from .configuration_llada import LLADA_MASK_TOKEN_ID, LLaDAConfig
+from .modeling_dream import DreamBaseModel, DreamDecoderLayer, DreamModel, DreamPreTrainedModel
 from .modeling_llada import LLaDABlock, LLaDAModel, LLaDAModelLM, LLaDAPreTrainedModel
 from .tokens import require_mask_token_id
 
 __all__ = [
+    "DREAM_MASK_TOKEN_ID",
+    "DreamBaseModel",
+    "DreamConfig",
+    "DreamDecoderLayer",
+    "DreamModel",
+    "DreamPreTrainedModel",
     "LLADA_MASK_TOKEN_ID",
     "LLaDABlock",
     "LLaDAConfig",
     "LLaDAModel",
     "LLaDAModelLM",
     "LLaDAPreTrainedModel",
+    "register_native_models",
     "require_mask_token_id",
 ]

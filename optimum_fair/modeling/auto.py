@@ -1,0 +1,42 @@
+"""Registration of the native LLaDA and Dream classes with the transformers Auto API."""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+__all__ = ["register_native_models"]
+
+_AUTO_MODEL_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)
+
+
+def _native_pairs() -> list[tuple[type[PretrainedConfig], type[PreTrainedModel]]]:
+    from .configuration_dream import DreamConfig
+    from .configuration_llada import LLaDAConfig
+    from .modeling_dream import DreamModel
+    from .modeling_llada import LLaDAModelLM
+
+    return [(LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)]
+
+
+def register_native_models() -> None:
+    """Map ``model_type`` "llada" and "Dream" to the native classes. Idempotent.
+
+    After this, a released ``config.json`` whose ``auto_map`` points at remote code
+    loads with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` /
+    ``AutoModelForMaskedLM`` into the native classes when ``trust_remote_code`` is
+    not set; the remote code is neither downloaded nor run.
+    """
+    for config_cls, model_cls in _native_pairs():
+        if CONFIG_MAPPING._extra_content.get(config_cls.model_type) is not config_cls:
+            AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        for auto_cls in _AUTO_MODEL_CLASSES:
+            if auto_cls._model_mapping._extra_content.get(config_cls) is not model_cls:
+                auto_cls.register(config_cls, model_cls, exist_ok=True)

@@ -1,0 +1,245 @@
+"""Native Dream masked-diffusion LM for transformers 5.
+
+Parameter names equal the released Dream-org checkpoints (Qwen2 names)::
+
+    model.embed_tokens.weight                                   (vocab, hidden)
+    model.layers.{i}.input_layernorm.weight                     (hidden,)
+    model.layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}       q: (heads*hd, hidden), k/v: (kv*hd, hidden)
+    model.layers.{i}.self_attn.o_proj.weight                    (hidden, heads*hd), no bias
+    model.layers.{i}.post_attention_layernorm.weight            (hidden,)
+    model.layers.{i}.mlp.{gate,up}_proj.weight                  (intermediate, hidden)
+    model.layers.{i}.mlp.down_proj.weight                       (hidden, intermediate)
+    model.norm.weight                                           (hidden,)
+    lm_head.weight                                              (vocab, hidden), tied if tie_word_embeddings
+
+Attention is bidirectional. Logits are returned **unshifted**, as in Qwen2: the
+output at position i scores the token at position i + 1, so the prediction for a
+masked position j is ``logits[:, j - 1]``. Samplers and scorers apply that shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_dream import DreamConfig
+from .layers import (
+    RMSNorm,
+    apply_rotary,
+    bidirectional_attention,
+    default_position_ids,
+    prepare_attention_mask,
+    rotary_cos_sin,
+)
+
+__all__ = ["DreamAttention", "DreamBaseModel", "DreamDecoderLayer", "DreamMLP", "DreamModel", "DreamPreTrainedModel"]
+
+
+class DreamAttention(nn.Module):
+    """Bidirectional GQA self-attention with rotate-half RoPE (q/k/v biased, o not)."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.dropout = config.attention_dropout
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        # (batch, seq, n*head_dim) -> (batch, n, seq, head_dim)
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, n, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """x: (batch, seq, hidden), normalised -> (batch, seq, hidden)."""
+        cos, sin = position_embeddings
+        q = apply_rotary(self._heads(self.q_proj(x), self.n_heads), cos, sin, full_precision=False)
+        k = apply_rotary(self._heads(self.k_proj(x), self.n_kv_heads), cos, sin, full_precision=False)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        p = self.dropout if self.training else 0.0
+        return self.o_proj(bidirectional_attention(q, k, v, attn_mask, dropout_p=p))
+
+
+class DreamMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        h, inter = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, inter, bias=False)
+        self.up_proj = nn.Linear(h, inter, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DreamDecoderLayer(nn.Module):
+    """One pre-norm Dream (Qwen2) block.
+
+    Call it directly (block-by-block calibration does)::
+
+        out = layer(hidden_states, attention_mask=mask, position_embeddings=(cos, sin))
+
+    ``hidden_states``: (batch, seq, hidden). ``attention_mask``: ``None``, a (batch, seq)
+    1/0 padding mask or a prepared 4-D mask. ``position_embeddings``: (cos, sin) from
+    :meth:`DreamBaseModel.rotary`, each (batch, seq, head_dim); ``None`` uses positions
+    0..seq-1. Returns (batch, seq, hidden).
+    """
+
+    def __init__(self, config: DreamConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta_value
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DreamAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DreamMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        if position_embeddings is None:
+            pos = default_position_ids(batch, seq, hidden_states.device)
+            position_embeddings = rotary_cos_sin(pos, self.head_dim, self.rope_theta)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, position_embeddings)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DreamBaseModel(nn.Module):
+    """Backbone: ``embed_tokens``, ``layers``, ``norm`` (released names)."""
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id
+        padding_idx = pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx)
+        self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (batch, seq, head_dim) float32, for ``position_ids`` (batch, seq)."""
+        return rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Embeddings (batch, seq, hidden) -> final normalised states (batch, seq, hidden)."""
+        x = inputs_embeds
+        batch, seq, _ = x.shape
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
+        rope = self.rotary(position_ids)
+        states: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                states.append(x)  # input of each layer
+            x = layer(x, attention_mask=attn_mask, position_embeddings=rope)
+        x = self.norm(x)
+        if output_hidden_states:
+            states.append(x)  # final, after norm
+        return x, (tuple(states) if output_hidden_states else None)
+
+
+class DreamPreTrainedModel(PreTrainedModel):
+    """Shared transformers plumbing: config class, init, big-model dispatch hints."""
+
+    config_class = DreamConfig
+    config: DreamConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DreamDecoderLayer"]
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) weights, zero biases and padding row, unit norm gains."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+
+class DreamModel(DreamPreTrainedModel):
+    """Dream with its LM head (released architecture name ``DreamModel``).
+
+    ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` whose
+    ``logits`` (batch, seq, vocab) are unshifted (see the module docstring).
+    ``hidden_states`` (``output_hidden_states=True``): the input of every layer, then the
+    final state after ``norm`` (num_hidden_layers + 1 tensors). No KV cache.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DreamConfig) -> None:
+        super().__init__(config)
+        self.model = DreamBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        use_cache: bool | None = None,
+    ) -> CausalLMOutput | tuple:
+        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
+        if use_cache:
+            raise ValueError("use_cache: expected False or None (Dream has no KV cache)")
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
+        batch, seq, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seq, inputs_embeds.device)
+        elif position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(batch, seq)
+        want_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
+        logits = self.lm_head(final)  # (batch, seq, vocab)
+        if return_dict is False:
+            return (logits, states) if want_states else (logits,)
+        return CausalLMOutput(logits=logits, hidden_states=states)
