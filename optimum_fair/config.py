@@ -1,0 +1,348 @@
+"""`FairCalibConfig`: every knob of FAIR-Calib, checked on construction.
+
+The config is the API (STYLE.md): `from_pretrained(..., quantization_config=FairCalibConfig(...))`
+and `quantize(model, FairCalibConfig(...), texts)` take the same object, and the checkpoint's
+`config.json` stores it under `quantization_config`. Field names follow the paper where it has a
+symbol (N_probe, K, beta, lambda_1, epsilon); see ../shared/PAPER.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+CONFIG_VERSION = 1
+
+
+class Rounding(str, Enum):
+    """How weights are rounded to the grid."""
+
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # (weighted) GPTQ: H = sum_i w_i x_i x_i^T
+
+
+class Transform(str, Enum):
+    """Invertible transform applied in front of each converted linear before quantization."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"  # randomised Hadamard rotation (QuaRot-style)
+    FLATQUANT = "flatquant"  # learned Kronecker-factored affine + diagonal scale + clipping
+
+
+class Weighting(str, Enum):
+    """Token weights w_i in the Stage II loss."""
+
+    FAIR = "fair"  # the Stage I position prior
+    UNIFORM = "uniform"  # w_i = 1 (the ablation)
+
+
+class Reliability(str, Enum):
+    """Teacher reliability c_{t,i} at still-masked positions (Stage I, second term)."""
+
+    PROB = "prob"
+    NEG_ENTROPY = "neg_entropy"
+    MARGIN = "margin"
+
+
+class BoostSchedule(str, Enum):
+    """lambda_0(t) schedule for the frontier-hit term."""
+
+    EARLY = "early"  # 1 + beta * (1 - (t-1)/(T-1))
+    FLAT = "flat"  # 1
+    LATE = "late"  # 1 + beta * (t-1)/(T-1)
+
+
+class InputMode(str, Enum):
+    """Where Stage II takes block l's input from."""
+
+    QUANTIZED = "quantized"  # output of the already-quantized prefix (default)
+    FP = "fp"  # output of the full-precision prefix (FlatQuant's variant)
+
+
+_ENUM_FIELDS = {
+    "rounding": Rounding,
+    "transform": Transform,
+    "weighting": Weighting,
+    "reliability": Reliability,
+    "boost_schedule": BoostSchedule,
+    "input_mode": InputMode,
+}
+
+# Fields whose non-default values name a capability that is not built yet. Each maps to the
+# values that ARE built; anything else raises NotImplementedError (never silently ignored).
+_BUILT_VALUES: dict[str, tuple] = {
+    "sym": (True,),
+}
+
+
+@dataclass
+class FairCalibConfig(QuantizationConfigMixin):
+    """Configuration of FAIR-Calib post-training quantization.
+
+    Quantization format
+        w_bits: weight bits, 4 or 8. Weights are symmetric, per output channel or per group.
+        a_bits: activation bits, 4, 8 or 16 (16 = activations stay in floating point, i.e. W4A16).
+            Activations are quantized per token, symmetric.
+        group_size: -1 for one scale per output channel, else a positive divisor of every converted
+            layer's input size.
+        sym: symmetric quantization (the only scheme built).
+        rounding: "rtn" or "gptq" (weighted GPTQ, Hessian H = sum_i w_i x_i x_i^T).
+        transform: "none", "hadamard" (rotation) or "flatquant" (learned transforms + clipping).
+        weighting: "fair" (Stage I prior w-bar) or "uniform" (w-bar = 1).
+
+    Stage I (position prior from the full-precision teacher, PAPER.md section 2)
+        num_probes: N_probe, the number of probe rollouts (paper: 512).
+        window: K, the generation window at the tail of each calibration sequence (paper: 256).
+            None = seq_len // 4, the paper's 256 / 1024.
+        block_length: semi-autoregressive block length of the random commit policy (default 32).
+        steps: T, denoising steps over the window. None = window (one token per step).
+        early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)) (default 1).
+        boost_schedule: "early" (default), "flat" or "late" (ablations).
+        reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
+        reliability_weight: lambda_1. None = 1/T.
+        floor: epsilon, the weight of positions outside the window (default 0.05).
+        prior: path of a saved `PositionPrior` to reuse (skips Stage I).
+
+    Stage II (block-wise calibration, PAPER.md section 3)
+        dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of
+            strings or a `datasets.Dataset`. Only names are written to config.json.
+        num_samples: calibration sequences (FlatQuant: 128).
+        seq_len: tokens per calibration sequence (paper: 1024). None = min(1024, model maximum).
+        epochs: optimisation epochs per block for learned transforms (FlatQuant: 15).
+        lr: learning rate of the learned transforms (FlatQuant: 5e-3).
+        clip_lr: learning rate of the learned clipping (FlatQuant: 5e-2).
+        batch_size: calibration batch size (FlatQuant: 4).
+        damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        act_order: GPTQ column order by decreasing Hessian diagonal.
+        input_mode: "quantized" (block input from the quantized prefix) or "fp".
+        tokenizer: tokenizer (or its path) for `dataset`; only a path is written to config.json.
+        seed: seed of probe rollouts, sample selection and Hadamard signs.
+        cache_dir: directory where finished blocks are written, to resume an interrupted run.
+
+    Other
+        modules_to_not_convert: module names left in floating point. None = transformers' default
+            (the LM head and tied embeddings). Embeddings are never converted.
+        push_to_hub: repo id to push the quantized model to at the end of calibration.
+        version: format version of this config.
+    """
+
+    quant_method: str = "fair_calib"
+    w_bits: int = 4
+    a_bits: int = 4
+    group_size: int = -1
+    sym: bool = True
+    rounding: Rounding = Rounding.RTN
+    transform: Transform = Transform.NONE
+    weighting: Weighting = Weighting.FAIR
+    # Stage I
+    num_probes: int = 512
+    window: int | None = None
+    block_length: int = 32
+    steps: int | None = None
+    early_boost: float = 1.0
+    boost_schedule: BoostSchedule = BoostSchedule.EARLY
+    reliability: Reliability = Reliability.PROB
+    reliability_weight: float | None = None
+    floor: float = 0.05
+    prior: str | None = None
+    # Stage II
+    dataset: Any = "wiki"
+    num_samples: int = 128
+    seq_len: int | None = None
+    epochs: int = 15
+    lr: float = 5e-3
+    clip_lr: float = 5e-2
+    batch_size: int = 4
+    damp: float = 0.01
+    act_order: bool = False
+    input_mode: InputMode = InputMode.QUANTIZED
+    tokenizer: Any = None
+    seed: int = 0
+    cache_dir: str | None = None
+    # other
+    modules_to_not_convert: list[str] | None = None
+    push_to_hub: str | None = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.quant_method != "fair_calib":
+            raise ValueError(f"quant_method must be 'fair_calib', got {self.quant_method!r}")
+        for name, enum in _ENUM_FIELDS.items():
+            setattr(self, name, _coerce_enum(name, getattr(self, name), enum))
+        self._check_format()
+        self._check_stage_one()
+        self._check_stage_two()
+        self._check_other()
+        for name, built in _BUILT_VALUES.items():
+            if getattr(self, name) not in built:
+                raise NotImplementedError(
+                    f"FairCalibConfig.{name}={getattr(self, name)!r} is not implemented yet; "
+                    f"supported: {list(built)}"
+                )
+
+    # -- checks -----------------------------------------------------------------------------
+    def _check_format(self) -> None:
+        _check_choice("w_bits", self.w_bits, (4, 8))
+        _check_choice("a_bits", self.a_bits, (4, 8, 16))
+        _check_type("group_size", self.group_size, int)
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
+        _check_type("sym", self.sym, bool)
+
+    def _check_stage_one(self) -> None:
+        _check_positive_int("num_probes", self.num_probes)
+        _check_positive_int("window", self.window, optional=True)
+        _check_positive_int("block_length", self.block_length)
+        _check_positive_int("steps", self.steps, optional=True)
+        _check_nonneg_float("early_boost", self.early_boost)
+        _check_nonneg_float("reliability_weight", self.reliability_weight, optional=True)
+        _check_nonneg_float("floor", self.floor)
+        if self.floor > 1:
+            raise ValueError(f"floor must be in [0, 1] (weight outside the window), got {self.floor}")
+        _check_type("prior", self.prior, str, optional=True)
+        if self.window is not None and self.window % self.block_length:
+            raise ValueError(
+                f"window ({self.window}) must be a multiple of block_length ({self.block_length})"
+            )
+        if self.window is not None and self.steps is not None and self.steps % (self.window // self.block_length):
+            raise ValueError(
+                f"steps ({self.steps}) must be a multiple of the number of blocks "
+                f"window // block_length = {self.window // self.block_length}"
+            )
+
+    def _check_stage_two(self) -> None:
+        _check_positive_int("num_samples", self.num_samples)
+        _check_positive_int("seq_len", self.seq_len, optional=True)
+        _check_positive_int("epochs", self.epochs)
+        _check_positive_int("batch_size", self.batch_size)
+        for name in ("lr", "clip_lr", "damp"):
+            _check_nonneg_float(name, getattr(self, name))
+        _check_type("act_order", self.act_order, bool)
+        _check_type("seed", self.seed, int)
+        _check_type("cache_dir", self.cache_dir, str, optional=True)
+        if self.batch_size > self.num_samples:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must not exceed num_samples ({self.num_samples})"
+            )
+        if self.window is not None and self.seq_len is not None and self.window > self.seq_len:
+            raise ValueError(f"window ({self.window}) must not exceed seq_len ({self.seq_len})")
+        if not (self.dataset is None or isinstance(self.dataset, str) or _is_text_list(self.dataset)
+                or hasattr(self.dataset, "column_names")):
+            raise ValueError(
+                "dataset must be a name ('wiki', 'wiki-val', 'lee' or a Hub dataset), a list of strings "
+                f"or a datasets.Dataset, got {type(self.dataset).__name__}"
+            )
+
+    def _check_other(self) -> None:
+        if self.modules_to_not_convert is not None:
+            if not _is_text_list(self.modules_to_not_convert):
+                raise ValueError(
+                    f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
+                )
+        _check_type("push_to_hub", self.push_to_hub, str, optional=True)
+        _check_type("version", self.version, int)
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"version {self.version} is newer than this optimum-fair understands ({CONFIG_VERSION}); upgrade"
+            )
+
+    # -- derived values ---------------------------------------------------------------------
+    def resolved_seq_len(self, model_max: int | None) -> int:
+        """seq_len, or min(1024, the model's maximum length) when unset."""
+        if self.seq_len is not None:
+            if model_max is not None and self.seq_len > model_max:
+                raise ValueError(f"seq_len ({self.seq_len}) exceeds the model's maximum length ({model_max})")
+            return self.seq_len
+        return min(1024, model_max) if model_max else 1024
+
+    def resolved_window(self, seq_len: int) -> int:
+        """K: window, or seq_len // 4 rounded down to a multiple of block_length."""
+        if self.window is not None:
+            return self.window
+        window = (seq_len // 4) // self.block_length * self.block_length
+        if window == 0:
+            raise ValueError(f"seq_len {seq_len} is too short for block_length {self.block_length}")
+        return window
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: enums as strings; a tokenizer object as its path; in-memory data dropped."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif f.name == "tokenizer" and value is not None and not isinstance(value, str):
+                value = getattr(value, "name_or_path", None) or None
+            elif f.name == "dataset" and value is not None and not isinstance(value, str):
+                value = None  # a list of texts or a Dataset is not written into config.json
+            elif isinstance(value, list):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """Inverse of `to_dict`. Unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"Unknown FairCalibConfig field(s) {unknown}; accepted fields: {sorted(known)}")
+        config = cls(**config_dict)
+        unused = {k: v for k, v in kwargs.items() if k not in known}
+        for key, value in kwargs.items():
+            if key in known:
+                setattr(config, key, value)
+        if kwargs:
+            config.__post_init__()
+        return (config, unused) if return_unused_kwargs else config
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        return {}
+
+
+def _coerce_enum(name: str, value: Any, enum: type[Enum]) -> Enum:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
+
+
+def _check_type(name: str, value: Any, typ: type, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{name} must be {typ.__name__}{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
+    _check_type(name, value, int, optional)
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_nonneg_float(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _is_text_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)

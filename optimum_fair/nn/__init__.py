@@ -1,0 +1,5 @@
+"""Quantized modules."""
+
+from .linear import FairLinear, kron_apply
+
+__all__ = ["FairLinear", "kron_apply"]

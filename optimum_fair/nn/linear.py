@@ -1,0 +1,163 @@
+"""`FairLinear`: a linear layer stored as packed low-bit weight codes with per-token activation quantization.
+
+Forward (x: (..., in_features)):
+    x <- x / input_scale                       (optional per-channel smoothing, FlatQuant/SmoothQuant)
+    x <- x @ (A kron B)                        (optional Kronecker-factored transform: Hadamard or learned)
+    x <- fake_quant_act(x, a_bits, act_clip)    (per-token, symmetric; skipped at a_bits = 16)
+    y  = F.linear(x, codes * weight_scale, bias)
+The stored codes quantize the *transformed* weight W (A kron B)^-T diag(input_scale), so in floating
+point the transform cancels exactly and only the rounding changes the output.
+
+Persistent buffers (what a checkpoint holds): `weight`, the codes as a flat 1-D buffer (int4: uint8,
+two codes a byte, each row padded to ceil(in/2) bytes; int8: int8, out * in), `weight_scale`
+(out, n_groups) in the model's float dtype, `bias`, and when present `transform_a` (n1, n1),
+`transform_b` (n2, n2), `input_scale` (in,), `act_clip` ().
+
+The packed codes are stored under the name `weight` on purpose, and flat: if the checkpoint is opened
+without `import optimum_fair` (so transformers does not know `fair_calib` and builds float linears),
+every `weight` has the wrong shape and `from_pretrained` stops with a size-mismatch error instead of
+silently returning a model with random or raw-code weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import dequantize_weight, fake_quant_act, pack_int4, quantize_weight, unpack_int4, weight_scale
+
+
+def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ (a kron b) without forming the Kronecker product.
+
+    x: (..., n1 * n2); a: (n1, n1); b: (n2, n2). Row-major flattening: index i * n2 + j.
+    """
+    n1, n2 = a.shape[0], b.shape[0]
+    xs = x.reshape(*x.shape[:-1], n1, n2)  # (..., n1, n2)
+    out = a.to(x.dtype).t() @ xs @ b.to(x.dtype)  # (..., n1, n2)
+    return out.reshape(x.shape)
+
+
+class FairLinear(nn.Module):
+    """Packed low-bit linear. Build it with `from_linear` / `from_codes`, or empty (for loading)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        w_bits: int = 4,
+        a_bits: int = 4,
+        group_size: int = -1,
+        kron_dims: tuple[int, int] | None = None,
+        smooth: bool = False,
+        act_clip: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if w_bits not in (4, 8):
+            raise ValueError(f"w_bits must be 4 or 8, got {w_bits}")
+        if group_size != -1 and (group_size <= 0 or in_features % group_size):
+            raise ValueError(f"group_size {group_size} must be -1 or divide in_features {in_features}")
+        if kron_dims is not None and kron_dims[0] * kron_dims[1] != in_features:
+            raise ValueError(f"kron_dims {kron_dims} must multiply to in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        row_bytes = (in_features + 1) // 2 if w_bits == 4 else in_features
+        code_dtype = torch.uint8 if w_bits == 4 else torch.int8
+        self.register_buffer("weight", torch.zeros(out_features * row_bytes, dtype=code_dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("transform_a", _eye(kron_dims[0], device) if kron_dims else None)
+        self.register_buffer("transform_b", _eye(kron_dims[1], device) if kron_dims else None)
+        self.register_buffer("input_scale", torch.ones(in_features, device=device) if smooth else None)
+        self.register_buffer("act_clip", torch.ones((), device=device) if act_clip else None)
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        w_bits: int,
+        a_bits: int,
+        group_size: int = -1,
+        transform_a: torch.Tensor | None = None,
+        transform_b: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        act_clip: torch.Tensor | float | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> FairLinear:
+        """Pack integer `codes` (out, in) with `scale` (out, n_groups) and optional transform parts."""
+        out_f, in_f = codes.shape
+        kron = (transform_a.shape[0], transform_b.shape[0]) if transform_a is not None else None
+        layer = cls(in_f, out_f, bias is not None, w_bits, a_bits, group_size, kron_dims=kron,
+                    smooth=input_scale is not None, act_clip=act_clip is not None, dtype=dtype,
+                    device=codes.device)
+        packed = pack_int4(codes) if w_bits == 4 else codes.to(torch.int8)  # (out, row_bytes)
+        layer.weight.copy_(packed.reshape(-1))
+        layer.weight_scale.copy_(scale)
+        if bias is not None:
+            layer.bias.copy_(bias)
+        if transform_a is not None:
+            layer.transform_a.copy_(transform_a)
+            layer.transform_b.copy_(transform_b)
+        if input_scale is not None:
+            layer.input_scale.copy_(input_scale)
+        if act_clip is not None:
+            layer.act_clip.fill_(float(act_clip))
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, group_size: int = -1
+    ) -> FairLinear:
+        """Round-to-nearest quantization of a plain `nn.Linear` (no transform)."""
+        w = linear.weight.detach()
+        scale = weight_scale(w, w_bits, group_size)  # (out, n_groups) float32
+        # Round the scale to the storage dtype first, so codes are computed on the grid actually stored.
+        scale = scale.to(w.dtype if w.dtype.is_floating_point else torch.float16)
+        codes = quantize_weight(w, scale, w_bits, group_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_codes(codes, scale, bias, w_bits, a_bits, group_size, dtype=scale.dtype)
+
+    # -- use --------------------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        """Integer weight codes (out, in), int8."""
+        rows = self.weight.reshape(self.out_features, -1)  # (out, row_bytes)
+        return unpack_int4(rows, self.in_features) if self.w_bits == 4 else rows
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """codes * scale in the scale's dtype: (out, in)."""
+        w = dequantize_weight(self.codes(), self.weight_scale, self.group_size)
+        return w.to(self.weight_scale.dtype)
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothing, Kronecker transform and activation quantization; x: (..., in)."""
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        if self.transform_a is not None:
+            x = kron_apply(x, self.transform_a, self.transform_b)
+        clip = 1.0 if self.act_clip is None else self.act_clip.float()
+        return fake_quant_act(x, self.a_bits, clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., out)
+        w = self.dequantized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.transform_input(x), w, bias)
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"w_bits={self.w_bits}", f"a_bits={self.a_bits}", f"group_size={self.group_size}"]
+        if self.transform_a is not None:
+            parts.append(f"kron=({self.transform_a.shape[0]}, {self.transform_b.shape[0]})")
+        return ", ".join(parts)
+
+
+def _eye(n: int, device) -> torch.Tensor:
+    return torch.eye(n, device=device)

@@ -1,0 +1,123 @@
+"""Low-bit primitives, pure torch: symmetric (de)quantization, int4 packing, activation fake-quant.
+
+Conventions
+    * Signed symmetric grid with `bits` bits: codes in [-2^(b-1), 2^(b-1) - 1], value = code * scale.
+      The scale maps the largest magnitude of a row (or group) to the top code 2^(b-1) - 1, so the
+      round-off of any value inside the clipping range is at most scale / 2.
+    * Weights (out, in) get one scale per output row, or per `group_size` consecutive inputs.
+    * Activations (..., d) get one scale per token (per row of the last dimension).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "qmax",
+    "round_ste",
+    "weight_scale",
+    "quantize_weight",
+    "dequantize_weight",
+    "fake_quant_weight",
+    "fake_quant_act",
+    "pack_int4",
+    "unpack_int4",
+]
+
+
+def qmax(bits: int) -> int:
+    """Largest positive code of a signed `bits`-bit grid (7 for int4, 127 for int8)."""
+    if bits < 2 or bits > 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient (identity in backward)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    # w: (out, in) -> (out, n_groups, g)
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    if g <= 0 or in_f % g:
+        raise ValueError(f"group_size {group_size} must be -1 or a positive divisor of in_features {in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-row (or per-group) scale: clip * max|w| / qmax.  Returns (out, n_groups) float32."""
+    # w: (out, in); clip: scalar or broadcastable to (out, n_groups)
+    amax = _grouped(w.float(), group_size).abs().amax(dim=-1)  # (out, n_groups)
+    scale = amax * clip / qmax(bits)
+    return scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
+    """Integer codes of `w` on the grid given by `scale`.  Returns int8 (out, in)."""
+    # w: (out, in); scale: (out, n_groups)
+    wg = _grouped(w.float(), group_size)  # (out, n_groups, g)
+    q = torch.round(wg / scale.float().unsqueeze(-1)).clamp(-qmax(bits) - 1, qmax(bits))
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group_size: int = -1) -> torch.Tensor:
+    """codes * scale, float32 (out, in)."""
+    # codes: (out, in) int8; scale: (out, n_groups)
+    cg = _grouped(codes.float(), group_size)
+    return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quant_weight(
+    w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Quantize-dequantize `w` (differentiable through the rounding by straight-through)."""
+    # w: (out, in) -> (out, in), same dtype
+    wg = _grouped(w, group_size)  # (out, n_groups, g)
+    amax = wg.abs().amax(dim=-1, keepdim=True)
+    scale = (amax * (clip.unsqueeze(-1) if torch.is_tensor(clip) and clip.dim() else clip) / qmax(bits))
+    scale = scale.clamp(min=1e-8)
+    q = round_ste(wg / scale).clamp(-qmax(bits) - 1, qmax(bits))
+    return (q * scale).reshape(w.shape).to(w.dtype)
+
+
+def fake_quant_act(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-token symmetric quantize-dequantize of activations; identity for bits >= 16.
+
+    x: (..., d). The scale of each token is clip * max_j |x_j| / qmax. Gradients pass straight through
+    the rounding and reach `clip` (learnable clipping).
+    """
+    if bits >= 16:
+        return x
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # (..., 1)
+    scale = (amax * clip / qmax(bits)).clamp(min=1e-8)
+    q = round_ste(x.float() / scale).clamp(-qmax(bits) - 1, qmax(bits))
+    return (q * scale).to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit codes per byte: element 2k in the low nibble, 2k+1 in the high nibble.
+
+    codes: (..., n) integers in [-8, 7] -> (..., ceil(n / 2)) uint8. An odd last dimension is padded
+    with a zero code; `unpack_int4` needs n to drop it.
+    """
+    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError("pack_int4 needs codes in [-8, 7]")
+    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement nibbles
+    if nib.shape[-1] % 2:
+        nib = torch.nn.functional.pad(nib, (0, 1))
+    lo, hi = nib[..., 0::2], nib[..., 1::2]
+    return lo | (hi << 4)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: (..., ceil(n / 2)) uint8 -> (..., n) int8 codes in [-8, 7]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4 needs uint8, got {packed.dtype}")
+    if packed.shape[-1] != (n + 1) // 2:
+        raise ValueError(f"packed last dim {packed.shape[-1]} does not hold {n} codes")
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    both = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]  # (..., n) in [0, 15]
+    return torch.where(both > 7, both - 16, both)

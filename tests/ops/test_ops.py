@@ -1,0 +1,82 @@
+import itertools
+
+import pytest
+import torch
+
+from optimum_fair.ops import (
+    dequantize_weight,
+    fake_quant_act,
+    fake_quant_weight,
+    pack_int4,
+    qmax,
+    quantize_weight,
+    unpack_int4,
+    weight_scale,
+)
+
+
+def test_pack_unpack_all_codes():
+    codes = torch.arange(-8, 8, dtype=torch.int8)
+    # every ordered pair of codes in one byte
+    pairs = torch.tensor(list(itertools.product(range(-8, 8), repeat=2)), dtype=torch.int8)  # (256, 2)
+    assert torch.equal(unpack_int4(pack_int4(pairs), 2), pairs)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (8,)
+    assert torch.equal(unpack_int4(packed, 16), codes)
+    # the 256 pairs cover all 256 byte values exactly once
+    assert pack_int4(pairs).unique().numel() == 256
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 1), (2, 3, 9), (4, 16)])
+def test_pack_unpack_odd_shapes(shape):
+    codes = torch.randint(-8, 8, shape, dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.shape == (*shape[:-1], (shape[-1] + 1) // 2)
+    assert torch.equal(unpack_int4(packed, shape[-1]), codes)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([8]))
+    with pytest.raises(ValueError):
+        unpack_int4(torch.zeros(3, dtype=torch.uint8), 8)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 16), (8, -1), (8, 32)])
+def test_quantize_error_at_most_half_step(bits, group_size):
+    w = torch.randn(12, 64) * torch.logspace(-2, 1, 12).unsqueeze(1)
+    scale = weight_scale(w, bits, group_size)
+    codes = quantize_weight(w, scale, bits, group_size)
+    assert codes.min() >= -qmax(bits) - 1 and codes.max() <= qmax(bits)
+    deq = dequantize_weight(codes, scale, group_size)
+    step = scale.repeat_interleave(64 if group_size == -1 else group_size, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    # the largest magnitude of each group maps to the top code (closed form of the scale)
+    groups = w.reshape(12, -1, 64 if group_size == -1 else group_size)
+    torch.testing.assert_close(scale, groups.abs().amax(-1) / qmax(bits))
+    # fake quant == dequant(quant)
+    torch.testing.assert_close(fake_quant_weight(w, bits, group_size), deq, rtol=0, atol=1e-6)
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="group_size"):
+        weight_scale(torch.randn(4, 10), 4, 3)
+
+
+def test_fake_quant_act_per_token():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [100.0, 3.0, -7.0, 50.0]])
+    y = fake_quant_act(x, 4)
+    # brute force, row by row
+    for row, out in zip(x, y):
+        s = row.abs().max() / 7
+        expected = torch.clamp(torch.round(row / s), -8, 7) * s
+        torch.testing.assert_close(out, expected)
+    assert torch.equal(fake_quant_act(x, 16), x)
+    assert ((fake_quant_act(x, 8) - x).abs() <= x.abs().amax(-1, keepdim=True) / 127 / 2 + 1e-6).all()
+
+
+def test_fake_quant_act_straight_through_and_clip_grad():
+    x = torch.randn(3, 8, requires_grad=True)
+    clip = torch.tensor(0.8, requires_grad=True)
+    fake_quant_act(x, 4, clip).sum().backward()
+    assert x.grad is not None and clip.grad is not None

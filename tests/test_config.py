@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from optimum_fair import FairCalibConfig, Rounding, Transform, Weighting
+
+CONFIGS = [
+    dict(),
+    dict(w_bits=8, a_bits=8),
+    dict(w_bits=4, a_bits=16, group_size=32),
+    dict(rounding="gptq", transform="hadamard", weighting="uniform"),
+    dict(num_probes=64, window=64, block_length=16, steps=64, early_boost=3.0, reliability="margin",
+         reliability_weight=0.5, floor=0.1, boost_schedule="late"),
+    dict(dataset="lee", num_samples=8, seq_len=128, epochs=2, lr=1e-3, batch_size=2, tokenizer="some/path",
+         modules_to_not_convert=["lm_head", "model.embed"], push_to_hub="me/model", input_mode="fp"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONFIGS)
+def test_round_trip(kwargs):
+    cfg = FairCalibConfig(**kwargs)
+    d = cfg.to_dict()
+    assert FairCalibConfig.from_dict(d) == cfg
+    again = FairCalibConfig.from_dict(json.loads(json.dumps(d)))
+    assert again == cfg
+    assert again.to_dict() == d
+    assert json.loads(cfg.to_json_string()) == d
+
+
+def test_enums_accept_strings():
+    cfg = FairCalibConfig(rounding="gptq", transform="flatquant", weighting="uniform")
+    assert cfg.rounding is Rounding.GPTQ and cfg.transform is Transform.FLATQUANT
+    assert cfg.weighting is Weighting.UNIFORM and cfg.weighting == "uniform"
+    assert cfg.to_dict()["rounding"] == "gptq"
+
+
+BAD = [
+    ("w_bits", dict(w_bits=3)),
+    ("w_bits", dict(w_bits="4")),
+    ("w_bits", dict(w_bits=True)),
+    ("a_bits", dict(a_bits=2)),
+    ("group_size", dict(group_size=0)),
+    ("group_size", dict(group_size=-2)),
+    ("group_size", dict(group_size=1.5)),
+    ("rounding", dict(rounding="awq")),
+    ("transform", dict(transform="quarot")),
+    ("weighting", dict(weighting="fancy")),
+    ("reliability", dict(reliability="entropy")),
+    ("boost_schedule", dict(boost_schedule="middle")),
+    ("input_mode", dict(input_mode="masked")),
+    ("num_probes", dict(num_probes=-1)),
+    ("num_probes", dict(num_probes=0)),
+    ("window", dict(window=-64)),
+    ("block_length", dict(block_length=0)),
+    ("steps", dict(steps=-1)),
+    ("early_boost", dict(early_boost=-1.0)),
+    ("early_boost", dict(early_boost=float("nan"))),
+    ("reliability_weight", dict(reliability_weight=-0.1)),
+    ("floor", dict(floor=-0.01)),
+    ("floor", dict(floor=2.0)),
+    ("num_samples", dict(num_samples=-5)),
+    ("seq_len", dict(seq_len=0)),
+    ("epochs", dict(epochs=0)),
+    ("lr", dict(lr=-1e-3)),
+    ("batch_size", dict(batch_size=0)),
+    ("batch_size", dict(batch_size=8, num_samples=4)),
+    ("damp", dict(damp=-1)),
+    ("act_order", dict(act_order="yes")),
+    ("window", dict(window=48, block_length=32)),
+    ("steps", dict(window=64, block_length=32, steps=3)),
+    ("window", dict(window=256, seq_len=128)),
+    ("dataset", dict(dataset=123)),
+    ("modules_to_not_convert", dict(modules_to_not_convert="lm_head")),
+    ("push_to_hub", dict(push_to_hub=1)),
+    ("version", dict(version=99)),
+    ("quant_method", dict(quant_method="gptq")),
+]
+
+
+@pytest.mark.parametrize("field,kwargs", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_value_names_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        FairCalibConfig(**kwargs)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="bogus_field"):
+        FairCalibConfig.from_dict({"bogus_field": 1})
+
+
+def test_not_built_capability_raises():
+    with pytest.raises(NotImplementedError, match="sym"):
+        FairCalibConfig(sym=False)
+
+
+def test_resolved_lengths():
+    cfg = FairCalibConfig()
+    assert cfg.resolved_seq_len(128) == 128
+    assert cfg.resolved_seq_len(4096) == 1024
+    assert cfg.resolved_window(1024) == 256
+    assert cfg.resolved_window(128) == 32
+    with pytest.raises(ValueError, match="seq_len"):
+        FairCalibConfig(seq_len=256).resolved_seq_len(128)
+
+
+def test_in_memory_data_not_serialised():
+    class Tok:
+        name_or_path = "path/to/tok"
+
+    cfg = FairCalibConfig(dataset=["a text", "another"], tokenizer=Tok())
+    d = cfg.to_dict()
+    assert d["dataset"] is None and d["tokenizer"] == "path/to/tok"
