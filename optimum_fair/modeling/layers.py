@@ -18,6 +18,7 @@ __all__ = [
     "prepare_attention_mask",
     "bidirectional_attention",
     "default_position_ids",
+    "resolve_position_ids",
 ]
 
 
@@ -47,6 +48,21 @@ class RMSNorm(nn.Module):
 def default_position_ids(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
     """Positions 0..seq_len-1 for every row: (batch, seq_len) int64."""
     return torch.arange(seq_len, device=device).unsqueeze(0).expand(batch, seq_len)
+
+
+def resolve_position_ids(
+    position_ids: torch.Tensor | None, batch: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
+    """Default, broadcast and check ``position_ids``: None, (seq,) or (batch, seq) -> (batch, seq)."""
+    if position_ids is None:
+        return default_position_ids(batch, seq_len, device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids: expected shape ({seq_len},) or ({batch}, {seq_len}), got {tuple(position_ids.shape)}"
+        )
+    return position_ids.expand(batch, seq_len)
 
 
 def rotary_cos_sin(

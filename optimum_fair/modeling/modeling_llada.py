@@ -33,6 +33,7 @@ from .layers import (
     bidirectional_attention,
     default_position_ids,
     prepare_attention_mask,
+    resolve_position_ids,
     rotary_cos_sin,
 )
 
@@ -230,10 +231,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.model.transformer.wte(input_ids)  # (batch, seq, d_model)
         batch, seq, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = default_position_ids(batch, seq, inputs_embeds.device)
-        elif position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0).expand(batch, seq)
+        position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         want_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
         logits, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
         if return_dict is False:

@@ -179,3 +179,17 @@ def test_bad_config_raises(field: str, value: object) -> None:
 def test_bad_attention_mask_raises() -> None:
     with pytest.raises(ValueError, match="attention_mask"):
         tiny()(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def test_position_ids_default_and_explicit() -> None:
+    model = tiny()
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        base = model(ids).logits
+        assert torch.equal(model(ids, position_ids=torch.arange(5)).logits, base)
+        shifted = model(ids, position_ids=torch.arange(5) + 3).logits
+        spread = model(ids, position_ids=2 * torch.arange(5)).logits
+    torch.testing.assert_close(shifted, base, rtol=0, atol=1e-5)  # RoPE is relative
+    assert not torch.allclose(spread, base, atol=1e-4)  # ... and uses the given positions
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, position_ids=torch.arange(4))
