@@ -1,0 +1,49 @@
+"""Calling a model's ``logits_fn`` and lining its output up with the generation window."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+LogitsFn = Callable[..., Tensor]
+"""``logits_fn(x) -> (batch, seq, vocab)``; called as ``logits_fn(x, attention_mask=m)`` when a
+padding mask m (batch, seq) is in use."""
+
+
+def call_logits(logits_fn: LogitsFn, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Run ``logits_fn`` on token ids x: (batch, seq) and check it returned (batch, seq, vocab)."""
+    logits = logits_fn(x) if attention_mask is None else logits_fn(x, attention_mask=attention_mask)
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(x.shape):
+        raise ValueError(
+            f"logits_fn must return (batch, seq, vocab) = ({x.shape[0]}, {x.shape[1]}, vocab), "
+            f"got {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def window_logits(logits: Tensor, prompt_len: int, gen_len: int, logit_shift: int) -> Tensor:
+    """(batch, seq, vocab) -> (batch, gen_len, vocab): the prediction for each generated position.
+
+    With ``logit_shift = 1`` (Dream) the prediction for position i sits at ``logits[:, i - 1]``.
+    Returns a view.
+    """
+    start = prompt_len - logit_shift
+    return logits[:, start : start + gen_len]
+
+
+def predict_window(
+    logits_fn: LogitsFn, x: Tensor, attention_mask: Tensor | None, prompt_len: int, logit_shift: int
+) -> Tensor:
+    """(batch, prompt_len + gen_len) ids -> (batch, gen_len, vocab) aligned predictions."""
+    gen_len = x.shape[1] - prompt_len
+    return window_logits(call_logits(logits_fn, x, attention_mask), prompt_len, gen_len, logit_shift)
+
+
+def forbid_mask(logits: Tensor, mask_id: int) -> Tensor:
+    """Copy of logits: (..., vocab) whose mask-token logit is -inf, so it is never predicted."""
+    if not 0 <= mask_id < logits.shape[-1]:
+        raise ValueError(f"mask_id ({mask_id}) must be a token id below the vocabulary size ({logits.shape[-1]})")
+    out = logits.clone()
+    out[..., mask_id] = float("-inf")
+    return out

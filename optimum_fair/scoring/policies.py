@@ -1,0 +1,141 @@
+"""Commit rules shared by the samplers and the metrics: names, schedules, position selection.
+
+Pure torch; every function works on a batch of generation windows, shapes noted per argument.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+E = TypeVar("E", bound=Enum)
+
+
+class Remasking(str, Enum):
+    """LLaDA's rule for which masked positions of the current block are committed."""
+
+    LOW_CONFIDENCE = "low_confidence"  # highest probability of the chosen token first
+    RANDOM = "random"  # uniformly random masked positions (Stage I's random commit policy)
+
+
+class DreamAlg(str, Enum):
+    """Dream's ``diffusion_generate`` algorithms."""
+
+    ORIGIN = "origin"  # each masked position unmasks with probability 1 - s/t
+    MASKGIT_PLUS = "maskgit_plus"  # confidence = probability of the chosen token
+    TOPK_MARGIN = "topk_margin"  # confidence = top-1 minus top-2 probability
+    ENTROPY = "entropy"  # confidence = negative entropy
+
+
+class Confidence(str, Enum):
+    """How a model's confidence at a masked position is scored (metrics' commit rule)."""
+
+    PROB = "prob"  # max probability
+    MARGIN = "margin"  # top-1 minus top-2 probability
+    NEG_ENTROPY = "neg_entropy"  # sum p log p
+
+
+def coerce_enum(enum_cls: type[E], value: object, name: str) -> E:
+    """Return ``value`` as a member of ``enum_cls``; raise ValueError naming ``name`` otherwise."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = [m.value for m in enum_cls]
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+def llada_transfer_counts(num_masked: Tensor, steps: int) -> Tensor:
+    """Tokens to commit per step inside one block: an even split, remainder on the first steps.
+
+    Args:
+        num_masked: (batch,) masked positions in the block when the block starts.
+        steps: steps spent on the block.
+    Returns:
+        (batch, steps) long; rows sum to ``num_masked``. Example: 8 masked, 3 steps -> [3, 3, 2].
+    """
+    base = num_masked.long() // steps  # (batch,)
+    extra = num_masked.long() % steps  # (batch,)
+    step_idx = torch.arange(steps, device=num_masked.device)  # (steps,)
+    return base.unsqueeze(1) + (step_idx.unsqueeze(0) < extra.unsqueeze(1)).long()
+
+
+def dream_timesteps(steps: int, eps: float, device: torch.device | str = "cpu") -> Tensor:
+    """(steps + 1,) float32 linear times from 1 down to ``eps``, as Dream samples them."""
+    return torch.linspace(1.0, eps, steps + 1, device=device)
+
+
+def dream_transfer_counts(num_masked: Tensor, step: int, steps: int, timesteps: Tensor) -> Tensor:
+    """(batch,) tokens to commit at ``step``: floor(masked * (1 - s/t)), everything at the last step."""
+    if step == steps - 1:
+        return num_masked.long()
+    ratio = 1.0 - timesteps[step + 1] / timesteps[step]  # float32 scalar
+    return (num_masked.float() * ratio).long()
+
+
+def select_top(scores: Tensor, counts: Tensor) -> Tensor:
+    """Pick the ``counts[b]`` highest-scoring eligible positions of each row.
+
+    Args:
+        scores: (batch, n) float; ineligible positions hold -inf and are never picked.
+        counts: (batch,) long.
+    Returns:
+        (batch, n) bool. Ties go to the lower index.
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # (batch, n)
+    rank_of = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, rank_of)  # (batch, n) rank of each position
+    return (ranks < counts.unsqueeze(-1)) & (scores > float("-inf"))
+
+
+def gumbel_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise in float64 with the shape of ``x``."""
+    u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+
+
+def select_sampled(scores: Tensor, counts: Tensor, temp: float, generator: torch.Generator | None) -> Tensor:
+    """Draw ``counts[b]`` positions per row without replacement, with P proportional to
+    softmax(scores / temp) (Gumbel-top-k; Dream's ``alg_temp`` position sampling).
+
+    Args:
+        scores: (batch, n); -inf marks ineligible positions.
+        counts: (batch,) long.
+    Returns:
+        (batch, n) bool.
+    """
+    noisy = scores.double() / temp + gumbel_like(scores, generator)  # -inf stays -inf
+    return select_top(noisy, counts)
+
+
+def confidence_scores(probs: Tensor, kind: Confidence) -> Tensor:
+    """(..., vocab) probabilities -> (...,) confidence of the given kind."""
+    if kind is Confidence.PROB:
+        return probs.max(-1).values
+    if kind is Confidence.MARGIN:
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (..., 2)
+        return top[..., 0] - (top[..., 1] if top.shape[-1] > 1 else 0.0)
+    return (probs * torch.log(probs + 1e-10)).sum(-1)
+
+
+def filter_top_k(logits: Tensor, top_k: int | None) -> Tensor:
+    """Keep the ``top_k`` largest logits along the last dim; the rest become -inf."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: Tensor, top_p: float | None) -> Tensor:
+    """Nucleus filtering: keep the smallest top set whose probability reaches ``top_p``."""
+    if top_p is None or top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., vocab)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cum > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # keep the token that crosses top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
