@@ -93,11 +93,22 @@ class LLaDAConfig(PretrainedConfig):
     mask_token_id: int | None = LLADA_MASK_TOKEN_ID
 
     def __post_init__(self, **kwargs) -> None:
+        self._check_alias_conflicts(kwargs)
         super().__post_init__(**kwargs)
         if self.architectures is None:
             self.architectures = ["LLaDAModelLM"]
         self.n_kv_heads = self.effective_n_kv_heads
         self._validate()
+
+    def _check_alias_conflicts(self, kwargs: dict) -> None:
+        """Refuse e.g. ``d_model=64, hidden_size=32``: the alias would silently win."""
+        fields = self.__dataclass_fields__
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs and getattr(self, name) not in (fields[name].default, kwargs[alias]):
+                raise ValueError(
+                    f"LLaDAConfig.{name}: got {getattr(self, name)!r} and its alias {alias}={kwargs[alias]!r}; "
+                    "expected one of them, or equal values"
+                )
 
     @property
     def effective_n_kv_heads(self) -> int:

@@ -176,6 +176,12 @@ def test_bad_config_raises(field: str, value: object) -> None:
         LLaDAConfig(**{**TINY, field: value})
 
 
+def test_alias_conflict_raises() -> None:
+    assert LLaDAConfig(**{**TINY, "hidden_size": 32}).d_model == 32
+    with pytest.raises(ValueError, match="d_model"):
+        LLaDAConfig(**{**TINY, "hidden_size": 64})
+
+
 def test_bad_attention_mask_raises() -> None:
     with pytest.raises(ValueError, match="attention_mask"):
         tiny()(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
