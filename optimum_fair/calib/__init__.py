@@ -1,0 +1,34 @@
+"""Calibration math, pure torch: the weighted loss, weighted GPTQ, Hadamard rotations, learned transforms.
+
+Nothing here imports transformers or receives a config object; every function takes plain arguments.
+"""
+
+from .gptq import accumulate_hessian, gptq_quantize
+from .objective import weighted_mse
+from .rotation import hadamard, kron_factors, random_hadamard_factors, random_orthogonal
+from .transforms import (
+    CalibLinear,
+    TransformParams,
+    block_loss,
+    channel_absmax,
+    fit_transforms,
+    hadamard_transform,
+    smooth_scale,
+)
+
+__all__ = [
+    "CalibLinear",
+    "TransformParams",
+    "accumulate_hessian",
+    "block_loss",
+    "channel_absmax",
+    "fit_transforms",
+    "gptq_quantize",
+    "hadamard",
+    "hadamard_transform",
+    "kron_factors",
+    "random_hadamard_factors",
+    "random_orthogonal",
+    "smooth_scale",
+    "weighted_mse",
+]
