@@ -1,0 +1,178 @@
+"""Offline text loading, wiki markup cleaning, the article split and calibration windows."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from datasets import Dataset
+
+from optimum_fair import data
+from optimum_fair.data import (
+    VALIDATION_EVERY,
+    calibration_sequences,
+    clean_wiki_markup,
+    load_texts,
+    load_wiki_articles,
+    require_mask_token,
+    split_wiki_articles,
+    token_stream,
+)
+from optimum_fair.train_teacher import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def articles() -> list[tuple[str, str]]:
+    return load_wiki_articles()
+
+
+@pytest.fixture(scope="module")
+def lee() -> Dataset:
+    return load_texts("lee")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(lee: Dataset):
+    return train_tokenizer(list(lee["text"]), vocab_size=300, model_max_length=64)
+
+
+def test_split_is_disjoint_deterministic_and_complete(articles):
+    train = split_wiki_articles(articles, "train")
+    val = split_wiki_articles(articles, "validation")
+    train_titles, val_titles = {t for t, _ in train}, {t for t, _ in val}
+    assert not train_titles & val_titles
+    assert len(train) + len(val) == len(articles) >= 100
+    expected_val = len(range(0, len(articles), VALIDATION_EVERY))
+    assert len(val) == expected_val
+    # the split depends on titles only, not on input order
+    assert split_wiki_articles(list(reversed(articles)), "validation") == val
+    with pytest.raises(ValueError, match="split"):
+        split_wiki_articles(articles, "test")
+
+
+def test_load_texts_wiki_matches_split_and_reparse(articles):
+    val = load_texts("wiki-val")
+    assert list(val["title"]) == [t for t, _ in split_wiki_articles(articles, "validation")]
+    with pytest.raises(ValueError, match="split for 'wiki'"):
+        load_texts("wiki", split="test")
+    with pytest.raises(ValueError, match="'wiki-val' is the validation split"):
+        load_texts("wiki-val", split="train")
+
+
+def test_markup_is_stripped(articles):
+    text = "\n".join(t for _, t in articles)
+    assert len(text) > 2_000_000
+    for marker in ("{{", "}}", "[[", "]]", "<ref", "{|", "'''", "==", "&nbsp;"):
+        assert marker not in text, marker
+
+
+def test_clean_wiki_markup_on_a_handmade_article():
+    raw = (
+        "{{Infobox thing|name=X}}\n'''Foo''' is a [[bar (thing)|bar]] that [[baz]] people like.<ref>Cite</ref>\n"
+        "==History==\n* Foo was made in the year 1900 by someone.\n"
+        "{| class=\"wikitable\"\n| a || b\n|}\nshort caption\n"
+        "==References==\nEverything after this heading is dropped entirely.\n"
+    )
+    assert clean_wiki_markup(raw) == "Foo is a bar that baz people like.\nFoo was made in the year 1900 by someone."
+
+
+def test_lee_loads(lee):
+    assert len(lee) == 300
+    assert lee["text"][0].startswith("Hundreds of people have been forced")
+
+
+def test_list_and_dataset_inputs():
+    ds = load_texts(["one text", "another text"])
+    assert ds.column_names == ["text"] and list(ds["text"]) == ["one text", "another text"]
+    user = Dataset.from_dict({"text": ["a b c"], "label": [1]})
+    assert load_texts(user) is user
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("no-such-corpus", "accepted names are .*wiki.*lee"),
+        (Dataset.from_dict({"sentence": ["x"]}), "needs a 'text' column"),
+        ([], "non-empty list of strings"),
+        (["ok", 3], "non-empty list of strings"),
+        (42, "expected a dataset name"),
+    ],
+)
+def test_bad_inputs_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_texts(bad)
+
+
+def test_hub_name_offline_suggests_offline_names(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(RuntimeError, match=r"could not load dataset 'wikitext2'.*'wiki', 'wiki-val', 'lee'"):
+        load_texts("wikitext2")
+
+
+def test_hub_name_maps_to_load_dataset_arguments(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return Dataset.from_dict({"text": ["a line", "", "  ", "another line"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_texts("wikitext2")
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
+    assert list(ds["text"]) == ["a line", "another line"]
+
+
+def test_token_stream_joins_documents_with_eos(tokenizer):
+    stream = token_stream(["hello world", "hello again"], tokenizer)
+    eos = tokenizer.eos_token_id
+    assert stream.dtype == torch.long
+    assert (stream == eos).sum().item() == 2 and stream[-1].item() == eos
+    first = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert stream[: len(first)].tolist() == first
+
+
+def test_calibration_sequences_shape_determinism_and_source(tokenizer, lee):
+    texts = lee.select(range(40))
+    a = calibration_sequences(texts, tokenizer, num_samples=6, seq_len=32, seed=0)
+    b = calibration_sequences(texts, tokenizer, num_samples=6, seq_len=32, seed=0)
+    c = calibration_sequences(texts, tokenizer, num_samples=6, seq_len=32, seed=1)
+    assert a.shape == (6, 32) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    stream = token_stream(texts, tokenizer).tolist()
+    starts = []
+    for row in a.tolist():  # every window is a contiguous slice of the stream
+        hits = [i for i in range(len(stream) - 31) if stream[i : i + 32] == row]
+        assert hits
+        starts.append(hits[0])
+    gaps = sorted(starts)
+    assert all(y - x >= 32 for x, y in zip(gaps, gaps[1:]))  # non-overlapping
+
+
+def test_too_short_text_raises_with_counts(tokenizer):
+    n = token_stream(["a very short text"], tokenizer).numel()
+    with pytest.raises(ValueError, match=rf"give {n} tokens but .* need num_samples\*seq_len = {4 * n}"):
+        calibration_sequences(["a very short text"], tokenizer, num_samples=4, seq_len=n)
+    out = calibration_sequences(["a very short text"], tokenizer, num_samples=4, seq_len=n, allow_overlap=True)
+    assert out.shape == (4, n)
+    with pytest.raises(ValueError, match="overlapping windows need"):
+        calibration_sequences(["a very short text"], tokenizer, 1, n + 1, allow_overlap=True)
+    with pytest.raises(ValueError, match="num_samples"):
+        calibration_sequences(["text"], tokenizer, 0, 4)
+
+
+def test_require_mask_token(tokenizer):
+    assert require_mask_token(tokenizer) == tokenizer.convert_tokens_to_ids("<|mask|>")
+
+    class NoMask:
+        mask_token_id = None
+
+    with pytest.raises(ValueError, match="no mask token"):
+        require_mask_token(NoMask())
+
+
+def test_missing_gensim_file_raises():
+    with pytest.raises(FileNotFoundError, match="no-such-file"):
+        data.gensim_data_file("no-such-file.txt")
