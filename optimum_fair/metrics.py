@@ -165,7 +165,8 @@ def post_commit_top1(
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
     shift = _shift(trace, logit_shift)
-    table = torch.full((trace.steps, *trace.commit_step.shape), -1, dtype=torch.long, device=trace.commit_step.device)
+    # table: (steps, batch, gen)
+    table = torch.full_like(trace.commit_step, -1).unsqueeze(0).repeat(trace.steps, 1, 1)
     for step in range(trace.steps):
         if include_masked or mode is PostCommitMode.RAW:
             table[step] = _predict(trace, logits_fn, trace.state_at(step), None, shift).argmax(-1)
@@ -216,7 +217,8 @@ def stability_lag(trace: DecodeTrace, top1: Tensor | None = None) -> Tensor:
     if top1 is None:
         raise ValueError("trace has no top1_token: decode with record_topk=True or pass top1")
     if top1.shape != (trace.steps, *trace.commit_step.shape):
-        raise ValueError(f"top1 must have shape {(trace.steps, *trace.commit_step.shape)}, got {tuple(top1.shape)}")
+        expected = (trace.steps, *trace.commit_step.shape)
+        raise ValueError(f"top1 must have shape {expected}, got {tuple(top1.shape)}")
     agree = (top1 == trace.generated.unsqueeze(0)).long()  # (steps, batch, gen)
     agree_to_end = agree.flip(0).cumprod(0).flip(0)  # 1 at t iff agreement on every step >= t
     t_align = trace.steps - agree_to_end.sum(0)

@@ -21,7 +21,8 @@ def tokenizer():
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+    specials = dict(pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=core, **specials)
 
 
 class TinyDLM(nn.Module):

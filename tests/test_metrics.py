@@ -70,7 +70,8 @@ def test_flip_rate_reads_teacher_states():
 def test_flip_rate_threshold_and_shift():
     trace = make_trace([[6, 8, 7, 2]], [[2, 0, 3, 1]], margin=[[0.5, 0.05, 0.2, 0.0]], shift=1)
     base = count_student([3.0, 2.0, 1.0, 0.0])
-    res = M.frontier_flip_rate(trace, lambda x, attention_mask=None: shifted(base(x), 1), margin_threshold=0.3)
+    student = lambda x, attention_mask=None: shifted(base(x), 1)  # noqa: E731
+    res = M.frontier_flip_rate(trace, student, margin_threshold=0.3)
     assert res.flipped.tolist() == [[False, False, True, True]]
     assert (res.num_confident, res.num_confident_flips) == (1, 0)
 
@@ -91,7 +92,9 @@ def test_teacher_against_itself_has_no_flips():
         return (h + h.roll(1, dims=1) + h.mean(1, keepdim=True)) @ head
 
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    for trace in (llada_decode(lm, prompt, 8, 4, 8, MASK), dream_decode(lm, prompt, 8, 8, MASK, alg="maskgit_plus")):
+    teachers = (llada_decode(lm, prompt, 8, 4, 8, MASK),
+                dream_decode(lm, prompt, 8, 8, MASK, alg="maskgit_plus"))
+    for trace in teachers:
         res = M.frontier_flip_rate(trace, lm)
         assert res.num_flips == 0 and res.set_disagreement == 0.0
         assert res.first_flip_step.tolist() == [-1, -1]
@@ -119,7 +122,8 @@ def test_post_commit_mismatch_leave_one_out(shift, max_batch):
     final = [[5, 6, 7, 8], [5, 6, 7, 8]]
     trace = make_trace(final, [[0, 1, 2, 3], [3, 2, 1, 0]], shift=shift)
     preds = loo_model(final[0])
-    res = M.post_commit_mismatch(trace, lambda x, attention_mask=None: shifted(preds(x), shift), max_batch=max_batch)
+    model = lambda x, attention_mask=None: shifted(preds(x), shift)  # noqa: E731
+    res = M.post_commit_mismatch(trace, model, max_batch=max_batch)
     # first committed position: re-masked at t = 1, 2, 3 sees 4, 3, 2 masks -> agree, agree, disagree
     expected = torch.tensor([[1 / 3, 1 / 2, 1.0, NAN], [NAN, 1.0, 1 / 2, 1 / 3]], dtype=torch.float64)
     assert torch.allclose(res.disagree_fraction, expected, equal_nan=True)

@@ -57,7 +57,8 @@ def check_llada_schedule(gen_length: object, block_length: object, steps: object
 
 def check_dream_sampling(top_p: object, top_k: object, alg_temp: object, eps: object) -> None:
     """Check Dream's token filters and time schedule."""
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    bad_type = isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+    if top_p is not None and (bad_type or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
     if top_k is not None:
         check_positive_int(top_k, "top_k")

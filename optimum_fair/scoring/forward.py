@@ -43,7 +43,7 @@ def predict_window(
 def forbid_mask(logits: Tensor, mask_id: int) -> Tensor:
     """Copy of logits: (..., vocab) whose mask-token logit is -inf, so it is never predicted."""
     if not 0 <= mask_id < logits.shape[-1]:
-        raise ValueError(f"mask_id ({mask_id}) must be a token id below the vocabulary size ({logits.shape[-1]})")
+        raise ValueError(f"mask_id ({mask_id}) must be a token id below the vocab size ({logits.shape[-1]})")
     out = logits.clone()
     out[..., mask_id] = float("-inf")
     return out

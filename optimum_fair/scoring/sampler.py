@@ -88,7 +88,13 @@ def _canvas(prompt_ids: Tensor, gen_length: int, mask_id: int, attention_mask: T
 
 
 def _guided_logits(
-    logits_fn: LogitsFn, x: Tensor, mask: Tensor | None, prompt_len: int, shift: int, cfg_scale: float, mask_id: int
+    logits_fn: LogitsFn,
+    x: Tensor,
+    mask: Tensor | None,
+    prompt_len: int,
+    shift: int,
+    cfg_scale: float,
+    mask_id: int,
 ) -> Tensor:
     """(batch, gen, vocab) predictions; with cfg_scale > 0, un + (scale + 1)(cond - un), where the
     unconditional pass sees the prompt masked out. Both passes run as one batch."""
@@ -179,7 +185,9 @@ def llada_decode(
             logits = forbid_mask(logits, mask_id)  # (batch, gen, vocab)
             rec.observe(x, logits)
             masked = gen[:, lo:hi].eq(mask_id)  # (batch, block)
-            chosen_blk, x0 = _llada_choose(logits[:, lo:hi], masked, counts[:, j], temperature, remasking, generator)
+            chosen_blk, x0 = _llada_choose(
+                logits[:, lo:hi], masked, counts[:, j], temperature, remasking, generator
+            )
             chosen = torch.zeros_like(gen, dtype=torch.bool)
             chosen[:, lo:hi] = chosen_blk
             rec.commit(step, chosen, logits)

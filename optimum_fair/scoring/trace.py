@@ -25,7 +25,7 @@ class DecodeTrace:
         commit_step: (batch, gen_len) 0-based step at which each generated position was committed.
         commit_margin: (batch, gen_len) top-1 minus top-2 probability of the decoding model at the
             commit, read from the softmax of the logits the sampler used (after classifier-free
-            guidance, before temperature, top-p or top-k).
+            guidance, before temperature, top-p or top-k; the mask token excluded, as everywhere).
         prompt_len: number of prompt positions (padding included).
         gen_len: number of generated positions.
         steps: number of decoding steps T (one forward pass each).

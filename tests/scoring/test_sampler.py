@@ -102,7 +102,8 @@ def test_deterministic_at_temperature_zero_and_random_reproducible():
 def test_commits_are_final_and_states_match(decode):
     gen = torch.Generator().manual_seed(1)
     if decode == "llada":
-        trace = llada_decode(random_lm(), PROMPT, 8, 4, 4, MASK, temperature=0.7, generator=gen, record_states=True)
+        trace = llada_decode(random_lm(), PROMPT, 8, 4, 4, MASK, temperature=0.7, generator=gen,
+                             record_states=True)
     else:
         alg = decode.split("_")[1]
         trace = dream_decode(random_lm(), PROMPT, 8, 5, MASK, alg=alg, temperature=0.7, generator=gen,
@@ -161,8 +162,11 @@ def test_dream_confidence_schedule_matches_hand_computed_floor():
 
 
 def test_dream_origin_reproducible_and_complete():
-    runs = [dream_decode(random_lm(), PROMPT, 12, 4, MASK, temperature=1.0, generator=torch.Generator().manual_seed(s))
-            for s in (5, 5, 6)]
+    runs = [
+        dream_decode(random_lm(), PROMPT, 12, 4, MASK, temperature=1.0,
+                     generator=torch.Generator().manual_seed(s))
+        for s in (5, 5, 6)
+    ]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert torch.equal(runs[0].commit_step, runs[1].commit_step)
     assert not torch.equal(runs[0].commit_step, runs[2].commit_step)
