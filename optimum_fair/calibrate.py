@@ -1,0 +1,301 @@
+"""Stage II lifecycle: capture block inputs, then calibrate and swap one decoder block at a time.
+
+The math (weighted loss, GPTQ, transforms) lives in `calib/`; this file owns the order of work:
+for block l, h* = FP block(FP stream) is the target, the quantized block reads the quantized stream
+(or the FP stream, `input_mode="fp"`), its linears are calibrated group by group in forward order, and
+the block's FairLinears replace its nn.Linears. Finished blocks go to `cache_dir` so a killed run
+resumes after the last finished block (see `cache.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calib.gptq import accumulate_hessian
+from .calib.objective import weighted_mse
+from .calib.transforms import CalibLinear, TransformParams, channel_absmax, fit_transforms, smooth_scale
+from .convert import set_module
+from .nn import FairLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageTwoSettings:
+    """Plain Stage II values unpacked from FairCalibConfig by the pipeline."""
+
+    w_bits: int
+    a_bits: int
+    group_size: int
+    rounding: str  # "rtn" | "gptq"
+    transform: str  # "none" | "hadamard" | "flatquant"
+    epochs: int = 15
+    lr: float = 5e-3
+    clip_lr: float = 5e-2
+    batch_size: int = 4
+    damp: float = 0.01
+    act_order: bool = False
+    input_mode: str = "quantized"  # "quantized" | "fp"
+    seed: int = 0
+
+
+# -- block inputs -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def first_block_only(blocks: nn.ModuleList) -> Iterator[None]:
+    """Temporarily leave only blocks[0] in the list, so a model forward stops paying for the rest."""
+    saved = dict(blocks._modules)
+    try:
+        for key in list(blocks._modules)[1:]:
+            del blocks._modules[key]
+        yield
+    finally:
+        blocks._modules.clear()
+        blocks._modules.update(saved)
+
+
+@contextlib.contextmanager
+def recording_inputs(block: nn.Module, store: list) -> Iterator[None]:
+    """Append (hidden_states, other kwargs) of every call of `block` to `store`."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        store.append((hidden.detach(), rest, args[1:]))
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                         batch_size: int) -> tuple[torch.Tensor, Callable[[int], tuple[tuple, dict]]]:
+    """Inputs of blocks[0] for every calibration sequence, and a maker of the blocks' other arguments.
+
+    input_ids: (n, seq) with no padding, so every sample shares the same positions and attention mask;
+    the extra arguments (rotary tables, masks) captured for the first batch are re-sliced per batch.
+    Returns hidden (n, seq, d) float32 on CPU and `extras(b) -> (args, kwargs)` for a batch of b.
+    """
+    store: list = []
+    device = next(model.parameters()).device
+    with first_block_only(blocks), recording_inputs(blocks[0], store):
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids[start:start + batch_size].to(device))
+    hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
+    _, kwargs0, args0 = store[0]
+    b0 = store[0][0].shape[0]
+    kwargs0 = {k: v for k, v in kwargs0.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+
+    def extras(b: int) -> tuple[tuple, dict]:
+        return _rebatch(args0, b0, b), _rebatch(kwargs0, b0, b)
+
+    return hidden, extras
+
+
+def _rebatch(value, b0: int, b: int):
+    """Re-slice tensors whose leading dim is the capture batch b0 to batch b (samples are identical)."""
+    if torch.is_tensor(value):
+        if value.dim() and value.shape[0] == b0 and b0 > 0:
+            return value[:1].expand(b, *value.shape[1:])
+        return value
+    if isinstance(value, tuple):
+        return tuple(_rebatch(v, b0, b) for v in value)
+    if isinstance(value, list):
+        return [_rebatch(v, b0, b) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebatch(v, b0, b) for k, v in value.items()}
+    return value
+
+
+def block_caller(block: nn.Module, extras: Callable[[int], tuple[tuple, dict]], device) -> Callable:
+    """x (b, seq, d) -> block output (b, seq, d) float32, with the block's captured extra arguments."""
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = extras(x.shape[0])
+        args, kwargs = _to_device((args, kwargs), device)
+        out = block(x.to(device), *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.float()
+
+    return call
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def run_batched(fn: Callable, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn over x (n, seq, d) in batches; results float32 on CPU."""
+    return torch.cat([fn(x[i:i + batch_size]).cpu() for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def stream_loss(ref: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """weighted_mse over whole streams (n, seq, d)."""
+    return float(weighted_mse(ref, out, weights))
+
+
+# -- one block --------------------------------------------------------------------------------
+def calibrate_block(
+    block: nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    call: Callable[[torch.Tensor], torch.Tensor],
+    x_in: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    s: StageTwoSettings,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> None:
+    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears."""
+    linears = {name: block.get_submodule(name) for group in groups for name in group}
+    params = _make_transforms(block, groups, linears, call, x_in, s, generator)
+    calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
+                               weight_clip=s.transform == "flatquant")
+             for gi, group in enumerate(groups) for name in group}
+    if s.transform == "flatquant":
+        for name, module in calib.items():
+            set_module(block, name, module)
+        with torch.enable_grad(), _frozen(block):
+            history = fit_transforms(call, x_in, targets, weights, list(calib.values()), s.epochs, s.lr,
+                                     s.clip_lr, s.batch_size, generator=generator)
+        logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
+                    len(history))
+    for gi, group in enumerate(groups):  # forward order: later groups see earlier ones quantized
+        H = _group_hessian(block, group[0], calib[group[0]], call, x_in, weights, s) \
+            if s.rounding == "gptq" else None
+        for name in group:
+            kwargs = calib[name].export(s.rounding, H=H, damp=s.damp, act_order=s.act_order)
+            fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
+            set_module(block, name, fair)
+
+
+@contextlib.contextmanager
+def _frozen(block: nn.Module) -> Iterator[None]:
+    """The block's own parameters (norms) get no gradients while transforms are fitted."""
+    own = [p for n, p in block.named_parameters() if p.requires_grad and ".params." not in n
+           and not n.endswith("clip_logit")]
+    for p in own:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in own:
+            p.requires_grad_(True)
+
+
+def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, generator) -> list[TransformParams]:
+    """One TransformParams per group of linears sharing an input."""
+    out = []
+    absmax = _group_input_absmax(block, groups, call, x_in, s.batch_size) if s.transform == "flatquant" else None
+    for gi, group in enumerate(groups):
+        d = linears[group[0]].in_features
+        device = linears[group[0]].weight.device
+        if s.transform == "none":
+            out.append(TransformParams(d, kron="none", act_clip=False, trainable=False, device=device))
+        elif s.transform == "hadamard":
+            out.append(TransformParams(d, kron="hadamard", act_clip=False, trainable=False, generator=generator,
+                                       device=device))
+        else:
+            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3)
+            out.append(TransformParams(d, kron="hadamard", smooth=smooth.to(device), act_clip=True,
+                                       trainable=True, generator=generator, device=device))
+    return out
+
+
+@torch.no_grad()
+def _group_input_absmax(block, groups, call, x_in, batch_size) -> list[torch.Tensor]:
+    """Per-channel max |x| of each group's input over the calibration stream (FP block)."""
+    running: list = [None] * len(groups)
+    hooks = []
+    for gi, group in enumerate(groups):
+        def hook(module, args, gi=gi):
+            running[gi] = channel_absmax(args[0], running[gi])
+        hooks.append(block.get_submodule(group[0]).register_forward_pre_hook(hook))
+    try:
+        run_batched(call, x_in, batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    return running
+
+
+@torch.no_grad()
+def _group_hessian(block, first: str, calib_linear: CalibLinear, call, x_in, weights, s) -> torch.Tensor:
+    """H = mean_i w_i x~_i x~_i^T of the group's transformed input, with earlier groups already quantized."""
+    state: dict = {"H": None, "n": 0, "w": None}
+
+    def hook(module, args):
+        xt = calib_linear.transformed_input(args[0].float())  # (b, seq, d)
+        state["H"], state["n"] = accumulate_hessian(xt, state["w"], state["H"], state["n"])
+
+    handle = block.get_submodule(first).register_forward_pre_hook(hook)
+    try:
+        for i in range(0, x_in.shape[0], s.batch_size):
+            xb = x_in[i:i + s.batch_size]
+            state["w"] = None if weights is None else _rows(weights, i, xb.shape[0])
+            call(xb)
+    finally:
+        handle.remove()
+    return state["H"]
+
+
+def _rows(weights: torch.Tensor, start: int, b: int) -> torch.Tensor:
+    return weights if weights.dim() == 1 else weights[start:start + b]
+
+
+# -- all blocks ---------------------------------------------------------------------------------
+def calibrate_blocks(
+    blocks: nn.ModuleList,
+    groups: tuple[tuple[str, ...], ...],
+    hidden: torch.Tensor,
+    extras: Callable,
+    weights: torch.Tensor | None,
+    s: StageTwoSettings,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache=None,
+) -> list[dict]:
+    """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
+
+    hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
+    `load(l, block) -> bool` and `save(l, block)`; a cached block is loaded instead of calibrated.
+    """
+    generator = torch.Generator().manual_seed(s.seed)
+    fp_stream = q_stream = hidden
+    records = []
+    for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks")):
+        block.float().to(device)
+        call = block_caller(block, extras, device)
+        targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n, seq, d)
+        x_in = q_stream if s.input_mode == "quantized" else fp_stream
+        generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
+        if cache is not None and cache.load(l, block):
+            logger.info("block %d: loaded from cache", l)
+        else:
+            calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype)
+            if cache is not None:
+                cache.save(l, block)
+        out_q = run_batched(call, q_stream, s.batch_size)
+        loss = stream_loss(targets, out_q, weights)
+        records.append({"block": l, "loss": loss})
+        logger.info("block %d: weighted block-output MSE %.5g", l, loss)
+        block.to(dtype).to("cpu" if device.type != "cpu" else device)
+        fp_stream, q_stream = targets, out_q
+    return records

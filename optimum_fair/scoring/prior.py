@@ -1,0 +1,196 @@
+"""Stage I: the position prior w-bar from probe rollouts of the full-precision teacher (PAPER.md section 2).
+
+For each probe (a calibration prefix followed by K masked positions), the teacher decodes the window
+under the random commit policy inside semi-autoregressive blocks, committing its argmax. For every
+window position i and step t (1-based, T steps):
+
+    w_i += lambda_0(t) * 1{i in C_t}                     frontier hit
+    w_i += lambda_1 * c~_{t,i} * 1{i masked before t}     masked-stage reliability
+
+c~ is the teacher's reliability at still-masked positions in the state before step t, divided by its
+maximum over that row's masked positions. The window's weights are averaged over probes, normalised
+to mean 1 and placed on the last K positions of a calibration sequence of length N; every other
+position gets the floor epsilon. With a logit shift (Dream), the hidden state at position i - 1 makes
+the prediction for position i, so the weights move one position left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .forward import LogitsFn
+from .policies import Confidence, coerce_enum, confidence_scores
+from .sampler import llada_decode
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("early", "flat", "late")
+
+
+def boost(t: Tensor, steps: int, beta: float, schedule: str) -> Tensor:
+    """lambda_0(t) for 1-based steps t: early 1 + beta(1 - (t-1)/(T-1)), flat 1, late 1 + beta(t-1)/(T-1)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    frac = (t.float() - 1) / max(steps - 1, 1)
+    if schedule == "early":
+        return 1 + beta * (1 - frac)
+    if schedule == "late":
+        return 1 + beta * frac
+    return torch.ones_like(frac)
+
+
+def reliability(probs: Tensor, kind: str) -> Tensor:
+    """c_{t,i} >= 0 from probabilities (..., vocab): max prob, top1-top2 margin, or 1 - H / log V."""
+    kind = coerce_enum(Confidence, kind, "reliability")
+    if kind is Confidence.NEG_ENTROPY:  # negative entropy, shifted to [0, 1] so c / max is meaningful
+        return 1 + confidence_scores(probs, kind) / math.log(probs.shape[-1])
+    return confidence_scores(probs, kind)
+
+
+def window_scores(commit_step: Tensor, reliab: Tensor, steps: int, beta: float, schedule: str,
+                  lambda1: float) -> tuple[Tensor, Tensor]:
+    """Per-probe frontier and reliability terms over the window.
+
+    commit_step: (P, K) 0-based commit step of each window position.
+    reliab: (T, P, K) teacher reliability in the state before each step (any value where not masked).
+    Returns (frontier (P, K), reliability (P, K)); w = frontier + reliability before averaging.
+    """
+    t1 = commit_step + 1  # 1-based
+    frontier = boost(t1, steps, beta, schedule)  # each position is committed exactly once
+    step_idx = torch.arange(steps, device=commit_step.device).view(steps, 1, 1)
+    masked = commit_step.unsqueeze(0) >= step_idx  # (T, P, K): still masked before step t
+    c = torch.where(masked, reliab.float(), torch.zeros((), device=reliab.device))
+    row_max = c.amax(-1, keepdim=True).clamp(min=1e-12)  # (T, P, 1)
+    c_tilde = c / row_max
+    return frontier, lambda1 * c_tilde.sum(0)
+
+
+@dataclass
+class PositionPrior:
+    """The Stage I prior over the N positions of a calibration sequence, and how it was made."""
+
+    weights: Tensor  # (N,) >= floor; the window's mean is 1
+    window: int  # K
+    floor: float
+    settings: dict = field(default_factory=dict)  # decode settings, num_probes, model, ...
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.weights.shape[0])
+
+    def save(self, path: str | Path) -> Path:
+        """Write `prior.safetensors` and `prior.json` into directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"weights": self.weights.float().contiguous()}, str(path / "prior.safetensors"))
+        meta = {"window": self.window, "floor": self.floor, "seq_len": self.seq_len, "settings": self.settings}
+        (path / "prior.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PositionPrior:
+        path = Path(path)
+        for name in ("prior.safetensors", "prior.json"):
+            if not (path / name).is_file():
+                raise ValueError(f"prior {path}: {name} not found (expected a directory written by PositionPrior.save)")
+        meta = json.loads((path / "prior.json").read_text())
+        weights = load_file(str(path / "prior.safetensors"))["weights"]
+        if weights.shape != (meta["seq_len"],):
+            raise ValueError(f"prior {path}: weights have shape {tuple(weights.shape)}, json says {meta['seq_len']}")
+        return cls(weights, int(meta["window"]), float(meta["floor"]), meta.get("settings", {}))
+
+    def check_compatible(self, expected: dict, strict: bool = True) -> None:
+        """Compare the settings this prior was made with to `expected`; raise (or warn) on differences."""
+        diffs = {k: (self.settings.get(k), v) for k, v in expected.items() if self.settings.get(k) != v}
+        if not diffs:
+            return
+        text = ", ".join(f"{k}: prior has {a!r}, run wants {b!r}" for k, (a, b) in sorted(diffs.items()))
+        if strict:
+            raise ValueError(f"the saved prior was made with other settings ({text})")
+        logger.warning("using a prior made with other settings (%s)", text)
+
+
+def place_in_sequence(window_weights: Tensor, seq_len: int, floor: float, logit_shift: int = 0) -> Tensor:
+    """Window weights (K,) -> (N,) prior: normalised to window mean 1, floor elsewhere, shifted by logit_shift."""
+    K = window_weights.shape[0]
+    if K + logit_shift > seq_len:
+        raise ValueError(f"window ({K}) + logit_shift ({logit_shift}) exceeds seq_len ({seq_len})")
+    w = window_weights.float() / window_weights.float().mean()
+    out = torch.full((seq_len,), float(floor))
+    end = seq_len - logit_shift
+    out[end - K:end] = w.clamp(min=floor)
+    return out
+
+
+@torch.no_grad()
+def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_length: int, steps: int,
+                   mask_id: int, logit_shift: int, reliability_kind: str, batch_size: int,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random-commit rollouts of the teacher over a K-token window after each prompt.
+
+    prompts: (P, N - K) calibration prefixes. Returns commit_step (P, K) and reliability (T, P, K).
+    """
+    commits, reliabs = [], []
+    for start in range(0, prompts.shape[0], batch_size):
+        batch = prompts[start:start + batch_size]
+        seen: list[Tensor] = []
+
+        def observed(x: Tensor, **kw) -> Tensor:
+            logits = logits_fn(x, **kw)  # (b, seq, vocab)
+            s = batch.shape[1] - logit_shift
+            probs = logits[:, s:s + window].float().softmax(-1)  # (b, K, vocab)
+            probs[..., mask_id] = 0.0  # the mask token is never proposed
+            seen.append(reliability(probs / probs.sum(-1, keepdim=True), reliability_kind))  # (b, K)
+            return logits
+
+        trace = llada_decode(observed, batch, window, block_length, steps, mask_id, temperature=0.0,
+                             remasking="random", generator=generator, logit_shift=logit_shift)
+        commits.append(trace.commit_step)
+        reliabs.append(torch.stack(seen))  # (T, b, K)
+    return torch.cat(commits), torch.cat(reliabs, dim=1)
+
+
+def prior_from_rollouts(commit_step: Tensor, reliab: Tensor, seq_len: int, steps: int, beta: float,
+                        schedule: str, lambda1: float, floor: float, logit_shift: int = 0,
+                        settings: dict | None = None) -> PositionPrior:
+    """Average the per-probe terms and place them in the sequence (see module docstring)."""
+    frontier, rel = window_scores(commit_step, reliab, steps, beta, schedule, lambda1)
+    window_weights = (frontier + rel).mean(0)  # (K,)
+    weights = place_in_sequence(window_weights, seq_len, floor, logit_shift)
+    return PositionPrior(weights, commit_step.shape[1], floor, dict(settings or {}))
+
+
+def saturation(commit_step: Tensor, reliab: Tensor, **kw) -> float:
+    """Relative L2 distance between the priors from the first half of the probes and from all of them."""
+    half = commit_step.shape[0] // 2
+    if half == 0:
+        raise ValueError("saturation needs at least 2 probes")
+    a = prior_from_rollouts(commit_step[:half], reliab[:, :half], **kw).weights
+    b = prior_from_rollouts(commit_step, reliab, **kw).weights
+    return float((a - b).norm() / b.norm())
+
+
+def settings_dict(**values) -> dict:
+    """JSON-safe settings record (enums to their values)."""
+    return {k: getattr(v, "value", v) for k, v in values.items()}
+
+
+__all__ = [
+    "PositionPrior",
+    "boost",
+    "place_in_sequence",
+    "prior_from_rollouts",
+    "probe_rollouts",
+    "reliability",
+    "saturation",
+    "settings_dict",
+    "window_scores",
+]
