@@ -10,6 +10,7 @@ resumes after the last finished block (see `cache.py`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,6 +261,16 @@ def _rows(weights: torch.Tensor, start: int, b: int) -> torch.Tensor:
     return weights if weights.dim() == 1 else weights[start:start + b]
 
 
+@torch.no_grad()
+def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings) -> float:
+    """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number."""
+    rtn = copy.deepcopy(block)
+    for name in (n for group in groups for n in group):
+        set_module(rtn, name, FairLinear.from_linear(rtn.get_submodule(name), s.w_bits, s.a_bits, s.group_size))
+    out = run_batched(block_caller(rtn, extras, device), x_in, s.batch_size)
+    return stream_loss(targets, out, weights)
+
+
 # -- all blocks ---------------------------------------------------------------------------------
 def calibrate_blocks(
     blocks: nn.ModuleList,
@@ -286,16 +297,18 @@ def calibrate_blocks(
         targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n, seq, d)
         x_in = q_stream if s.input_mode == "quantized" else fp_stream
         generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
+        loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s)
         if cache is not None and cache.load(l, block):
             logger.info("block %d: loaded from cache", l)
         else:
             calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype)
             if cache is not None:
                 cache.save(l, block)
-        out_q = run_batched(call, q_stream, s.batch_size)
+        out_q = run_batched(call, x_in, s.batch_size)
         loss = stream_loss(targets, out_q, weights)
-        records.append({"block": l, "loss": loss})
-        logger.info("block %d: weighted block-output MSE %.5g", l, loss)
+        records.append({"block": l, "loss_rtn": loss_rtn, "loss": loss})
+        logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after",
+                    l, loss_rtn, loss)
         block.to(dtype).to("cpu" if device.type != "cpu" else device)
         fp_stream, q_stream = targets, out_q
     return records

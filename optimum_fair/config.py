@@ -107,6 +107,7 @@ class FairCalibConfig(QuantizationConfigMixin):
         reliability_weight: lambda_1. None = 1/T.
         floor: epsilon, the weight of positions outside the window (default 0.05).
         prior: path of a saved `PositionPrior` to reuse (skips Stage I).
+        strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
 
     Stage II (block-wise calibration, PAPER.md section 3)
         dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of
@@ -150,6 +151,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     reliability_weight: float | None = None
     floor: float = 0.05
     prior: str | None = None
+    strict_prior: bool = True
     # Stage II
     dataset: Any = "wiki"
     num_samples: int = 128
@@ -205,6 +207,7 @@ class FairCalibConfig(QuantizationConfigMixin):
         if self.floor > 1:
             raise ValueError(f"floor must be in [0, 1] (weight outside the window), got {self.floor}")
         _check_type("prior", self.prior, str, optional=True)
+        _check_type("strict_prior", self.strict_prior, bool)
         if self.window is not None and self.window % self.block_length:
             raise ValueError(
                 f"window ({self.window}) must be a multiple of block_length ({self.block_length})"

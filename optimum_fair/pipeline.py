@@ -44,12 +44,16 @@ def resolve_skip(model: nn.Module, config: FairCalibConfig) -> list[str]:
 def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None) -> nn.Module:
     """Quantize `model` in place with FAIR-Calib and return it.
 
+    The model's full-precision weights are the teacher: Stage I rolls it out to build the position
+    prior, Stage II calibrates its blocks one at a time against its own hidden states.
+
     Args:
-        model: a transformers model (or any module made of `nn.Linear` layers).
+        model: a transformers model (LLaDA, Dream, or a Llama-like model for the weight-only parts).
         config: the `FairCalibConfig`.
         texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name);
             defaults to `config.dataset`. Unused by round-to-nearest without transforms.
-        tokenizer: tokenizer for `texts`; defaults to `config.tokenizer`.
+        tokenizer: tokenizer (or its path) for `texts`; defaults to `config.tokenizer`, then to
+            the model's own directory.
     """
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
@@ -61,9 +65,14 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
     if config.rounding is Rounding.RTN and config.transform is Transform.NONE:
         _convert_rtn(model, linears, layer_format(config))
     else:
-        raise NotImplementedError(
-            f"rounding={config.rounding.value!r} with transform={config.transform.value!r} is not built yet"
-        )
+        from .run import run_calibration
+
+        run_calibration(model, config, skip, texts if texts is not None else config.dataset,
+                        tokenizer if tokenizer is not None else config.tokenizer)
+        rest = linears_to_convert(model, skip)  # linears outside the decoder blocks
+        if rest:
+            logger.info("round-to-nearest for %d linears outside the blocks: %s", len(rest), list(rest)[:4])
+            _convert_rtn(model, rest, layer_format(config))
     _mark_quantized(model, config, skip)
     return model
 

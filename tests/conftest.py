@@ -40,3 +40,38 @@ def tiny_llama_dir(tmp_path, tiny_llama):
     path = tmp_path / "tiny-llama"
     tiny_llama.save_pretrained(path)
     return path
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with mask/eos/pad tokens, built in memory (no files, no network)."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {c: i for i, c in enumerate(["<unk>", "<|eos|>", "<|pad|>", "<|mask|>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", mask_token="<|mask|>")
+
+
+def tiny_llada(vocab_size: int, mask_token_id: int, n_layers: int = 2, seed: int = 0):
+    from optimum_fair.modeling import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(seed)
+    cfg = LLaDAConfig(d_model=64, n_heads=4, n_kv_heads=4, n_layers=n_layers, mlp_hidden_size=96,
+                      vocab_size=vocab_size, embedding_size=vocab_size, max_sequence_length=64,
+                      mask_token_id=mask_token_id, weight_tying=False)
+    return LLaDAModelLM(cfg).eval()
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def llada(tok):
+    return tiny_llada(len(tok), tok.mask_token_id)

@@ -1,0 +1,166 @@
+"""One calibration run: resolve data and settings, Stage I (prior), Stage II (blocks).
+
+Everything that can be checked (data length, window, mask token, cache) is checked before the first
+forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import BlockCache, tensor_digest
+from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs
+from .config import FairCalibConfig, Weighting
+from .convert import float_dtype, matches
+from .models import ModelAdapter, get_adapter
+from .scoring.prior import PositionPrior, prior_from_rollouts, probe_rollouts, saturation, settings_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeSetup:
+    """Stage I's decode settings, resolved against the model."""
+
+    seq_len: int
+    window: int
+    block_length: int
+    steps: int
+    mask_id: int
+    logit_shift: int
+
+
+def resolve_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
+    seq_len = config.resolved_seq_len(adapter.max_length(model.config))
+    window = config.resolved_window(seq_len)
+    if window > seq_len - 1:
+        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len})")
+    if window % config.block_length:
+        raise ValueError(f"window ({window}) must be a multiple of block_length ({config.block_length})")
+    steps = config.steps or window
+    if steps % (window // config.block_length):
+        raise ValueError(f"steps ({steps}) must be a multiple of window // block_length")
+    mask_id = adapter.resolve_mask_token_id(model.config) if config.weighting is Weighting.FAIR else -1
+    return DecodeSetup(seq_len, window, config.block_length, steps, mask_id, adapter.logit_shift)
+
+
+def resolve_tokenizer(tokenizer, model: nn.Module):
+    """A tokenizer object from an object, a path, or the model's own directory."""
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    path = tokenizer or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not path:
+        raise ValueError("calibration needs a tokenizer: pass tokenizer= or FairCalibConfig(tokenizer=...)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {path!r}: {err}") from None
+
+
+def block_groups(adapter: ModelAdapter, skip: list[str]) -> tuple[tuple[str, ...], ...]:
+    """The adapter's linear groups without the names `modules_to_not_convert` keeps in float."""
+    probe = f"{adapter.blocks}.0."
+    groups = tuple(tuple(n for n in g if not matches(probe + n, skip)) for g in adapter.groups)
+    return tuple(g for g in groups if g)
+
+
+def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, tokenizer) -> None:
+    """Stage I + Stage II on `model` in place (its block linears become FairLinears)."""
+    from .data import calibration_sequences, load_texts
+
+    adapter = get_adapter(model)
+    blocks = adapter.block_list(model)
+    groups = block_groups(adapter, skip)
+    setup = resolve_setup(model, adapter, config)
+    tok = resolve_tokenizer(tokenizer, model)
+    dataset = load_texts(texts)
+    ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
+    weights = None
+    if config.weighting is Weighting.FAIR:
+        prior = stage_one(model, config, setup, lambda: calibration_sequences(
+            dataset, tok, config.num_probes, setup.seq_len, seed=config.seed + 1, allow_overlap=True))
+        model.fair_prior = prior
+        weights = prior.weights
+    settings = StageTwoSettings(
+        config.w_bits, config.a_bits, config.group_size, config.rounding.value, config.transform.value,
+        config.epochs, config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order,
+        config.input_mode.value, config.seed)
+    cache = None
+    if config.cache_dir:
+        from .pipeline import layer_format
+
+        fingerprint = run_fingerprint(model, config, ids, weights)
+        cache = BlockCache(config.cache_dir, fingerprint, layer_format(config), [n for g in groups for n in g])
+    device = next(model.parameters()).device
+    hidden, extras = capture_block_inputs(model, blocks, ids, config.batch_size)
+    if not torch.isfinite(hidden).all():
+        raise ValueError("non-finite activations at the input of the first block: check the model's weights")
+    records = calibrate_blocks(blocks, groups, hidden, extras, weights, settings, float_dtype(model), device,
+                               cache=cache)
+    model.fair_calibration_log = records
+
+
+def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup) -> dict:
+    """What a saved prior must agree on to be reused."""
+    return settings_dict(
+        model_type=getattr(model.config, "model_type", None), seq_len=setup.seq_len, window=setup.window,
+        block_length=setup.block_length, steps=setup.steps, logit_shift=setup.logit_shift,
+        early_boost=config.early_boost, boost_schedule=config.boost_schedule, reliability=config.reliability,
+        reliability_weight=config.reliability_weight, floor=config.floor)
+
+
+@torch.no_grad()
+def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids) -> PositionPrior:
+    """Load `config.prior` (checking its settings) or build the prior from probe rollouts."""
+    expected = prior_settings(model, config, setup)
+    if config.prior:
+        prior = PositionPrior.load(config.prior)
+        prior.check_compatible(expected, strict=config.strict_prior)
+        if prior.seq_len != setup.seq_len:
+            raise ValueError(f"prior {config.prior} covers {prior.seq_len} positions, calibration uses {setup.seq_len}")
+        logger.info("Stage I: reusing prior %s", config.prior)
+        return prior
+    prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
+    device = next(model.parameters()).device
+
+    def logits_fn(x, **kw):
+        return model(x.to(device), **kw).logits.float().cpu()
+
+    lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
+    commit, reliab = probe_rollouts(
+        logits_fn, prompts, setup.window, setup.block_length, setup.steps, setup.mask_id, setup.logit_shift,
+        config.reliability.value, batch_size=max(config.batch_size, 16),
+        generator=torch.Generator().manual_seed(config.seed))
+    kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
+              schedule=config.boost_schedule.value, lambda1=lambda1, floor=config.floor,
+              logit_shift=setup.logit_shift)
+    settings = dict(expected, num_probes=int(prompts.shape[0]),
+                    model=str(getattr(model, "name_or_path", "") or ""))
+    prior = prior_from_rollouts(commit, reliab, settings=settings, **kw)
+    if commit.shape[0] >= 2:
+        prior.settings["saturation"] = saturation(commit, reliab, **kw)
+        logger.info("Stage I: %d probes, saturation (N/2 vs N) %.4f", commit.shape[0], prior.settings["saturation"])
+    return prior
+
+
+def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor,
+                    weights: torch.Tensor | None) -> dict:
+    """What must match for a cached block to be reused."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
+    model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
+    first = next(p for p in model.parameters())
+    return {
+        "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "model": hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        + "-" + tensor_digest(first.float()[:8]),
+        "data": tensor_digest(ids),
+        "prior": "none" if weights is None else tensor_digest(weights),
+    }

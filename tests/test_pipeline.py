@@ -1,0 +1,85 @@
+"""End to end on a tiny LLaDA: Stage I + Stage II through quantize() and from_pretrained()."""
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from optimum_fair import FairCalibConfig, FairLinear, quantize
+from optimum_fair.scoring.prior import PositionPrior
+
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
+             dataset="lee")
+X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.fixture
+def llada_dir(tmp_path, llada, tok):
+    path = tmp_path / "llada"
+    llada.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rounding,transform", [("gptq", "hadamard"), ("rtn", "flatquant")])
+def test_one_liner_equals_quantize_and_reloads(tmp_path, llada_dir, tok, rounding, transform):
+    cfg = dict(SMALL, rounding=rounding, transform=transform)
+    loaded = AutoModel.from_pretrained(llada_dir, quantization_config=FairCalibConfig(**cfg))
+    direct = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg), tokenizer=tok)
+    assert torch.equal(_logits(loaded), _logits(direct))
+    assert sum(isinstance(m, FairLinear) for m in loaded.modules()) == 14
+    loaded.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(reloaded), _logits(loaded))
+    assert not hasattr(reloaded, "fair_calibration_log")  # reload did not calibrate
+
+
+def test_calibration_beats_rtn_on_block_loss(llada, tok):
+    quantize(llada, FairCalibConfig(**SMALL, rounding="gptq", transform="hadamard"), tokenizer=tok)
+    log = llada.fair_calibration_log
+    assert len(log) == 2
+    assert all(r["loss"] < r["loss_rtn"] for r in log), log
+
+
+def test_uniform_and_fair_differ_and_prior_reuse_skips_stage_one(tmp_path, llada_dir, tok):
+    fair = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    prior = fair.fair_prior
+    assert prior.weights.shape == (32,) and prior.weights[:16].eq(0.05).all()
+    prior.save(tmp_path / "prior")
+    reused = quantize(AutoModel.from_pretrained(llada_dir),
+                      FairCalibConfig(**SMALL, rounding="gptq", prior=str(tmp_path / "prior")), tokenizer=tok)
+    assert torch.equal(_logits(reused), _logits(fair))
+    uniform = quantize(AutoModel.from_pretrained(llada_dir),
+                       FairCalibConfig(**SMALL, rounding="gptq", weighting="uniform"), tokenizer=tok)
+    assert not hasattr(uniform, "fair_prior")
+    assert not torch.equal(_logits(uniform), _logits(fair))
+
+
+def test_prior_with_other_settings_refused(tmp_path, llada, tok):
+    PositionPrior(torch.ones(32), 16, 0.05, {"block_length": 16}).save(tmp_path / "p")
+    with pytest.raises(ValueError, match="block_length"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq", prior=str(tmp_path / "p")), tokenizer=tok)
+
+
+def test_too_little_text_fails_before_model_work(llada, tok):
+    calls = []
+    llada.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="tokens"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"), texts=["too short"], tokenizer=tok)
+    assert calls == []
+
+
+def test_missing_tokenizer(llada):
+    with pytest.raises(ValueError, match="tokenizer"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"))
+
+
+def test_fp_input_mode_runs_and_differs(llada_dir, tok):
+    a = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    b = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq", input_mode="fp"),
+                 tokenizer=tok)
+    assert not torch.equal(_logits(a), _logits(b))
