@@ -312,7 +312,7 @@ def fit_transforms(
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
         history.append(total_loss / n)
         logger.debug("fit_transforms epoch %d: loss %.6g", epoch, history[-1])
     return history

@@ -64,7 +64,8 @@ def test_identity_hessian_is_rtn_bit_for_bit():
 
 
 def test_docstring_example():
-    codes, scale = gptq_quantize(torch.tensor([[0.325, 1.4]]), torch.tensor([[4.0, 1.8], [1.8, 1.0]]), 4, damp=0.0)
+    W, H = torch.tensor([[0.325, 1.4]]), torch.tensor([[4.0, 1.8], [1.8, 1.0]])
+    codes, scale = gptq_quantize(W, H, 4, damp=0.0)
     assert codes.tolist() == [[2, 6]]
     assert scale.item() == pytest.approx(0.2)
 
@@ -79,7 +80,7 @@ def test_uniform_weights_reproduce_plain_gptq():
     xf = x.reshape(-1, 64).double()
     H_plain = 2 * xf.t() @ xf / xf.shape[0]  # GPTQ's own normalisation; the factor 2 cancels
     for group_size in (-1, 16):
-        codes, scale = gptq_quantize(W, H, 4, group_size=group_size, block_size=24)
+        codes, scale = gptq_quantize(W, H, 4, group_size=group_size, block_size=40)  # groups start mid-block
         ref_codes, ref_scale = plain_gptq(W, H_plain, 4, group_size)
         assert torch.equal(codes, ref_codes)
         assert torch.allclose(scale, ref_scale, rtol=1e-5)
@@ -144,14 +145,20 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert err_gptq < 0.9 * err_rtn
 
 
-def test_dead_columns_get_zero_codes():
+def test_dead_columns_get_zero_codes(caplog):
     x = correlated_inputs(128, 16, seed=10)
     x[:, 3] = 0.0
     W = torch.randn(8, 16, generator=torch.Generator().manual_seed(11))
-    H, _ = accumulate_hessian(x, None, None, 0)
+    H, _ = accumulate_hessian(x, None, None, 0, dtype=torch.float64)
     codes, scale = gptq_quantize(W, H, 4, group_size=8)
     assert torch.all(codes[:, 3] == 0)
     assert torch.isfinite(scale).all()
+    with caplog.at_level(logging.WARNING, logger="optimum_fair.calib.gptq"):
+        codes, _ = gptq_quantize(W, H, 4, damp=0.0)  # the dead input needs no damping
+    assert not caplog.records
+    live = [j for j in range(16) if j != 3]  # the others are quantized as if the dead input did not exist
+    assert torch.equal(codes[:, live], plain_gptq(W[:, live], H[live][:, live], 4, damp=0.0)[0])
+    assert torch.all(codes[:, 3] == 0)
 
 
 def test_not_positive_definite_retries_then_raises(caplog):

@@ -1,0 +1,110 @@
+"""fit_transforms: learned transforms and clips lower a toy block's W4A4 loss."""
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_fair.calib import (
+    CalibLinear,
+    TransformParams,
+    block_loss,
+    channel_absmax,
+    fit_transforms,
+    hadamard_transform,
+    smooth_scale,
+    weighted_mse,
+)
+
+
+def toy_block(seed=0, d=32, hidden=64):
+    torch.manual_seed(seed)
+    return nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+
+def toy_data(n=16, seq=8, d=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, seq, d, generator=g)
+    x[..., 2] *= 15.0  # outlier channels, as in LLM activations
+    x[..., 9] *= 8.0
+    return x
+
+
+def calib_block(lin1, lin2, x, kron="hadamard"):
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        h = nn.functional.silu(lin1(x))
+    p1 = TransformParams(32, kron=kron, smooth=smooth_scale(channel_absmax(x), [lin1.weight]), generator=g)
+    p2 = TransformParams(64, kron=kron, smooth=smooth_scale(channel_absmax(h), [lin2.weight]), generator=g)
+    c1, c2 = CalibLinear(lin1, p1, 4, 4), CalibLinear(lin2, p2, 4, 4)
+    return c1, c2, (lambda t: c2(nn.functional.silu(c1(t))))
+
+
+def test_fit_lowers_the_w4a4_loss():
+    lin1, lin2 = toy_block()
+    x = toy_data()
+    with torch.no_grad():
+        y = lin2(nn.functional.silu(lin1(x)))  # FP targets
+    w = torch.linspace(0.5, 1.5, 8)  # position weights
+    c1, c2, block = calib_block(lin1, lin2, x)
+    before = block_loss(block, x, y, w)
+    history = fit_transforms(block, x, y, w, [c1, c2], epochs=6, lr=5e-3, clip_lr=5e-2, batch_size=4,
+                             generator=torch.Generator().manual_seed(3))
+    after = block_loss(block, x, y, w)
+    assert len(history) == 6
+    assert after < 0.9 * before
+    assert lin1.weight.grad is None and lin2.weight.grad is None
+
+
+def test_block_loss_is_the_weighted_mse_of_all_samples():
+    lin1, lin2 = toy_block()
+    x = toy_data(n=6)
+    y = torch.randn(6, 8, 32)
+    w = torch.rand(6, 8)
+    _, _, block = calib_block(lin1, lin2, x)
+    with torch.no_grad():
+        expected = weighted_mse(y, block(x), w).item()
+    assert block_loss(block, x, y, w, batch_size=4) == pytest.approx(expected, rel=1e-5)
+
+
+def test_weights_decide_which_positions_are_fitted():
+    lin1, lin2 = toy_block()
+    x = toy_data()
+    with torch.no_grad():
+        y = lin2(nn.functional.silu(lin1(x)))
+    w = torch.zeros(8)
+    w[:2] = 1.0  # only the first two positions count
+    results = {}
+    for name, weights in (("weighted", w), ("uniform", None)):
+        c1, c2, block = calib_block(lin1, lin2, x)
+        fit_transforms(block, x, y, weights, [c1, c2], epochs=6, batch_size=4,
+                       generator=torch.Generator().manual_seed(4))
+        results[name] = block_loss(block, x, y, w)
+    assert results["weighted"] < results["uniform"]
+
+
+def test_bad_arguments_raise():
+    lin1, lin2 = toy_block()
+    x = toy_data(n=4)
+    p = hadamard_transform(32)
+    fixed = CalibLinear(lin1, p, 4, 4, weight_clip=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit_transforms(fixed, x, x, None, [fixed], epochs=1)
+    with pytest.raises(ValueError, match="differ in length"):
+        fit_transforms(fixed, x, x[:2], None, [fixed], epochs=1)
+    learnable = CalibLinear(lin1, TransformParams(32), 4, 4)
+    assert fit_transforms(lambda t: t, x, x, None, [learnable], epochs=0) == []
+
+
+def test_lr_moves_transforms_and_clip_lr_moves_clips():
+    lin1, lin2 = toy_block()
+    x = toy_data(n=8)
+    with torch.no_grad():
+        y = lin2(nn.functional.silu(lin1(x)))
+    c1, c2, block = calib_block(lin1, lin2, x)
+    A0, s0 = c1.params.A.detach().clone(), c1.params.s.detach().clone()
+    clip0, act0 = c1.weight_clip_logit.detach().clone(), c1.params.act_clip_logit.detach().clone()
+    fit_transforms(block, x, y, None, [c1, c2], epochs=2, lr=0.0, clip_lr=5e-2, batch_size=4)
+    assert torch.equal(c1.params.A, A0) and torch.equal(c1.params.s, s0)
+    assert not torch.equal(c1.weight_clip_logit, clip0) and not torch.equal(c1.params.act_clip_logit, act0)
+    fit_transforms(block, x, y, None, [c1, c2], epochs=2, lr=5e-3, clip_lr=0.0, batch_size=4)
+    assert not torch.equal(c1.params.A, A0) and not torch.equal(c1.params.s, s0)
