@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from accelerate.hooks import remove_hook_from_module
+from accelerate.utils import has_offloaded_params, named_module_tensors, set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -87,7 +89,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     Returns hidden (n, seq, d) float32 on CPU and `extras(b) -> (args, kwargs)` for a batch of b.
     """
     store: list = []
-    device = next(model.parameters()).device
+    device = execution_device(model)
     with first_block_only(blocks), recording_inputs(blocks[0], store):
         for start in range(0, input_ids.shape[0], batch_size):
             model(input_ids[start:start + batch_size].to(device))
@@ -182,7 +184,7 @@ def calibrate_block(
         H = _group_hessian(block, group[0], calib[group[0]], call, x_in, weights, s) \
             if s.rounding == "gptq" else None
         for name in group:
-            kwargs = calib[name].export(s.rounding, H=H, damp=s.damp, act_order=s.act_order)
+            kwargs = calib[name].export(s.rounding, H=H, damp=s.damp, act_order=s.act_order, scale_dtype=dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
 
@@ -292,23 +294,77 @@ def calibrate_blocks(
     fp_stream = q_stream = hidden
     records = []
     for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks")):
-        block.float().to(device)
-        call = block_caller(block, extras, device)
-        targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n, seq, d)
-        x_in = q_stream if s.input_mode == "quantized" else fp_stream
-        generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
-        loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s)
-        if cache is not None and cache.load(l, block):
-            logger.info("block %d: loaded from cache", l)
-        else:
-            calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype)
-            if cache is not None:
-                cache.save(l, block)
-        out_q = run_batched(call, x_in, s.batch_size)
-        loss = stream_loss(targets, out_q, weights)
-        records.append({"block": l, "loss_rtn": loss_rtn, "loss": loss})
-        logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after",
-                    l, loss_rtn, loss)
-        block.to(dtype).to("cpu" if device.type != "cpu" else device)
-        fp_stream, q_stream = targets, out_q
+        with onloaded(block, device):
+            fp_stream, q_stream, record = _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s,
+                                                     generator, dtype, device, cache)
+        records.append(record)
     return records
+
+
+def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
+               device, cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record."""
+    block.float()
+    call = block_caller(block, extras, device)
+    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n, seq, d)
+    x_in = q_stream if s.input_mode == "quantized" else fp_stream
+    generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
+    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s)
+    if cache is not None and cache.load(l, block):
+        logger.info("block %d: loaded from cache", l)
+    else:
+        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype)
+        if cache is not None:
+            cache.save(l, block)
+    out_q = run_batched(call, x_in, s.batch_size)
+    loss = stream_loss(targets, out_q, weights)
+    logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
+    block.to(dtype)
+    return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss}
+
+
+@contextlib.contextmanager
+def onloaded(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """Block l's weights on `device` while it is calibrated; the blocks not yet reached stay offloaded.
+
+    A block offloaded by accelerate (CPU or disk offload: `AlignDevicesHook`s on the leaves owning
+    parameters) is materialised from its offload store and its hooks are removed: after calibration it
+    holds FairLinears (a quarter of the float weights at W4) and its norms, and stays resident. A
+    plain block moves to `device` and back.
+    """
+    offloaded = [m for m in block.modules() if has_offloaded_params(m)]
+    for module in offloaded:
+        materialize(module, device)
+    if offloaded:
+        yield
+        return
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Load an accelerate-offloaded module's tensors from its hook's store and drop the hook."""
+    hook = module._hf_hook
+    names = [n for n, _ in named_module_tensors(module, include_buffers=hook.offload_buffers,
+                                                recurse=hook.place_submodules)]
+    for name in names:
+        set_module_tensor_to_device(module, name, device, value=hook.weights_map[name])
+    remove_hook_from_module(module)
+
+
+def execution_device(model: nn.Module) -> torch.device:
+    """Where forward passes run: the accelerator in `hf_device_map`, else the first real parameter's device."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for where in device_map.values():
+        if isinstance(where, int):
+            return torch.device("cuda", where)
+        if where not in ("cpu", "disk"):
+            return torch.device(where)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")

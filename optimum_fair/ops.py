@@ -22,6 +22,7 @@ __all__ = [
     "fake_quant_act",
     "pack_int4",
     "unpack_int4",
+    "kron_apply",
 ]
 
 
@@ -121,3 +122,14 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int8)
     both = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]  # (..., n) in [0, 15]
     return torch.where(both > 7, both - 16, both)
+
+
+def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ (a kron b) without forming the Kronecker product.
+
+    x: (..., n1 * n2); a: (n1, n1); b: (n2, n2). Row-major flattening: index i * n2 + j.
+    """
+    n1, n2 = a.shape[0], b.shape[0]
+    xs = x.reshape(*x.shape[:-1], n1, n2)  # (..., n1, n2)
+    out = a.to(x.dtype).t() @ xs @ b.to(x.dtype)  # (..., n1, n2)
+    return out.reshape(x.shape)

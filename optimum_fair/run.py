@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .cache import BlockCache, tensor_digest
-from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs
+from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs, execution_device
 from .config import FairCalibConfig, Weighting
 from .convert import float_dtype, matches
 from .models import ModelAdapter, get_adapter
@@ -83,6 +83,12 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
     tok = resolve_tokenizer(tokenizer, model)
     dataset = load_texts(texts)
     ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
+    cache = None
+    if config.cache_dir:  # checked before Stage I, so a mismatched cache fails before any rollout
+        from .pipeline import layer_format
+
+        cache = BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config),
+                           [n for g in groups for n in g])
     weights = None
     if config.weighting is Weighting.FAIR:
         prior = stage_one(model, config, setup, lambda: calibration_sequences(
@@ -93,13 +99,7 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
         config.w_bits, config.a_bits, config.group_size, config.rounding.value, config.transform.value,
         config.epochs, config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order,
         config.input_mode.value, config.seed)
-    cache = None
-    if config.cache_dir:
-        from .pipeline import layer_format
-
-        fingerprint = run_fingerprint(model, config, ids, weights)
-        cache = BlockCache(config.cache_dir, fingerprint, layer_format(config), [n for g in groups for n in g])
-    device = next(model.parameters()).device
+    device = execution_device(model)
     hidden, extras = capture_block_inputs(model, blocks, ids, config.batch_size)
     if not torch.isfinite(hidden).all():
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
@@ -129,7 +129,7 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
         logger.info("Stage I: reusing prior %s", config.prior)
         return prior
     prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
-    device = next(model.parameters()).device
+    device = execution_device(model)
 
     def logits_fn(x, **kw):
         return model(x.to(device), **kw).logits.float().cpu()
@@ -151,9 +151,8 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     return prior
 
 
-def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor,
-                    weights: torch.Tensor | None) -> dict:
-    """What must match for a cached block to be reused."""
+def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:
+    """What must match for a cached block to be reused (the prior follows from these, or from its file)."""
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
     model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
     first = next(p for p in model.parameters())
@@ -162,5 +161,12 @@ def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor
         "model": hashlib.sha256(json.dumps(model_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
         + "-" + tensor_digest(first.float()[:8]),
         "data": tensor_digest(ids),
-        "prior": "none" if weights is None else tensor_digest(weights),
+        "prior": _file_digest(config.prior) if config.prior else "computed",
     }
+
+
+def _file_digest(prior_dir: str) -> str:
+    from pathlib import Path
+
+    path = Path(prior_dir) / "prior.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"

@@ -78,6 +78,7 @@ def gptq_quantize(
     block_size: int = 128,
     clip: torch.Tensor | float | None = None,
     max_damp_tries: int = 4,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of W (out, in) for inputs with second moment H (in, in).
 
@@ -111,14 +112,14 @@ def gptq_quantize(
     W[:, dead] = 0.0
     static = None  # scales fixed before the loop: (out, n_groups)
     if group_size == -1 or act_order:
-        static = weight_scale(W, bits, group_size, clip)
+        static = weight_scale(W, bits, group_size, clip).to(scale_dtype).float()  # on the stored grid
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)  # (in,)
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(n_cols, device=W.device)
     Hinv = _inverse_cholesky_upper(H, damp, max_damp_tries).float()  # (in, in), upper triangular
-    codes, scale = _column_loop(W, Hinv, perm.tolist(), static, bits, group_size, block_size, clip)
+    codes, scale = _column_loop(W, Hinv, perm.tolist(), static, bits, group_size, block_size, clip, scale_dtype)
     codes = codes[:, torch.argsort(perm)]  # back to the original column order
     return codes.to(torch.int8), scale
 
@@ -173,6 +174,7 @@ def _column_loop(
     group_size: int,
     block_size: int,
     clip: torch.Tensor | float,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop with lazy block updates, on columns already in processing order.
 
@@ -198,7 +200,7 @@ def _column_loop(
         for i in range(i2 - i1):
             j = i1 + i
             if static is None and j % g == 0:
-                scale[:, j // g] = weight_scale(W1[:, i : i + g], bits, -1, clip)[:, 0]
+                scale[:, j // g] = weight_scale(W1[:, i : i + g], bits, -1, clip)[:, 0].to(scale_dtype).float()
             s = scale[:, col_group[j]]  # (out,)
             w = W1[:, i]  # (out,)
             q = torch.round(w / s).clamp(lo, hi)

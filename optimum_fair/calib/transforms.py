@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.linear import kron_apply
+from ..ops import kron_apply
 from ..ops import fake_quant_act, fake_quant_weight, quantize_weight, weight_scale
 from .gptq import gptq_quantize
 from .objective import expand_token_weights, weighted_mse
@@ -201,6 +201,7 @@ class CalibLinear(nn.Module):
         damp: float = 0.01,
         act_order: bool = False,
         block_size: int = 128,
+        scale_dtype: torch.dtype = torch.float32,
     ) -> dict:
         """Keyword arguments of `FairLinear.from_codes` (add `dtype`): the rounded transformed weight.
 
@@ -213,13 +214,14 @@ class CalibLinear(nn.Module):
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
         if rounding == "rtn":
-            scale = weight_scale(Wt, self.w_bits, self.group_size, clip)  # (out, n_groups)
+            scale = weight_scale(Wt, self.w_bits, self.group_size, clip).to(scale_dtype).float()  # (out, n_groups)
             codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
         elif rounding == "gptq":
             if H is None:
                 raise ValueError("H is required for rounding='gptq'")
             codes, scale = gptq_quantize(Wt, H, self.w_bits, self.group_size, damp=damp,
-                                         act_order=act_order, block_size=block_size, clip=clip)
+                                         act_order=act_order, block_size=block_size, clip=clip,
+                                         scale_dtype=scale_dtype)
         else:
             raise ValueError(f"rounding must be 'rtn' or 'gptq', got {rounding!r}")
         p = self.params

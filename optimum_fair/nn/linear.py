@@ -5,7 +5,7 @@ Forward (x: (..., in_features)):
     x <- x @ (A kron B)                        (optional Kronecker-factored transform: Hadamard or learned)
     x <- fake_quant_act(x, a_bits, act_clip)    (per-token, symmetric; skipped at a_bits = 16)
     y  = F.linear(x, codes * weight_scale, bias)
-The stored codes quantize the *transformed* weight W (A kron B)^-T diag(input_scale), so in floating
+The stored codes quantize the *transformed* weight W diag(input_scale) (A kron B)^-T, so in floating
 point the transform cancels exactly and only the rounding changes the output.
 
 Persistent buffers (what a checkpoint holds): `weight`, the codes as a flat 1-D buffer (int4: uint8,
@@ -25,18 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import dequantize_weight, fake_quant_act, pack_int4, quantize_weight, unpack_int4, weight_scale
+from ..ops import dequantize_weight, fake_quant_act, kron_apply, pack_int4, quantize_weight, unpack_int4, weight_scale
 
 
-def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x @ (a kron b) without forming the Kronecker product.
-
-    x: (..., n1 * n2); a: (n1, n1); b: (n2, n2). Row-major flattening: index i * n2 + j.
-    """
-    n1, n2 = a.shape[0], b.shape[0]
-    xs = x.reshape(*x.shape[:-1], n1, n2)  # (..., n1, n2)
-    out = a.to(x.dtype).t() @ xs @ b.to(x.dtype)  # (..., n1, n2)
-    return out.reshape(x.shape)
+__all__ = ["FairLinear", "kron_apply"]
 
 
 class FairLinear(nn.Module):

@@ -1,0 +1,83 @@
+"""Stage II under accelerate's disk offload, and resuming a killed run from its block cache."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from optimum_fair import FairCalibConfig, FairLinear
+from tests.conftest import char_tokenizer, tiny_llada
+
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
+             dataset="lee", rounding="gptq", transform="hadamard")
+X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(5))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _save(path, n_layers=2):
+    tok = char_tokenizer()
+    tiny_llada(len(tok), tok.mask_token_id, n_layers=n_layers).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_disk_offloaded_calibration_equals_in_memory(tmp_path):
+    path = _save(tmp_path / "m")
+    ref = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**SMALL))
+    device_map = {"model.transformer.wte": "cpu", "model.transformer.blocks.0": "disk",
+                  "model.transformer.blocks.1": "disk", "model.transformer.ln_f": "cpu",
+                  "model.transformer.ff_out": "cpu"}
+    off = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**SMALL), device_map=device_map,
+                                    offload_folder=str(tmp_path / "offload"))
+    assert isinstance(off.model.transformer.blocks[1].ff_out, FairLinear)
+    assert torch.equal(_logits(off), _logits(ref))
+
+
+def _spawn(path, cache):
+    code = ("import optimum_fair, torch\n"
+            "torch.set_num_threads(1)\n"
+            "from transformers import AutoModel\n"
+            f"cfg = optimum_fair.FairCalibConfig(**{dict(SMALL, transform='flatquant', epochs=30)!r}, "
+            f"cache_dir={str(cache)!r})\n"
+            f"AutoModel.from_pretrained({str(path)!r}, quantization_config=cfg)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_run_resumes_to_the_same_model(tmp_path):
+    path = _save(tmp_path / "m", n_layers=4)
+    cache = tmp_path / "cache"
+    proc = _spawn(path, cache)
+    deadline = time.time() + 240
+    while not (cache / "block_0000.safetensors").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the first block never finished"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in cache.glob("block_*.safetensors"))
+    assert "block_0003.safetensors" not in done  # killed mid-calibration
+    assert not list(cache.glob("*.tmp"))  # nothing half-written looks finished
+    cfg = dict(SMALL, transform="flatquant", epochs=30)
+    resumed = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**cfg, cache_dir=str(cache)))
+    fresh = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**cfg))
+    assert torch.equal(_logits(resumed), _logits(fresh))
+    assert len(list(cache.glob("block_*.safetensors"))) == 4
+
+
+def test_cache_of_another_run_is_refused(tmp_path):
+    path = _save(tmp_path / "m")
+    cache = str(tmp_path / "cache")
+    AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**SMALL, cache_dir=cache))
+    with pytest.raises(ValueError, match="different config; refusing to resume"):
+        AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**dict(SMALL, w_bits=8), cache_dir=cache))
