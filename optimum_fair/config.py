@@ -91,8 +91,10 @@ class FairCalibConfig(QuantizationConfigMixin):
         group_size: -1 for one scale per output channel, else a positive divisor of every converted
             layer's input size.
         sym: symmetric quantization (the only scheme built).
-        rounding: "rtn" or "gptq" (weighted GPTQ, Hessian H = sum_i w_i x_i x_i^T).
-        transform: "none", "hadamard" (rotation) or "flatquant" (learned transforms + clipping).
+        rounding: "rtn" (default, as FlatQuant) or "gptq" (weighted GPTQ, H = sum_i w_i x_i x_i^T).
+        transform: "flatquant" (default, the paper's base quantizer: learned Kronecker transforms,
+            smoothing and clipping), "hadamard" (fixed random rotation) or "none".
+            rounding="rtn" with transform="none" needs no calibration data.
         weighting: "fair" (Stage I prior w-bar) or "uniform" (w-bar = 1).
 
     Stage I (position prior from the full-precision teacher, PAPER.md section 2)
@@ -138,7 +140,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     group_size: int = -1
     sym: bool = True
     rounding: Rounding = Rounding.RTN
-    transform: Transform = Transform.NONE
+    transform: Transform = Transform.FLATQUANT
     weighting: Weighting = Weighting.FAIR
     # Stage I
     num_probes: int = 512

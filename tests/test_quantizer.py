@@ -25,7 +25,7 @@ BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 
 
 def test_from_pretrained_quantizes_every_block(tiny_llama_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(rounding="rtn"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(rounding="rtn", transform="none"))
     expected = {f"model.layers.{i}.{n}" for i in range(2) for n in BLOCK_LINEARS}
     assert _fair_names(model) == expected
     assert type(model.lm_head) is torch.nn.Linear  # skipped by default
@@ -33,7 +33,7 @@ def test_from_pretrained_quantizes_every_block(tiny_llama_dir):
 
 
 def test_one_liner_equals_quantize(tiny_llama_dir, tiny_llama):
-    cfg = dict(rounding="rtn", w_bits=4, a_bits=8, group_size=16)
+    cfg = dict(rounding="rtn", transform="none", w_bits=4, a_bits=8, group_size=16)
     loaded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(**cfg))
     direct = quantize(tiny_llama, FairCalibConfig(**cfg))
     assert torch.equal(_logits(loaded), _logits(direct))
@@ -43,7 +43,7 @@ def test_one_liner_equals_quantize(tiny_llama_dir, tiny_llama):
 
 @pytest.mark.parametrize("w_bits,a_bits,group_size", [(4, 4, -1), (4, 16, 32), (8, 8, -1)])
 def test_save_reload_identical(tmp_path, tiny_llama_dir, w_bits, a_bits, group_size):
-    cfg = FairCalibConfig(rounding="rtn", w_bits=w_bits, a_bits=a_bits, group_size=group_size)
+    cfg = FairCalibConfig(rounding="rtn", transform="none", w_bits=w_bits, a_bits=a_bits, group_size=group_size)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=cfg)
     before = _logits(model)
     model.save_pretrained(tmp_path / "q")
@@ -59,7 +59,7 @@ def test_save_reload_identical(tmp_path, tiny_llama_dir, w_bits, a_bits, group_s
 def test_quantized_logits_differ_from_fp_but_stay_close(tiny_llama_dir, tiny_llama):
     fp = _logits(tiny_llama)
     q = _logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(
-        rounding="rtn", w_bits=8, a_bits=8)))
+        rounding="rtn", transform="none", w_bits=8, a_bits=8)))
     assert not torch.equal(fp, q)
     assert (fp - q).abs().max() < 0.1 * fp.abs().max()
 
@@ -71,18 +71,18 @@ def test_unknown_skip_name(tiny_llama_dir):
 
 
 def test_custom_skip_keeps_modules(tiny_llama):
-    quantize(tiny_llama, FairCalibConfig(rounding="rtn", modules_to_not_convert=["lm_head", "down_proj"]))
+    quantize(tiny_llama, FairCalibConfig(rounding="rtn", transform="none", modules_to_not_convert=["lm_head", "down_proj"]))
     assert type(tiny_llama.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(tiny_llama.model.layers[0].mlp.up_proj, FairLinear)
 
 
 def test_group_size_not_dividing(tiny_llama):
     with pytest.raises(ValueError, match="group_size 48"):
-        quantize(tiny_llama, FairCalibConfig(rounding="rtn", group_size=48))
+        quantize(tiny_llama, FairCalibConfig(rounding="rtn", transform="none", group_size=48))
 
 
 def _save_quantized(tiny_llama, path):
-    quantize(tiny_llama, FairCalibConfig(rounding="rtn"))
+    quantize(tiny_llama, FairCalibConfig(rounding="rtn", transform="none"))
     tiny_llama.save_pretrained(path)
     return path / "model.safetensors"
 
@@ -109,7 +109,7 @@ def test_wrong_packed_dtype_names_tensor(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("w_bits", [4, 8])
 def test_loading_without_import_fails_loudly(tmp_path, tiny_llama, w_bits):
-    quantize(tiny_llama, FairCalibConfig(rounding="rtn", w_bits=w_bits, a_bits=8))
+    quantize(tiny_llama, FairCalibConfig(rounding="rtn", transform="none", w_bits=w_bits, a_bits=8))
     tiny_llama.save_pretrained(tmp_path / "q")
     code = (f"from transformers import AutoModelForCausalLM\n"
             f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n")
