@@ -1,0 +1,153 @@
+"""The evidence table: FP vs RTN, QuaRot-style, GPTQ, FlatQuant-style and FAIR-Calib on the shipped model.
+
+Every method calibrates on the same calibration sequences (same seed) and is evaluated on the same
+held-out text and the same teacher trajectories. Each quantized cell is run for several seeds (the
+seed moves the calibration samples, the probe prompts and the random rotations); the table reports
+mean ± half-range over seeds.
+
+    python benchmarks/methods.py                          # full table (about an hour on 2 CPU cores)
+    python benchmarks/methods.py --quick                  # a minute: tiny settings, one seed
+    python benchmarks/methods.py --methods rtn fair-gptq --bits w4a4 --seeds 0
+
+Writes JSON (every metric of every run) and a markdown table, and PNG plots of the flip rate by method
+and of the stability-lag CCDF (FP vs quantized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import optimum_fair
+from optimum_fair import FairCalibConfig, quantize
+from optimum_fair.evaluate import build_teacher_traces, evaluate, table
+
+# name -> FairCalibConfig fields; "fp" is the unquantized teacher
+METHODS: dict[str, dict] = {
+    "rtn": dict(rounding="rtn", transform="none", weighting="uniform"),
+    "quarot-rtn": dict(rounding="rtn", transform="hadamard", weighting="uniform"),
+    "gptq": dict(rounding="gptq", transform="none", weighting="uniform"),
+    "fair-gptq": dict(rounding="gptq", transform="none", weighting="fair"),
+    "quarot-gptq": dict(rounding="gptq", transform="hadamard", weighting="uniform"),
+    "fair-quarot-gptq": dict(rounding="gptq", transform="hadamard", weighting="fair"),
+    "flatquant": dict(rounding="rtn", transform="flatquant", weighting="uniform"),
+    "fair-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair"),
+}
+BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
+HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
+            "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=optimum_fair.DEFAULT_MODEL)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--bits", nargs="+", default=["w4a4"], choices=list(BITS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--num-probes", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--post-commit-prompts", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    p.add_argument("--out", default="benchmarks/results/methods")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.num_probes, args.epochs, args.num_prompts, args.seeds = 8, 8, 1, 4, args.seeds[:1]
+        args.post_commit_prompts = 1
+    return args
+
+
+def calib_config(args, method: str, bits: str, seed: int, prior_dir: str | None) -> FairCalibConfig:
+    w_bits, a_bits = BITS[bits]
+    fields = dict(METHODS[method], w_bits=w_bits, a_bits=a_bits, seed=seed, num_samples=args.num_samples,
+                  num_probes=args.num_probes, seq_len=args.seq_len, window=args.window, epochs=args.epochs,
+                  dataset="wiki", batch_size=4)
+    if fields["weighting"] == "fair" and prior_dir:
+        fields["prior"] = prior_dir  # the same Stage I prior for every fair cell of this seed
+    return FairCalibConfig(**fields)
+
+
+def run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs) -> dict:
+    model = copy.deepcopy(teacher)
+    cfg = calib_config(args, method, bits, seed, prior_dirs.get(seed))
+    start = time.perf_counter()
+    quantize(model, cfg, tokenizer=tok)
+    seconds = time.perf_counter() - start
+    if cfg.weighting == "fair" and seed not in prior_dirs:
+        prior_dirs[seed] = str(model.fair_prior.save(Path(args.out) / f"prior-seed{seed}"))
+    metrics = evaluate_row(args, model, tok, traces)
+    metrics["calib_seconds"] = seconds
+    return metrics
+
+
+def evaluate_row(args, model, tok, traces) -> dict:
+    """evaluate(), plus the per-text decode metrics averaged over the held-out texts."""
+    m = evaluate(model, tok, teacher_traces=traces, num_prompts=args.num_prompts, gen_length=args.gen_length,
+                 seq_len=args.seq_len, seed=0, post_commit_prompts=args.post_commit_prompts)
+    for short, key in (("set_disagreement", "frontier_set_disagreement"),
+                       ("mean_disagree", "post_commit_mean_disagree"), ("never_agree", "post_commit_never_agree")):
+        vals = [v for k, v in m.items() if k.endswith("/" + key)]
+        if vals:
+            m[short] = statistics.fmean(vals)
+    return m
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, str]]:
+    """(method, bits) -> metric -> 'mean ± half-range' over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['method']} {r['bits']}", []).append(r["metrics"])
+    out = {}
+    for name, rows in groups.items():
+        out[name] = {}
+        for key in HEADLINE:
+            vals = [row[key] for row in rows if key in row]
+            if not vals:
+                continue
+            mean = statistics.fmean(vals)
+            half = (max(vals) - min(vals)) / 2
+            out[name][key] = f"{mean:.4f} ± {half:.4f}" if len(vals) > 1 else f"{mean:.4f}"
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from transformers import AutoModel, AutoTokenizer
+
+    teacher = AutoModel.from_pretrained(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    traces = build_teacher_traces(teacher, tok, num_prompts=args.num_prompts, gen_length=args.gen_length)
+    fp = evaluate_row(args, teacher, tok, traces)
+    runs = [{"method": "fp", "bits": "-", "seed": None, "metrics": fp}]
+    prior_dirs: dict[int, str] = {}
+    for bits in args.bits:
+        for method in args.methods:
+            for seed in args.seeds:
+                metrics = run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs)
+                runs.append({"method": method, "bits": bits, "seed": seed, "metrics": metrics})
+                logging.info("%s %s seed %d: %s", method, bits, seed,
+                             {k: round(v, 4) for k, v in metrics.items() if k in HEADLINE})
+                Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    summary = summarise(runs)
+    text = table(summary, columns=HEADLINE)
+    Path(f"{args.out}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
