@@ -57,6 +57,10 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
     """
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
+    if config.push_to_hub:  # no token or a bad repo id: fail before calibrating
+        from .hub import require_token
+
+        require_token(repo_id=config.push_to_hub)
     skip = resolve_skip(model, config)
     linears = linears_to_convert(model, skip)
     if not linears:
@@ -74,6 +78,12 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
             logger.info("round-to-nearest for %d linears outside the blocks: %s", len(rest), list(rest)[:4])
             _convert_rtn(model, rest, layer_format(config))
     _mark_quantized(model, config, skip)
+    from .hub import attach_hub_methods, push_model
+
+    tokenizer = tokenizer if tokenizer is not None else config.tokenizer
+    attach_hub_methods(model, tokenizer)  # save_pretrained / push_to_hub also write the prior and card
+    if config.push_to_hub:
+        push_model(model, config.push_to_hub, tokenizer, keep_on_failure=True)
     return model
 
 
