@@ -221,10 +221,28 @@ def evaluate(
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, DecodeTrace]]:
     """Evaluate ``model`` on held-out text, and against ``teacher`` when given (see the module docstring).
 
-    ``teacher_traces`` (from `build_teacher_traces()` or a previous ``return_traces=True`` call) skips the
-    teacher's decoding; with ``return_traces`` the result is ``(metrics, traces)``. Every argument is
-    checked before the first forward pass. Fewer NLL windows than ``nll_samples`` are used when a text
-    is too short for them."""
+    Args:
+        model: the model to score (LLaDA, Dream or another model with an optimum-fair adapter).
+        tokenizer: its tokenizer (for the held-out text).
+        teacher: the full-precision model whose greedy trajectories are the reference; None: NLL only
+            (unless teacher_traces is given).
+        texts: held-out text names ("wiki-val", "lee") or a mapping name -> list of strings / Dataset.
+        num_prompts: prompts per text for the decoding metrics.
+        prompt_len: tokens per prompt.
+        gen_length: generated tokens per prompt.
+        block_length: semi-autoregressive block length of the greedy low-confidence decode.
+        steps: decoding steps (None = gen_length, one token per step).
+        nll_samples: seq_len-token windows per text for the masked NLL (fewer if the text is short).
+        seq_len: tokens per masked-NLL window.
+        mask_ratio: share of masked positions per window.
+        seed: seed of the NLL windows, their masked positions and the prompts.
+        teacher_traces: trajectories from `build_teacher_traces()` or a previous ``return_traces=True``
+            call; skips the teacher's decoding.
+        post_commit_prompts: prompts whose own trajectory gets the leave-one-out post-commit mismatch
+            (0 = skip; it costs about prompts * gen_length^2 / 2 forward rows).
+        return_traces: return ``(metrics, teacher_traces)``.
+
+    Every argument is checked before the first forward pass."""
     from .data import calibration_sequences, token_stream
 
     steps = gen_length if steps is None else steps

@@ -16,9 +16,10 @@ from optimum_fair.hub import (
     quant_tag,
     save_quantized,
 )
+from tests import hub_server
 from tests.conftest import char_tokenizer, tiny_llada
-from tests.hub_server import hub  # noqa: F401  (the loopback Hub fixture)
 
+hub = hub_server.hub  # the loopback Hub fixture
 SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
              dataset="lee", rounding="gptq", transform="hadamard")
 X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(3))
