@@ -322,6 +322,18 @@ def attach_hub_methods(model: Any, tokenizer: Any = None) -> None:
     model._fair_tokenizer = tokenizer  # an object or a path; None: the model's own folder, if it has one
 
 
+def load_saved_prior(model: Any, checkpoint_files: list[str] | None) -> None:
+    """Set ``model.fair_prior`` from the ``prior/`` folder beside a local checkpoint, when there is one
+    (a Hub download fetches only the weights and config, so the prior stays in the repo)."""
+    if not checkpoint_files:
+        return
+    folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
+    if (folder / "prior.json").is_file():
+        from .scoring.prior import PositionPrior
+
+        model.fair_prior = PositionPrior.load(folder)
+
+
 def _save_pretrained(self: Any, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
                      repo_id: str | None = None, token: str | None = None, commit_message: str | None = None,
                      private: bool | None = None, **kwargs: Any) -> None:

@@ -49,6 +49,7 @@ class FairCalibHfQuantizer(HfQuantizer):
             from .checkpoint import check_packed_tensors
 
             check_packed_tensors(model, kwargs.get("checkpoint_files"))
+            self._checkpoint_files = kwargs.get("checkpoint_files")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -58,6 +59,11 @@ class FairCalibHfQuantizer(HfQuantizer):
             quantize(model, self.quantization_config)
             model.hf_quantizer = self
             self.pre_quantized = True  # the model in memory is now quantized
+        else:  # a saved checkpoint: save_pretrained / push_to_hub keep writing the card (and the prior)
+            from .hub import attach_hub_methods, load_saved_prior
+
+            attach_hub_methods(model)
+            load_saved_prior(model, getattr(self, "_checkpoint_files", None))
         return model
 
     def is_serializable(self) -> bool:

@@ -174,7 +174,12 @@ def test_model_save_pretrained_writes_prior_and_keeps_other_files(qmodel, tmp_pa
     qmodel.save_pretrained(tmp_path)
     assert (tmp_path / "prior" / "prior.json").is_file() and (tmp_path / "README.md").is_file()
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert torch.equal(_logits(AutoModel.from_pretrained(tmp_path)), _logits(qmodel))
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert torch.equal(reloaded.fair_prior.weights, qmodel.fair_prior.weights)  # read back from prior/
+    reloaded.save_pretrained(tmp_path / "again")  # a reloaded model still writes the card and prior
+    assert (tmp_path / "again" / "prior" / "prior.json").is_file()
+    assert "fair-calib" in ModelCard.load(tmp_path / "again" / "README.md").data.tags
 
 
 def test_config_push_to_hub_pushes_after_calibration(hub, tok, monkeypatch):
