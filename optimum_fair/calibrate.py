@@ -5,6 +5,11 @@ for block l, h* = FP block(FP stream) is the target, the quantized block reads t
 (or the FP stream, `input_mode="fp"`), its linears are calibrated group by group in forward order, and
 the block's FairLinears replace its nn.Linears. Finished blocks go to `cache_dir` so a killed run
 resumes after the last finished block (see `cache.py`).
+
+Data parallel: with a `DataShard` each process holds the streams of its own batches; the losses, the
+absmax and the GPTQ Hessians are reduced across processes (`block_stats.py`), FlatQuant's gradients are
+summed (`fit_transforms`), every process ends each block with the same weights (checked), and only
+rank 0 writes the cache.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from accelerate.utils import has_offloaded_params, named_module_tensors, set_mod
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib.gptq import accumulate_hessian
-from .calib.objective import weighted_mse
-from .calib.transforms import CalibLinear, TransformParams, channel_absmax, fit_transforms, smooth_scale
+from .block_stats import group_hessian, group_input_absmax, module_checksum, stream_loss
+from .calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
 from .convert import set_module
+from .distributed import DataShard, World
 from .nn import FairLinear
 
 logger = logging.getLogger(__name__)
@@ -148,12 +153,6 @@ def run_batched(fn: Callable, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch_size]).cpu() for i in range(0, x.shape[0], batch_size)])
 
 
-@torch.no_grad()
-def stream_loss(ref: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None) -> float:
-    """weighted_mse over whole streams (n, seq, d)."""
-    return float(weighted_mse(ref, out, weights))
-
-
 # -- one block --------------------------------------------------------------------------------
 def calibrate_block(
     block: nn.Module,
@@ -165,10 +164,15 @@ def calibrate_block(
     s: StageTwoSettings,
     generator: torch.Generator,
     dtype: torch.dtype,
+    shard: DataShard | None = None,
 ) -> None:
-    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears."""
+    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears.
+
+    x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
+    """
+    shard = shard or DataShard(World(), x_in.shape[0], s.batch_size)
     linears = {name: block.get_submodule(name) for group in groups for name in group}
-    params = _make_transforms(block, groups, linears, call, x_in, s, generator)
+    params = _make_transforms(block, groups, linears, call, x_in, s, generator, shard)
     calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
                                weight_clip=s.transform == "flatquant")
              for gi, group in enumerate(groups) for name in group}
@@ -177,11 +181,11 @@ def calibrate_block(
             set_module(block, name, module)
         with torch.enable_grad(), _frozen(block):
             history = fit_transforms(call, x_in, targets, weights, list(calib.values()), s.epochs, s.lr,
-                                     s.clip_lr, s.batch_size, generator=generator)
+                                     s.clip_lr, s.batch_size, generator=generator, **_data_parallel(shard))
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
     for gi, group in enumerate(groups):  # forward order: later groups see earlier ones quantized
-        H = _group_hessian(block, group[0], calib[group[0]], call, x_in, weights, s) \
+        H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard) \
             if s.rounding == "gptq" else None
         for name in group:
             kwargs = calib[name].export(s.rounding, H=H, damp=s.damp, act_order=s.act_order, scale_dtype=dtype)
@@ -203,10 +207,19 @@ def _frozen(block: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, generator) -> list[TransformParams]:
+def _data_parallel(shard: DataShard) -> dict:
+    """fit_transforms' data-parallel arguments for `shard` (none with one process)."""
+    if shard.world.size == 1:
+        return {}
+    return {"all_reduce": lambda t: shard.world.all_reduce_sum(t, "transform gradients"),
+            "sample_ids": shard.sample_ids, "num_samples": shard.num_samples}
+
+
+def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, generator,
+                     shard: DataShard) -> list[TransformParams]:
     """One TransformParams per group of linears sharing an input."""
     out = []
-    absmax = _group_input_absmax(block, groups, call, x_in, s.batch_size) if s.transform == "flatquant" else None
+    absmax = group_input_absmax(block, groups, call, x_in, shard) if s.transform == "flatquant" else None
     for gi, group in enumerate(groups):
         d = linears[group[0]].in_features
         device = linears[group[0]].weight.device
@@ -223,54 +236,14 @@ def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, ge
 
 
 @torch.no_grad()
-def _group_input_absmax(block, groups, call, x_in, batch_size) -> list[torch.Tensor]:
-    """Per-channel max |x| of each group's input over the calibration stream (FP block)."""
-    running: list = [None] * len(groups)
-    hooks = []
-    for gi, group in enumerate(groups):
-        def hook(module, args, gi=gi):
-            running[gi] = channel_absmax(args[0], running[gi])
-        hooks.append(block.get_submodule(group[0]).register_forward_pre_hook(hook))
-    try:
-        run_batched(call, x_in, batch_size)
-    finally:
-        for h in hooks:
-            h.remove()
-    return running
-
-
-@torch.no_grad()
-def _group_hessian(block, first: str, calib_linear: CalibLinear, call, x_in, weights, s) -> torch.Tensor:
-    """H = mean_i w_i x~_i x~_i^T of the group's transformed input, with earlier groups already quantized."""
-    state: dict = {"H": None, "n": 0, "w": None}
-
-    def hook(module, args):
-        xt = calib_linear.transformed_input(args[0].float())  # (b, seq, d)
-        state["H"], state["n"] = accumulate_hessian(xt, state["w"], state["H"], state["n"])
-
-    handle = block.get_submodule(first).register_forward_pre_hook(hook)
-    try:
-        for i in range(0, x_in.shape[0], s.batch_size):
-            xb = x_in[i:i + s.batch_size]
-            state["w"] = None if weights is None else _rows(weights, i, xb.shape[0])
-            call(xb)
-    finally:
-        handle.remove()
-    return state["H"]
-
-
-def _rows(weights: torch.Tensor, start: int, b: int) -> torch.Tensor:
-    return weights if weights.dim() == 1 else weights[start:start + b]
-
-
-@torch.no_grad()
-def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings) -> float:
+def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings,
+                   shard: DataShard) -> float:
     """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number."""
     rtn = copy.deepcopy(block)
     for name in (n for group in groups for n in group):
         set_module(rtn, name, FairLinear.from_linear(rtn.get_submodule(name), s.w_bits, s.a_bits, s.group_size))
     out = run_batched(block_caller(rtn, extras, device), x_in, s.batch_size)
-    return stream_loss(targets, out, weights)
+    return stream_loss(targets, out, weights, shard)
 
 
 # -- all blocks ---------------------------------------------------------------------------------
@@ -284,40 +257,51 @@ def calibrate_blocks(
     dtype: torch.dtype,
     device: torch.device,
     cache=None,
+    shard: DataShard | None = None,
 ) -> list[dict]:
     """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
 
     hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
     `load(l, block) -> bool` and `save(l, block)`; a cached block is loaded instead of calibrated.
+    shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
+    2-d weights all n rows); the records and the calibrated blocks are the same on every process.
     """
+    shard = shard or DataShard(World(), hidden.shape[0], s.batch_size)
+    if shard.batch_size != s.batch_size or hidden.shape[0] != len(shard.sample_ids):
+        raise ValueError(f"hidden has {hidden.shape[0]} rows, the shard {len(shard.sample_ids)} "
+                         f"(batch size {shard.batch_size}, settings {s.batch_size})")
+    if weights is not None and weights.dim() == 2:
+        weights = weights[shard.sample_ids]  # (n_local, seq)
     generator = torch.Generator().manual_seed(s.seed)
     fp_stream = q_stream = hidden
     records = []
-    for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks")):
+    for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
         with onloaded(block, device):
-            fp_stream, q_stream, record = _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s,
-                                                     generator, dtype, device, cache)
+            fp_stream, q_stream, record = _one_block(l, block, groups, extras, fp_stream, q_stream, weights,
+                                                     s, generator, dtype, device, cache, shard)
         records.append(record)
     return records
 
 
 def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
-               device, cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               device, cache, shard: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record."""
     block.float()
     call = block_caller(block, extras, device)
-    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n, seq, d)
+    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_local, seq, d)
     x_in = q_stream if s.input_mode == "quantized" else fp_stream
     generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
-    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s)
-    if cache is not None and cache.load(l, block):
+    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s, shard)
+    loaded = cache is not None and cache.load(l, block)
+    if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
         logger.info("block %d: loaded from cache", l)
     else:
-        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype)
-        if cache is not None:
+        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard)
+        if cache is not None and shard.world.is_main:
             cache.save(l, block)
+    shard.world.check_identical(module_checksum(block), f"block {l} after calibration")
     out_q = run_batched(call, x_in, s.batch_size)
-    loss = stream_loss(targets, out_q, weights)
+    loss = stream_loss(targets, out_q, weights, shard)
     logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
     block.to(dtype)
     return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss}

@@ -22,6 +22,7 @@ from .convert import (
     linears_to_convert,
     set_module,
 )
+from .distributed import is_main_process
 from .nn import FairLinear
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
 
     tokenizer = tokenizer if tokenizer is not None else config.tokenizer
     attach_hub_methods(model, tokenizer)  # save_pretrained / push_to_hub also write the prior and card
-    if config.push_to_hub:
+    if config.push_to_hub and is_main_process():  # data parallel: every rank holds this model, one pushes
         push_model(model, config.push_to_hub, tokenizer, keep_on_failure=True)
     return model
 

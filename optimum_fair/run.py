@@ -2,6 +2,10 @@
 
 Everything that can be checked (data length, window, mask token, cache) is checked before the first
 forward pass.
+
+Under `torchrun` / `accelerate launch` (see `distributed.py`) each process rolls out its share of the
+probe batches and calibrates on its share of the sample batches; every process ends with the same
+prior and the same quantized model as a single process would make. Only rank 0 writes the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .cache import BlockCache, tensor_digest
 from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs, execution_device
 from .config import FairCalibConfig, Weighting
 from .convert import float_dtype, matches
+from .distributed import DataShard, World, batch_seed, get_world
 from .models import ModelAdapter, get_adapter
 from .scoring.prior import PositionPrior, prior_from_rollouts, probe_rollouts, saturation, settings_dict
 
@@ -83,16 +88,17 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
     tok = resolve_tokenizer(tokenizer, model)
     dataset = load_texts(texts)
     ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
-    cache = None
-    if config.cache_dir:  # checked before Stage I, so a mismatched cache fails before any rollout
-        from .pipeline import layer_format
-
-        cache = BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config),
-                           [n for g in groups for n in g])
+    world = get_world()
+    shard = DataShard(world, ids.shape[0], config.batch_size)
+    if len(shard.batches) == 0:
+        n_batches = -(-ids.shape[0] // config.batch_size)
+        raise ValueError(f"num_samples={ids.shape[0]} makes {n_batches} batches of {config.batch_size}, "
+                         f"fewer than the {world.size} processes: raise num_samples")
+    cache = make_cache(model, config, ids, groups, world) if config.cache_dir else None  # before Stage I
     weights = None
     if config.weighting is Weighting.FAIR:
         prior = stage_one(model, config, setup, lambda: calibration_sequences(
-            dataset, tok, config.num_probes, setup.seq_len, seed=config.seed + 1, allow_overlap=True))
+            dataset, tok, config.num_probes, setup.seq_len, seed=config.seed + 1, allow_overlap=True), world)
         model.fair_prior = prior
         weights = prior.weights
     settings = StageTwoSettings(
@@ -100,12 +106,26 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
         config.epochs, config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order,
         config.input_mode.value, config.seed)
     device = execution_device(model)
-    hidden, extras = capture_block_inputs(model, blocks, ids, config.batch_size)
-    if not torch.isfinite(hidden).all():
+    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size)
+    if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     records = calibrate_blocks(blocks, groups, hidden, extras, weights, settings, float_dtype(model), device,
-                               cache=cache)
+                               cache=cache, shard=shard)
     model.fair_calibration_log = records
+
+
+def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, groups,
+               world: World) -> BlockCache:
+    """The block cache; rank 0 writes (or checks) its manifest before the other ranks read it."""
+    from .pipeline import layer_format
+
+    def make() -> BlockCache:
+        return BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config),
+                          [n for g in groups for n in g])
+
+    cache = make() if world.is_main else None
+    world.barrier("cache manifest written by rank 0")
+    return cache if cache is not None else make()
 
 
 def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup) -> dict:
@@ -118,8 +138,13 @@ def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup
 
 
 @torch.no_grad()
-def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids) -> PositionPrior:
-    """Load `config.prior` (checking its settings) or build the prior from probe rollouts."""
+def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,
+              world: World | None = None) -> PositionPrior:
+    """Load `config.prior` (checking its settings) or build the prior from probe rollouts.
+
+    With several processes each rolls out its share of the probe batches; the rollouts are gathered in
+    probe order, so every process builds the same prior as one process would.
+    """
     expected = prior_settings(model, config, setup)
     if config.prior:
         prior = PositionPrior.load(config.prior)
@@ -135,10 +160,7 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
         return model(x.to(device), **kw).logits.float().cpu()
 
     lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
-    commit, reliab = probe_rollouts(
-        logits_fn, prompts, setup.window, setup.block_length, setup.steps, setup.mask_id, setup.logit_shift,
-        config.reliability.value, batch_size=max(config.batch_size, 16),
-        generator=torch.Generator().manual_seed(config.seed))
+    commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
     kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
               schedule=config.boost_schedule.value, lambda1=lambda1, floor=config.floor,
               logit_shift=setup.logit_shift)
@@ -149,6 +171,30 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
         prior.settings["saturation"] = saturation(commit, reliab, **kw)
         logger.info("Stage I: %d probes, saturation (N/2 vs N) %.4f", commit.shape[0], prior.settings["saturation"])
     return prior
+
+
+def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, config: FairCalibConfig,
+                     world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe rollouts, batch b (of max(batch_size, 16) prompts) on rank b % size, in probe order.
+
+    Batch b draws its random commit order from its own generator (`batch_seed(seed, "probes", b)`), so
+    the rollouts do not depend on the number of processes. prompts: (P, N - K).
+    Returns commit_step (P, K) and reliability (T, P, K), the same on every rank.
+    """
+    shard = DataShard(world, prompts.shape[0], max(config.batch_size, 16))
+    commits, reliabs = [], []
+    for start, stop in shard.batches:
+        seed = batch_seed(config.seed, "probes", start // shard.batch_size)
+        generator = torch.Generator().manual_seed(seed)
+        commit, reliab = probe_rollouts(
+            logits_fn, prompts[start:stop], setup.window, setup.block_length, setup.steps, setup.mask_id,
+            setup.logit_shift, config.reliability.value, batch_size=stop - start, generator=generator)
+        commits.append(commit)  # (b, K)
+        reliabs.append(reliab)  # (T, b, K)
+    K, T = setup.window, setup.steps
+    commit = torch.cat(commits) if commits else torch.zeros(0, K, dtype=torch.long)
+    reliab = torch.cat(reliabs, dim=1) if reliabs else torch.zeros(T, 0, K)
+    return shard.gather(commit, 0, "probe commit steps"), shard.gather(reliab, 1, "probe reliabilities")
 
 
 def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:

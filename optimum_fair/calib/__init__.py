@@ -3,8 +3,8 @@
 Nothing here imports transformers or receives a config object; every function takes plain arguments.
 """
 
-from .gptq import accumulate_hessian, gptq_quantize
-from .objective import weighted_mse
+from .gptq import accumulate_hessian, gptq_quantize, hessian_sum
+from .objective import weighted_mse, weighted_sq_error
 from .rotation import hadamard, kron_factors, random_hadamard_factors, random_orthogonal
 from .transforms import (
     CalibLinear,
@@ -26,9 +26,11 @@ __all__ = [
     "gptq_quantize",
     "hadamard",
     "hadamard_transform",
+    "hessian_sum",
     "kron_factors",
     "random_hadamard_factors",
     "random_orthogonal",
     "smooth_scale",
     "weighted_mse",
+    "weighted_sq_error",
 ]

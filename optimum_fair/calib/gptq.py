@@ -1,9 +1,11 @@
 """Token-weighted GPTQ (Frantar et al., 2022) on a symmetric grid.
 
-Two pure functions:
+Pure functions:
     * `accumulate_hessian(x, w, H, n_seen)`: running mean H = (1/n) Σ_i w_i x_i x_iᵀ over calibration
       tokens, with FAIR-Calib's per-position weights w_i (w ≡ 1 gives plain GPTQ up to GPTQ's factor 2,
       which does not change the result).
+    * `hessian_sum(x, w)`: one batch's Σ_i w_i x_i x_iᵀ (float64) and token count, for callers that add
+      batches in a fixed order themselves (several processes give the bits of one).
     * `gptq_quantize(W, H, bits, ...)`: codes and scales that minimise tr((W − Ŵ) H (W − Ŵ)ᵀ) column by
       column, spreading each column's rounding error over the columns not yet quantized.
 """
@@ -17,7 +19,7 @@ import torch
 from ..ops import qmax, weight_scale
 from .objective import expand_token_weights
 
-__all__ = ["accumulate_hessian", "gptq_quantize"]
+__all__ = ["accumulate_hessian", "gptq_quantize", "hessian_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +43,7 @@ def accumulate_hessian(
     Returns:
         (H, n_seen + number of tokens in x), with H = (1/n) Σ_i w_i x_i x_iᵀ over all n tokens seen.
     """
-    if x.dim() == 3:
-        batch, seq, d = x.shape
-        wf = expand_token_weights(w, batch, seq, x.device).reshape(-1)  # (batch * seq,)
-    elif x.dim() == 2:
-        d = x.shape[1]
-        if w is not None and tuple(w.shape) != (x.shape[0],):
-            raise ValueError(f"w must have shape ({x.shape[0]},) for 2-d x, got {tuple(w.shape)}")
-        wf = torch.ones(x.shape[0], device=x.device) if w is None else w.float()  # (n,)
-    else:
-        raise ValueError(f"x must be (batch, seq, d) or (n, d), got shape {tuple(x.shape)}")
-    if bool((wf < 0).any()):
-        raise ValueError("w must be non-negative")
+    d, wf = _token_weights(x, w)  # wf: (n,)
     if n_seen < 0:
         raise ValueError(f"n_seen must be >= 0, got {n_seen}")
     if H is None:
@@ -66,6 +57,36 @@ def accumulate_hessian(
     wx = xf * wf.to(H.dtype).unsqueeze(1)  # (n, d): row i is w_i x_i
     H = H * (n_seen / n_new) + wx.t() @ xf / n_new  # (d, d)
     return H, n_new
+
+
+def hessian_sum(x: torch.Tensor, w: torch.Tensor | None, dtype: torch.dtype = torch.float64
+                ) -> tuple[torch.Tensor, int]:
+    """Σ_i w_i x_i x_iᵀ over the tokens of one batch, and the number of tokens.
+
+    x: (batch, seq, d) or (n, d); w: as in `accumulate_hessian`. The sum is computed in `dtype`. Adding
+    the sums of the batches in a fixed order and dividing by the total count gives the mean Hessian;
+    the result then depends only on that order, not on which process computed which batch.
+    """
+    d, wf = _token_weights(x, w)  # wf: (n,)
+    xf = x.reshape(-1, d).to(dtype)  # (n, d)
+    return (xf * wf.to(dtype).unsqueeze(1)).t() @ xf, xf.shape[0]  # (d, d)
+
+
+def _token_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """(d, flat non-negative token weights (n,)) for x (batch, seq, d) or (n, d), after checking shapes."""
+    if x.dim() == 3:
+        batch, seq, d = x.shape
+        wf = expand_token_weights(w, batch, seq, x.device).reshape(-1)  # (batch * seq,)
+    elif x.dim() == 2:
+        d = x.shape[1]
+        if w is not None and tuple(w.shape) != (x.shape[0],):
+            raise ValueError(f"w must have shape ({x.shape[0]},) for 2-d x, got {tuple(w.shape)}")
+        wf = torch.ones(x.shape[0], device=x.device) if w is None else w.float()  # (n,)
+    else:
+        raise ValueError(f"x must be (batch, seq, d) or (n, d), got shape {tuple(x.shape)}")
+    if bool((wf < 0).any()):
+        raise ValueError("w must be non-negative")
+    return d, wf
 
 
 def gptq_quantize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["weighted_mse"]
+__all__ = ["weighted_mse", "weighted_sq_error"]
 
 
 def expand_token_weights(w: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
@@ -44,3 +44,23 @@ def weighted_mse(ref: torch.Tensor, out: torch.Tensor, w: torch.Tensor | None = 
         raise ValueError("w must be non-negative")
     sq = (out.float() - ref.float()).pow(2).sum(dim=-1)  # (batch, seq)
     return (wt * sq).sum() / (wt.sum() * d)
+
+
+def weighted_sq_error(ref: torch.Tensor, out: torch.Tensor, w: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample numerator and denominator of `weighted_mse`, in `dtype`.
+
+    Returns num (batch,) = Σ_i w_{b,i} ‖out_{b,i} − ref_{b,i}‖² (gradients flow through it) and
+    den (batch,) = Σ_i w_{b,i} · d, so weighted_mse = num.sum() / den.sum() up to rounding. Summing the
+    per-sample terms of several batches (or processes) gives the loss over all of them.
+    """
+    if ref.dim() != 3:
+        raise ValueError(f"ref must be (batch, seq, d), got shape {tuple(ref.shape)}")
+    if out.shape != ref.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} does not match ref shape {tuple(ref.shape)}")
+    batch, seq, d = ref.shape
+    wt = expand_token_weights(w, batch, seq, ref.device).to(dtype)  # (batch, seq)
+    if w is not None and bool((wt < 0).any()):
+        raise ValueError("w must be non-negative")
+    sq = (out.to(dtype) - ref.to(dtype)).pow(2).sum(dim=-1)  # (batch, seq)
+    return (wt * sq).sum(dim=-1), wt.sum(dim=-1) * d

@@ -25,7 +25,7 @@ from torch import nn
 from ..ops import kron_apply
 from ..ops import fake_quant_act, fake_quant_weight, quantize_weight, weight_scale
 from .gptq import gptq_quantize
-from .objective import expand_token_weights, weighted_mse
+from .objective import expand_token_weights, weighted_mse, weighted_sq_error
 from .rotation import kron_factors, random_hadamard_factors
 
 __all__ = [
@@ -274,6 +274,9 @@ def fit_transforms(
     batch_size: int = 4,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sample_ids: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> list[float]:
     """Learn transforms and clips so that block_fn(inputs) matches targets in token-weighted MSE.
 
@@ -284,40 +287,92 @@ def fit_transforms(
         params: modules whose trainable parameters are fitted (CalibLinears and/or TransformParams);
             parameters named '*clip_logit' use clip_lr, the others lr.
         epochs, batch_size: passes over the n samples (reshuffled each epoch with `generator`).
+        all_reduce, sample_ids, num_samples: data parallelism (all three or none). Each process passes
+            its own rows of inputs/targets (and of 2-d weights), `sample_ids` (n_local,) their indices
+            among the `num_samples` samples of all processes, and `all_reduce` a sum over processes.
+            Every process draws the same permutation of all samples, so a step's batch is the one a
+            single process would use; each runs the rows of it that it holds, and the loss terms and
+            the gradients are summed over processes before the step, so the parameters stay identical.
     AdamW (no weight decay); each group's learning rate decays by cosine to 1e-3 of its start; each step
     minimises loss / loss.detach() (FlatQuant's normalisation). Returns the mean loss of each epoch.
     """
+    n = _check_fit_args(inputs, targets, weights, epochs, batch_size, sample_ids, num_samples)
+    groups = _param_groups(params, lr, clip_lr)
+    trainable = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    total = max(epochs * math.ceil(n / batch_size), 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+    )
+    device = inputs.device if device is None else device
+    local_pos = torch.full((n,), -1, dtype=torch.long)  # global sample -> local row, -1 elsewhere
+    n_local = inputs.shape[0]
+    local_pos[torch.arange(n_local) if sample_ids is None else sample_ids] = torch.arange(n_local)
+    history: list[float] = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total_loss = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]  # global sample ids of this step's batch
+            loss = _step_gradients(block_fn, inputs, targets, weights, local_pos[idx], device, all_reduce,
+                                   trainable, epoch)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            total_loss += loss * len(idx)
+        history.append(total_loss / n)
+        logger.debug("fit_transforms epoch %d: loss %.6g", epoch, history[-1])
+    return history
+
+
+def _check_fit_args(inputs, targets, weights, epochs, batch_size, sample_ids, num_samples) -> int:
+    """Validate fit_transforms' arguments; returns the number of samples over all processes."""
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) differ in length")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
     if weights is not None and weights.dim() == 2 and weights.shape[0] != inputs.shape[0]:
         raise ValueError(f"weights has {weights.shape[0]} rows, inputs has {inputs.shape[0]}")
-    opt = torch.optim.AdamW(_param_groups(params, lr, clip_lr), weight_decay=0.0)
-    n = inputs.shape[0]
-    total = max(epochs * math.ceil(n / batch_size), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
-    )
-    device = inputs.device if device is None else device
-    history: list[float] = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total_loss = 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            out = block_fn(inputs[idx].to(device))  # (b, seq, d_out)
-            loss = weighted_mse(targets[idx].to(device), out, _batch_weights(weights, idx, device))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"fit_transforms: non-finite loss at epoch {epoch}")
-            (loss / loss.detach()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            total_loss += float(loss.detach()) * len(idx)
-        history.append(total_loss / n)
-        logger.debug("fit_transforms epoch %d: loss %.6g", epoch, history[-1])
-    return history
+    if (sample_ids is None) != (num_samples is None):
+        raise ValueError("pass sample_ids and num_samples together")
+    if sample_ids is None:
+        return inputs.shape[0]
+    if tuple(sample_ids.shape) != (inputs.shape[0],) or int(num_samples) < inputs.shape[0]:
+        n_local = inputs.shape[0]
+        raise ValueError(f"sample_ids must have shape ({n_local},) and num_samples >= {n_local}")
+    return int(num_samples)
+
+
+def _step_gradients(block_fn, inputs, targets, weights, pos, device, all_reduce, trainable, epoch) -> float:
+    """Gradients of one step's global batch on every process; returns the batch's weighted MSE.
+
+    pos: (b,) local row of each sample of the batch, -1 for rows held by other processes.
+    """
+    pos = pos[pos >= 0]  # this process's rows of the batch, in batch order
+    num = den = torch.zeros((), device=device)
+    if len(pos):
+        out = block_fn(inputs[pos].to(device))  # (b_local, seq, d_out)
+        num_b, den_b = weighted_sq_error(targets[pos].to(device), out, _batch_weights(weights, pos, device))
+        num, den = num_b.sum(), den_b.sum()
+    totals = torch.stack([num.detach(), den.detach()])  # (2,): Σ w‖Δ‖², Σ w·d over the local rows
+    totals = totals if all_reduce is None else all_reduce(totals)  # ... over the whole batch
+    if not bool(torch.isfinite(totals).all()) or float(totals[1]) <= 0:
+        raise RuntimeError(f"fit_transforms: non-finite loss at epoch {epoch}")
+    if len(pos) and float(totals[0]) > 0:
+        (num / totals[0]).backward()  # d(loss / loss.detach()) = d(num) / num over the whole batch
+    if all_reduce is not None:
+        _sum_gradients(trainable, all_reduce)
+    return float(totals[0] / totals[1])
+
+
+def _sum_gradients(trainable: list[nn.Parameter], all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every gradient by its sum over processes (one flat all_reduce; missing grads count as 0)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]))  # (total numel,)
+    offset = 0
+    for p in trainable:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """fit_transforms: learned transforms and clips lower a toy block's W4A4 loss."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -108,3 +110,67 @@ def test_lr_moves_transforms_and_clip_lr_moves_clips():
     assert not torch.equal(c1.weight_clip_logit, clip0) and not torch.equal(c1.params.act_clip_logit, act0)
     fit_transforms(block, x, y, None, [c1, c2], epochs=2, lr=5e-3, clip_lr=0.0, batch_size=4)
     assert not torch.equal(c1.params.A, A0) and not torch.equal(c1.params.s, s0)
+
+
+class _ThreadSum:
+    """all_reduce for ranks run as threads: every rank gets slot 0 + slot 1 + ... (the same bits)."""
+
+    def __init__(self, size):
+        self.barrier = threading.Barrier(size)
+        self.slots = [None] * size
+
+    def for_rank(self, rank):
+        def all_reduce(t):
+            self.slots[rank] = t.detach().clone()
+            self.barrier.wait()
+            total = self.slots[0].clone()
+            for other in self.slots[1:]:
+                total = total + other
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return total
+        return all_reduce
+
+
+def test_data_parallel_fit_matches_one_process():
+    # 2 ranks (threads) hold interleaved halves of the samples; each step's batch is split between them
+    lin1, lin2 = toy_block()
+    x = toy_data(n=12)
+    with torch.no_grad():
+        y = lin2(nn.functional.silu(lin1(x)))
+    w = torch.rand(12, 8) + 0.5
+    kw = dict(epochs=3, lr=5e-3, clip_lr=5e-2, batch_size=4)
+    c1, c2, block = calib_block(lin1, lin2, x)
+    ref = fit_transforms(block, x, y, w, [c1, c2], generator=torch.Generator().manual_seed(3), **kw)
+    ids = [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]), torch.tensor([4, 5, 6, 7])]
+    reducer, results, errors = _ThreadSum(2), [None, None], []
+
+    def rank(r):
+        try:
+            d1, d2, fn = calib_block(lin1, lin2, x)
+            hist = fit_transforms(fn, x[ids[r]], y[ids[r]], w[ids[r]], [d1, d2],
+                                  generator=torch.Generator().manual_seed(3), all_reduce=reducer.for_rank(r),
+                                  sample_ids=ids[r], num_samples=12, **kw)
+            results[r] = (hist, [p.detach().clone() for p in (*d1.parameters(), *d2.parameters())])
+        except Exception as err:  # surfaced below
+            errors.append(err)
+            reducer.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    (h0, p0), (h1, p1) = results
+    assert h0 == h1 and all(torch.equal(a, b) for a, b in zip(p0, p1))  # ranks stay identical
+    assert h0 == pytest.approx(ref, rel=1e-4)
+    single = [p.detach() for p in (*c1.parameters(), *c2.parameters())]
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(p0, single)) < 1e-5
+
+
+def test_data_parallel_arguments_come_together():
+    lin1, lin2 = toy_block()
+    x = toy_data(n=4)
+    c1, c2, block = calib_block(lin1, lin2, x)
+    with pytest.raises(ValueError, match="together"):
+        fit_transforms(block, x, x, None, [c1, c2], epochs=1, sample_ids=torch.arange(4))

@@ -185,3 +185,18 @@ def test_bad_input_raises():
         accumulate_hessian(torch.randn(2, 3), torch.tensor([1.0, -1.0]), None, 0)
     with pytest.raises(ValueError, match="H must have shape"):
         accumulate_hessian(torch.randn(2, 3), None, torch.zeros(2, 2), 0)
+
+
+def test_hessian_sums_of_batches_give_the_running_mean():
+    from optimum_fair.calib import hessian_sum
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 5, 8, generator=g), torch.rand(5, generator=g)
+    H, n = accumulate_hessian(x, w, None, 0, dtype=torch.float64)
+    parts = [hessian_sum(x[i:i + 2], w) for i in range(0, 6, 2)]
+    total = parts[0][0] + parts[1][0] + parts[2][0]
+    assert sum(c for _, c in parts) == n == 30
+    assert torch.allclose(total / n, H, rtol=1e-12, atol=1e-14)
+    assert total.dtype == torch.float64
+    with pytest.raises(ValueError, match="non-negative"):
+        hessian_sum(x, -w)

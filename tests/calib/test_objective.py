@@ -54,3 +54,15 @@ def test_bad_input_raises():
         weighted_mse(x, x, torch.ones(4))
     with pytest.raises(ValueError, match="non-negative"):
         weighted_mse(x, x, torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_per_sample_terms_add_up_to_the_weighted_mse():
+    from optimum_fair.calib import weighted_sq_error
+
+    g = torch.Generator().manual_seed(2)
+    ref, out = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    w = torch.rand(3, 5, generator=g)
+    num, den = weighted_sq_error(ref, out, w, dtype=torch.float64)
+    assert num.shape == den.shape == (3,)
+    assert float(num.sum() / den.sum()) == pytest.approx(float(weighted_mse(ref, out, w)), rel=1e-6)
+    assert float(num[1] / den[1]) == pytest.approx(float(weighted_mse(ref[1:2], out[1:2], w[1:2])), rel=1e-6)
