@@ -57,13 +57,23 @@ def quant_tag(config: Any) -> str:
     return f"w{config.w_bits}a{config.a_bits}"
 
 
-def hub_base_model(model: Any, base_model: str | None = None) -> str | None:
-    """The base model's Hub id: ``base_model``, else the model's ``name_or_path`` when it is a repo id
-    and not a local path. None when unknown (a local checkpoint)."""
-    name = base_model or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+def _repo_id_of(model: Any) -> str | None:
+    """The model's ``name_or_path`` when it is a Hub repo id and not a local path."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name or not _REPO_ID.match(str(name)) or os.path.exists(name):
         return None
     return str(name)
+
+
+def hub_base_model(model: Any, base_model: str | None = None) -> str | None:
+    """The full-precision base model's Hub id: ``base_model``, else the model's ``name_or_path`` when it
+    is a repo id (not a local path) and the model was quantized in this process. None when unknown: a
+    local base, or a reloaded quantized checkpoint (its name is the quantized repo, not the base)."""
+    if base_model:
+        if not _REPO_ID.match(base_model):
+            raise ValueError(f"base_model {base_model!r} is not a Hub repo id ('namespace/name')")
+        return base_model
+    return None if getattr(model, "_fair_reloaded", False) else _repo_id_of(model)
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -185,19 +195,29 @@ def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = N
 
 
 def resolve_tokenizer(tokenizer: Any, model: Any) -> Any:
-    """A tokenizer object from an object or a path; None: the model's own, when its local folder has one."""
+    """A tokenizer object from an object or a path. None: the model's own, from its local folder (errors
+    raise) or from its Hub repo (a failure there only warns); None when it has neither."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    path = tokenizer or getattr(model, "name_or_path", None)
-    if tokenizer is None and not (path and any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)):
-        logger.info("no tokenizer given and none beside the model: the folder will have no tokenizer")
-        return None
     from transformers import AutoTokenizer
 
+    local = getattr(model, "name_or_path", None)
+    if tokenizer is None and local and any((Path(local) / f).is_file() for f in _TOKENIZER_FILES):
+        tokenizer = local
+    if tokenizer is not None:
+        try:
+            return AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not load the tokenizer {str(tokenizer)!r}: {err}") from None
+    repo = _repo_id_of(model)
+    if repo is None:
+        logger.info("no tokenizer given and none beside the model: the folder will have no tokenizer")
+        return None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(repo)
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load the tokenizer {path!r}: {err}") from None
+        logger.warning("no tokenizer saved: loading the base model's tokenizer %s failed (%s)", repo, err)
+        return None
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -315,8 +335,10 @@ def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[st
 
 
 # -- the model's own save_pretrained / push_to_hub --------------------------------------------
-def attach_hub_methods(model: Any, tokenizer: Any = None) -> None:
-    """Make ``model.save_pretrained`` write the prior and card too and ``model.push_to_hub`` upload them."""
+def attach_hub_methods(model: Any, tokenizer: Any = None, reloaded: bool = False) -> None:
+    """Make ``model.save_pretrained`` write the prior and card too and ``model.push_to_hub`` upload them.
+    ``reloaded``: the model is a saved checkpoint loaded back (its name is not its base model's)."""
+    model._fair_reloaded = reloaded
     model.save_pretrained = MethodType(_save_pretrained, model)
     model.push_to_hub = MethodType(_push_to_hub, model)
     model._fair_tokenizer = tokenizer  # an object or a path; None: the model's own folder, if it has one

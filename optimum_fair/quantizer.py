@@ -62,7 +62,7 @@ class FairCalibHfQuantizer(HfQuantizer):
         else:  # a saved checkpoint: save_pretrained / push_to_hub keep writing the card (and the prior)
             from .hub import attach_hub_methods, load_saved_prior
 
-            attach_hub_methods(model)
+            attach_hub_methods(model, reloaded=True)
             load_saved_prior(model, getattr(self, "_checkpoint_files", None))
         return model
 

@@ -102,6 +102,9 @@ def test_tags_and_base_model_id(tmp_path):
     assert hub_base_model(m) == "org/model"
     m.name_or_path = str(tmp_path)
     assert hub_base_model(m) is None
+    assert hub_base_model(m, "GSAI-ML/LLaDA-8B-Base") == "GSAI-ML/LLaDA-8B-Base"
+    with pytest.raises(ValueError, match="repo id"):
+        hub_base_model(m, "/local/path")
 
 
 def test_push_then_reload_by_repo_id(hub, saved, qmodel, tmp_path):
@@ -116,6 +119,9 @@ def test_push_then_reload_by_repo_id(hub, saved, qmodel, tmp_path):
     assert not hasattr(reloaded, "fair_calibration_log")  # no recalibration
     tok = AutoTokenizer.from_pretrained("tester/llada-w4a4", cache_dir=tmp_path / "cache")
     assert tok.mask_token_id == 3
+    reloaded.save_pretrained(tmp_path / "copy")  # the tokenizer comes from the repo the model came from
+    assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == remote["tokenizer.json"]
+    assert ModelCard.load(tmp_path / "copy" / "README.md").data.base_model is None  # not "tester/llada-w4a4"
     assert hub.unhandled == []
 
 
