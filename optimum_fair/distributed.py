@@ -215,7 +215,9 @@ class World:
         if self.size > 1:
             flag = torch.tensor([int(present)], dtype=torch.int64)
             flags = [bool(f) for f in self.all_gather(flag, what + " (presence)")]
-            parts = self.all_gather(part, what) if any(flags) else []
+            if not any(flags):
+                return acc
+            parts = self.all_gather(part, what)
         for p, f in zip(parts, flags, strict=True):
             if f:
                 acc = p.clone() if acc is None else acc + p

@@ -5,6 +5,7 @@ The references are single-process runs of the same jobs in this process. Launche
 environment variables for the failure cases (a rank that dies, hangs, or computes something else).
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from transformers import AutoModel
 
 from optimum_fair.distributed import DataShard, World, batch_seed, is_main_process, shard_batches
 from tests.conftest import char_tokenizer, tiny_llada
-from tests.distributed_worker import run_job
+from tests.distributed_worker import run_job, toy_hessian
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 # 40 probes: probe batches of 16, 16, 8; 12 samples: batches of 4, rank 0 holds two of three (uneven)
@@ -30,7 +31,8 @@ JOBS = {
     "gptq": ("from_pretrained", dict(SMALL, rounding="gptq", transform="hadamard")),
     "flat_fp": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant", input_mode="fp")),
     "flat": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant")),
-    "rtn": ("quantize", dict(SMALL, rounding="rtn", transform="hadamard")),
+    # 8 probes: one probe batch, so rank 1 rolls out nothing and sends an empty share
+    "rtn": ("quantize", dict(SMALL, rounding="rtn", transform="hadamard", num_probes=8)),
 }
 X = torch.randint(4, 90, (4, 32), generator=torch.Generator().manual_seed(3))
 
@@ -43,7 +45,8 @@ def _env(**extra) -> dict:
 
 
 def _jobs(*names) -> str:
-    return json.dumps([{"name": n, "entry": JOBS[n][0], "config": JOBS[n][1]} for n in names])
+    return json.dumps([{"name": n, "entry": JOBS[n][0], "config": JOBS[n][1]} if n in JOBS else {"name": n}
+                       for n in names])
 
 
 def _free_port() -> int:
@@ -80,7 +83,7 @@ def single(model_dir, tmp_path_factory):
 def torchrun(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
     _launch(["torchrun", "--standalone", "--nproc_per_node", "2", WORKER, str(model_dir), str(out),
-             _jobs("gptq", "flat_fp", "flat")])
+             _jobs("collectives", "gptq", "flat_fp", "flat")])
     return out
 
 
@@ -135,6 +138,22 @@ def test_flatquant_on_quantized_stream_stays_close(model_dir, single, torchrun):
     assert r0["records"] == r1["records"]
 
 
+def test_collectives_keep_rank_order_and_report_disagreement(torchrun):
+    results = [json.loads((torchrun / f"collectives{r}.json").read_text()) for r in range(2)]
+    assert results[0] == {**results[1], "caught": results[0]["caught"]}
+    assert results[0]["rows"] == [[0.0, 1.0, 2.0], []]
+    assert results[0]["fold"] == [0.0]  # (1 + 1e16) - 1e16: added in round and rank order
+    assert results[0]["max"] == [1.0, 0.0]
+    assert all("rank number differs between rank 0 and rank(s) [1]" in r["caught"] for r in results)
+
+
+def test_gptq_hessian_is_bit_identical_to_one_process(torchrun):
+    # the float64 sums must be added in global batch order: an all_reduce of per-rank sums is not
+    one = toy_hessian(World())
+    for r in range(2):
+        assert torch.equal(torch.load(torchrun / f"hessian{r}.pt"), one)
+
+
 def test_accelerate_launch_gives_the_single_process_model(model_dir, single, tmp_path):
     # on a CPU-only machine `--multi_gpu` is what starts N processes (via torchrun; the group uses gloo);
     # `--cpu --num_processes 2` starts one process unless MPI is configured
@@ -143,31 +162,44 @@ def test_accelerate_launch_gives_the_single_process_model(model_dir, single, tmp
              WORKER, str(model_dir), str(tmp_path), _jobs("rtn")])
     ref, par = _tensors(single / "rtn"), _tensors(tmp_path / "rtn")
     assert sorted(ref) == sorted(par) and all(torch.equal(ref[k], par[k]) for k in ref)
-    assert _ranks(tmp_path / "rtn")[1]["size"] == 2
+    r0, r1 = _ranks(tmp_path / "rtn")
+    assert r0["size"] == r1["size"] == 2
+    assert r0["prior"] == r1["prior"] == json.loads((single / "rtn" / "rank0.json").read_text())["prior"]
 
 
-def _pair(model_dir, out, fault: str, timeout_s: int, **config):
-    """Rank 0 and rank 1 as bare processes with torchrun's variables; returns (rank0 result, rank1 Popen)."""
-    jobs = json.dumps([{"name": "job", "entry": "quantize", "config": dict(JOBS["gptq"][1], **config)}])
+def _pair(args: list[str], fault: str = "", timeout_s: int = 60, grace: float = 60):
+    """Rank 0 and rank 1 as bare processes with torchrun's variables.
+
+    Returns rank 0's CompletedProcess, rank 1's Popen (killed if still running `grace` s after rank 0
+    ended) and the seconds until then.
+    """
     env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), FAIR_TEST_FAULT=fault,
                FAIR_DIST_TIMEOUT=str(timeout_s))
-    cmd = [sys.executable, WORKER, str(model_dir), str(out), jobs]
+    cmd = [sys.executable, WORKER, *args]
     rank1 = subprocess.Popen(cmd, env=dict(env, RANK="1", LOCAL_RANK="1"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.DEVNULL)
     start = time.time()
     try:
         rank0 = subprocess.run(cmd, env=dict(env, RANK="0", LOCAL_RANK="0"), capture_output=True, text=True,
                                timeout=120)
+        elapsed = time.time() - start
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rank1.wait(timeout=grace)
     finally:
         if rank1.poll() is None:
             rank1.kill()
         rank1.wait()
-    return rank0, rank1, time.time() - start
+    return rank0, rank1, elapsed
+
+
+def _job_args(model_dir, out, **config) -> list[str]:
+    jobs = [{"name": "job", "entry": "quantize", "config": dict(JOBS["gptq"][1], **config)}]
+    return [str(model_dir), str(out), json.dumps(jobs)]
 
 
 def test_rank_that_dies_stops_the_others_with_a_clear_error(model_dir, tmp_path):
     cache = tmp_path / "cache"
-    rank0, rank1, _ = _pair(model_dir, tmp_path, "die:1", 60, cache_dir=str(cache))
+    rank0, rank1, _ = _pair(_job_args(model_dir, tmp_path, cache_dir=str(cache)), "die:1")
     assert rank1.returncode == 7
     assert rank0.returncode != 0
     assert "rank 0 of 2" in rank0.stderr, rank0.stderr[-3000:]
@@ -177,14 +209,14 @@ def test_rank_that_dies_stops_the_others_with_a_clear_error(model_dir, tmp_path)
 
 
 def test_rank_that_hangs_times_out(model_dir, tmp_path):
-    rank0, _, elapsed = _pair(model_dir, tmp_path, "hang:1", 4)
+    rank0, _, elapsed = _pair(_job_args(model_dir, tmp_path), "hang:0", timeout_s=4, grace=0)
     assert rank0.returncode != 0
     assert "timed out" in rank0.stderr and "rank 0 of 2" in rank0.stderr, rank0.stderr[-3000:]
     assert elapsed < 60
 
 
 def test_ranks_that_compute_different_blocks_are_caught(model_dir, tmp_path):
-    rank0, rank1, _ = _pair(model_dir, tmp_path, "skew:0", 60)
+    rank0, rank1, _ = _pair(_job_args(model_dir, tmp_path), "skew:0")
     assert rank0.returncode != 0 and rank1.returncode != 0
     expected = "block 0 after calibration differs between rank 0 and rank(s) [1]"
     assert expected in rank0.stderr, rank0.stderr[-3000:]
