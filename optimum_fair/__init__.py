@@ -29,6 +29,7 @@ _LAZY = {
     "generate": "generation",
     "DecodeTrace": "scoring.trace",
     "PositionPrior": "scoring.prior",
+    "is_main_process": "distributed",
 }
 
 __all__ = ["DEFAULT_MODEL", *_LAZY]

@@ -38,6 +38,8 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .distributed import is_main_process
+
 logger = logging.getLogger(__name__)
 
 REPO_PLACEHOLDER = "<this-repo-id>"  # replaced by the repo id when the folder is pushed
@@ -171,6 +173,8 @@ def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = N
     The folder is assembled beside ``output_dir`` and moved into place at the end. An existing
     non-empty ``output_dir`` raises FileExistsError unless ``overwrite`` (its files are then replaced,
     others kept). ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    if not is_main_process():  # data-parallel runs: only rank 0 writes (no barrier: callers may guard too)
+        return Path(output_dir)
     card = build_card(model, metrics, base_model, repo_id)  # bad input fails before any write
     tokenizer = resolve_tokenizer(tokenizer, model)
     target = Path(output_dir)
@@ -293,6 +297,8 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
     ``overwrite``, in which case the commit also deletes remote files the folder does not have. Raises
     ValueError for a bad repo id or no token and FileNotFoundError/ValueError for a bad folder, before
     any request; HubPushError when the Hub fails (the local folder is never modified; rerun to retry)."""
+    if not is_main_process():  # data-parallel runs: only rank 0 pushes
+        return ""
     folder = check_output_dir(output_dir)
     token = require_token(token, repo_id)
     api = HfApi(endpoint=endpoint, token=token)
@@ -319,6 +325,8 @@ def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[st
                **save_kwargs: Any) -> str:
     """`save_quantized` into a temporary folder, then `push_quantized` it. With ``keep_on_failure`` a
     failed push keeps the folder and names it in the error, so the upload can be retried."""
+    if not is_main_process():  # data-parallel runs: only rank 0 pushes
+        return ""
     token = require_token(token, repo_id)
     with tempfile.TemporaryDirectory(prefix="optimum-fair-push-") as tmp:
         folder = save_quantized(model, Path(tmp) / "model", tokenizer, metrics, repo_id=repo_id, **save_kwargs)
