@@ -106,7 +106,9 @@ class FairCalibConfig(QuantizationConfigMixin):
         early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)) (default 1).
         boost_schedule: "early" (default), "flat" or "late" (ablations).
         reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
-        reliability_weight: lambda_1. None = 1/T.
+        reliability_weight: lambda_1. None = 1/T. 0 = the frontier-only ablation.
+        frontier_weight: multiplier of the frontier-hit term (1, the paper; 0 = the reliability-only
+            ablation). It and reliability_weight must not both be 0.
         floor: epsilon, the weight of positions outside the window (default 0.05).
         prior: path of a saved `PositionPrior` to reuse (skips Stage I).
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
@@ -151,6 +153,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     boost_schedule: BoostSchedule = BoostSchedule.EARLY
     reliability: Reliability = Reliability.PROB
     reliability_weight: float | None = None
+    frontier_weight: float = 1.0
     floor: float = 0.05
     prior: str | None = None
     strict_prior: bool = True
@@ -205,6 +208,9 @@ class FairCalibConfig(QuantizationConfigMixin):
         _check_positive_int("steps", self.steps, optional=True)
         _check_nonneg_float("early_boost", self.early_boost)
         _check_nonneg_float("reliability_weight", self.reliability_weight, optional=True)
+        _check_nonneg_float("frontier_weight", self.frontier_weight)
+        if self.frontier_weight == 0 and self.reliability_weight == 0:
+            raise ValueError("frontier_weight and reliability_weight are both 0: the prior would be empty")
         _check_nonneg_float("floor", self.floor)
         if self.floor > 1:
             raise ValueError(f"floor must be in [0, 1] (weight outside the window), got {self.floor}")

@@ -97,8 +97,7 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
     cache = make_cache(model, config, ids, groups, world) if config.cache_dir else None  # before Stage I
     weights = None
     if config.weighting is Weighting.FAIR:
-        prior = stage_one(model, config, setup, lambda: calibration_sequences(
-            dataset, tok, config.num_probes, setup.seq_len, seed=config.seed + 1, allow_overlap=True), world)
+        prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup), world)
         model.fair_prior = prior
         weights = prior.weights
     settings = StageTwoSettings(
@@ -134,10 +133,28 @@ def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup
         model_type=getattr(model.config, "model_type", None), seq_len=setup.seq_len, window=setup.window,
         block_length=setup.block_length, steps=setup.steps, logit_shift=setup.logit_shift,
         early_boost=config.early_boost, boost_schedule=config.boost_schedule, reliability=config.reliability,
-        reliability_weight=config.reliability_weight, floor=config.floor)
+        reliability_weight=config.reliability_weight, floor=config.floor, frontier_weight=config.frontier_weight)
 
 
 @torch.no_grad()
+def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup):
+    """The probe sequences (drawn lazily): seed + 1 and overlapping windows, so any text length works."""
+    from .data import calibration_sequences
+
+    return lambda: calibration_sequences(dataset, tokenizer, config.num_probes, setup.seq_len,
+                                         seed=config.seed + 1, allow_overlap=True)
+
+
+def build_prior(model: nn.Module, config: FairCalibConfig, tokenizer, texts=None) -> PositionPrior:
+    """Stage I alone: the prior `quantize` would build for this model, config and text."""
+    from .data import load_texts
+
+    setup = resolve_setup(model, get_adapter(model), config)
+    tok = resolve_tokenizer(tokenizer, model)
+    dataset = load_texts(texts if texts is not None else config.dataset)
+    return stage_one(model, config, setup, probe_source(dataset, tok, config, setup), get_world())
+
+
 def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,
               world: World | None = None) -> PositionPrior:
     """Load `config.prior` (checking its settings) or build the prior from probe rollouts.
@@ -163,6 +180,7 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
     kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
               schedule=config.boost_schedule.value, lambda1=lambda1, floor=config.floor,
+              frontier_weight=config.frontier_weight,
               logit_shift=setup.logit_shift)
     settings = dict(expected, num_probes=int(prompts.shape[0]),
                     model=str(getattr(model, "name_or_path", "") or ""))

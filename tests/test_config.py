@@ -10,7 +10,7 @@ CONFIGS = [
     dict(w_bits=4, a_bits=16, group_size=32),
     dict(rounding="gptq", transform="hadamard", weighting="uniform"),
     dict(num_probes=64, window=64, block_length=16, steps=64, early_boost=3.0, reliability="margin",
-         reliability_weight=0.5, floor=0.1, boost_schedule="late"),
+         reliability_weight=0.5, floor=0.1, boost_schedule="late", frontier_weight=0.0),
     dict(dataset="lee", num_samples=8, seq_len=128, epochs=2, lr=1e-3, batch_size=2, tokenizer="some/path",
          modules_to_not_convert=["lm_head", "model.embed"], push_to_hub="me/model", input_mode="fp"),
 ]
@@ -57,6 +57,8 @@ BAD = [
     ("early_boost", dict(early_boost=float("nan"))),
     ("reliability_weight", dict(reliability_weight=-0.1)),
     ("floor", dict(floor=-0.01)),
+    ("frontier_weight", dict(frontier_weight=-1.0)),
+    ("frontier_weight", dict(frontier_weight=0.0, reliability_weight=0.0)),
     ("floor", dict(floor=2.0)),
     ("num_samples", dict(num_samples=-5)),
     ("seq_len", dict(seq_len=0)),

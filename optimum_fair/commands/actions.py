@@ -153,15 +153,10 @@ def run_prior(args: argparse.Namespace) -> int:
 
 
 def build_prior(model: Any, config: Any, tokenizer: Any) -> Any:
-    """The prior `quantize` would build (same probes: seed + 1, overlapping windows; same settings)."""
-    from ..data import calibration_sequences, load_texts
-    from ..models import get_adapter
-    from ..run import resolve_setup, stage_one
+    """The prior `quantize` would build (the pipeline's own Stage I, split across processes if launched so)."""
+    from ..run import build_prior as run_build_prior
 
-    setup = resolve_setup(model, get_adapter(model), config)
-    dataset = load_texts(config.dataset)
-    return stage_one(model, config, setup, lambda: calibration_sequences(
-        dataset, tokenizer, config.num_probes, setup.seq_len, seed=config.seed + 1, allow_overlap=True))
+    return run_build_prior(model, config, tokenizer)
 
 
 def _save_prior(prior: Any, target: Path) -> None:

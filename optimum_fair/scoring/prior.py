@@ -160,9 +160,13 @@ def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_leng
 
 def prior_from_rollouts(commit_step: Tensor, reliab: Tensor, seq_len: int, steps: int, beta: float,
                         schedule: str, lambda1: float, floor: float, logit_shift: int = 0,
+                        frontier_weight: float = 1.0,
                         settings: dict | None = None) -> PositionPrior:
     """Average the per-probe terms and place them in the sequence (see module docstring)."""
+    if frontier_weight < 0 or lambda1 < 0 or frontier_weight + lambda1 == 0:
+        raise ValueError(f"frontier_weight ({frontier_weight}) and lambda1 ({lambda1}) must be >= 0, not both 0")
     frontier, rel = window_scores(commit_step, reliab, steps, beta, schedule, lambda1)
+    frontier = frontier_weight * frontier  # 0: the reliability-only ablation
     window_weights = (frontier + rel).mean(0)  # (K,)
     weights = place_in_sequence(window_weights, seq_len, floor, logit_shift)
     return PositionPrior(weights, commit_step.shape[1], floor, dict(settings or {}))

@@ -114,3 +114,18 @@ def test_saturation_zero_for_identical_halves():
     assert saturation(commit, rel, **kw) == 0.0
     commit2 = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0], [3, 2, 1, 0]])
     assert saturation(commit2, rel, **kw) > 0.01
+
+
+def test_ablation_terms():
+    g = torch.Generator().manual_seed(2)
+    commit = torch.stack([torch.randperm(6, generator=g) for _ in range(4)])
+    rel = torch.rand(6, 4, 6, generator=g)
+    kw = dict(seq_len=8, steps=6, beta=1.0, schedule="early", floor=0.05)
+    frontier_only = prior_from_rollouts(commit, rel, lambda1=0.0, **kw).weights[-6:]
+    expected = boost(commit + 1, 6, 1.0, "early").mean(0)
+    torch.testing.assert_close(frontier_only, expected / expected.mean())
+    rel_only = prior_from_rollouts(commit, rel, lambda1=0.5, frontier_weight=0.0, **kw).weights[-6:]
+    both = prior_from_rollouts(commit, rel, lambda1=0.5, **kw).weights[-6:]
+    assert not torch.allclose(rel_only, both) and not torch.allclose(frontier_only, both)
+    with pytest.raises(ValueError, match="not both 0"):
+        prior_from_rollouts(commit, rel, lambda1=0.0, frontier_weight=0.0, **kw)
