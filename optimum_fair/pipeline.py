@@ -18,7 +18,6 @@ from .convert import (
     LayerFormat,
     check_group_size,
     check_skip_names,
-    float_dtype,
     linears_to_convert,
     set_module,
 )
@@ -109,6 +108,3 @@ def _mark_quantized(model: nn.Module, config: FairCalibConfig, skip: list[str]) 
         model.is_quantized = True
         model.quantization_method = config.quant_method
 
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return float_dtype(model)
