@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .cache import BlockCache, tensor_digest
 from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs, execution_device
@@ -201,7 +202,7 @@ def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, confi
     """
     shard = DataShard(world, prompts.shape[0], max(config.batch_size, 16))
     commits, reliabs = [], []
-    for start, stop in shard.batches:
+    for start, stop in tqdm(shard.batches, desc="Stage I: probe rollouts", disable=not world.is_main):
         seed = batch_seed(config.seed, "probes", start // shard.batch_size)
         generator = torch.Generator().manual_seed(seed)
         commit, reliab = probe_rollouts(
