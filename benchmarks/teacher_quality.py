@@ -14,7 +14,7 @@ Measures on two held-out domains, the gensim Wikipedia validation articles (``wi
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/teacher_quality.py --model optimum_fair/assets/teacher \\
+    OMP_NUM_THREADS=1 python -m benchmarks.teacher_quality --model optimum_fair/assets/teacher \\
         --out out/teacher_quality.json --threads 1
 
 ``--model`` may also be a training checkpoint (``runs/teacher/checkpoint-*.pt``). Writes JSON to
@@ -24,11 +24,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -94,7 +96,7 @@ def masked_quality(model: torch.nn.Module, tok: Any, domain: str, guess: int, wi
 def longest_run(row: list[int]) -> int:
     """Length of the longest run of one repeated token in ``row``."""
     best = cur = 1
-    for a, b in zip(row, row[1:]):
+    for a, b in itertools.pairwise(row):
         cur = cur + 1 if a == b else 1
         best = max(best, cur)
     return best

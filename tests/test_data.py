@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import datasets
 import pytest
 import torch
@@ -148,7 +150,7 @@ def test_calibration_sequences_shape_determinism_and_source(tokenizer, lee):
         assert hits
         starts.append(hits[0])
     gaps = sorted(starts)
-    assert all(y - x >= 32 for x, y in zip(gaps, gaps[1:]))  # non-overlapping
+    assert all(y - x >= 32 for x, y in itertools.pairwise(gaps))  # non-overlapping
 
 
 def test_too_short_text_raises_with_counts(tokenizer):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import optimum_fair  # noqa: F401  (registers the native model types with the Auto classes)
+import optimum_fair  # importing registers the native model types with the Auto classes
 from optimum_fair.train_teacher import (
     TrainArgs,
     diffusion_loss,
@@ -25,9 +25,10 @@ TEACHER = Path(optimum_fair.__file__).parent / "assets" / "teacher"
 
 
 def tiny_args(run_dir: Path, **over) -> TrainArgs:
-    base = dict(run_dir=str(run_dir), train_data="lee", val_data="lee", vocab_size=300, d_model=32,
-                n_layers=1, n_heads=2, mlp_hidden_size=64, seq_len=32, batch_size=8, lr=3e-3,
-                warmup_steps=5, steps=40, checkpoint_steps=20, eval_samples=8, bf16=False)
+    base = {"run_dir": str(run_dir), "train_data": "lee", "val_data": "lee", "vocab_size": 300,
+            "d_model": 32, "n_layers": 1, "n_heads": 2, "mlp_hidden_size": 64, "seq_len": 32,
+            "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "steps": 40, "checkpoint_steps": 20,
+            "eval_samples": 8, "bf16": False}
     base.update(over)
     return TrainArgs(**base)
 
