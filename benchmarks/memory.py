@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import string
 import subprocess
@@ -137,7 +138,7 @@ def main() -> None:
     res = {"model": {"n_layers": args.layers, "d_model": args.d_model, "n_heads": args.n_heads, "mlp": args.mlp,
                      "vocab": len(char_tokenizer())},
            "settings": {k: v for k, v in vars(args).items() if k not in ("mode", "result", "path", "out")},
-           "disk_gib": disk_size(path) / GiB, "modes": {}}
+           "disk_gib": disk_size(path) / GiB, "modes": {}, "loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("inram", "offload"):
             result = Path(tmp) / mode / "result.json"
@@ -147,6 +148,7 @@ def main() -> None:
             res["modes"][mode] = json.loads(result.read_text())
         same = torch.equal(torch.load(Path(tmp) / "inram/result.pt"), torch.load(Path(tmp) / "offload/result.pt"))
     res["same_logits"] = bool(same)
+    res["loadavg_end"] = os.getloadavg()  # other jobs on the box slow the timings down
     above = {m: v["peak_rss_gib"] - v["base_rss_gib"] for m, v in res["modes"].items()}
     res["offload_over_inram"] = above["offload"] / above["inram"]
     anon = {m: v["peak_anon_gib"] - v["base_anon_gib"] for m, v in res["modes"].items()}
