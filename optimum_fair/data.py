@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from .modeling.tokens import require_mask_token  # noqa: F401  (re-exported: data.require_mask_token)
+
 logger = logging.getLogger(__name__)
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -229,17 +231,6 @@ def load_texts(name_or_obj: str | Sequence[str] | Dataset, split: str | None = N
         f"load_texts: expected a dataset name, a list of strings or a datasets.Dataset, "
         f"got {type(name_or_obj).__name__}"
     )
-
-
-def require_mask_token(tokenizer: Any) -> int:
-    """Return the tokenizer's mask token id; raise ValueError if it has none."""
-    mask_id = getattr(tokenizer, "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has no mask token (mask_token_id is None); a masked "
-            "diffusion LM needs one: set tokenizer.mask_token or load the model's own tokenizer"
-        )
-    return int(mask_id)
 
 
 def _separator_id(tokenizer: Any) -> int | None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from optimum_fair.data import calibration_sequences, load_texts, require_mask_token, token_stream
+from optimum_fair.modeling.tokens import require_mask_token
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TrainArgs:
     eval_samples: int = 64                  # validation windows for masked accuracy / NLL
     bf16: bool = False                      # bf16 autocast; slower on CPUs without AMX (1.56 vs 1.24 s/step)
     threads: int | None = None
+    device: str = "cpu"                     # "cuda" trains on a GPU (data and masks still drawn on CPU)
     seed: int = 0
     resume: bool = False
 
@@ -159,14 +160,16 @@ def masked_eval(
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     targets, preds, nll_sum = [], [], 0.0
     for start in range(0, seqs.shape[0], batch_size):
         x = seqs[start : start + batch_size]
         noisy, mask, _ = mask_tokens(x, mask_id, 0.0, gen, ratio=ratio)
-        logits = model(input_ids=noisy).logits.float()  # (batch, seq, vocab)
+        x, mask = x.to(device), mask.to(device)
+        logits = model(input_ids=noisy.to(device)).logits.float()  # (batch, seq, vocab)
         nll_sum += F.cross_entropy(logits[mask], x[mask], reduction="sum").item()
-        targets.append(x[mask])
-        preds.append(logits[mask].argmax(-1))
+        targets.append(x[mask].cpu())
+        preds.append(logits[mask].argmax(-1).cpu())
     model.train(was_training)
     tgt, prd = torch.cat(targets), torch.cat(preds)
     n = max(int(tgt.numel()), 1)
@@ -214,6 +217,8 @@ def prepare_tokenizer(args: TrainArgs, run_dir: Path) -> Any:
     if (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
+        from optimum_fair.data import load_texts
+
         texts = list(load_texts(args.train_data)["text"])
         tokenizer = train_tokenizer(texts, args.vocab_size, model_max_length=args.seq_len)
         tokenizer.save_pretrained(path)
@@ -222,12 +227,39 @@ def prepare_tokenizer(args: TrainArgs, run_dir: Path) -> Any:
     return tokenizer
 
 
+def load_token_data(args: TrainArgs, tokenizer: Any, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokenised train stream (n_tokens,) and validation windows (n_val, seq_len).
+
+    Cached in ``run_dir/tokens.safetensors`` (next to the tokenizer that made them), so a resumed run,
+    or one moved to a machine without the text's wheels, reads them instead of re-tokenising.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "tokens.safetensors"
+    if path.is_file():
+        blob = load_file(path)
+        if blob["val_seqs"].shape[1] != args.seq_len:
+            raise ValueError(f"{path}: validation windows of {blob['val_seqs'].shape[1]} tokens, "
+                             f"--seq-len is {args.seq_len}; delete the file to re-tokenise")
+        return blob["train_ids"].long(), blob["val_seqs"].long()
+    from optimum_fair.data import calibration_sequences, load_texts, token_stream
+
+    train_ids = token_stream(load_texts(args.train_data), tokenizer)
+    if train_ids.numel() <= args.seq_len:
+        raise ValueError(f"train_data {args.train_data!r} has {train_ids.numel()} tokens; need > {args.seq_len}")
+    n_val = min(args.eval_samples, token_stream(load_texts(args.val_data), tokenizer).numel() // args.seq_len)
+    val_seqs = calibration_sequences(args.val_data, tokenizer, max(n_val, 1), args.seq_len, seed=0,
+                                     allow_overlap=n_val < 1)  # (n_val, seq_len)
+    save_file({"train_ids": train_ids.int().contiguous(), "val_seqs": val_seqs.int().contiguous()}, path)
+    return train_ids, val_seqs
+
+
 def init_state(args: TrainArgs, tokenizer: Any) -> RunState:
     """Fresh seeded model (float32 master weights), AdamW (decay on matrices only) and generator."""
     from optimum_fair.modeling import LLaDAModelLM
 
     torch.manual_seed(args.seed)
-    model = LLaDAModelLM(build_config(args, tokenizer)).float()
+    model = LLaDAModelLM(build_config(args, tokenizer)).float().to(args.device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -280,10 +312,12 @@ def train_step(state: RunState, train_ids: torch.Tensor, mask_id: int, args: Tra
     starts = torch.randint(0, train_ids.numel() - args.seq_len + 1, (args.batch_size,), generator=state.gen)
     x = train_ids[starts[:, None] + torch.arange(args.seq_len)]  # (batch, seq)
     noisy, mask, t = mask_tokens(x, mask_id, args.mask_eps, state.gen)
+    dev = torch.device(args.device)
+    x, noisy, mask, t = (v.to(dev, non_blocking=True) for v in (x, noisy, mask, t))
     lr = lr_at(state.step, progress_of(state.step, state.elapsed_s, args), args)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=args.bf16):
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=args.bf16):
         logits = state.model(input_ids=noisy).logits  # (batch, seq, vocab)
     loss = diffusion_loss(logits, x, mask, t, args.loss_weighting)
     state.optimizer.zero_grad(set_to_none=True)
@@ -340,8 +374,9 @@ def export(model: torch.nn.Module, tokenizer: Any, output: str | Path, args: Tra
     """Write fp16 safetensors + config + tokenizer (+ training_args.json) to ``output``."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)
-    model.float()
+    device = next(model.parameters()).device
+    model.to("cpu", torch.float16).save_pretrained(out)
+    model.to(device, torch.float32)
     tokenizer.save_pretrained(out)
     summary = {"args": asdict(args), "final": last}
     (out / "training_args.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -355,12 +390,7 @@ def train(args: TrainArgs) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(args, run_dir)
     mask_id = require_mask_token(tokenizer)
-    train_ids = token_stream(load_texts(args.train_data), tokenizer)
-    if train_ids.numel() <= args.seq_len:
-        raise ValueError(f"train_data {args.train_data!r} has {train_ids.numel()} tokens; need > {args.seq_len}")
-    n_val = min(args.eval_samples, token_stream(load_texts(args.val_data), tokenizer).numel() // args.seq_len)
-    val_seqs = calibration_sequences(args.val_data, tokenizer, max(n_val, 1), args.seq_len, seed=0,
-                                     allow_overlap=n_val < 1)
+    train_ids, val_seqs = load_token_data(args, tokenizer, run_dir)
     logger.info("train stream %d tokens, %d validation windows", train_ids.numel(), val_seqs.shape[0])
     state = init_state(args, tokenizer)
     ckpt = latest_checkpoint(run_dir) if args.resume else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["require_mask_token_id"]
+__all__ = ["require_mask_token", "require_mask_token_id"]
 
 
 def require_mask_token_id(config: Any) -> int:
@@ -25,3 +25,14 @@ def require_mask_token_id(config: Any) -> int:
     if isinstance(mask_id, bool) or not isinstance(mask_id, int) or mask_id < 0:
         raise ValueError(f"{type(config).__name__}.mask_token_id: expected a non-negative int, got {mask_id!r}")
     return mask_id
+
+
+def require_mask_token(tokenizer: Any) -> int:
+    """Return the tokenizer's mask token id; raise ValueError if it has none."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no mask token (mask_token_id is None); a masked "
+            "diffusion LM needs one: set tokenizer.mask_token or load the model's own tokenizer"
+        )
+    return int(mask_id)
