@@ -15,7 +15,6 @@ rank 0 writes the cache.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .block_stats import group_hessian, group_input_absmax, module_checksum, stream_loss
+from .calib.gptq import gptq_factor
 from .calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
 from .convert import set_module
 from .distributed import DataShard, World
@@ -185,12 +185,16 @@ def calibrate_block(
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
     for gi, group in enumerate(groups):  # forward order: later groups see earlier ones quantized
-        H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard) \
-            if s.rounding == "gptq" else None
+        factor = None
+        if s.rounding == "gptq":  # one Hessian and one factorisation per group (q/k/v share them)
+            H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64
+            factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
+            del H
         for name in group:
-            kwargs = calib[name].export(s.rounding, H=H, damp=s.damp, act_order=s.act_order, scale_dtype=dtype)
+            kwargs = calib[name].export(s.rounding, factor=factor, scale_dtype=dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
+            del calib[name], linears[name]  # the float weight goes as soon as its codes exist
 
 
 @contextlib.contextmanager
@@ -238,11 +242,19 @@ def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, ge
 @torch.no_grad()
 def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings,
                    shard: DataShard) -> float:
-    """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number."""
-    rtn = copy.deepcopy(block)
-    for name in (n for group in groups for n in group):
-        set_module(rtn, name, FairLinear.from_linear(rtn.get_submodule(name), s.w_bits, s.a_bits, s.group_size))
-    out = run_batched(block_caller(rtn, extras, device), x_in, s.batch_size)
+    """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number.
+
+    The RTN linears are swapped in and the float ones put back (no copy of the float block).
+    """
+    names = [n for group in groups for n in group]
+    floats = {name: block.get_submodule(name) for name in names}
+    try:
+        for name in names:
+            set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size))
+        out = run_batched(block_caller(block, extras, device), x_in, s.batch_size)
+    finally:
+        for name in names:
+            set_module(block, name, floats[name])
     return stream_loss(targets, out, weights, shard)
 
 
@@ -338,6 +350,12 @@ def materialize(module: nn.Module, device: torch.device) -> None:
     for name in names:
         set_module_tensor_to_device(module, name, device, value=hook.weights_map[name])
     remove_hook_from_module(module)
+    # accelerate puts the class's forward back as a bound method in the instance dict: a module ->
+    # method -> module cycle that only the cyclic GC frees, so each replaced float linear (a whole
+    # float32 block's worth per block) would outlive its block. The class attribute does the same job.
+    forward = module.__dict__.get("forward")
+    if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
 
 
 def execution_device(model: nn.Module) -> torch.device:

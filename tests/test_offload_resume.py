@@ -81,3 +81,29 @@ def test_cache_of_another_run_is_refused(tmp_path):
     AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**SMALL, cache_dir=cache))
     with pytest.raises(ValueError, match="different config; refusing to resume"):
         AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**dict(SMALL, w_bits=8), cache_dir=cache))
+
+
+def test_offloaded_float_linears_are_freed_without_the_cyclic_gc(tmp_path):
+    """Each block's float linears go when its FairLinears arrive (no reference cycle left by accelerate)."""
+    import gc
+    import weakref
+
+    from optimum_fair import quantize
+
+    path = _save(tmp_path / "m")
+    device_map = {"model.transformer.wte": "cpu", "model.transformer.blocks.0": "disk",
+                  "model.transformer.blocks.1": "disk", "model.transformer.ln_f": "cpu",
+                  "model.transformer.ff_out": "cpu"}
+    model = AutoModel.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    floats = [weakref.ref(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "blocks" in n]
+    assert len(floats) == 14
+    texts = [" ".join(f"word{i}" for i in range(400))]
+    gc.collect()
+    gc.disable()
+    try:
+        quantize(model, FairCalibConfig(**SMALL), texts, tokenizer=char_tokenizer())
+        alive = sum(r() is not None for r in floats)
+    finally:
+        gc.enable()
+    assert alive == 0
+    assert isinstance(model.model.transformer.blocks[1].ff_out, FairLinear)

@@ -13,13 +13,14 @@ Pure functions:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from ..ops import qmax, weight_scale
 from .objective import expand_token_weights
 
-__all__ = ["accumulate_hessian", "gptq_quantize", "hessian_sum"]
+__all__ = ["GPTQFactor", "accumulate_hessian", "gptq_factor", "gptq_quantize", "hessian_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _token_weights(x: torch.Tensor, w: torch.Tensor | None) -> tuple[int, torch.
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     bits: int,
     group_size: int = -1,
     damp: float = 0.01,
@@ -100,8 +101,12 @@ def gptq_quantize(
     clip: torch.Tensor | float | None = None,
     max_damp_tries: int = 4,
     scale_dtype: torch.dtype = torch.float32,
+    factor: GPTQFactor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of W (out, in) for inputs with second moment H (in, in).
+
+    Linears that share an input can share one `gptq_factor(H)` (pass `factor=`, H may then be None;
+    damp / act_order / max_damp_tries are the factor's).
 
     Returns (codes, scale): int8 codes (out, in) in [-2^(b-1), 2^(b-1) - 1] and float32 scales
     (out, n_groups), so that `ops.dequantize_weight(codes, scale, group_size)` is Ŵ.
@@ -123,37 +128,78 @@ def gptq_quantize(
     to column 1 in proportion H_01 / H_11 = 1.8: 1.4 − 0.075 · 1.8 = 1.265 → code 6 (RTN says 7).
     Output error eᵀHe: RTN e = [−0.075, 0] gives 0.0225; GPTQ e = [−0.075, 0.2] gives 0.0085.
     """
-    _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries)
+    if factor is None:
+        if H is None:
+            raise ValueError("gptq_quantize needs H or a factor from gptq_factor(H)")
+        _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries)
+        factor = gptq_factor(H, damp, act_order, max_damp_tries)
+    else:
+        _check_gptq_args(W, None, bits, group_size, damp, block_size, max_damp_tries)
+        if factor.perm.numel() != W.shape[1]:
+            raise ValueError(f"factor is for {factor.perm.numel()} input columns, W has {W.shape[1]}")
     clip = 1.0 if clip is None else clip
     W = W.detach().float().clone()  # W: (out, in)
-    H = H.detach().double().clone()  # H: (in, in)
-    n_cols = W.shape[1]
+    W[:, factor.dead] = 0.0
+    static = None  # scales fixed before the loop: (out, n_groups)
+    if group_size == -1 or factor.act_order:
+        static = weight_scale(W, bits, group_size, clip).to(scale_dtype).float()  # on the stored grid
+    if factor.act_order:
+        W = W[:, factor.perm]
+    perm = factor.perm.tolist()
+    codes, scale = _column_loop(W, factor.hinv, perm, static, bits, group_size, block_size, clip, scale_dtype)
+    codes = codes[:, torch.argsort(factor.perm)]  # back to the original column order
+    return codes.to(torch.int8), scale
+
+
+@dataclass(frozen=True)
+class GPTQFactor:
+    """What GPTQ needs from H, computed once for every linear that reads the same input (q/k/v, gate/up)."""
+
+    hinv: torch.Tensor  # (in, in) float32: upper Cholesky factor U of (H + λI)^-1 = UᵀU, in processing order
+    perm: torch.Tensor  # (in,) processing order (act-order: descending diag(H); else identity)
+    dead: torch.Tensor  # (in,) bool: inputs that are always zero (diag(H) = 0)
+    act_order: bool
+
+
+def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, max_damp_tries: int = 4,
+                overwrite: bool = False) -> GPTQFactor:
+    """Damp, (optionally) permute and factor H (in, in) for `gptq_quantize(..., factor=...)`.
+
+    Works in float64. `overwrite=True` lets it damp a float64 H in place instead of copying it (the caller
+    gives H up): for a 12288-wide input that saves a 1.2 GB copy; at most H and two more (in, in) float64
+    matrices are alive at once.
+    """
+    n = H.shape[0] if H.dim() == 2 else -1
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"H must be square (in, in), got shape {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H contains NaN or inf")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    if max_damp_tries < 1:
+        raise ValueError(f"max_damp_tries must be >= 1, got {max_damp_tries}")
+    H = H.detach()
+    H = H if overwrite and H.dtype == torch.float64 else H.double().clone()  # H: (in, in)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    static = None  # scales fixed before the loop: (out, n_groups)
-    if group_size == -1 or act_order:
-        static = weight_scale(W, bits, group_size, clip).to(scale_dtype).float()  # on the stored grid
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)  # (in,)
-        W, H = W[:, perm], H[perm][:, perm]
+        H = H[perm][:, perm]
     else:
-        perm = torch.arange(n_cols, device=W.device)
-    Hinv = _inverse_cholesky_upper(H, damp, max_damp_tries).float()  # (in, in), upper triangular
-    codes, scale = _column_loop(W, Hinv, perm.tolist(), static, bits, group_size, block_size, clip, scale_dtype)
-    codes = codes[:, torch.argsort(perm)]  # back to the original column order
-    return codes.to(torch.int8), scale
+        perm = torch.arange(n, device=H.device)
+    hinv = _inverse_cholesky_upper(H, damp, max_damp_tries)  # (in, in) float32, upper triangular
+    return GPTQFactor(hinv=hinv, perm=perm, dead=dead, act_order=act_order)
 
 
 def _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries) -> None:
     if W.dim() != 2:
         raise ValueError(f"W must be (out, in), got shape {tuple(W.shape)}")
     n_cols = W.shape[1]
-    if tuple(H.shape) != (n_cols, n_cols):
+    if H is not None and tuple(H.shape) != (n_cols, n_cols):
         raise ValueError(f"H must have shape ({n_cols}, {n_cols}), got {tuple(H.shape)}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or inf")
-    if not bool(torch.isfinite(H).all()):
+    if H is not None and not bool(torch.isfinite(H).all()):
         raise ValueError("H contains NaN or inf")
     qmax(bits)  # validates bits
     if group_size != -1 and (group_size <= 0 or n_cols % group_size):
@@ -167,16 +213,24 @@ def _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries) -
 
 
 def _inverse_cholesky_upper(H: torch.Tensor, damp: float, max_tries: int) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λ I)^-1 (Hinv = UᵀU), λ = damp · mean(diag(H)), retrying λ ×10."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    mean_diag = torch.diag(H).mean()
+    """Upper Cholesky factor U (float32) of (H + λ I)^-1 (Hinv = UᵀU), λ = damp · mean(diag(H)), retrying λ ×10.
+
+    H (float64, private to the caller) has its diagonal damped in place; no identity matrix is built.
+    """
+    diag = H.diagonal()  # a view: writing it damps H
+    base = diag.clone()
+    mean_diag = base.mean()
     damps = [damp] + [max(damp, 1e-3) * 10**t for t in range(1, max_tries)]
     for t, d in enumerate(damps):
-        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)  # lower, (in, in)
+        diag.copy_(base + d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)  # lower, (in, in)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)  # (in, in)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
-                return U
+                return U.float()
         if t + 1 < len(damps):
             logger.warning("GPTQ: H is not positive definite with damp=%g; retrying with damp=%g",
                            d, damps[t + 1])

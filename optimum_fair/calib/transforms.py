@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import kron_apply
-from ..ops import fake_quant_act, fake_quant_weight, quantize_weight, weight_scale
-from .gptq import gptq_quantize
+from ..ops import fake_quant_act, fake_quant_weight, kron_apply, quantize_weight, weight_scale
+from .gptq import GPTQFactor, gptq_quantize
 from .objective import expand_token_weights, weighted_mse, weighted_sq_error
 from .rotation import kron_factors, random_hadamard_factors
 
@@ -202,11 +201,13 @@ class CalibLinear(nn.Module):
         act_order: bool = False,
         block_size: int = 128,
         scale_dtype: torch.dtype = torch.float32,
+        factor: GPTQFactor | None = None,
     ) -> dict:
         """Keyword arguments of `FairLinear.from_codes` (add `dtype`): the rounded transformed weight.
 
         rounding: "rtn", or "gptq" with H (d, d) the Hessian of the *transformed* inputs (accumulate it
-        from `transformed_input(x)` with `gptq.accumulate_hessian`). The weight clip is baked into the
+        from `transformed_input(x)` with `gptq.accumulate_hessian`), or `factor = gptq.gptq_factor(H)` shared
+        by the linears of one group. The weight clip is baked into the
         scale, so FairLinear's dequantized weight equals the fake-quantized one of `forward`.
         """
         rounding = getattr(rounding, "value", rounding)  # accept a str-valued Enum
@@ -217,11 +218,11 @@ class CalibLinear(nn.Module):
             scale = weight_scale(Wt, self.w_bits, self.group_size, clip).to(scale_dtype).float()  # (out, n_groups)
             codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
         elif rounding == "gptq":
-            if H is None:
-                raise ValueError("H is required for rounding='gptq'")
+            if H is None and factor is None:
+                raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
             codes, scale = gptq_quantize(Wt, H, self.w_bits, self.group_size, damp=damp,
                                          act_order=act_order, block_size=block_size, clip=clip,
-                                         scale_dtype=scale_dtype)
+                                         scale_dtype=scale_dtype, factor=factor)
         else:
             raise ValueError(f"rounding must be 'rtn' or 'gptq', got {rounding!r}")
         p = self.params

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from optimum_fair.calib import accumulate_hessian, gptq_quantize
+from optimum_fair.calib.gptq import gptq_factor
 from optimum_fair.ops import dequantize_weight, quantize_weight, weight_scale
 
 
@@ -200,3 +201,23 @@ def test_hessian_sums_of_batches_give_the_running_mean():
     assert total.dtype == torch.float64
     with pytest.raises(ValueError, match="non-negative"):
         hessian_sum(x, -w)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shared_factor_equals_per_linear_gptq(act_order):
+    """q/k/v share one gptq_factor(H): each gives the codes of its own gptq_quantize(W, H) call, and the
+    in-place (overwrite=True) factorisation equals the copying one."""
+    x = correlated_inputs(256, 32, seed=30)
+    H, _ = accumulate_hessian(x, None, None, 0, dtype=torch.float64)
+    factor = gptq_factor(H.clone(), damp=0.01, act_order=act_order, overwrite=True)
+    copy = gptq_factor(H, damp=0.01, act_order=act_order)
+    assert torch.equal(factor.hinv, copy.hinv) and torch.equal(factor.perm, copy.perm)
+    for seed in (31, 32, 33):
+        W = torch.randn(16, 32, generator=torch.Generator().manual_seed(seed))
+        want = gptq_quantize(W, H, 4, group_size=8, act_order=act_order)
+        got = gptq_quantize(W, None, 4, group_size=8, factor=factor)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="factor is for 32"):
+        gptq_quantize(torch.randn(4, 16), None, 4, factor=factor)
+    with pytest.raises(ValueError, match="needs H or a factor"):
+        gptq_quantize(W, None, 4)
