@@ -9,8 +9,9 @@ mean ± half-range over seeds.
     python benchmarks/methods.py --quick                  # a minute: tiny settings, one seed
     python benchmarks/methods.py --methods rtn fair-gptq --bits w4a4 --seeds 0
 
-Writes JSON (every metric of every run) and a markdown table, and PNG plots of the flip rate by method
-and of the stability-lag CCDF (FP vs quantized).
+Writes JSON (every metric of every run, with per-prompt flip counts and δ_lag lists) and a markdown
+table; `benchmarks/methods_report.py` merges one or more such JSON files into the README table, the
+paired bootstrap intervals (fair vs uniform) and the PNG plots. Deterministic methods (RTN) run once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ METHODS: dict[str, dict] = {
     "fair-quarot-gptq": dict(rounding="gptq", transform="hadamard", weighting="fair"),
     "flatquant": dict(rounding="rtn", transform="flatquant", weighting="uniform"),
     "fair-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair"),
+    # the paper's ablation (PAPER.md §6) on the paper's base: one prior term at a time
+    "frontier-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", reliability_weight=0.0),
+    "reliability-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", frontier_weight=0.0),
 }
+# fields that change the Stage I prior: cells that agree on them (and the seed) share one prior
+PRIOR_FIELDS = ("reliability_weight", "frontier_weight")
 BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
 HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
             "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
@@ -75,18 +81,25 @@ def calib_config(args, method: str, bits: str, seed: int, prior_dir: str | None)
                   num_probes=args.num_probes, seq_len=args.seq_len, window=args.window, epochs=args.epochs,
                   dataset="wiki", batch_size=4)
     if fields["weighting"] == "fair" and prior_dir:
-        fields["prior"] = prior_dir  # the same Stage I prior for every fair cell of this seed
+        fields["prior"] = prior_dir  # the same Stage I prior for every fair cell of this seed and prior
     return FairCalibConfig(**fields)
+
+
+def prior_key(method: str, seed: int) -> str:
+    """Name of the Stage I prior a fair cell uses: the seed and the prior-changing fields."""
+    parts = [f"{k}={METHODS[method][k]}" for k in PRIOR_FIELDS if k in METHODS[method]]
+    return "-".join([f"seed{seed}", *parts]).replace("=", "").replace(".", "p")
 
 
 def run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs) -> dict:
     model = copy.deepcopy(teacher)
-    cfg = calib_config(args, method, bits, seed, prior_dirs.get(seed))
+    key = prior_key(method, seed)
+    cfg = calib_config(args, method, bits, seed, prior_dirs.get(key))
     start = time.perf_counter()
     quantize(model, cfg, tokenizer=tok)
     seconds = time.perf_counter() - start
-    if cfg.weighting == "fair" and seed not in prior_dirs:
-        prior_dirs[seed] = str(model.fair_prior.save(Path(args.out) / f"prior-seed{seed}"))
+    if cfg.weighting == "fair" and key not in prior_dirs:
+        prior_dirs[key] = str(model.fair_prior.save(Path(args.out) / f"prior-{key}"))
     metrics = evaluate_row(args, model, tok, traces)
     metrics["calib_seconds"] = seconds
     return metrics
@@ -95,7 +108,7 @@ def run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs) -> dict
 def evaluate_row(args, model, tok, traces) -> dict:
     """evaluate(), plus the per-text decode metrics averaged over the held-out texts."""
     m = evaluate(model, tok, teacher_traces=traces, num_prompts=args.num_prompts, gen_length=args.gen_length,
-                 seq_len=args.seq_len, seed=0, post_commit_prompts=args.post_commit_prompts)
+                 seq_len=args.seq_len, seed=0, post_commit_prompts=args.post_commit_prompts, details=True)
     for short, key in (("set_disagreement", "frontier_set_disagreement"),
                        ("mean_disagree", "post_commit_mean_disagree"), ("never_agree", "post_commit_never_agree")):
         vals = [v for k, v in m.items() if k.endswith("/" + key)]
@@ -137,7 +150,8 @@ def main(argv=None) -> None:
     prior_dirs: dict[int, str] = {}
     for bits in args.bits:
         for method in args.methods:
-            for seed in args.seeds:
+            deterministic = METHODS[method]["rounding"] == "rtn" and METHODS[method]["transform"] == "none"
+            for seed in args.seeds[:1] if deterministic else args.seeds:
                 metrics = run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs)
                 runs.append({"method": method, "bits": bits, "seed": seed, "metrics": metrics})
                 logging.info("%s %s seed %d: %s", method, bits, seed,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import frontier_flip_rate, post_commit_mismatch
+from .metrics import frontier_flip_rate, post_commit_mismatch, post_commit_top1, stability_lag
 from .scoring.checks import check_llada_schedule, check_positive_int
 from .scoring.sampler import llada_decode
 from .scoring.trace import DecodeTrace
@@ -162,8 +162,14 @@ def _check_traces(traces: Mapping[str, DecodeTrace], names: list[str], prompt_le
                              f"steps) = {got}, evaluate asks for {(prompt_len, gen_length, block_length, steps)}")
 
 
-def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int) -> dict[str, float]:
-    """Flip rates on the teacher's trajectory, and agreement / post-commit mismatch of the model's own."""
+def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
+                   details: bool = False) -> dict[str, Any]:
+    """Flip rates on the teacher's trajectory, and agreement / post-commit mismatch of the model's own.
+
+    details: also per-prompt lists (``flips_per_prompt``, ``confident_flips_per_prompt``,
+    ``confident_per_prompt``, for paired comparisons over prompts) and ``lags``, the δ_lag of every
+    position of the post-commit prompts' own decodes (leave-one-out reading).
+    """
     fn = logits_fn_of(model)
     flips = frontier_flip_rate(trace, fn, margin_threshold=MARGIN)
     prompts = trace.sequences[:, : trace.prompt_len]
@@ -178,8 +184,16 @@ def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int) -> 
         keep = min(post_commit_prompts, own.batch_size)
         sub = DecodeTrace(**{**own.to_dict(), "sequences": own.sequences[:keep],
                              "commit_step": own.commit_step[:keep], "commit_margin": own.commit_margin[:keep]})
-        post = post_commit_mismatch(sub, fn, mode="loo", max_batch=64)
+        table = post_commit_top1(sub, fn, mode="loo", max_batch=64, include_masked=details)
+        post = post_commit_mismatch(sub, fn, table=table)
         out.update(post_commit_mean_disagree=post.mean_disagree, post_commit_never_agree=post.never_agree)
+        if details:
+            out["lags"] = stability_lag(sub, table).flatten().tolist()
+    if details:
+        confident = trace.commit_margin >= MARGIN  # (batch, gen)
+        out.update(flips_per_prompt=flips.flipped.sum(-1).tolist(),
+                   confident_flips_per_prompt=(flips.flipped & confident).sum(-1).tolist(),
+                   confident_per_prompt=confident.sum(-1).tolist())
     return out
 
 
@@ -217,8 +231,8 @@ def evaluate(
     num_prompts: int = 16, prompt_len: int = 64, gen_length: int = 64, block_length: int = 32,
     steps: int | None = None, nll_samples: int = 32, seq_len: int = 128, mask_ratio: float = 0.5, seed: int = 0,
     teacher_traces: Mapping[str, DecodeTrace] | None = None, post_commit_prompts: int = 2,
-    return_traces: bool = False,
-) -> dict[str, float] | tuple[dict[str, float], dict[str, DecodeTrace]]:
+    return_traces: bool = False, details: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], dict[str, DecodeTrace]]:
     """Evaluate ``model`` on held-out text, and against ``teacher`` when given (see the module docstring).
 
     Args:
@@ -241,6 +255,8 @@ def evaluate(
         post_commit_prompts: prompts whose own trajectory gets the leave-one-out post-commit mismatch
             (0 = skip; it costs about prompts * gen_length^2 / 2 forward rows).
         return_traces: return ``(metrics, teacher_traces)``.
+        details: add per-text lists for paired statistics (see `decode_metrics`): ``<text>/flips_per_prompt``,
+            ``<text>/confident_flips_per_prompt``, ``<text>/confident_per_prompt``, ``<text>/lags``.
 
     Every argument is checked before the first forward pass."""
     from .data import calibration_sequences, token_stream
@@ -266,8 +282,8 @@ def evaluate(
         seqs = calibration_sequences(dataset, tokenizer, windows, seq_len, seed=seed)
         per_text[name] = masked_nll(model, seqs, mask_ratio, seed)
         if teacher_traces is not None:
-            per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts))
-        logger.info("evaluated %s: %s", name, per_text[name])
+            per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts, details))
+        logger.info("evaluated %s: %s", name, {k: v for k, v in per_text[name].items() if not isinstance(v, list)})
     metrics = {f"{name}/{key}": value for name, row in per_text.items() for key, value in row.items()}
     metrics.update(_pool(per_text))
     if return_traces:

@@ -184,13 +184,18 @@ def post_commit_mismatch(
     mode: PostCommitMode | str = PostCommitMode.LOO,
     logit_shift: int | None = None,
     max_batch: int = 16,
+    table: Tensor | None = None,
 ) -> PostCommitResult:
     """Mean-disagree and never-agree over the recorded states after each commit (steps > t_commit).
 
     mean_disagree: average over positions of the share of their post-commit steps with top-1 ≠ the
     committed token; never_agree: share of positions whose top-1 never matches afterwards. Positions
-    committed at the last step have no later state and are left out."""
-    table = post_commit_top1(trace, logits_fn, mode, logit_shift, max_batch, include_masked=False)
+    committed at the last step have no later state and are left out. ``table``: a `post_commit_top1`
+    result to reuse (e.g. one also read by `stability_lag`); only its post-commit entries are read."""
+    if table is None:
+        table = post_commit_top1(trace, logits_fn, mode, logit_shift, max_batch, include_masked=False)
+    elif table.shape != (trace.steps, *trace.commit_step.shape):
+        raise ValueError(f"table must have shape {(trace.steps, *trace.commit_step.shape)}, got {tuple(table.shape)}")
     steps = torch.arange(trace.steps, device=table.device).view(-1, 1, 1)
     after = trace.commit_step.unsqueeze(0) < steps  # (steps, batch, gen)
     disagree = (table != trace.generated.unsqueeze(0)) & after

@@ -137,3 +137,26 @@ def test_table_formats_rows_and_transposes():
     assert flipped == ["| metric | FP | W4A4 |", "|---|---|---|", "| nll | 4.123 | 4.3 |"]
     with pytest.raises(ValueError):
         table({})
+
+
+def test_details_give_per_prompt_flips_and_lags(teacher, tok, teacher_run):
+    """details=True adds per-prompt counts that sum to the pooled ones, and δ_lag of the own decodes
+    computed from the same leave-one-out table as the post-commit mismatch."""
+    from optimum_fair.evaluate import greedy_trace, logits_fn_of
+    from optimum_fair.metrics import post_commit_top1, stability_lag
+
+    _, traces = teacher_run
+    student = _perturbed(teacher)
+    m = evaluate(student, tok, teacher_traces=traces, details=True, **SMALL)
+    plain = evaluate(student, tok, teacher_traces=traces, **SMALL)
+    assert {k: v for k, v in m.items() if not isinstance(v, list)} == pytest.approx(plain, nan_ok=True)
+    per = m["held/flips_per_prompt"]
+    assert len(per) == 4 and sum(per) == m["held/flips"] > 0
+    assert sum(m["held/confident_flips_per_prompt"]) == m["held/flips_m0.1"]
+    assert sum(m["held/confident_per_prompt"]) == m["held/decisions_m0.1"]
+    trace = traces["held"]
+    keep = SMALL["post_commit_prompts"]
+    own = greedy_trace(student, trace.sequences[:keep, : trace.prompt_len], trace.gen_len, trace.block_length,
+                       trace.steps)
+    table = post_commit_top1(own, logits_fn_of(student), mode="loo", max_batch=7)
+    assert m["held/lags"] == stability_lag(own, table).flatten().tolist()

@@ -1,0 +1,183 @@
+"""Merge `benchmarks/methods.py` results into the README table, paired bootstrap intervals and plots.
+
+    python benchmarks/methods_report.py benchmarks/results/methods_a.json benchmarks/results/methods_b.json \
+        --out benchmarks/results/methods
+
+Writes `<out>.md` (the table: mean ± half-range over seeds, and the paired differences), `<out>_pairs.json`,
+`<out>_flip_rate.png` (frontier flip rate by method, W4A4) and `<out>_lag_ccdf.png` (δ_lag CCDF of the
+FP teacher's own decodes against each quantized model's own decodes, W4A4).
+
+Paired difference of method A against its uniform-weighting base B (same base calibration, same seeds,
+same calibration samples, same teacher trajectories): per prompt p and seed s, the flip rate of A minus
+that of B; its mean over seeds and prompts, with a 95 % percentile interval from resampling the prompts
+(the same resampled prompts for every seed, 2,000 resamples). At margin >= 0.1 the rate is the ratio of
+summed confident flips to summed confident decisions over the resampled prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from optimum_fair.evaluate import table
+
+HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
+            "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
+TEXTS = ("wiki-val", "lee")
+# method -> the uniform-weighting method with the same base calibration
+PAIRS = {"fair-gptq": "gptq", "fair-quarot-gptq": "quarot-gptq", "fair-flatquant": "flatquant",
+         "frontier-flatquant": "flatquant", "reliability-flatquant": "flatquant"}
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    """All runs of the given files; the FP row once; a (method, bits, seed) seen twice is an error."""
+    runs, seen = [], set()
+    for path in paths:
+        for run in json.loads(Path(path).read_text())["runs"]:
+            key = (run["method"], run["bits"], run["seed"])
+            if key in seen:
+                if run["method"] == "fp":
+                    continue
+                raise ValueError(f"{path}: {key} is already in an earlier file")
+            seen.add(key)
+            runs.append(run)
+    return runs
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, str]]:
+    """'method bits' -> metric -> 'mean ± half-range' over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(f"{r['method']} {r['bits']}", []).append(r["metrics"])
+    out = {}
+    for name, rows in groups.items():
+        out[name] = {}
+        for key in HEADLINE:
+            vals = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
+            if vals:
+                half = (max(vals) - min(vals)) / 2
+                out[name][key] = f"{statistics.fmean(vals):.4f} ± {half:.4f}" if len(vals) > 1 else f"{vals[0]:.4f}"
+    return out
+
+
+def per_prompt(metrics: dict, key: str) -> torch.Tensor:
+    """(prompts,) counts of one per-prompt list, the held-out texts concatenated."""
+    return torch.tensor([v for text in TEXTS for v in metrics[f"{text}/{key}"]], dtype=torch.float64)
+
+
+def paired_difference(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """Flip-rate differences A - B (all decisions and margin >= 0.1), mean and bootstrap 95 % interval."""
+    seeds = sorted(set(a_runs) & set(b_runs))
+    if not seeds:
+        raise ValueError("no seed in common")
+    flips = torch.stack([per_prompt(a_runs[s], "flips_per_prompt") - per_prompt(b_runs[s], "flips_per_prompt")
+                         for s in seeds])  # (seeds, prompts)
+    conf = torch.stack([per_prompt(a_runs[s], "confident_flips_per_prompt")
+                        - per_prompt(b_runs[s], "confident_flips_per_prompt") for s in seeds])  # (seeds, prompts)
+    n_conf = per_prompt(a_runs[seeds[0]], "confident_per_prompt")  # (prompts,): the teacher's, same for all
+    gen = sum(a_runs[seeds[0]][f"{t}/decisions"] for t in TEXTS) / flips.shape[1]  # decisions per prompt
+
+    def stats(idx: torch.Tensor) -> tuple[float, float]:
+        return (float(flips[:, idx].mean() / gen),
+                float(conf[:, idx].sum() / (n_conf[idx].sum() * len(seeds))))
+
+    full = stats(torch.arange(flips.shape[1]))
+    gen_idx = torch.Generator().manual_seed(seed)
+    boot = torch.tensor([stats(torch.randint(0, flips.shape[1], (flips.shape[1],), generator=gen_idx))
+                         for _ in range(resamples)])  # (resamples, 2)
+    lo, hi = torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
+    return {"seeds": seeds, "prompts": int(flips.shape[1]),
+            "flip_rate_diff": full[0], "flip_rate_ci": [float(lo[0]), float(hi[0])],
+            "flip_rate_m0.1_diff": full[1], "flip_rate_m0.1_ci": [float(lo[1]), float(hi[1])]}
+
+
+def pairs_table(runs: list[dict]) -> tuple[list[dict], str]:
+    by: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault((r["method"], r["bits"]), {})[r["seed"]] = r["metrics"]
+    rows, lines = [], ["| method − base | bits | seeds | prompts | Δ flip rate [95 % CI] | Δ flip rate m≥0.1 [95 % CI] |",
+                       "|---|---|---|---|---|---|"]
+    for (method, bits), a in sorted(by.items()):
+        base = PAIRS.get(method)
+        if base is None or (base, bits) not in by:
+            continue
+        d = paired_difference(a, by[(base, bits)])
+        rows.append({"method": method, "base": base, "bits": bits, **d})
+        lines.append(f"| {method} − {base} | {bits} | {len(d['seeds'])} | {d['prompts']} | "
+                     f"{100 * d['flip_rate_diff']:+.2f} pts [{100 * d['flip_rate_ci'][0]:+.2f}, "
+                     f"{100 * d['flip_rate_ci'][1]:+.2f}] | {100 * d['flip_rate_m0.1_diff']:+.2f} pts "
+                     f"[{100 * d['flip_rate_m0.1_ci'][0]:+.2f}, {100 * d['flip_rate_m0.1_ci'][1]:+.2f}] |")
+    return rows, "\n".join(lines)
+
+
+def plots(runs: list[dict], out: str, bits: str = "w4a4") -> list[str]:
+    """Flip rate by method (bars: seed mean, whiskers: seed range) and the δ_lag CCDF, FP vs quantized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from optimum_fair.metrics import lag_ccdf
+
+    cells: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["bits"] == bits:
+            cells.setdefault(r["method"], []).append(r["metrics"])
+    names = list(cells)
+    rates = [[100 * m["flip_rate"] for m in cells[n]] for n in names]
+    means = [statistics.fmean(v) for v in rates]
+    err = [[m - min(v) for m, v in zip(means, rates)], [max(v) - m for m, v in zip(means, rates)]]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fair = [n.startswith(("fair-", "frontier-", "reliability-")) for n in names]  # prior-weighted cells
+    ax.bar(range(len(names)), means, yerr=err, capsize=3, color=["#c44" if f else "#888" for f in fair])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"frontier flip rate, % ({bits.upper()})")
+    ax.set_title("Teacher-forced frontier flips on the FP teacher's greedy decodes (lower is better)")
+    fig.tight_layout()
+    paths = [f"{out}_flip_rate.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fp = next(r["metrics"] for r in runs if r["method"] == "fp")
+    series = {"FP": fp} | {n: {k: [x for m in cells[n] for x in m.get(k, [])] for k in
+                               (f"{t}/lags" for t in TEXTS)} for n in names}
+    for name, metrics in series.items():
+        lags = torch.tensor([x for t in TEXTS for x in metrics.get(f"{t}/lags", [])])
+        if lags.numel() == 0:
+            continue
+        values, ccdf = lag_ccdf(lags.clamp_min(0))
+        ax.step(values.numpy(), ccdf.numpy(), where="post", label=name, lw=2.2 if name == "FP" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("δ_lag = t_align − t_commit (steps; ≤ 0 shown at 0)")
+    ax.set_ylabel("P(δ_lag ≥ x)")
+    ax.set_title(f"Stability lag of each model's own greedy decodes ({bits.upper()})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{out}_lag_ccdf.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="JSON files written by benchmarks/methods.py")
+    p.add_argument("--out", default="benchmarks/results/methods")
+    args = p.parse_args(argv)
+    runs = load_runs(args.results)
+    main_table = table(summarise(runs), columns=HEADLINE)
+    rows, diff_table = pairs_table(runs)
+    Path(f"{args.out}_pairs.json").write_text(json.dumps(rows, indent=1) + "\n")
+    Path(f"{args.out}.md").write_text(main_table + "\n\n" + diff_table + "\n")
+    print(main_table + "\n\n" + diff_table)
+    print("\n".join(plots(runs, args.out)))
+
+
+if __name__ == "__main__":
+    main()
