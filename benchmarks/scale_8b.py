@@ -194,6 +194,19 @@ def offload_map(config, embed: str) -> dict[str, str]:
     return dm
 
 
+def live_tensor_gib() -> float:
+    """Bytes of the CPU tensor storages Python can still reach (to tell held memory from allocator slack)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values()) / GiB
+
+
 def random_ids(n: int, seq: int, seed: int, high: int = 126000) -> torch.Tensor:
     return torch.randint(0, high, (n, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -266,13 +279,19 @@ def forward_timers(blocks) -> dict[int, float]:
 class BlockEnds(logging.Handler):
     """Timestamps of calibrate.py's per-block 'block %d: ...' log line (logged when a block is done)."""
 
-    def __init__(self):
+    def __init__(self, mon: RssMonitor):
         super().__init__(logging.INFO)
+        self.mon = mon
         self.ends: list[float] = []
+        self.peak_anon: list[float] = []  # the stage's running peak when each block finished
+        self.anon: list[float] = []
 
     def emit(self, record):
         if record.getMessage().startswith("block "):
             self.ends.append(time.perf_counter())
+            self.mon._sample()
+            self.peak_anon.append(self.mon._phase_peak["RssAnon"] / GiB)
+            self.anon.append(_status()["RssAnon"] / GiB)
 
 
 def stage_two(model, weights, args, mon: RssMonitor) -> dict:
@@ -295,7 +314,7 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
         hidden, extras = capture_block_inputs(model, blocks, ids, settings.batch_size)
     assert torch.isfinite(hidden).all()
     subset = nn.ModuleList(list(blocks)[: args.num_blocks])
-    ends = BlockEnds()
+    ends = BlockEnds(mon)
     log = logging.getLogger("optimum_fair.calibrate")
     log.addHandler(ends)
     try:
@@ -313,8 +332,16 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
         resident = sum(t.numel() * t.element_size() for t in block.state_dict().values())
         per_block.append({**rec, "seconds": bounds[l + 1] - bounds[l], "forward_seconds": fwd.get(l, 0.0),
                           "fair_linears": len(fair), "float_linears": len(linears),
+                          "stage_peak_anon_gib_so_far": ends.peak_anon[l], "anon_gib_at_end": ends.anon[l],
                           "resident_bytes": resident})
-    return {"blocks": per_block, "tokens": args.samples * args.seq_len}
+    out = {"blocks": per_block, "tokens": args.samples * args.seq_len, "live_tensor_gib_after": live_tensor_gib(),
+           "anon_gib_after": _status()["RssAnon"] / GiB}
+    with contextlib.suppress(OSError, AttributeError):  # glibc only: hand free heap pages back, then re-read
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["anon_gib_after_malloc_trim"] = _status()["RssAnon"] / GiB
+    return out
 
 
 def project(res: dict, args, config) -> dict:
@@ -341,6 +368,9 @@ def project(res: dict, args, config) -> dict:
     stream_here = res["stage2"]["tokens"] * config.d_model * 4 / GiB
     resident = sum(b["resident_bytes"] for b in blocks) / len(blocks) / GiB
     peak_all = res["memory"]["peak_anon_gib"] + (config.n_layers - args.num_blocks) * resident
+    peaks = [b["stage_peak_anon_gib_so_far"] for b in res["stage2"]["blocks"]]
+    growth = (peaks[-1] - peaks[0]) / (len(peaks) - 1)  # what each block added to the peak here
+    peak_trend = res["memory"]["peak_anon_gib"] + (config.n_layers - args.num_blocks) * max(growth, resident)
     return {
         "stage1_seconds_per_token": per_token1,
         "stage1_paper_forwards": steps1,
@@ -355,6 +385,8 @@ def project(res: dict, args, config) -> dict:
         "total_paper_hours": (stage1 + config.n_layers * block_paper) / 3600,
         "resident_quantized_gib_all_blocks": config.n_layers * resident,
         "peak_anon_gib_all_blocks_this_setting": peak_all,
+        "stage2_peak_growth_gib_per_block": growth,
+        "peak_anon_gib_all_blocks_measured_growth": peak_trend,
         "stage2_one_stream_gib_paper_samples": stream_gib,
         "peak_anon_gib_all_blocks_paper_samples_estimate": peak_all + 4 * (stream_gib - stream_here),
         "note": "Stage I: 512/16 probe batches x 256 steps, each a forward over 16 x 1024 tokens costing the "
@@ -392,7 +424,11 @@ def table(res: dict) -> str:
         ("projected Stage I, 512 probes x 256 steps x 1024", (f"{pr['stage1_paper_hours']:.0f} h "
          f"({pr['stage1_paper_forwards']} forwards of {pr['stage1_paper_seconds_per_forward']:.0f} s)")),
         (f"resident W4 blocks after all {cfg['n_layers']}", f"{pr['resident_quantized_gib_all_blocks']:.3f} GiB"),
-        ("projected peak anon RSS, all blocks, this setting", f"{pr['peak_anon_gib_all_blocks_this_setting']:.2f} GiB"),
+        ("Stage II peak growth per block (measured)", f"{pr['stage2_peak_growth_gib_per_block']:.2f} GiB"),
+        ("projected peak anon RSS, all blocks, if that growth continues",
+         f"{pr['peak_anon_gib_all_blocks_measured_growth']:.1f} GiB"),
+        ("projected peak anon RSS, all blocks, growth = resident W4 only",
+         f"{pr['peak_anon_gib_all_blocks_this_setting']:.2f} GiB"),
         ("projected peak anon RSS, all blocks, 128 x 1024 samples (estimate)",
          f"{pr['peak_anon_gib_all_blocks_paper_samples_estimate']:.1f} GiB"),
     ]
@@ -417,11 +453,22 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=2, help="Stage I steps actually run")
     ap.add_argument("--embed", choices=["disk", "cpu"], default="disk", help="where wte and the head live")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-json", help="recompute the projection and table of an earlier result (no model needed)")
     ap.add_argument("--rewrite", action="store_true", help="write the model even if --path exists")
     ap.add_argument("--delete", action="store_true", help="delete --path at the end")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        for key, value in res["settings"].items():
+            setattr(args, key, value)
+        m = res["model"]
+        res["projection"] = project(res, args, llada_config(m["n_layers"], m["d_model"], m["n_heads"], m["mlp"],
+                                                            m["vocab"]))
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        print(table(res))
+        return
     if args.num_blocks < 2:
         ap.error("--num-blocks must be at least 2")
     from transformers import AutoModel
