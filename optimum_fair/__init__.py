@@ -24,6 +24,7 @@ _LAZY = {
     "Reliability": "config",
     "BoostSchedule": "config",
     "InputMode": "config",
+    "CalibInputs": "config",
     "FairLinear": "nn",
     "quantize": "pipeline",
     "generate": "generation",

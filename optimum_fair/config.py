@@ -64,6 +64,13 @@ class InputMode(str, Enum):
     FP = "fp"  # output of the full-precision prefix (FlatQuant's variant)
 
 
+class CalibInputs(str, Enum):
+    """What Stage II feeds the model."""
+
+    TEXT = "text"  # fully observed calibration text (the paper)
+    MASKED = "masked"  # decode-like partially masked states of that text (DLLMQuant / Quant-dLLM style)
+
+
 _ENUM_FIELDS = {
     "rounding": Rounding,
     "transform": Transform,
@@ -71,6 +78,7 @@ _ENUM_FIELDS = {
     "reliability": Reliability,
     "boost_schedule": BoostSchedule,
     "input_mode": InputMode,
+    "calib_inputs": CalibInputs,
 }
 
 # Fields whose non-default values name a capability that is not built yet. Each maps to the
@@ -125,6 +133,11 @@ class FairCalibConfig(QuantizationConfigMixin):
         damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         act_order: GPTQ column order by decreasing Hessian diagonal.
         input_mode: "quantized" (block input from the quantized prefix) or "fp".
+        calib_inputs: "text" (fully observed calibration text, the paper) or "masked": each sample is
+            put in a decode state at a random step of the Stage I commit policy (earlier blocks
+            committed, the current one partly, later ones masked), and with fair weighting the
+            still-masked positions of the current block keep their prior weight while the others get
+            `floor` times theirs (`optimum_fair.scoring.states`).
         tokenizer: tokenizer (or its path) for `dataset`; only a path is written to config.json.
         seed: seed of probe rollouts, sample selection and Hadamard signs.
         cache_dir: directory where finished blocks are written, to resume an interrupted run.
@@ -168,6 +181,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     damp: float = 0.01
     act_order: bool = False
     input_mode: InputMode = InputMode.QUANTIZED
+    calib_inputs: CalibInputs = CalibInputs.TEXT
     tokenizer: Any = None
     seed: int = 0
     cache_dir: str | None = None

@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from .cache import BlockCache, tensor_digest
 from .calibrate import StageTwoSettings, calibrate_blocks, capture_block_inputs, execution_device
-from .config import FairCalibConfig, Weighting
+from .config import CalibInputs, FairCalibConfig, Weighting
 from .convert import float_dtype, matches
 from .distributed import DataShard, World, batch_seed, get_world
 from .models import ModelAdapter, get_adapter
 from .scoring.prior import PositionPrior, prior_from_rollouts, probe_rollouts, saturation, settings_dict
+from .scoring.states import decoding_states
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def resolve_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConf
     steps = config.steps or window
     if steps % (window // config.block_length):
         raise ValueError(f"steps ({steps}) must be a multiple of window // block_length")
-    mask_id = adapter.resolve_mask_token_id(model.config) if config.weighting is Weighting.FAIR else -1
+    needs_mask = config.weighting is Weighting.FAIR or config.calib_inputs is CalibInputs.MASKED
+    mask_id = adapter.resolve_mask_token_id(model.config) if needs_mask else -1
     return DecodeSetup(seq_len, window, config.block_length, steps, mask_id, adapter.logit_shift)
 
 
@@ -101,6 +103,10 @@ def run_calibration(model: nn.Module, config: FairCalibConfig, skip: list[str], 
         prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup), world)
         model.fair_prior = prior
         weights = prior.weights
+    if config.calib_inputs is CalibInputs.MASKED:  # (n, seq) decode states and their (n, seq) weights
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        ids, weights = decoding_states(ids, setup.window, setup.block_length, setup.steps, setup.mask_id,
+                                       generator, weights, config.floor)
     settings = StageTwoSettings(
         config.w_bits, config.a_bits, config.group_size, config.rounding.value, config.transform.value,
         config.epochs, config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order,

@@ -83,3 +83,27 @@ def test_fp_input_mode_runs_and_differs(llada_dir, tok):
     b = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq", input_mode="fp"),
                  tokenizer=tok)
     assert not torch.equal(_logits(a), _logits(b))
+
+
+def test_masked_calibration_inputs_reach_stage_two(llada_dir, tok):
+    """calib_inputs="masked": Stage II runs on decode-like states (mask tokens in the window only)."""
+    seen = {}
+
+    def run(**extra):
+        model = AutoModel.from_pretrained(llada_dir)
+        rows = []
+        handle = model.model.transformer.wte.register_forward_pre_hook(lambda m, a: rows.append(a[0].clone()))
+        quantize(model, FairCalibConfig(**SMALL, rounding="gptq", **extra), tokenizer=tok)
+        handle.remove()
+        seen[str(extra)] = torch.cat(rows)
+        return model
+
+    text = run(weighting="uniform")  # uniform: no Stage I, so every forward seen here is Stage II's
+    masked = run(weighting="uniform", calib_inputs="masked")
+    mask = tok.mask_token_id
+    assert not (seen[str({"weighting": "uniform"})] == mask).any()
+    states = seen[str({"weighting": "uniform", "calib_inputs": "masked"})]
+    assert (states[:, 32 - 16:] == mask).any() and not (states[:, : 32 - 16] == mask).any()
+    assert not torch.equal(_logits(text), _logits(masked))
+    fair = run(calib_inputs="masked")
+    assert sum(isinstance(m, FairLinear) for m in fair.modules()) == 14
