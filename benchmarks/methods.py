@@ -44,8 +44,23 @@ METHODS: dict[str, dict] = {
     "frontier-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", reliability_weight=0.0),
     "reliability-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", frontier_weight=0.0),
 }
+# issue 9's study: variants of the prior and of Stage II's inputs on one base (Hadamard rotation + GPTQ),
+# each compared with the uniform-weighting cell of the same base ("quarot-gptq", or "quarot-gptq-masked")
+_BASE = {"rounding": "gptq", "transform": "hadamard", "weighting": "fair"}
+STUDY: dict[str, dict] = {
+    "fair-quarot-gptq-margin": {**_BASE, "reliability": "margin"},
+    "fair-quarot-gptq-negent": {**_BASE, "reliability": "neg_entropy"},
+    "fair-quarot-gptq-lambda1": {**_BASE, "reliability_weight": 1.0},  # reliability dominant (default 1/T)
+    "fair-quarot-gptq-beta0": {**_BASE, "early_boost": 0.0},
+    "fair-quarot-gptq-beta3": {**_BASE, "early_boost": 3.0},
+    "fair-quarot-gptq-block16": {**_BASE, "block_length": 16},
+    "fair-quarot-gptq-window96": {**_BASE, "window": 96},  # the whole sequence but one block of prompt
+    "quarot-gptq-masked": {**_BASE, "weighting": "uniform", "calib_inputs": "masked"},
+    "fair-quarot-gptq-masked": {**_BASE, "calib_inputs": "masked"},
+}
+METHODS.update(STUDY)
 # fields that change the Stage I prior: cells that agree on them (and the seed) share one prior
-PRIOR_FIELDS = ("reliability_weight", "frontier_weight")
+PRIOR_FIELDS = ("reliability", "reliability_weight", "frontier_weight", "early_boost", "block_length", "window")
 BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
 HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
             "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
@@ -77,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def calib_config(args, method: str, bits: str, seed: int, prior_dir: str | None) -> FairCalibConfig:
     w_bits, a_bits = BITS[bits]
-    fields = dict(METHODS[method], w_bits=w_bits, a_bits=a_bits, seed=seed, num_samples=args.num_samples,
-                  num_probes=args.num_probes, seq_len=args.seq_len, window=args.window, epochs=args.epochs,
-                  dataset="wiki", batch_size=4)
+    fields = {"w_bits": w_bits, "a_bits": a_bits, "seed": seed, "num_samples": args.num_samples,
+              "num_probes": args.num_probes, "seq_len": args.seq_len, "window": args.window, "epochs": args.epochs,
+              "dataset": "wiki", "batch_size": 4, **METHODS[method]}  # a method's own fields win
     if fields["weighting"] == "fair" and prior_dir:
         fields["prior"] = prior_dir  # the same Stage I prior for every fair cell of this seed and prior
     return FairCalibConfig(**fields)

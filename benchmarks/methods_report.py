@@ -30,7 +30,10 @@ HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", 
 TEXTS = ("wiki-val", "lee")
 # method -> the uniform-weighting method with the same base calibration
 PAIRS = {"fair-gptq": "gptq", "fair-quarot-gptq": "quarot-gptq", "fair-flatquant": "flatquant",
-         "frontier-flatquant": "flatquant", "reliability-flatquant": "flatquant"}
+         "frontier-flatquant": "flatquant", "reliability-flatquant": "flatquant",
+         "fair-quarot-gptq-masked": "quarot-gptq-masked", "quarot-gptq-masked": "quarot-gptq"}
+PAIRS.update({f"fair-quarot-gptq-{v}": "quarot-gptq"
+              for v in ("margin", "negent", "lambda1", "beta0", "beta3", "block16", "window96")})
 
 
 def load_runs(paths: list[str]) -> list[dict]:
