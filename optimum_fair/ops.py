@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "qmax",
-    "round_ste",
-    "weight_scale",
-    "quantize_weight",
     "dequantize_weight",
-    "fake_quant_weight",
     "fake_quant_act",
-    "pack_int4",
-    "unpack_int4",
+    "fake_quant_weight",
     "kron_apply",
+    "pack_int4",
+    "qmax",
+    "quantize_weight",
+    "round_ste",
+    "unpack_int4",
+    "weight_scale",
 ]
 
 

@@ -12,12 +12,12 @@ from .tokens import require_mask_token_id
 
 __all__ = [
     "DREAM_MASK_TOKEN_ID",
+    "LLADA_MASK_TOKEN_ID",
     "DreamBaseModel",
     "DreamConfig",
     "DreamDecoderLayer",
     "DreamModel",
     "DreamPreTrainedModel",
-    "LLADA_MASK_TOKEN_ID",
     "LLaDABlock",
     "LLaDAConfig",
     "LLaDAModel",

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
 
-__all__ = ["DreamConfig", "DREAM_MASK_TOKEN_ID"]
+__all__ = ["DREAM_MASK_TOKEN_ID", "DreamConfig"]
 
 DREAM_MASK_TOKEN_ID = 151666  # "<|mask|>" in the released Dream tokenizer
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from transformers import PretrainedConfig
 
-__all__ = ["LLaDAConfig", "LLADA_MASK_TOKEN_ID"]
+__all__ = ["LLADA_MASK_TOKEN_ID", "LLaDAConfig"]
 
 LLADA_MASK_TOKEN_ID = 126336  # "<|mdm_mask|>" in every released LLaDA tokenizer
 

@@ -13,12 +13,12 @@ from torch import nn
 
 __all__ = [
     "RMSNorm",
-    "rotary_cos_sin",
     "apply_rotary",
-    "prepare_attention_mask",
     "bidirectional_attention",
     "default_position_ids",
+    "prepare_attention_mask",
     "resolve_position_ids",
+    "rotary_cos_sin",
 ]
 
 

@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import dequantize_weight, fake_quant_act, kron_apply, pack_int4, quantize_weight, unpack_int4, weight_scale
-
+from ..ops import (
+    dequantize_weight,
+    fake_quant_act,
+    kron_apply,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+    weight_scale,
+)
 
 __all__ = ["FairLinear", "kron_apply"]
 

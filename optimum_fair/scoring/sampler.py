@@ -64,7 +64,7 @@ class _Recorder:
     def finish(self, x: Tensor, **meta: object) -> DecodeTrace:
         if bool((self.commit_step < 0).any()):
             raise RuntimeError("decode ended with uncommitted positions")
-        stack = lambda xs: None if xs is None else torch.stack(xs)  # noqa: E731
+        stack = lambda xs: None if xs is None else torch.stack(xs)
         return DecodeTrace(
             sequences=x,
             commit_step=self.commit_step,

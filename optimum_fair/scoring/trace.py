@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+
 @dataclass
 class DecodeTrace:
     """The result of one batched decode.
@@ -132,7 +133,7 @@ class DecodeTrace:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DecodeTrace":
+    def from_dict(cls, data: dict) -> DecodeTrace:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -145,7 +146,7 @@ class DecodeTrace:
         torch.save(data, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "DecodeTrace":
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DecodeTrace:
         """Read a trace written by ``save`` (weights-only unpickling)."""
         data = torch.load(Path(path), map_location=map_location, weights_only=True)
         return cls.from_dict(data)

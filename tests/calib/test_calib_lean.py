@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-import optimum_fair.calib as calib
+from optimum_fair import calib
 
 FORBIDDEN = ("transformers", "optimum_fair.config", "optimum_fair.pipeline", "optimum_fair.models")
 

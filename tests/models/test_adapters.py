@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_fair.models import DREAM, LLADA, LLAMA_LIKE, get_adapter
 from optimum_fair.modeling import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM
+from optimum_fair.models import DREAM, LLADA, LLAMA_LIKE, get_adapter
 
 
 def _tiny(adapter):
@@ -15,8 +15,9 @@ def _tiny(adapter):
         cfg = DreamConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, mask_token_id=63)
         return DreamModel(cfg)
-    from tests.conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
 
     return LlamaForCausalLM(tiny_llama_config())
 
