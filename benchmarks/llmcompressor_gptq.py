@@ -1,0 +1,599 @@
+"""GPTQ W4A16 on the shipped LLaDA: optimum-fair's `quantize` vs llm-compressor's `oneshot`.
+
+Both sides quantize the 28 decoder-block linears of `optimum_fair.DEFAULT_MODEL` (the output head
+`model.transformer.ff_out` stays in float) to int4, symmetric, one scale per output channel, activations
+in float, GPTQ with damping 0.01 of the mean Hessian diagonal, lazy-update block size 128, no act-order,
+on the same calibration token windows `calibration_sequences("wiki", tok, N, 128, seed=0)`, batch size 4:
+
+* ours: `optimum_fair.quantize(model, FairCalibConfig(rounding="gptq", transform="none",
+  weighting="uniform", w_bits=4, a_bits=16, ...), texts=<the "wiki" Dataset>, tokenizer=tok)`. `quantize`
+  takes text, not ids: it is given the loaded "wiki" Dataset with the same seed, and a pass-through wrapper
+  around `optimum_fair.data.calibration_sequences` records the ids it draws (and the time it takes), which
+  must equal the ids given to llm-compressor.
+* llm-compressor: `oneshot(model=..., dataset=Dataset({"input_ids": ids}), recipe=GPTQModifier(
+  config_groups={int4 symmetric, strategy "channel"}, ignore=["model.transformer.ff_out"], actorder=None,
+  dampening_frac=0.01, block_size=128), pipeline="sequential", sequential_targets=["LLaDABlock"],
+  shuffle_calibration_samples=False, batch_size=4)`.
+
+Each side runs in its own fresh subprocess (`--repeats` times, alternating), so that its peak RSS
+(`VmHWM` of /proc/self/status, read right after the calibration call) is its own. The wall time is the
+calibration call only (model and tokenizer already loaded; for ours the "wiki" text is loaded
+beforehand, and its tokenization inside `quantize` is reported separately).
+
+Quality (computed in the parent from the dequantized weights each side hands back, swapped into a copy
+of the FP model; each side's own quantized model gives the same logits, checked):
+held-out windows `calibration_sequences("wiki-val", tok, 32, 128, seed=1)` with 50 % of the positions
+of every row (chosen with a fixed seed) replaced by the mask token (id 3): relative logit error
+||logits_q - logits_fp|| / ||logits_fp|| over all positions, and the mean NLL of the original tokens at
+the masked positions; plus the relative weight error ||W_q - W||_F / ||W||_F averaged over the 28
+linears. Two round-to-nearest references on each side's grid are added (no calibration): ours stores
+scale = max|w| / 7, compressed-tensors' min-max observer scale = max|w| / 7.5 (codes clamped to [-8, 7]).
+A diagnostic run (one process per N, quality only; `--no-diagnostic` skips it) repeats ours with the GPTQ
+scale patched to max|w| / 7.5 (a wrapper around `optimum_fair.calib.gptq.weight_scale`, in the worker
+process only), to separate the grid from the algorithm: it reports per linear the fraction of codes that
+differ from llm-compressor's.
+
+llm-compressor pins transformers<=5.17, so this runs in a separate virtualenv (see the commands in
+benchmarks/results/llmcompressor_gptq.md); llm-compressor is not a dependency of optimum-fair.
+
+Usage::
+
+    /tmp/lcvenv/bin/python benchmarks/llmcompressor_gptq.py --num-samples 128 32 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+GiB = 1024**3
+SEQ_LEN = 128
+BATCH_SIZE = 4
+DAMP = 0.01
+GPTQ_BLOCK = 128
+HELDOUT_SAMPLES, HELDOUT_SEED = 32, 1
+MASK_FRACTION, MASK_SEED = 0.5, 1234
+HEAD = "model.transformer.ff_out"
+LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+def set_threads(n: int) -> None:
+    """Before torch is imported: every thread pool to n (the env is inherited by the workers)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # already set (only possible once per process)
+        pass
+
+
+def proc_mem() -> dict:
+    """VmRSS / VmHWM / RssAnon of this process in GiB (/proc/self/status)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
+            out[key] = int(value.split()[0]) * 1024 / GiB
+    return out
+
+
+def load_fp(path: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path).float().eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def block_linear_names(n_blocks: int) -> list[str]:
+    return [f"model.transformer.blocks.{b}.{n}" for b in range(n_blocks) for n in LINEARS]
+
+
+# -- workers (one fresh process per side and repeat) --------------------------------------------
+def worker_ours(data: dict, num_samples: int, ct_grid: bool = False) -> dict:
+    import torch
+
+    import optimum_fair
+    import optimum_fair.data as fdata
+    from optimum_fair import FairCalibConfig, FairLinear, quantize
+
+    if ct_grid:  # diagnostic only: GPTQ's per-channel scale max|w| / 7.5 (compressed-tensors' grid)
+        import optimum_fair.calib.gptq as gptq_module
+        from optimum_fair.ops import qmax
+
+        plain_scale = gptq_module.weight_scale
+
+        def ct_scale(w, bits, group_size=-1, clip=1.0):
+            return plain_scale(w, bits, group_size, clip) * (qmax(bits) / (qmax(bits) + 0.5))
+
+        gptq_module.weight_scale = ct_scale
+
+    model, tok = load_fp(optimum_fair.DEFAULT_MODEL)
+    head_before = model.get_submodule(HEAD).weight.detach().clone()
+    texts = fdata.load_texts("wiki")  # the text is loaded before the timed call, as llm-compressor's ids
+    config = FairCalibConfig(w_bits=4, a_bits=16, rounding="gptq", transform="none", weighting="uniform",
+                             group_size=-1, num_samples=num_samples, seq_len=SEQ_LEN, dataset="wiki",
+                             batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0)
+    drawn: list = []
+    original = fdata.calibration_sequences
+
+    def recording(*args, **kwargs):  # pass-through: record what quantize draws and how long it takes
+        t0 = time.perf_counter()
+        ids = original(*args, **kwargs)
+        drawn.append((ids.clone(), time.perf_counter() - t0, proc_mem()))
+        return ids
+
+    fdata.calibration_sequences = recording
+    mem_before = proc_mem()
+    t0 = time.perf_counter()
+    quantize(model, config, texts=texts, tokenizer=tok)
+    wall = time.perf_counter() - t0
+    mem_after = proc_mem()
+    fdata.calibration_sequences = original
+    if len(drawn) != 1:
+        raise RuntimeError(f"quantize drew calibration windows {len(drawn)} times, expected once")
+    ids_match = bool(torch.equal(drawn[0][0], data["calib_ids"]))
+    if not ids_match:
+        raise RuntimeError("quantize's calibration windows differ from the shared ids")
+    fair = {n: m for n, m in model.named_modules() if isinstance(m, FairLinear)}
+    expected = block_linear_names(len(model.model.transformer.blocks))
+    if sorted(fair) != sorted(expected):
+        raise RuntimeError(f"unexpected FairLinears: {sorted(fair)}")
+    head = model.get_submodule(HEAD)
+    head_untouched = type(head) is torch.nn.Linear and bool(torch.equal(head.weight, head_before))
+    weights = {n: m.dequantized_weight().float().clone() for n, m in fair.items()}
+    codes_range = [min(int(m.codes().min()) for m in fair.values()), max(int(m.codes().max()) for m in fair.values())]
+    logits = own_logits(model, data["heldout_input"])
+    return {"side": "ours", "wall_s": wall, "tokenize_s": drawn[0][1], "mem_after_tokenize": drawn[0][2],
+            "ids_match": ids_match, "mem_before": mem_before, "mem_after": mem_after,
+            "head_untouched": head_untouched, "codes_range": codes_range, "weights": weights, "logits": logits,
+            "threads": torch.get_num_threads(),
+            "pipeline": "optimum_fair.quantize" + (" (GPTQ scale patched to max|w|/7.5)" if ct_grid else "")}
+
+
+def worker_llmc(data: dict, num_samples: int, pipeline: str) -> dict:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    import optimum_fair
+
+    model, tok = load_fp(optimum_fair.DEFAULT_MODEL)
+    head_before = model.get_submodule(HEAD).weight.detach().clone()
+    ids = data["calib_ids"]
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="channel", actorder=None))
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=[HEAD], actorder=None,
+                          dampening_frac=DAMP, block_size=GPTQ_BLOCK)
+    mem_before = proc_mem()
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tok, dataset=dataset, recipe=recipe, num_calibration_samples=num_samples,
+            max_seq_length=SEQ_LEN, batch_size=BATCH_SIZE, shuffle_calibration_samples=False,
+            pipeline=pipeline, sequential_targets=["LLaDABlock"])
+    wall = time.perf_counter() - t0
+    mem_after = proc_mem()
+    torch_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case oneshot changed it (recorded below)
+    quantized = {n: m for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    expected = block_linear_names(len(model.model.transformer.blocks))
+    if sorted(quantized) != sorted(expected):
+        raise RuntimeError(f"unexpected quantized modules: {sorted(quantized)}")
+    head = model.get_submodule(HEAD)
+    head_untouched = getattr(head, "quantization_scheme", None) is None and bool(torch.equal(head.weight, head_before))
+    weights, grid_dev, lo, hi = {}, 0.0, 0, 0
+    for name, m in quantized.items():
+        # In memory after oneshot: `weight` holds the fake-quantized float weight, `weight_scale` (out, 1),
+        # `weight_zero_point` (out, 1) zeros. Codes = round(weight / scale); W_q = codes * scale.
+        w = m.weight.detach().float()
+        scale = m.weight_scale.detach().float()
+        if bool((m.weight_zero_point != 0).any()):
+            raise RuntimeError(f"{name}: non-zero zero point")
+        codes = torch.round(w / scale)
+        grid_dev = max(grid_dev, float((w / scale - codes).abs().max()))
+        lo, hi = min(lo, int(codes.min())), max(hi, int(codes.max()))
+        weights[name] = (codes * scale).clone()
+    logits = own_logits(model, data["heldout_input"])
+    return {"side": "llmcompressor", "wall_s": wall, "tokenize_s": 0.0, "ids_match": True,
+            "mem_before": mem_before, "mem_after": mem_after, "head_untouched": head_untouched,
+            "codes_range": [lo, hi], "max_off_grid": grid_dev, "weights": weights, "logits": logits,
+            "threads": torch.get_num_threads(), "pipeline": pipeline}
+
+
+def own_logits(model, input_ids):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(input_ids[i:i + 8]).logits.float() for i in range(0, input_ids.shape[0], 8)])
+
+
+def run_worker(args) -> None:
+    import torch
+
+    torch_threads(args.threads)
+    data = torch.load(args.data)
+    if args.worker in ("ours", "ours-ctgrid"):
+        result = worker_ours(data, args.worker_samples, ct_grid=args.worker == "ours-ctgrid")
+    else:
+        result = worker_llmc(data, args.worker_samples, args.pipeline)
+    torch.save(result, args.worker_out)
+
+
+# -- parent ---------------------------------------------------------------------------------------
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "optimum-fair", "accelerate",
+                "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def masked_heldout(tok, mask_id: int):
+    """(32, 128) held-out windows, the same with 50 % of each row's positions masked, and the mask."""
+    import torch
+
+    from optimum_fair.data import calibration_sequences
+
+    ids = calibration_sequences("wiki-val", tok, HELDOUT_SAMPLES, SEQ_LEN, seed=HELDOUT_SEED)
+    gen = torch.Generator().manual_seed(MASK_SEED)
+    n_mask = round(MASK_FRACTION * SEQ_LEN)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row in range(ids.shape[0]):
+        mask[row, torch.randperm(SEQ_LEN, generator=gen)[:n_mask]] = True
+    return ids, ids.masked_fill(mask, mask_id), mask
+
+
+def logit_metrics(logits, fp_logits, ids, mask) -> dict:
+    import torch.nn.functional as F
+
+    rel = float((logits - fp_logits).norm() / fp_logits.norm())
+    nll = float(F.cross_entropy(logits[mask], ids[mask]))
+    return {"rel_logit_err": rel, "masked_nll": nll}
+
+
+def weight_error(weights: dict, fp: dict) -> dict:
+    per = {n: float((weights[n].float() - fp[n]).norm() / fp[n].norm()) for n in fp}
+    return {"mean_rel_weight_err": statistics.fmean(per.values()), "per_linear_rel_weight_err": per}
+
+
+def rtn_references(fp: dict) -> dict:
+    """Round-to-nearest (no data) on each side's per-channel grid: ours max|w|/7, compressed-tensors max|w|/7.5."""
+    import torch
+
+    from optimum_fair.ops import dequantize_weight, quantize_weight, weight_scale
+
+    ours, ct = {}, {}
+    for name, w in fp.items():
+        scale = weight_scale(w, 4)  # (out, 1) = max|w| / 7
+        ours[name] = dequantize_weight(quantize_weight(w, scale, 4), scale)
+        s75 = w.abs().amax(dim=1, keepdim=True) / 7.5  # compressed-tensors: max|w| / ((7 - (-8)) / 2)
+        ct[name] = torch.round(w / s75).clamp(-8, 7) * s75
+    return {"rtn_ours_grid": ours, "rtn_ct_grid": ct}
+
+
+def logits_with(model_fp, weights: dict, input_ids):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model_fp)
+    with torch.no_grad():
+        for name, w in weights.items():
+            model.get_submodule(name).weight.copy_(w)
+    return own_logits(model, input_ids)
+
+
+def spawn(side: str, data_path: Path, out_path: Path, num_samples: int, args) -> dict:
+    import torch
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--data", str(data_path),
+           "--worker-out", str(out_path), "--worker-samples", str(num_samples), "--threads", str(args.threads),
+           "--pipeline", args.pipeline]
+    log = out_path.with_suffix(".log")
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), check=False)
+    if proc.returncode:
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"worker {side} (N={num_samples}) failed with code {proc.returncode}:\n{tail}")
+    return torch.load(out_path)
+
+
+def run_parent(args) -> None:
+    import torch
+
+    torch_threads(args.threads)
+    import optimum_fair
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    model_fp, tok = load_fp(optimum_fair.DEFAULT_MODEL)
+    mask_id = 3
+    if tok.mask_token_id is not None and tok.mask_token_id != mask_id:
+        raise RuntimeError(f"tokenizer's mask token id is {tok.mask_token_id}, expected {mask_id}")
+    names = block_linear_names(len(model_fp.model.transformer.blocks))
+    fp_w = {n: model_fp.get_submodule(n).weight.detach().float().clone() for n in names}
+    held_ids, held_input, held_mask = masked_heldout(tok, mask_id)
+    fp_logits = own_logits(model_fp, held_input)
+    fp_metrics = logit_metrics(fp_logits, fp_logits, held_ids, held_mask)
+    refs = {k: dict(logit_metrics(logits_with(model_fp, w, held_input), fp_logits, held_ids, held_mask),
+                    mean_rel_weight_err=weight_error(w, fp_w)["mean_rel_weight_err"])
+            for k, w in rtn_references(fp_w).items()}
+
+    from optimum_fair.cache import tensor_digest
+    from optimum_fair.data import calibration_sequences
+
+    report = {
+        "benchmark": "optimum-fair GPTQ vs llm-compressor GPTQ oneshot (W4A16, per channel, symmetric)",
+        "date_utc": started.isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "threads": args.threads,
+        "cpu": _cpu_name(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "model": {"path": "optimum_fair/assets/teacher", "dtype_run": "float32 (stored fp16)",
+                  "n_params": sum(p.numel() for p in model_fp.parameters()),
+                  "quantized_linears": len(names), "kept_float": [HEAD]},
+        "settings": {"w_bits": 4, "a_bits": 16, "sym": True, "group_size": "per channel", "damp": DAMP,
+                     "gptq_block_size": GPTQ_BLOCK, "act_order": False, "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE,
+                     "calib_data": "calibration_sequences('wiki', tok, N, 128, seed=0)",
+                     "llmcompressor_pipeline": args.pipeline, "llmcompressor_sequential_targets": ["LLaDABlock"],
+                     "repeats": args.repeats},
+        "heldout": {"data": f"calibration_sequences('wiki-val', tok, {HELDOUT_SAMPLES}, {SEQ_LEN}, seed={HELDOUT_SEED})",
+                    "mask": f"{int(MASK_FRACTION * 100)} % of positions per row (randperm, seed {MASK_SEED}) -> id {mask_id}",
+                    "masked_positions": int(held_mask.sum()), "ids_digest": tensor_digest(held_ids)},
+        "fp": fp_metrics,
+        "rtn_references": refs,
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="lcgptq_") as tmp:
+        tmp = Path(tmp)
+        for n in args.num_samples:
+            calib_ids = calibration_sequences("wiki", tok, n, SEQ_LEN, seed=0)
+            data_path = tmp / f"data_{n}.pt"
+            torch.save({"calib_ids": calib_ids, "heldout_input": held_input}, data_path)
+            results = {"ours": [], "llmcompressor": []}
+            for r in range(args.repeats):
+                for side in ("ours", "llmcompressor"):
+                    print(f"N={n} repeat {r + 1}/{args.repeats}: {side} ...", flush=True)
+                    res = spawn(side, data_path, tmp / f"{side}_{n}_{r}.pt", n, args)
+                    print(f"   wall {res['wall_s']:.2f} s, peak RSS {res['mem_after']['VmHWM']:.3f} GiB", flush=True)
+                    results[side].append(res)
+            run = summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held_ids, held_mask)
+            if not args.no_diagnostic:  # quality only: ours' GPTQ on compressed-tensors' grid, one process
+                print(f"N={n}: ours-ctgrid (diagnostic) ...", flush=True)
+                diag = spawn("ours-ctgrid", data_path, tmp / f"ours-ctgrid_{n}.pt", n, args)
+                swapped = logits_with(model_fp, diag["weights"], held_input)
+                err = weight_error(diag["weights"], fp_w)
+                run["diagnostic_ours_ct_grid"] = {
+                    "pipeline": diag["pipeline"], "wall_s": diag["wall_s"],
+                    **logit_metrics(swapped, fp_logits, held_ids, held_mask), **err,
+                    "linears_with_identical_weights_to_llmc": int(sum(
+                        bool(torch.equal(diag["weights"][k], results["llmcompressor"][0]["weights"][k]))
+                        for k in fp_w)),
+                    "frac_codes_differing_from_llmc": {  # codes on the shared grid max|w| / 7.5
+                        k: float((torch.round(diag["weights"][k] / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))
+                                  != torch.round(results["llmcompressor"][0]["weights"][k]
+                                                 / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))).float().mean())
+                        for k in fp_w},
+                    "max_abs_weight_diff_to_llmc": max(
+                        float((diag["weights"][k] - results["llmcompressor"][0]["weights"][k]).abs().max())
+                        for k in fp_w),
+                }
+            report["runs"][str(n)] = run
+    report["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    report["loadavg_at_end"] = list(os.getloadavg())
+    out_json = Path(args.out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    Path(args.out_md).write_text(table)
+    print(table)
+    print(f"wrote {out_json} and {args.out_md}")
+
+
+def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held_ids, held_mask) -> dict:
+    import torch
+
+    from optimum_fair.cache import tensor_digest
+
+    out = {"calib_ids_digest": tensor_digest(calib_ids), "sides": {}}
+    for side, runs in results.items():
+        first = runs[0]
+        # the quantized weights must not depend on the repeat
+        max_repeat_diff = max((float((r["weights"][k] - first["weights"][k]).abs().max())
+                               for r in runs[1:] for k in first["weights"]), default=0.0)
+        swapped = logits_with(model_fp, first["weights"], held_input)
+        own_vs_swapped = float((first["logits"] - swapped).abs().max())
+        walls = [r["wall_s"] for r in runs]
+        peaks = [r["mem_after"]["VmHWM"] for r in runs]
+        entry = {
+            "pipeline": first["pipeline"],
+            "wall_s": walls,
+            "wall_s_median": statistics.median(walls),
+            "tokenize_in_call_s_median": statistics.median(r["tokenize_s"] for r in runs),
+            "peak_rss_gib": peaks,
+            "peak_rss_gib_median": statistics.median(peaks),
+            "rss_before_calib_gib_median": statistics.median(r["mem_before"]["VmRSS"] for r in runs),
+            "hwm_before_calib_gib_median": statistics.median(r["mem_before"]["VmHWM"] for r in runs),
+            "rss_anon_after_gib_median": statistics.median(r["mem_after"]["RssAnon"] for r in runs),
+            "hwm_after_tokenize_gib_median": (statistics.median(r["mem_after_tokenize"]["VmHWM"] for r in runs)
+                                              if "mem_after_tokenize" in first else None),
+            "threads_in_worker": sorted({r["threads"] for r in runs}),
+            "calib_ids_match": all(r["ids_match"] for r in runs),
+            "head_untouched": all(r["head_untouched"] for r in runs),
+            "codes_range": first["codes_range"],
+            "max_weight_diff_across_repeats": max_repeat_diff,
+            "own_model_vs_swapped_logits_max_abs_diff": own_vs_swapped,
+            **logit_metrics(swapped, fp_logits, held_ids, held_mask),
+            **weight_error(first["weights"], fp_w),
+        }
+        if "max_off_grid" in first:
+            entry["max_off_grid_codes"] = first["max_off_grid"]
+        out["sides"][side] = entry
+    ours, lc = out["sides"]["ours"], out["sides"]["llmcompressor"]
+    out["ratio_wall_ours_over_llmc"] = ours["wall_s_median"] / lc["wall_s_median"]
+    out["ratio_wall_ours_minus_tokenize_over_llmc"] = (
+        (ours["wall_s_median"] - ours["tokenize_in_call_s_median"]) / lc["wall_s_median"])
+    out["ratio_peak_rss_ours_over_llmc"] = ours["peak_rss_gib_median"] / lc["peak_rss_gib_median"]
+    both = [ours["per_linear_rel_weight_err"][k] < lc["per_linear_rel_weight_err"][k]
+            for k in ours["per_linear_rel_weight_err"]]
+    out["linears_where_ours_has_lower_weight_err"] = int(sum(both))
+    same = sum(bool(torch.equal(results["ours"][0]["weights"][k], results["llmcompressor"][0]["weights"][k]))
+               for k in fp_w)
+    out["linears_with_identical_weights"] = int(same)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(report: dict) -> str:
+    v = report["versions"]
+    lines = [
+        "# GPTQ W4A16 (per channel, symmetric): optimum-fair vs llm-compressor",
+        "",
+        (f"Model: shipped LLaDA teacher ({report['model']['n_params'] / 1e6:.2f} M params, run in float32), "
+        f"28 block linears quantized, head `{HEAD}` kept float. Calibration: "
+        f"`{report['settings']['calib_data']}`, batch 4, damp 0.01, block 128, no act-order. "
+        f"llm-compressor pipeline: `{report['settings']['llmcompressor_pipeline']}` "
+        f"(sequential_targets LLaDABlock). CPU, {report['threads']} thread ({report['cpu']}), "
+        f"load average at start {report['loadavg_at_start'][0]:.2f} (another job shared the machine). "
+        f"Medians of {report['settings']['repeats']} fresh processes per side."),
+        "",
+        (f"Versions: torch {v['torch']}, transformers {v['transformers']}, llmcompressor {v['llmcompressor']}, "
+        f"compressed-tensors {v['compressed-tensors']}, optimum-fair {v['optimum-fair']} "
+        f"(commit {str(report['git_commit'])[:7]}). Date {report['date_utc']}."),
+        "",
+        (f"Held-out: {report['heldout']['data']}, {report['heldout']['mask']} "
+        f"({report['heldout']['masked_positions']} masked positions). FP masked NLL "
+        f"{report['fp']['masked_nll']:.4f}."),
+        "",
+        ("| N | method | calib time (s) | time ratio ours/llmc | peak RSS (GiB) | RSS ratio ours/llmc "
+        "| rel. logit err | masked NLL | mean rel. W err |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, run in report["runs"].items():
+        ours, lc = run["sides"]["ours"], run["sides"]["llmcompressor"]
+        tok = ours["tokenize_in_call_s_median"]
+        lines.append(
+            f"| {n} | optimum-fair GPTQ | {ours['wall_s_median']:.2f} (incl. {tok:.2f} tokenizing) "
+            f"| {run['ratio_wall_ours_over_llmc']:.2f} ({run['ratio_wall_ours_minus_tokenize_over_llmc']:.2f} "
+            f"w/o tokenizing) | {ours['peak_rss_gib_median']:.3f} | {run['ratio_peak_rss_ours_over_llmc']:.2f} "
+            f"| {ours['rel_logit_err']:.4f} | {ours['masked_nll']:.4f} | {ours['mean_rel_weight_err']:.4f} |")
+        lines.append(
+            f"| {n} | llm-compressor GPTQ | {lc['wall_s_median']:.2f} | 1 | {lc['peak_rss_gib_median']:.3f} | 1 "
+            f"| {lc['rel_logit_err']:.4f} | {lc['masked_nll']:.4f} | {lc['mean_rel_weight_err']:.4f} |")
+    for n, run in report["runs"].items():
+        d = run.get("diagnostic_ours_ct_grid")
+        if d:
+            lines.append(
+                f"| {n} | diagnostic: optimum-fair GPTQ with scale max\\|w\\|/7.5 (patched) | - | - | - | - "
+                f"| {d['rel_logit_err']:.4f} | {d['masked_nll']:.4f} | {d['mean_rel_weight_err']:.4f} |")
+    refs = report["rtn_references"]
+    lines += [
+        f"| - | FP (reference) | - | - | - | - | 0 | {report['fp']['masked_nll']:.4f} | 0 |",
+        (f"| - | RTN, ours' grid max\\|w\\|/7 | - | - | - | - | {refs['rtn_ours_grid']['rel_logit_err']:.4f} "
+        f"| {refs['rtn_ours_grid']['masked_nll']:.4f} | {refs['rtn_ours_grid']['mean_rel_weight_err']:.4f} |"),
+        (f"| - | RTN, compressed-tensors' grid max\\|w\\|/7.5 | - | - | - | - "
+        f"| {refs['rtn_ct_grid']['rel_logit_err']:.4f} | {refs['rtn_ct_grid']['masked_nll']:.4f} "
+        f"| {refs['rtn_ct_grid']['mean_rel_weight_err']:.4f} |"),
+        "",
+        ("Peak RSS is the whole process (interpreter, torch, transformers, and for llm-compressor its own "
+        "imports) at the end of the calibration call; RSS before the call (model loaded):"),
+    ]
+    for n, run in report["runs"].items():
+        ours, lc = run["sides"]["ours"], run["sides"]["llmcompressor"]
+        lines.append(
+            f"N={n}: ours {ours['rss_before_calib_gib_median']:.3f} -> peak {ours['peak_rss_gib_median']:.3f} GiB "
+            f"(peak already {ours['hwm_after_tokenize_gib_median']:.3f} GiB right after its tokenization); "
+            f"llm-compressor {lc['rss_before_calib_gib_median']:.3f} -> peak {lc['peak_rss_gib_median']:.3f} GiB. "
+            f"Wall times ours {[round(x, 2) for x in ours['wall_s']]}, llmc {[round(x, 2) for x in lc['wall_s']]}. "
+            f"Same calibration ids: {ours['calib_ids_match']}; heads untouched: "
+            f"{ours['head_untouched'] and lc['head_untouched']}; ours lower W err on "
+            f"{run['linears_where_ours_has_lower_weight_err']}/28 linears; identical weights on "
+            f"{run['linears_with_identical_weights']}/28.")
+    for n, run in report["runs"].items():
+        d = run.get("diagnostic_ours_ct_grid")
+        if d:
+            same = [k.replace("model.transformer.", "") for k, f in d["frac_codes_differing_from_llmc"].items() if f == 0]
+            lines.append(
+                f"N={n} diagnostic (ours with the scale patched to max|w|/7.5): codes identical to llm-compressor's "
+                f"on {len(same)}/28 linears ({', '.join(same) or 'none'}); mean fraction of differing codes on the "
+                f"others {statistics.fmean([f for f in d['frac_codes_differing_from_llmc'].values() if f > 0] or [0]):.3f}.")
+    lines += [
+        "",
+        ("Reproduce (llm-compressor 0.14.0.1 pins transformers<=5.17 and compressed-tensors==0.19, so it gets "
+        "its own virtualenv; optimum-fair is installed there without its dependency pins):"),
+        "",
+        "```bash",
+        "python -m venv /tmp/lcvenv",
+        "/tmp/lcvenv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 gensim optimum",
+        "/tmp/lcvenv/bin/pip install --no-deps -e .",
+        "OMP_NUM_THREADS=1 /tmp/lcvenv/bin/python benchmarks/llmcompressor_gptq.py --num-samples 128 32 --repeats 3",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-samples", type=int, nargs="+", default=[128, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pipeline", default="sequential", help="llm-compressor calibration pipeline")
+    parser.add_argument("--out-json", default=str(RESULTS / "llmcompressor_gptq.json"))
+    parser.add_argument("--out-md", default=str(RESULTS / "llmcompressor_gptq.md"))
+    parser.add_argument("--no-diagnostic", action="store_true",
+                        help="skip the extra run of ours with compressed-tensors' grid (max|w|/7.5)")
+    parser.add_argument("--worker", choices=("ours", "ours-ctgrid", "llmcompressor"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-samples", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    if args.worker:
+        run_worker(args)
+    else:
+        run_parent(args)
+
+
+if __name__ == "__main__":
+    main()
