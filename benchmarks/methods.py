@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from methods_report import HEADLINE, summarise  # benchmarks/ is this script's directory
 
 import optimum_fair
 from optimum_fair import FairCalibConfig, quantize
@@ -62,8 +63,6 @@ METHODS.update(STUDY)
 # fields that change the Stage I prior: cells that agree on them (and the seed) share one prior
 PRIOR_FIELDS = ("reliability", "reliability_weight", "frontier_weight", "early_boost", "block_length", "window")
 BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
-HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
-            "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,24 +131,6 @@ def evaluate_row(args, model, tok, traces) -> dict:
     return m
 
 
-def summarise(runs: list[dict]) -> dict[str, dict[str, str]]:
-    """(method, bits) -> metric -> 'mean ± half-range' over seeds."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(f"{r['method']} {r['bits']}", []).append(r["metrics"])
-    out = {}
-    for name, rows in groups.items():
-        out[name] = {}
-        for key in HEADLINE:
-            vals = [row[key] for row in rows if key in row]
-            if not vals:
-                continue
-            mean = statistics.fmean(vals)
-            half = (max(vals) - min(vals)) / 2
-            out[name][key] = f"{mean:.4f} ± {half:.4f}" if len(vals) > 1 else f"{mean:.4f}"
-    return out
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,7 +143,7 @@ def main(argv=None) -> None:
     traces = build_teacher_traces(teacher, tok, num_prompts=args.num_prompts, gen_length=args.gen_length)
     fp = evaluate_row(args, teacher, tok, traces)
     runs = [{"method": "fp", "bits": "-", "seed": None, "metrics": fp}]
-    prior_dirs: dict[int, str] = {}
+    prior_dirs: dict[str, str] = {}  # prior_key -> saved prior
     for bits in args.bits:
         for method in args.methods:
             deterministic = METHODS[method]["rounding"] == "rtn" and METHODS[method]["transform"] == "none"

@@ -128,15 +128,16 @@ def gptq_quantize(
     to column 1 in proportion H_01 / H_11 = 1.8: 1.4 − 0.075 · 1.8 = 1.265 → code 6 (RTN says 7).
     Output error eᵀHe: RTN e = [−0.075, 0] gives 0.0225; GPTQ e = [−0.075, 0.2] gives 0.0085.
     """
+    _check_gptq_args(W, bits, group_size, damp, block_size, max_damp_tries)
+    n_cols = W.shape[1]
     if factor is None:
         if H is None:
             raise ValueError("gptq_quantize needs H or a factor from gptq_factor(H)")
-        _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries)
-        factor = gptq_factor(H, damp, act_order, max_damp_tries)
-    else:
-        _check_gptq_args(W, None, bits, group_size, damp, block_size, max_damp_tries)
-        if factor.perm.numel() != W.shape[1]:
-            raise ValueError(f"factor is for {factor.perm.numel()} input columns, W has {W.shape[1]}")
+        if tuple(H.shape) != (n_cols, n_cols):
+            raise ValueError(f"H must have shape ({n_cols}, {n_cols}), got {tuple(H.shape)}")
+        factor = gptq_factor(H, damp, act_order, max_damp_tries)  # checks H is finite
+    elif factor.perm.numel() != n_cols:
+        raise ValueError(f"factor is for {factor.perm.numel()} input columns, W has {n_cols}")
     clip = 1.0 if clip is None else clip
     W = W.detach().float().clone()  # W: (out, in)
     W[:, factor.dead] = 0.0
@@ -191,16 +192,12 @@ def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, ma
     return GPTQFactor(hinv=hinv, perm=perm, dead=dead, act_order=act_order)
 
 
-def _check_gptq_args(W, H, bits, group_size, damp, block_size, max_damp_tries) -> None:
+def _check_gptq_args(W, bits, group_size, damp, block_size, max_damp_tries) -> None:
     if W.dim() != 2:
         raise ValueError(f"W must be (out, in), got shape {tuple(W.shape)}")
     n_cols = W.shape[1]
-    if H is not None and tuple(H.shape) != (n_cols, n_cols):
-        raise ValueError(f"H must have shape ({n_cols}, {n_cols}), got {tuple(H.shape)}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("W contains NaN or inf")
-    if H is not None and not bool(torch.isfinite(H).all()):
-        raise ValueError("H contains NaN or inf")
     qmax(bits)  # validates bits
     if group_size != -1 and (group_size <= 0 or n_cols % group_size):
         raise ValueError(f"group_size {group_size} must be -1 or a positive divisor of in_features {n_cols}")
