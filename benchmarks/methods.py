@@ -46,11 +46,13 @@ METHODS: dict[str, dict] = {
     "reliability-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", frontier_weight=0.0),
 }
 # issue 9's study: variants of the prior and of Stage II's inputs on one base (Hadamard rotation + GPTQ),
-# each compared with the uniform-weighting cell of the same base ("quarot-gptq", or "quarot-gptq-masked")
+# each compared with the uniform-weighting cell of the same base ("quarot-gptq", or "quarot-gptq-masked");
+# decode-like inputs also on the paper's base
 _BASE = {"rounding": "gptq", "transform": "hadamard", "weighting": "fair"}
 STUDY: dict[str, dict] = {
     "fair-quarot-gptq-margin": {**_BASE, "reliability": "margin"},
     "fair-quarot-gptq-negent": {**_BASE, "reliability": "neg_entropy"},
+    "fair-quarot-gptq-lambda0": {**_BASE, "reliability_weight": 0.0},  # frontier term only
     "fair-quarot-gptq-lambda1": {**_BASE, "reliability_weight": 1.0},  # reliability dominant (default 1/T)
     "fair-quarot-gptq-beta0": {**_BASE, "early_boost": 0.0},
     "fair-quarot-gptq-beta3": {**_BASE, "early_boost": 3.0},
@@ -58,6 +60,9 @@ STUDY: dict[str, dict] = {
     "fair-quarot-gptq-window96": {**_BASE, "window": 96},  # the whole sequence but one block of prompt
     "quarot-gptq-masked": {**_BASE, "weighting": "uniform", "calib_inputs": "masked"},
     "fair-quarot-gptq-masked": {**_BASE, "calib_inputs": "masked"},
+    # decode-like inputs on the paper's base (FlatQuant-style Stage II)
+    "flatquant-masked": {**METHODS["flatquant"], "calib_inputs": "masked"},
+    "fair-flatquant-masked": {**METHODS["fair-flatquant"], "calib_inputs": "masked"},
 }
 METHODS.update(STUDY)
 # fields that change the Stage I prior: cells that agree on them (and the seed) share one prior

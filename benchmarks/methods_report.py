@@ -31,9 +31,10 @@ TEXTS = ("wiki-val", "lee")
 # method -> the uniform-weighting method with the same base calibration
 PAIRS = {"fair-gptq": "gptq", "fair-quarot-gptq": "quarot-gptq", "fair-flatquant": "flatquant",
          "frontier-flatquant": "flatquant", "reliability-flatquant": "flatquant",
-         "fair-quarot-gptq-masked": "quarot-gptq-masked", "quarot-gptq-masked": "quarot-gptq"}
+         "fair-quarot-gptq-masked": "quarot-gptq-masked", "quarot-gptq-masked": "quarot-gptq",
+         "fair-flatquant-masked": "flatquant-masked", "flatquant-masked": "flatquant"}
 PAIRS.update({f"fair-quarot-gptq-{v}": "quarot-gptq"
-              for v in ("margin", "negent", "lambda1", "beta0", "beta3", "block16", "window96")})
+              for v in ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96")})
 
 
 def load_runs(paths: list[str]) -> list[dict]:
