@@ -20,6 +20,8 @@ import argparse
 import copy
 import json
 import logging
+import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -58,6 +60,10 @@ STUDY: dict[str, dict] = {
     "fair-quarot-gptq-beta3": {**_BASE, "early_boost": 3.0},
     "fair-quarot-gptq-block16": {**_BASE, "block_length": 16},
     "fair-quarot-gptq-window96": {**_BASE, "window": 96},  # the whole sequence but one block of prompt
+    # what the prior does, split in two: its shape inside the window (weight 1 outside it), and the window
+    # alone (flat inside: constant lambda_0 and no reliability term make every frontier-hit total 1)
+    "fair-quarot-gptq-floor1": {**_BASE, "floor": 1.0},
+    "fair-quarot-gptq-flat": {**_BASE, "early_boost": 0.0, "reliability_weight": 0.0},
     "quarot-gptq-masked": {**_BASE, "weighting": "uniform", "calib_inputs": "masked"},
     "fair-quarot-gptq-masked": {**_BASE, "calib_inputs": "masked"},
     # decode-like inputs on the paper's base (FlatQuant-style Stage II)
@@ -66,7 +72,8 @@ STUDY: dict[str, dict] = {
 }
 METHODS.update(STUDY)
 # fields that change the Stage I prior: cells that agree on them (and the seed) share one prior
-PRIOR_FIELDS = ("reliability", "reliability_weight", "frontier_weight", "early_boost", "block_length", "window")
+PRIOR_FIELDS = ("reliability", "reliability_weight", "frontier_weight", "early_boost", "block_length", "window",
+                "floor")
 BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
 
 
@@ -87,10 +94,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default="benchmarks/results/methods")
+    p.add_argument("--prior-cache", default=None,
+                   help="directory of Stage I priors shared by runs and processes (default: runs/priors/<settings>)")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.num_probes, args.epochs, args.num_prompts, args.seeds = 8, 8, 1, 4, args.seeds[:1]
         args.post_commit_prompts = 1
+    if args.prior_cache is None:
+        settings = f"{Path(args.model).name}-n{args.num_samples}-p{args.num_probes}-L{args.seq_len}-K{args.window}"
+        args.prior_cache = str(Path("runs/priors") / settings)
     return args
 
 
@@ -110,15 +122,32 @@ def prior_key(method: str, seed: int) -> str:
     return "-".join([f"seed{seed}", *parts]).replace("=", "").replace(".", "p")
 
 
-def run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs) -> dict:
+def cached_prior(args, key: str) -> str | None:
+    """The prior a run (this process or another) already stored under `key`, if any."""
+    path = Path(args.prior_cache) / f"prior-{key}"
+    return str(path) if path.is_dir() else None
+
+
+def store_prior(args, key: str, prior) -> None:
+    """Save under `key`, atomically: write a private directory, then rename it into place (first one wins)."""
+    path = Path(args.prior_cache) / f"prior-{key}"
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    prior.save(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process stored the same prior meanwhile
+        shutil.rmtree(tmp)
+
+
+def run_cell(args, teacher, tok, traces, method, bits, seed) -> dict:
     model = copy.deepcopy(teacher)
     key = prior_key(method, seed)
-    cfg = calib_config(args, method, bits, seed, prior_dirs.get(key))
+    cfg = calib_config(args, method, bits, seed, cached_prior(args, key))
     start = time.perf_counter()
     quantize(model, cfg, tokenizer=tok)
     seconds = time.perf_counter() - start
-    if cfg.weighting == "fair" and key not in prior_dirs:
-        prior_dirs[key] = str(model.fair_prior.save(Path(args.out) / f"prior-{key}"))
+    if cfg.weighting == "fair" and cfg.prior is None:
+        store_prior(args, key, model.fair_prior)
     metrics = evaluate_row(args, model, tok, traces)
     metrics["calib_seconds"] = seconds
     return metrics
@@ -148,12 +177,11 @@ def main(argv=None) -> None:
     traces = build_teacher_traces(teacher, tok, num_prompts=args.num_prompts, gen_length=args.gen_length)
     fp = evaluate_row(args, teacher, tok, traces)
     runs = [{"method": "fp", "bits": "-", "seed": None, "metrics": fp}]
-    prior_dirs: dict[str, str] = {}  # prior_key -> saved prior
     for bits in args.bits:
         for method in args.methods:
             deterministic = METHODS[method]["rounding"] == "rtn" and METHODS[method]["transform"] == "none"
             for seed in args.seeds[:1] if deterministic else args.seeds:
-                metrics = run_cell(args, teacher, tok, traces, method, bits, seed, prior_dirs)
+                metrics = run_cell(args, teacher, tok, traces, method, bits, seed)
                 runs.append({"method": method, "bits": bits, "seed": seed, "metrics": metrics})
                 logging.info("%s %s seed %d: %s", method, bits, seed,
                              {k: round(v, 4) for k, v in metrics.items() if k in HEADLINE})

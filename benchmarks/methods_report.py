@@ -4,8 +4,9 @@
         --out benchmarks/results/methods
 
 Writes `<out>.md` (the table: mean ± half-range over seeds, and the paired differences), `<out>_pairs.json`,
-`<out>_flip_rate.png` (frontier flip rate by method, W4A4) and `<out>_lag_ccdf.png` (δ_lag CCDF of the
-FP teacher's own decodes against each quantized model's own decodes, W4A4).
+`<out>_flip_rate.png` (frontier flip rate by method, W4A4), `<out>_lag_ccdf.png` (δ_lag CCDF of the
+FP teacher's own decodes against each quantized model's own decodes, W4A4) and `<out>_pairs.png` (the
+paired differences with their intervals).
 
 Paired difference of method A against its uniform-weighting base B (same base calibration, same seeds,
 same calibration samples, same teacher trajectories): per prompt p and seed s, the flip rate of A minus
@@ -28,13 +29,18 @@ from optimum_fair.evaluate import table
 HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
             "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
 TEXTS = ("wiki-val", "lee")
-# method -> the uniform-weighting method with the same base calibration
-PAIRS = {"fair-gptq": "gptq", "fair-quarot-gptq": "quarot-gptq", "fair-flatquant": "flatquant",
-         "frontier-flatquant": "flatquant", "reliability-flatquant": "flatquant",
-         "fair-quarot-gptq-masked": "quarot-gptq-masked", "quarot-gptq-masked": "quarot-gptq",
-         "fair-flatquant-masked": "flatquant-masked", "flatquant-masked": "flatquant"}
-PAIRS.update({f"fair-quarot-gptq-{v}": "quarot-gptq"
-              for v in ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96")})
+# (method, base): the base is the uniform-weighting cell with the same base calibration, or (for the
+# decode-like inputs) the same cell on text; the masked fair cells are also compared with uniform on text
+PAIRS: list[tuple[str, str]] = [
+    ("fair-gptq", "gptq"), ("fair-quarot-gptq", "quarot-gptq"), ("fair-flatquant", "flatquant"),
+    ("frontier-flatquant", "flatquant"), ("reliability-flatquant", "flatquant"),
+    *((f"fair-quarot-gptq-{v}", "quarot-gptq")
+      for v in ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96", "floor1", "flat")),
+    ("quarot-gptq-masked", "quarot-gptq"), ("fair-quarot-gptq-masked", "quarot-gptq-masked"),
+    ("fair-quarot-gptq-masked", "quarot-gptq"),
+    ("flatquant-masked", "flatquant"), ("fair-flatquant-masked", "flatquant-masked"),
+    ("fair-flatquant-masked", "flatquant"),
+]
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -106,16 +112,16 @@ def pairs_table(runs: list[dict]) -> tuple[list[dict], str]:
         by.setdefault((r["method"], r["bits"]), {})[r["seed"]] = r["metrics"]
     rows, lines = [], ["| method − base | bits | seeds | prompts | Δ flip rate [95 % CI] | Δ flip rate m≥0.1 [95 % CI] |",
                        "|---|---|---|---|---|---|"]
-    for (method, bits), a in sorted(by.items()):
-        base = PAIRS.get(method)
-        if base is None or (base, bits) not in by:
-            continue
-        d = paired_difference(a, by[(base, bits)])
-        rows.append({"method": method, "base": base, "bits": bits, **d})
-        lines.append(f"| {method} − {base} | {bits} | {len(d['seeds'])} | {d['prompts']} | "
-                     f"{100 * d['flip_rate_diff']:+.2f} pts [{100 * d['flip_rate_ci'][0]:+.2f}, "
-                     f"{100 * d['flip_rate_ci'][1]:+.2f}] | {100 * d['flip_rate_m0.1_diff']:+.2f} pts "
-                     f"[{100 * d['flip_rate_m0.1_ci'][0]:+.2f}, {100 * d['flip_rate_m0.1_ci'][1]:+.2f}] |")
+    for method, base in PAIRS:
+        for bits in sorted({b for m, b in by if m == method}):
+            if (base, bits) not in by:
+                continue
+            d = paired_difference(by[(method, bits)], by[(base, bits)])
+            rows.append({"method": method, "base": base, "bits": bits, **d})
+            lines.append(f"| {method} − {base} | {bits} | {len(d['seeds'])} | {d['prompts']} | "
+                         f"{100 * d['flip_rate_diff']:+.2f} pts [{100 * d['flip_rate_ci'][0]:+.2f}, "
+                         f"{100 * d['flip_rate_ci'][1]:+.2f}] | {100 * d['flip_rate_m0.1_diff']:+.2f} pts "
+                         f"[{100 * d['flip_rate_m0.1_ci'][0]:+.2f}, {100 * d['flip_rate_m0.1_ci'][1]:+.2f}] |")
     return rows, "\n".join(lines)
 
 
@@ -136,7 +142,7 @@ def plots(runs: list[dict], out: str, bits: str = "w4a4") -> list[str]:
     rates = [[100 * m["flip_rate"] for m in cells[n]] for n in names]
     means = [statistics.fmean(v) for v in rates]
     err = [[m - min(v) for m, v in zip(means, rates)], [max(v) - m for m, v in zip(means, rates)]]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(names)), 3.8))
     fair = [n.startswith(("fair-", "frontier-", "reliability-")) for n in names]  # prior-weighted cells
     ax.bar(range(len(names)), means, yerr=err, capsize=3, color=["#c44" if f else "#888" for f in fair])
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
@@ -169,6 +175,32 @@ def plots(runs: list[dict], out: str, bits: str = "w4a4") -> list[str]:
     return paths
 
 
+def pairs_plot(rows: list[dict], out: str) -> str:
+    """Forest plot: each method's paired flip-rate difference against its uniform base, with its 95 % interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: (r["bits"], r["flip_rate_diff"]))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.4))
+    for y, r in enumerate(rows):
+        lo, hi = (100 * v for v in r["flip_rate_ci"])
+        color = "#2a7" if hi < 0 else "#c44" if lo > 0 else "#666"  # interval excludes zero: better / worse
+        ax.plot([lo, hi], [y, y], color=color, lw=2)
+        ax.plot(100 * r["flip_rate_diff"], y, "o", color=color)
+    ax.axvline(0, color="k", lw=0.8)
+    labels = [f"{r['method']} − {r['base']} ({r['bits']}, {len(r['seeds'])} seeds)" for r in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlabel("Δ flip rate vs the uniform base, points (95 % CI; < 0: fewer flips)")
+    ax.set_title("Paired differences (green / red: interval excludes zero)", fontsize=9)
+    fig.tight_layout()
+    path = f"{out}_pairs.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="JSON files written by benchmarks/methods.py")
@@ -180,7 +212,7 @@ def main(argv=None) -> None:
     Path(f"{args.out}_pairs.json").write_text(json.dumps(rows, indent=1) + "\n")
     Path(f"{args.out}.md").write_text(main_table + "\n\n" + diff_table + "\n")
     print(main_table + "\n\n" + diff_table)
-    print("\n".join(plots(runs, args.out)))
+    print("\n".join([*plots(runs, args.out), pairs_plot(rows, args.out)]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""The evidence benchmark's statistics (benchmarks/methods_report.py) and prior sharing (benchmarks/methods.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import methods
+    import methods_report
+
+    return methods, methods_report
+
+
+def fake_metrics(flips: list[int], confident_flips: list[int], confident: list[int], decisions: int) -> dict:
+    """A methods.py metrics dict for 4 prompts (2 per held-out text) with `decisions` decisions per text."""
+    out = {}
+    for i, text in enumerate(("wiki-val", "lee")):
+        part = slice(2 * i, 2 * i + 2)
+        out[f"{text}/flips_per_prompt"] = flips[part]
+        out[f"{text}/confident_flips_per_prompt"] = confident_flips[part]
+        out[f"{text}/confident_per_prompt"] = confident[part]
+        out[f"{text}/decisions"] = decisions
+    return out
+
+
+def test_paired_difference_matches_a_plain_loop(bench):
+    _, report = bench
+    confident = [10, 6, 8, 4]
+    a = {0: fake_metrics([5, 3, 8, 2], [2, 1, 3, 0], confident, 64),
+         1: fake_metrics([4, 4, 6, 1], [1, 1, 2, 1], confident, 64)}
+    b = {0: fake_metrics([6, 3, 9, 4], [3, 1, 3, 1], confident, 64),
+         1: fake_metrics([5, 2, 9, 3], [2, 0, 4, 1], confident, 64)}
+    d = report.paired_difference(a, b, resamples=200)
+    per_prompt_decisions = 2 * 64 / 4
+    total = 0.0
+    for s in (0, 1):
+        for text in ("wiki-val", "lee"):
+            for fa, fb in zip(a[s][f"{text}/flips_per_prompt"], b[s][f"{text}/flips_per_prompt"]):
+                total += (fa - fb) / per_prompt_decisions
+    assert d["flip_rate_diff"] == pytest.approx(total / 8)  # 2 seeds x 4 prompts
+    conf_diff = sum(sum(a[s][f"{t}/confident_flips_per_prompt"][i] - b[s][f"{t}/confident_flips_per_prompt"][i]
+                        for t in ("wiki-val", "lee") for i in range(2)) for s in (0, 1))
+    assert d["flip_rate_m0.1_diff"] == pytest.approx(conf_diff / (sum(confident) * 2))
+    assert d["seeds"] == [0, 1] and d["prompts"] == 4
+    lo, hi = d["flip_rate_ci"]
+    assert lo <= d["flip_rate_diff"] <= hi and lo < hi
+
+
+def test_a_constant_difference_has_a_zero_width_interval(bench):
+    _, report = bench
+    a = {0: fake_metrics([3, 3, 3, 3], [1, 1, 1, 1], [5, 5, 5, 5], 32)}
+    b = {0: fake_metrics([5, 5, 5, 5], [1, 1, 1, 1], [5, 5, 5, 5], 32)}
+    d = report.paired_difference(a, b, resamples=100)
+    assert d["flip_rate_diff"] == pytest.approx(-2 / 16)
+    assert d["flip_rate_ci"] == pytest.approx([-2 / 16, -2 / 16])
+    assert d["flip_rate_m0.1_ci"] == pytest.approx([0.0, 0.0])
+    with pytest.raises(ValueError, match="no seed in common"):
+        report.paired_difference(a, {1: b[0]})
+
+
+def test_every_pair_names_cells_of_the_benchmark(bench):
+    methods, report = bench
+    for method, base in report.PAIRS:
+        assert method in methods.METHODS and base in methods.METHODS, (method, base)
+        fields, base_fields = methods.METHODS[method], methods.METHODS[base]
+        # a pair differs in the weighting/prior or in the Stage II inputs, never in the base calibration
+        assert (fields["rounding"], fields["transform"]) == (base_fields["rounding"], base_fields["transform"])
+    fair_study = [m for m in methods.STUDY if methods.METHODS[m]["weighting"] == "fair"]
+    assert set(fair_study) <= {m for m, _ in report.PAIRS}
+
+
+class _Prior:
+    def __init__(self, value: float):
+        self.value = value
+
+    def save(self, path):
+        path = Path(path)
+        path.mkdir(parents=True)
+        (path / "prior.json").write_text(str(self.value))
+        return path
+
+
+def test_priors_are_shared_through_the_cache_and_the_first_one_stays(bench, tmp_path):
+    methods, _ = bench
+    args = argparse.Namespace(prior_cache=str(tmp_path / "priors"))
+    (tmp_path / "priors").mkdir()
+    assert methods.cached_prior(args, "seed0") is None
+    methods.store_prior(args, "seed0", _Prior(1.0))
+    methods.store_prior(args, "seed0", _Prior(2.0))  # a second process finishing later
+    path = methods.cached_prior(args, "seed0")
+    assert path is not None and (Path(path) / "prior.json").read_text() == "1.0"
+    assert sorted(p.name for p in (tmp_path / "priors").iterdir()) == ["prior-seed0"]  # no temp dir left
