@@ -64,6 +64,9 @@ STUDY: dict[str, dict] = {
     # alone (flat inside: constant lambda_0 and no reliability term make every frontier-hit total 1)
     "fair-quarot-gptq-floor1": {**_BASE, "floor": 1.0},
     "fair-quarot-gptq-flat": {**_BASE, "early_boost": 0.0, "reliability_weight": 0.0},
+    # calibration length: twice the calibration sequences, uniform and fair
+    "quarot-gptq-n128": {**_BASE, "weighting": "uniform", "num_samples": 128},
+    "fair-quarot-gptq-n128": {**_BASE, "num_samples": 128},
     "quarot-gptq-masked": {**_BASE, "weighting": "uniform", "calib_inputs": "masked"},
     "fair-quarot-gptq-masked": {**_BASE, "calib_inputs": "masked"},
     # decode-like inputs on the paper's base (FlatQuant-style Stage II)

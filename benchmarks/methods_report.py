@@ -40,6 +40,7 @@ PAIRS: list[tuple[str, str]] = [
     ("fair-quarot-gptq-masked", "quarot-gptq"),
     ("flatquant-masked", "flatquant"), ("fair-flatquant-masked", "flatquant-masked"),
     ("fair-flatquant-masked", "flatquant"),
+    ("quarot-gptq-n128", "quarot-gptq"), ("fair-quarot-gptq-n128", "quarot-gptq-n128"),
 ]
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VARIANTS = [f"fair-quarot-gptq-{v}" for v in
             ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96", "floor1", "flat")]
-BASES = ["gptq", "fair-gptq", "quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked"]
+BASES = ["gptq", "fair-gptq", "quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked",
+         "quarot-gptq-n128", "fair-quarot-gptq-n128"]
 FLATQUANT = ["flatquant", "fair-flatquant", "flatquant-masked", "fair-flatquant-masked"]
 W4A8 = ["quarot-gptq", "fair-quarot-gptq", "flatquant", "fair-flatquant"]
 
