@@ -53,7 +53,7 @@ def run_slice(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
            "--prior-cache", str(Path(args.work) / ("priors-quick" if args.quick else "priors")), *(["--quick"] if args.quick else []), *job_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(f"{out}.log", "w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if rc:
         raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; see {out}.log")
     print(f"done: {name}", flush=True)
