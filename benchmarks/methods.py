@@ -125,15 +125,19 @@ def prior_key(method: str, seed: int) -> str:
     return "-".join([f"seed{seed}", *parts]).replace("=", "").replace(".", "p")
 
 
+def prior_path(args, key: str) -> Path:
+    return Path(args.prior_cache) / f"prior-{key}"
+
+
 def cached_prior(args, key: str) -> str | None:
     """The prior a run (this process or another) already stored under `key`, if any."""
-    path = Path(args.prior_cache) / f"prior-{key}"
+    path = prior_path(args, key)
     return str(path) if path.is_dir() else None
 
 
 def store_prior(args, key: str, prior) -> None:
     """Save under `key`, atomically: write a private directory, then rename it into place (first one wins)."""
-    path = Path(args.prior_cache) / f"prior-{key}"
+    path = prior_path(args, key)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     prior.save(tmp)
     try:

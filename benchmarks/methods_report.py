@@ -29,13 +29,14 @@ from optimum_fair.evaluate import table
 HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
             "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
 TEXTS = ("wiki-val", "lee")
+# the study's variants of the paper's prior on Hadamard + GPTQ: cells "fair-quarot-gptq-<variant>"
+PRIOR_VARIANTS = ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96", "floor1", "flat")
 # (method, base): the base is the uniform-weighting cell with the same base calibration, or (for the
 # decode-like inputs) the same cell on text; the masked fair cells are also compared with uniform on text
 PAIRS: list[tuple[str, str]] = [
     ("fair-gptq", "gptq"), ("fair-quarot-gptq", "quarot-gptq"), ("fair-flatquant", "flatquant"),
     ("frontier-flatquant", "flatquant"), ("reliability-flatquant", "flatquant"),
-    *((f"fair-quarot-gptq-{v}", "quarot-gptq")
-      for v in ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96", "floor1", "flat")),
+    *((f"fair-quarot-gptq-{v}", "quarot-gptq") for v in PRIOR_VARIANTS),
     ("quarot-gptq-masked", "quarot-gptq"), ("fair-quarot-gptq-masked", "quarot-gptq-masked"),
     ("fair-quarot-gptq-masked", "quarot-gptq"),
     ("flatquant-masked", "flatquant"), ("fair-flatquant-masked", "flatquant-masked"),

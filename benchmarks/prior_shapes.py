@@ -19,7 +19,8 @@ from optimum_fair.scoring.prior import PositionPrior
 
 def shape(prior: PositionPrior) -> dict[str, float]:
     w = prior.weights.double()  # (N,)
-    window = w[-prior.window:] if prior.window else w  # (K,); a Dream prior is shifted by one, close enough
+    end = prior.seq_len - int(prior.settings.get("logit_shift", 0))  # as placed by place_in_sequence
+    window = w[end - prior.window:end]  # (K,)
     return {"seq_len": prior.seq_len, "window": prior.window, "floor": prior.floor,
             "window_min": float(window.min()), "window_max": float(window.max()),
             "window_share": float(window.sum() / w.sum()),

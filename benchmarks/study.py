@@ -1,7 +1,7 @@
 """Issue 9's study in one command: does the frontier prior beat uniform weighting, and under which design?
 
-    python benchmarks/study.py                    # the whole grid, about 90 minutes on 2 CPU cores
-    python benchmarks/study.py --quick --seeds 0  # a smoke run of every cell at tiny settings
+    python benchmarks/study.py                    # the whole grid, about 2.5 hours on 2 CPU cores
+    python benchmarks/study.py --quick --seeds 0  # every cell once at tiny settings (40 minutes)
 
 Runs `benchmarks/methods.py` as parallel one-thread worker processes (one per core), each on a slice of
 the grid (one seed and one group of cells), sharing the Stage I priors on disk (`--prior-cache`), then
@@ -9,7 +9,8 @@ merges every slice with `benchmarks/methods_report.py` into `<out>.md`, `<out>_p
 
 The grid, on the shipped teacher, the same calibration and evaluation data in every cell:
 - W4A4, base Hadamard rotation + GPTQ: uniform; the paper's prior; the prior's variants (reliability
-  `margin` / `neg_entropy`; λ1 = 0 and 1; β = 0 and 3; blocks of 16; window 96 of 128);
+  `margin` / `neg_entropy`; λ1 = 0 and 1; β = 0 and 3; blocks of 16; window 96 of 128; the window
+  alone, `flat`; the in-window tilt alone, `floor1`); 128 instead of 64 calibration sequences;
 - W4A4, the other bases: weighted GPTQ and the FlatQuant-style Stage II, uniform vs the paper's prior;
 - Stage II inputs: text (the paper) vs decode-like masked states, uniform and fair, on Hadamard + GPTQ
   and FlatQuant-style;
@@ -25,9 +26,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from methods_report import PRIOR_VARIANTS  # benchmarks/ is this script's directory
+from methods_report import main as report
+
 HERE = Path(__file__).resolve().parent
-VARIANTS = [f"fair-quarot-gptq-{v}" for v in
-            ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "block16", "window96", "floor1", "flat")]
+VARIANTS = [f"fair-quarot-gptq-{v}" for v in PRIOR_VARIANTS]
 BASES = ["gptq", "fair-gptq", "quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked",
          "quarot-gptq-n128", "fair-quarot-gptq-n128"]
 FLATQUANT = ["flatquant", "fair-flatquant", "flatquant-masked", "fair-flatquant-masked"]
@@ -48,9 +51,11 @@ def slices(seeds: list[int]) -> list[tuple[str, list[str]]]:
 
 def run_slice(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
     out = Path(args.work) / name
+    quick = ["--quick"] if args.quick else []
+    priors = Path(args.work) / ("priors-quick" if args.quick else "priors")  # quick priors are other settings
     cmd = [sys.executable, str(HERE / "methods.py"), "--threads", "1", "--num-samples", str(args.num_samples),
            "--num-prompts", str(args.num_prompts), "--post-commit-prompts", "1", "--out", str(out),
-           "--prior-cache", str(Path(args.work) / ("priors-quick" if args.quick else "priors")), *(["--quick"] if args.quick else []), *job_args]
+           "--prior-cache", str(priors), *quick, *job_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(f"{out}.log", "w") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
@@ -74,9 +79,6 @@ def main(argv=None) -> None:
     jobs = slices(args.seeds)
     with ThreadPoolExecutor(args.workers) as pool:
         results = list(pool.map(lambda job: run_slice(*job, args), jobs))
-    sys.path.insert(0, str(HERE))
-    from methods_report import main as report
-
     report([*map(str, results), "--out", args.out])
 
 

@@ -98,3 +98,16 @@ def test_priors_are_shared_through_the_cache_and_the_first_one_stays(bench, tmp_
     path = methods.cached_prior(args, "seed0")
     assert path is not None and (Path(path) / "prior.json").read_text() == "1.0"
     assert sorted(p.name for p in (tmp_path / "priors").iterdir()) == ["prior-seed0"]  # no temp dir left
+
+
+def test_the_study_slices_run_only_cells_of_the_benchmark(bench):
+    methods, _ = bench
+    import study
+
+    jobs = study.slices([0, 1])
+    assert len(jobs) == 8 and len({name for name, _ in jobs}) == 8
+    for _, job_args in jobs:
+        cells = job_args[job_args.index("--methods") + 1:]
+        assert cells and set(cells) <= set(methods.METHODS), cells
+    variants = {m for m in methods.STUDY if m.startswith("fair-quarot-gptq-") and "masked" not in m and "n128" not in m}
+    assert set(study.VARIANTS) == variants
