@@ -75,25 +75,30 @@ def mask_positions(shape: tuple[int, int], ratio: float, logit_shift: int, seed:
 
 
 @torch.no_grad()
-def masked_nll(model: Any, seqs: Tensor, ratio: float, seed: int, batch_size: int = 16) -> dict[str, float]:
+def masked_nll(model: Any, seqs: Tensor, ratio: float, seed: int, batch_size: int = 16,
+               per_window: bool = False) -> dict[str, Any]:
     """Masked-token NLL (full vocabulary) and accuracy (mask token excluded) at mask ratio ``ratio``.
 
-    seqs: (n, seq_len) token windows. Returns ``nll``, ``acc`` and ``masked_tokens``."""
+    seqs: (n, seq_len) token windows. Returns ``nll``, ``acc`` and ``masked_tokens``; with ``per_window``
+    also ``nll_per_window``, the mean NLL of each window (every window has the same number of masks)."""
     mask_id, shift, _ = _model_facts(model)
     fn = logits_fn_of(model)
     masked = mask_positions(tuple(seqs.shape), ratio, shift, seed)  # (n, seq)
-    nll_sum, hits, count = 0.0, 0, 0
+    nll_sum, hits, count, rows = 0.0, 0, 0, []
     for start in range(0, seqs.shape[0], batch_size):
         x, m = seqs[start:start + batch_size], masked[start:start + batch_size]
         logits = fn(x.masked_fill(m, mask_id))  # (b, seq, vocab)
         if shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # position i read at i - 1
         picked, target = logits[m], x[m]  # (k, vocab), (k,)
-        nll_sum += float(F.cross_entropy(picked, target, reduction="sum"))
+        nll = F.cross_entropy(picked, target, reduction="none")  # (k,), row-major: windows in order
+        nll_sum += float(nll.sum())
+        rows += nll.view(x.shape[0], -1).mean(-1).tolist()
         picked[:, mask_id] = float("-inf")
         hits += int((picked.argmax(-1) == target).sum())
         count += int(target.numel())
-    return {"nll": nll_sum / count, "acc": hits / count, "masked_tokens": count}
+    out = {"nll": nll_sum / count, "acc": hits / count, "masked_tokens": count}
+    return {**out, "nll_per_window": rows} if per_window else out
 
 
 def _held_out(texts: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
@@ -167,8 +172,9 @@ def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
     """Flip rates on the teacher's trajectory, and agreement / post-commit mismatch of the model's own.
 
     details: also per-prompt lists (``flips_per_prompt``, ``confident_flips_per_prompt``,
-    ``confident_per_prompt``, for paired comparisons over prompts) and ``lags``, the δ_lag of every
-    position of the post-commit prompts' own decodes (leave-one-out reading).
+    ``confident_per_prompt``, ``set_disagreement_per_prompt``, for paired comparisons over prompts),
+    ``post_commit_disagree_per_prompt`` (mean-disagree of each post-commit prompt) and ``lags``, the δ_lag
+    of every position of the post-commit prompts' own decodes (leave-one-out reading).
     """
     fn = logits_fn_of(model)
     flips = frontier_flip_rate(trace, fn, margin_threshold=MARGIN)
@@ -189,11 +195,13 @@ def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
         out.update(post_commit_mean_disagree=post.mean_disagree, post_commit_never_agree=post.never_agree)
         if details:
             out["lags"] = stability_lag(sub, table).flatten().tolist()
+            out["post_commit_disagree_per_prompt"] = post.disagree_fraction.nanmean(-1).tolist()
     if details:
         confident = trace.commit_margin >= MARGIN  # (batch, gen)
         out.update(flips_per_prompt=flips.flipped.sum(-1).tolist(),
                    confident_flips_per_prompt=(flips.flipped & confident).sum(-1).tolist(),
-                   confident_per_prompt=confident.sum(-1).tolist())
+                   confident_per_prompt=confident.sum(-1).tolist(),
+                   set_disagreement_per_prompt=flips.set_disagreement_rows.tolist())
     return out
 
 
@@ -256,7 +264,9 @@ def evaluate(
             (0 = skip; it costs about prompts * gen_length^2 / 2 forward rows).
         return_traces: return ``(metrics, teacher_traces)``.
         details: add per-text lists for paired statistics (see `decode_metrics`): ``<text>/flips_per_prompt``,
-            ``<text>/confident_flips_per_prompt``, ``<text>/confident_per_prompt``, ``<text>/lags``.
+            ``<text>/confident_flips_per_prompt``, ``<text>/confident_per_prompt``,
+            ``<text>/set_disagreement_per_prompt``, ``<text>/post_commit_disagree_per_prompt``,
+            ``<text>/lags`` and ``<text>/nll_per_window``.
 
     Every argument is checked before the first forward pass."""
     from .data import calibration_sequences, token_stream
@@ -280,7 +290,7 @@ def evaluate(
         if windows < 1:
             raise ValueError(f"text {name!r} is shorter than one seq_len={seq_len} window")
         seqs = calibration_sequences(dataset, tokenizer, windows, seq_len, seed=seed)
-        per_text[name] = masked_nll(model, seqs, mask_ratio, seed)
+        per_text[name] = masked_nll(model, seqs, mask_ratio, seed, per_window=details)
         if teacher_traces is not None:
             per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts, details))
         logger.info("evaluated %s: %s", name, {k: v for k, v in per_text[name].items() if not isinstance(v, list)})

@@ -32,7 +32,8 @@ class FlipRateResult:
 
     ``flipped``: (batch, gen_len) bool, True where the student's prediction at the teacher's commit
     step differs from the committed token; ``first_flip_step``: (batch,) earliest such step, -1 if none.
-    ``set_disagreement``: mean over (step, row) with a non-empty frontier of |C_t^q Δ C_t| / |C_t|.
+    ``set_disagreement``: mean over (step, row) with a non-empty frontier of |C_t^q Δ C_t| / |C_t|;
+    ``set_disagreement_rows``: (batch,) the same mean per row (nan for a row with no frontier).
     """
 
     flip_rate: float
@@ -45,6 +46,7 @@ class FlipRateResult:
     margin_threshold: float
     flipped: Tensor
     first_flip_step: Tensor
+    set_disagreement_rows: Tensor
 
 
 @dataclass
@@ -118,7 +120,8 @@ def frontier_flip_rate(
     n_conf, n_conf_flips = int(confident.sum()), int((flipped & confident).sum())
     big = torch.full_like(trace.commit_step, trace.steps)
     first = torch.where(flipped, trace.commit_step, big).min(-1).values  # (batch,)
-    per_pair = torch.cat(ratios) if ratios else torch.empty(0, dtype=torch.float64)
+    # (steps with a frontier, batch)
+    per_pair = torch.stack(ratios) if ratios else torch.empty(0, trace.batch_size, dtype=torch.float64)
     return FlipRateResult(
         flip_rate=float(flipped.sum()) / flipped.numel(),
         flip_rate_confident=n_conf_flips / n_conf if n_conf else float("nan"),
@@ -130,6 +133,7 @@ def frontier_flip_rate(
         margin_threshold=float(margin_threshold),
         flipped=flipped,
         first_flip_step=torch.where(first == trace.steps, torch.full_like(first, -1), first),
+        set_disagreement_rows=per_pair.nanmean(0),
     )
 
 

@@ -160,3 +160,16 @@ def test_details_give_per_prompt_flips_and_lags(teacher, tok, teacher_run):
                        trace.steps)
     table = post_commit_top1(own, logits_fn_of(student), mode="loo", max_batch=7)
     assert m["held/lags"] == stability_lag(own, table).flatten().tolist()
+    # the per-unit lists for paired statistics reproduce the pooled values
+    from optimum_fair.metrics import post_commit_mismatch
+
+    windows = m["held/nll_per_window"]
+    assert len(windows) == m["held/masked_tokens"] // (SMALL["seq_len"] // 2)
+    assert sum(windows) / len(windows) == pytest.approx(m["held/nll"], rel=1e-6)
+    assert len(set(windows)) > 1
+    sets = m["held/set_disagreement_per_prompt"]
+    assert len(sets) == 4 and sum(sets) / 4 == pytest.approx(m["held/frontier_set_disagreement"])
+    post = post_commit_mismatch(own, logits_fn_of(student), table=table)
+    assert m["held/post_commit_disagree_per_prompt"] == pytest.approx(
+        [float(post.disagree_fraction[0].nanmean())])
+    assert m["held/post_commit_disagree_per_prompt"][0] == pytest.approx(m["held/post_commit_mean_disagree"])

@@ -80,3 +80,19 @@ def test_fake_quant_act_straight_through_and_clip_grad():
     clip = torch.tensor(0.8, requires_grad=True)
     fake_quant_act(x, 4, clip).sum().backward()
     assert x.grad is not None and clip.grad is not None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_quant_act_inference_path_equals_training_path(bits):
+    # no_grad takes an in-place path; its values must be bit-identical to the straight-through path's
+    x = torch.randn(5, 33, 64) * torch.logspace(-3, 3, 64)
+    clip = torch.tensor(0.9, requires_grad=True)
+    train = fake_quant_act(x.clone().requires_grad_(True), bits, clip).detach()
+    with torch.no_grad():
+        infer = fake_quant_act(x, bits, clip)
+    assert torch.equal(infer, train)
+    assert not torch.equal(infer, x)  # it did quantize
+    half = x.to(torch.float16)
+    train_half = fake_quant_act(half.clone().requires_grad_(True), bits).detach()
+    with torch.no_grad():
+        assert torch.equal(fake_quant_act(half, bits), train_half)
