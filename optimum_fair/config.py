@@ -118,7 +118,10 @@ class FairCalibConfig(QuantizationConfigMixin):
         frontier_weight: multiplier of the frontier-hit term (1, the paper; 0 = the reliability-only
             ablation). It and reliability_weight must not both be 0.
         floor: epsilon, the weight of positions outside the window (default 0.05).
-        prior: path of a saved `PositionPrior` to reuse (skips Stage I).
+        prior: path of a saved `PositionPrior` to reuse (skips Stage I). A prior saved with its rollout
+            statistics (every prior Stage I builds) that differs from this config only in the weighting
+            (`early_boost`, `boost_schedule`, `reliability_weight`, `floor`, `frontier_weight`) is
+            re-weighted from its rollouts, without new probes.
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
 
     Stage II (block-wise calibration, PAPER.md section 3)

@@ -25,7 +25,14 @@ from .config import CalibInputs, FairCalibConfig, Weighting
 from .convert import float_dtype, matches
 from .distributed import DataShard, World, batch_seed, get_world
 from .models import ModelAdapter, get_adapter
-from .scoring.prior import PositionPrior, prior_from_rollouts, probe_rollouts, saturation, settings_dict
+from .scoring.prior import (
+    PositionPrior,
+    prior_from_stats,
+    probe_rollouts,
+    reliability_sum,
+    saturation,
+    settings_dict,
+)
 from .scoring.states import decoding_states
 
 logger = logging.getLogger(__name__)
@@ -172,6 +179,10 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     expected = prior_settings(model, config, setup)
     if config.prior:
         prior = PositionPrior.load(config.prior)
+        if _reweightable(prior, expected):
+            logger.info("Stage I: re-weighting the saved rollouts of %s", config.prior)
+            return _prior(prior.commit_step, prior.reliability_sum, config, setup,
+                          dict(prior.settings, **expected))
         prior.check_compatible(expected, strict=config.strict_prior)
         if prior.seq_len != setup.seq_len:
             raise ValueError(f"prior {config.prior} covers {prior.seq_len} positions, calibration uses {setup.seq_len}")
@@ -183,17 +194,31 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     def logits_fn(x, **kw):
         return model(x.to(device), **kw).logits.float().cpu()
 
-    lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
     commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
+    settings = dict(expected, num_probes=int(prompts.shape[0]), model=str(getattr(model, "name_or_path", "") or ""))
+    return _prior(commit, reliability_sum(commit, reliab), config, setup, settings)
+
+
+# prior settings that only weight the rollouts: a saved prior with its rollout statistics is re-weighted
+# when it differs from the run in these alone
+WEIGHTING_FIELDS = ("early_boost", "boost_schedule", "reliability_weight", "floor", "frontier_weight")
+
+
+def _reweightable(prior: PositionPrior, expected: dict) -> bool:
+    diffs = {k for k, v in expected.items() if prior.settings.get(k) != v}
+    return prior.commit_step is not None and bool(diffs) and diffs <= set(WEIGHTING_FIELDS)
+
+
+def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, config: FairCalibConfig, setup: DecodeSetup,
+           settings: dict) -> PositionPrior:
+    """The prior of `config`'s weighting from rollout statistics (P, K), with its saturation."""
+    lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
     kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
               schedule=config.boost_schedule.value, lambda1=lambda1, floor=config.floor,
-              frontier_weight=config.frontier_weight,
-              logit_shift=setup.logit_shift)
-    settings = dict(expected, num_probes=int(prompts.shape[0]),
-                    model=str(getattr(model, "name_or_path", "") or ""))
-    prior = prior_from_rollouts(commit, reliab, settings=settings, **kw)
+              frontier_weight=config.frontier_weight, logit_shift=setup.logit_shift)
+    prior = prior_from_stats(commit, rel_sum, settings=settings, **kw)
     if commit.shape[0] >= 2:
-        prior.settings["saturation"] = saturation(commit, reliab, **kw)
+        prior.settings["saturation"] = saturation(commit, rel_sum, **kw)
         logger.info("Stage I: %d probes, saturation (N/2 vs N) %.4f", commit.shape[0], prior.settings["saturation"])
     return prior
 

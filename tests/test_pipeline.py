@@ -107,3 +107,24 @@ def test_masked_calibration_inputs_reach_stage_two(llada_dir, tok):
     assert not torch.equal(_logits(text), _logits(masked))
     fair = run(calib_inputs="masked")
     assert sum(isinstance(m, FairLinear) for m in fair.modules()) == 14
+
+
+def test_saved_rollouts_are_reweighted_without_new_probes(tmp_path, llada, tok):
+    """A prior saved with its rollout statistics serves a run that differs only in the weighting
+    (beta, lambda_1, floor, frontier weight): the same prior as Stage I from scratch, no forward pass."""
+    from optimum_fair.run import build_prior
+
+    build_prior(llada, FairCalibConfig(**SMALL), tok).save(tmp_path / "p")
+    other = dict(SMALL, early_boost=0.0, reliability_weight=0.5, floor=1.0, frontier_weight=2.0)
+    fresh = build_prior(llada, FairCalibConfig(**other), tok)
+    calls = []
+    hook = llada.register_forward_pre_hook(lambda *a: calls.append(1))
+    reweighted = build_prior(llada, FairCalibConfig(**other, prior=str(tmp_path / "p")), tok)
+    hook.remove()
+    assert calls == []
+    assert torch.equal(reweighted.weights, fresh.weights)
+    assert reweighted.settings == fresh.settings
+    assert reweighted.weights[:16].eq(1.0).all() and not reweighted.weights[16:].eq(1.0).all()
+    # rollout settings (here the block length) still have to match
+    with pytest.raises(ValueError, match="block_length"):
+        build_prior(llada, FairCalibConfig(**dict(other, block_length=16), prior=str(tmp_path / "p")), tok)

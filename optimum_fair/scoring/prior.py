@@ -55,22 +55,29 @@ def reliability(probs: Tensor, kind: str) -> Tensor:
     return confidence_scores(probs, kind)
 
 
-def window_scores(commit_step: Tensor, reliab: Tensor, steps: int, beta: float, schedule: str,
-                  lambda1: float) -> tuple[Tensor, Tensor]:
-    """Per-probe frontier and reliability terms over the window.
+def reliability_sum(commit_step: Tensor, reliab: Tensor) -> Tensor:
+    """(P, K) sum over steps of c~_{t,i} 1{i masked before t}: the reliability term before lambda_1.
 
     commit_step: (P, K) 0-based commit step of each window position.
     reliab: (T, P, K) teacher reliability in the state before each step (any value where not masked).
-    Returns (frontier (P, K), reliability (P, K)); w = frontier + reliability before averaging.
     """
-    t1 = commit_step + 1  # 1-based
-    frontier = boost(t1, steps, beta, schedule)  # each position is committed exactly once
+    steps = reliab.shape[0]
     step_idx = torch.arange(steps, device=commit_step.device).view(steps, 1, 1)
     masked = commit_step.unsqueeze(0) >= step_idx  # (T, P, K): still masked before step t
     c = torch.where(masked, reliab.float(), torch.zeros((), device=reliab.device))
     row_max = c.amax(-1, keepdim=True).clamp(min=1e-12)  # (T, P, 1)
-    c_tilde = c / row_max
-    return frontier, lambda1 * c_tilde.sum(0)
+    return (c / row_max).sum(0)
+
+
+def window_scores(commit_step: Tensor, rel_sum: Tensor, steps: int, beta: float, schedule: str,
+                  lambda1: float) -> tuple[Tensor, Tensor]:
+    """Per-probe frontier and reliability terms over the window.
+
+    commit_step: (P, K) 0-based commit step of each window position; rel_sum: (P, K) `reliability_sum`.
+    Returns (frontier (P, K), reliability (P, K)); w = frontier + reliability before averaging.
+    """
+    frontier = boost(commit_step + 1, steps, beta, schedule)  # 1-based steps; each position committed once
+    return frontier, lambda1 * rel_sum
 
 
 @dataclass
@@ -81,16 +88,24 @@ class PositionPrior:
     window: int  # K
     floor: float
     settings: dict = field(default_factory=dict)  # decode settings, num_probes, model, ...
+    # the probe rollouts' sufficient statistics (P, K) each: commit steps and `reliability_sum`; with them
+    # the prior can be re-weighted (other beta, lambda_1, floor, ...) without rolling out again
+    commit_step: Tensor | None = None
+    reliability_sum: Tensor | None = None
 
     @property
     def seq_len(self) -> int:
         return int(self.weights.shape[0])
 
     def save(self, path: str | Path) -> Path:
-        """Write `prior.safetensors` and `prior.json` into directory `path`."""
+        """Write `prior.safetensors` (weights, and the rollout statistics when known) and `prior.json`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"weights": self.weights.float().contiguous()}, str(path / "prior.safetensors"))
+        tensors = {"weights": self.weights.float().contiguous()}
+        if self.commit_step is not None:
+            tensors.update(commit_step=self.commit_step.long().contiguous(),
+                           reliability_sum=self.reliability_sum.float().contiguous())
+        save_file(tensors, str(path / "prior.safetensors"))
         meta = {"window": self.window, "floor": self.floor, "seq_len": self.seq_len, "settings": self.settings}
         (path / "prior.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return path
@@ -102,10 +117,14 @@ class PositionPrior:
             if not (path / name).is_file():
                 raise ValueError(f"prior {path}: {name} not found (expected a directory written by PositionPrior.save)")
         meta = json.loads((path / "prior.json").read_text())
-        weights = load_file(str(path / "prior.safetensors"))["weights"]
+        tensors = load_file(str(path / "prior.safetensors"))
+        weights = tensors["weights"]
         if weights.shape != (meta["seq_len"],):
             raise ValueError(f"prior {path}: weights have shape {tuple(weights.shape)}, json says {meta['seq_len']}")
-        return cls(weights, int(meta["window"]), float(meta["floor"]), meta.get("settings", {}))
+        commit, rel = tensors.get("commit_step"), tensors.get("reliability_sum")
+        if commit is not None and (rel is None or commit.shape != rel.shape or commit.shape[-1] != meta["window"]):
+            raise ValueError(f"prior {path}: rollout statistics must both be (probes, window={meta['window']})")
+        return cls(weights, int(meta["window"]), float(meta["floor"]), meta.get("settings", {}), commit, rel)
 
     def check_compatible(self, expected: dict, strict: bool = True) -> None:
         """Compare the settings this prior was made with to `expected`; raise (or warn) on differences."""
@@ -158,27 +177,35 @@ def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_leng
     return torch.cat(commits), torch.cat(reliabs, dim=1)
 
 
-def prior_from_rollouts(commit_step: Tensor, reliab: Tensor, seq_len: int, steps: int, beta: float,
-                        schedule: str, lambda1: float, floor: float, logit_shift: int = 0,
-                        frontier_weight: float = 1.0,
-                        settings: dict | None = None) -> PositionPrior:
-    """Average the per-probe terms and place them in the sequence (see module docstring)."""
+def prior_from_stats(commit_step: Tensor, rel_sum: Tensor, seq_len: int, steps: int, beta: float,
+                     schedule: str, lambda1: float, floor: float, logit_shift: int = 0,
+                     frontier_weight: float = 1.0, settings: dict | None = None) -> PositionPrior:
+    """The prior from the rollout statistics (commit steps and `reliability_sum`, (P, K) each)."""
     if frontier_weight < 0 or lambda1 < 0 or frontier_weight + lambda1 == 0:
         raise ValueError(f"frontier_weight ({frontier_weight}) and lambda1 ({lambda1}) must be >= 0, not both 0")
-    frontier, rel = window_scores(commit_step, reliab, steps, beta, schedule, lambda1)
+    frontier, rel = window_scores(commit_step, rel_sum, steps, beta, schedule, lambda1)
     frontier = frontier_weight * frontier  # 0: the reliability-only ablation
     window_weights = (frontier + rel).mean(0)  # (K,)
     weights = place_in_sequence(window_weights, seq_len, floor, logit_shift)
-    return PositionPrior(weights, commit_step.shape[1], floor, dict(settings or {}))
+    return PositionPrior(weights, commit_step.shape[1], floor, dict(settings or {}), commit_step, rel_sum)
 
 
-def saturation(commit_step: Tensor, reliab: Tensor, **kw) -> float:
-    """Relative L2 distance between the priors from the first half of the probes and from all of them."""
+def prior_from_rollouts(commit_step: Tensor, reliab: Tensor, **kw) -> PositionPrior:
+    """Average the per-probe terms and place them in the sequence (see module docstring).
+
+    commit_step: (P, K); reliab: (T, P, K); ``kw``: the arguments of `prior_from_stats`."""
+    return prior_from_stats(commit_step, reliability_sum(commit_step, reliab), **kw)
+
+
+def saturation(commit_step: Tensor, rel_sum: Tensor, **kw) -> float:
+    """Relative L2 distance between the priors from the first half of the probes and from all of them.
+
+    commit_step, rel_sum: (P, K) rollout statistics; ``kw``: the arguments of `prior_from_stats`."""
     half = commit_step.shape[0] // 2
     if half == 0:
         raise ValueError("saturation needs at least 2 probes")
-    a = prior_from_rollouts(commit_step[:half], reliab[:, :half], **kw).weights
-    b = prior_from_rollouts(commit_step, reliab, **kw).weights
+    a = prior_from_stats(commit_step[:half], rel_sum[:half], **kw).weights
+    b = prior_from_stats(commit_step, rel_sum, **kw).weights
     return float((a - b).norm() / b.norm())
 
 
@@ -192,8 +219,10 @@ __all__ = [
     "boost",
     "place_in_sequence",
     "prior_from_rollouts",
+    "prior_from_stats",
     "probe_rollouts",
     "reliability",
+    "reliability_sum",
     "saturation",
     "settings_dict",
     "window_scores",

@@ -8,6 +8,7 @@ from optimum_fair.scoring.prior import (
     boost,
     place_in_sequence,
     prior_from_rollouts,
+    reliability_sum,
     probe_rollouts,
     reliability,
     saturation,
@@ -111,9 +112,9 @@ def test_saturation_zero_for_identical_halves():
     commit = torch.tensor([[0, 1, 2, 3]] * 4)
     rel = torch.ones(4, 4, 4)
     kw = dict(seq_len=6, steps=4, beta=1.0, schedule="early", lambda1=0.25, floor=0.05)
-    assert saturation(commit, rel, **kw) == 0.0
+    assert saturation(commit, reliability_sum(commit, rel), **kw) == 0.0
     commit2 = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0], [3, 2, 1, 0]])
-    assert saturation(commit2, rel, **kw) > 0.01
+    assert saturation(commit2, reliability_sum(commit2, rel), **kw) > 0.01
 
 
 def test_ablation_terms():
