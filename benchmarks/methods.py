@@ -74,9 +74,9 @@ STUDY: dict[str, dict] = {
     "fair-flatquant-masked": {**METHODS["fair-flatquant"], "calib_inputs": "masked"},
 }
 METHODS.update(STUDY)
-# fields that change the Stage I prior: cells that agree on them (and the seed) share one prior
-PRIOR_FIELDS = ("reliability", "reliability_weight", "frontier_weight", "early_boost", "block_length", "window",
-                "floor")
+# fields that change Stage I's probe rollouts: cells that agree on them (and the seed) share one set of
+# rollouts; Stage I re-weights a saved prior for the other prior fields (beta, lambda_1, floor, ...)
+ROLLOUT_FIELDS = ("reliability", "block_length", "window")
 BITS = {"w4a4": (4, 4), "w4a8": (4, 8), "w8a8": (8, 8), "w4a16": (4, 16)}
 
 
@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/methods")
     p.add_argument("--prior-cache", default=None,
                    help="directory of Stage I priors shared by runs and processes (default: runs/priors/<settings>)")
+    p.add_argument("--priors-only", action="store_true",
+                   help="only build (or find) the Stage I priors the fair cells need, one per seed and rollout setting")
+    p.add_argument("--skip-fp", action="store_true", help="no FP teacher row (another slice of the same grid has it)")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.num_probes, args.epochs, args.num_prompts, args.seeds = 8, 8, 1, 4, args.seeds[:1]
@@ -120,8 +123,8 @@ def calib_config(args, method: str, bits: str, seed: int, prior_dir: str | None)
 
 
 def prior_key(method: str, seed: int) -> str:
-    """Name of the Stage I prior a fair cell uses: the seed and the prior-changing fields."""
-    parts = [f"{k}={METHODS[method][k]}" for k in PRIOR_FIELDS if k in METHODS[method]]
+    """Name of the Stage I rollouts a fair cell uses: the seed and the rollout-changing fields."""
+    parts = [f"{k}={METHODS[method][k]}" for k in ROLLOUT_FIELDS if k in METHODS[method]]
     return "-".join([f"seed{seed}", *parts]).replace("=", "").replace(".", "p")
 
 
@@ -160,6 +163,21 @@ def run_cell(args, teacher, tok, traces, method, bits, seed) -> dict:
     return metrics
 
 
+def build_priors(args, teacher, tok) -> None:
+    """Stage I for every seed and rollout setting the selected fair cells need, stored in the prior cache."""
+    from optimum_fair.run import build_prior
+
+    for seed in args.seeds:
+        for method in args.methods:
+            key = prior_key(method, seed)
+            cfg = calib_config(args, method, args.bits[0], seed, None)
+            if cfg.weighting != "fair" or cached_prior(args, key):
+                continue
+            start = time.perf_counter()
+            store_prior(args, key, build_prior(teacher, cfg, tok))
+            logging.info("Stage I %s: %.0f s", key, time.perf_counter() - start)
+
+
 def evaluate_row(args, model, tok, traces) -> dict:
     """evaluate(), plus the per-text decode metrics averaged over the held-out texts."""
     m = evaluate(model, tok, teacher_traces=traces, num_prompts=args.num_prompts, gen_length=args.gen_length,
@@ -180,10 +198,13 @@ def main(argv=None) -> None:
 
     teacher = AutoModel.from_pretrained(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.priors_only:
+        build_priors(args, teacher, tok)
+        return
     traces = build_teacher_traces(teacher, tok, num_prompts=args.num_prompts, gen_length=args.gen_length)
-    fp = evaluate_row(args, teacher, tok, traces)
-    runs = [{"method": "fp", "bits": "-", "seed": None, "metrics": fp}]
+    runs = [] if args.skip_fp else [{"method": "fp", "bits": "-", "seed": None,
+                                     "metrics": evaluate_row(args, teacher, tok, traces)}]
     for bits in args.bits:
         for method in args.methods:
             deterministic = METHODS[method]["rounding"] == "rtn" and METHODS[method]["transform"] == "none"

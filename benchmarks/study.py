@@ -1,20 +1,26 @@
 """Issue 9's study in one command: does the frontier prior beat uniform weighting, and under which design?
 
-    python benchmarks/study.py                    # the whole grid, about 2.5 hours on 2 CPU cores
-    python benchmarks/study.py --quick --seeds 0  # every cell once at tiny settings (40 minutes)
+    python benchmarks/study.py                    # the grid, 3 seeds (about 90 minutes on 2 CPU cores)
+    python benchmarks/study.py --extras           # + FlatQuant-style masked inputs and 128 calibration sequences
+    python benchmarks/study.py --quick --seeds 0  # every cell once at tiny settings
 
-Runs `benchmarks/methods.py` as parallel one-thread worker processes (one per core), each on a slice of
-the grid (one seed and one group of cells), sharing the Stage I priors on disk (`--prior-cache`), then
-merges every slice with `benchmarks/methods_report.py` into `<out>.md`, `<out>_pairs.json` and the plots.
+Two phases of `benchmarks/methods.py` runs as parallel one-thread worker processes (one per core),
+longest job first:
+1. Stage I: the probe rollouts of each seed and rollout setting (reliability kind, block length,
+   window), saved with their statistics in the prior cache (`--prior-cache`);
+2. the cells, in groups of one seed and one bit width; each fair cell takes its seed's saved prior and
+   Stage I re-weights it for the cell's β / λ1 / floor / frontier weight without new rollouts.
+Every slice evaluates on the same teacher trajectories; one slice also scores the FP teacher. Then
+`benchmarks/methods_report.py` merges the slices into `<out>.md`, `<out>_pairs.json` and the plots.
 
 The grid, on the shipped teacher, the same calibration and evaluation data in every cell:
-- W4A4, base Hadamard rotation + GPTQ: uniform; the paper's prior; the prior's variants (reliability
-  `margin` / `neg_entropy`; λ1 = 0 and 1; β = 0 and 3; blocks of 16; window 96 of 128; the window
-  alone, `flat`; the in-window tilt alone, `floor1`); 128 instead of 64 calibration sequences;
-- W4A4, the other bases: weighted GPTQ and the FlatQuant-style Stage II, uniform vs the paper's prior;
-- Stage II inputs: text (the paper) vs decode-like masked states, uniform and fair, on Hadamard + GPTQ
-  and FlatQuant-style;
-- W4A8: Hadamard + GPTQ and FlatQuant-style, uniform vs the paper's prior.
+- W4A4 bases, uniform vs the paper's prior: weighted GPTQ, Hadamard rotation + GPTQ, FlatQuant-style;
+- W4A4, the prior's variants on Hadamard + GPTQ: reliability `margin` / `neg_entropy`; λ1 = 0 and 1;
+  β = 0 and 3; blocks of 16; window 96 of 128; the window alone (`flat`); the in-window tilt alone
+  (`floor1`);
+- Stage II inputs: text (the paper) vs decode-like masked states, uniform and fair, Hadamard + GPTQ;
+- W4A8: Hadamard + GPTQ and FlatQuant-style, uniform vs the paper's prior;
+- `--extras`: masked inputs on FlatQuant-style; 128 instead of 64 calibration sequences.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,25 +38,37 @@ from methods_report import main as report
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = [f"fair-quarot-gptq-{v}" for v in PRIOR_VARIANTS]
-BASES = ["gptq", "fair-gptq", "quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked",
-         "quarot-gptq-n128", "fair-quarot-gptq-n128"]
-FLATQUANT = ["flatquant", "fair-flatquant", "flatquant-masked", "fair-flatquant-masked"]
-W4A8 = ["quarot-gptq", "fair-quarot-gptq", "flatquant", "fair-flatquant"]
+# (group name, bit width, cells, relative cost: FlatQuant-style calibration ~2x a GPTQ cell)
+GROUPS: list[tuple[str, str, list[str], float]] = [
+    ("bases", "w4a4", ["flatquant", "fair-flatquant", "gptq", "fair-gptq"], 6),
+    ("w4a8", "w4a8", ["quarot-gptq", "fair-quarot-gptq", "flatquant", "fair-flatquant"], 6),
+    ("masked", "w4a4", ["quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked",
+                        VARIANTS[0]], 5),
+    ("variants", "w4a4", VARIANTS[1:6], 5),
+    ("variants2", "w4a4", VARIANTS[6:], 4.5),
+]
+EXTRAS = [("extras", "w4a4", ["flatquant-masked", "fair-flatquant-masked", "quarot-gptq-n128",
+                              "fair-quarot-gptq-n128"], 6)]
+# one cell per distinct Stage I rollout setting (the rest re-weight these), relative cost ~ window^2
+ROLLOUTS = [("default", "fair-quarot-gptq", 1), ("margin", "fair-quarot-gptq-margin", 1),
+            ("negent", "fair-quarot-gptq-negent", 1), ("block16", "fair-quarot-gptq-block16", 1.2),
+            ("window96", "fair-quarot-gptq-window96", 2.5)]
 
 
-def slices(seeds: list[int]) -> list[tuple[str, list[str]]]:
-    """(name, methods.py arguments) per worker job: one seed and one group of cells each, longest first."""
-    jobs = []
-    for seed in seeds:
-        s = ["--seeds", str(seed)]
-        jobs += [(f"flatquant-s{seed}", ["--bits", "w4a4", *s, "--methods", *FLATQUANT]),
-                 (f"variants-s{seed}", ["--bits", "w4a4", *s, "--methods", *VARIANTS]),
-                 (f"w4a8-s{seed}", ["--bits", "w4a8", *s, "--methods", *W4A8]),
-                 (f"bases-s{seed}", ["--bits", "w4a4", *s, "--methods", *BASES])]
-    return jobs
+def slices(seeds: list[int], extras: bool = False) -> list[tuple[str, list[str], float]]:
+    """(name, methods.py arguments, relative cost) of every cell job: one seed and one group each."""
+    groups = GROUPS + (EXTRAS if extras else [])
+    return [(f"{name}-s{seed}", ["--bits", bits, "--seeds", str(seed), "--methods", *cells], cost)
+            for seed in seeds for name, bits, cells, cost in groups]
 
 
-def run_slice(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
+def prior_jobs(seeds: list[int]) -> list[tuple[str, list[str], float]]:
+    """(name, methods.py arguments, relative cost) of every Stage I job: one seed and rollout setting each."""
+    return [(f"priors-{name}-s{seed}", ["--priors-only", "--seeds", str(seed), "--methods", cell], cost)
+            for seed in seeds for name, cell, cost in ROLLOUTS]
+
+
+def run_job(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
     out = Path(args.work) / name
     quick = ["--quick"] if args.quick else []
     priors = Path(args.work) / ("priors-quick" if args.quick else "priors")  # quick priors are other settings
@@ -57,12 +76,20 @@ def run_slice(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
            "--num-prompts", str(args.num_prompts), "--post-commit-prompts", "1", "--out", str(out),
            "--prior-cache", str(priors), *quick, *job_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
     with open(f"{out}.log", "w") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     if rc:
         raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; see {out}.log")
-    print(f"done: {name}", flush=True)
+    print(f"done: {name} ({time.perf_counter() - start:.0f} s)", flush=True)
     return Path(f"{out}.json")
+
+
+def run_all(jobs: list[tuple[str, list[str], float]], args: argparse.Namespace) -> list[Path]:
+    """Run the jobs on `args.workers` processes, costliest first (so the last ones to finish are short)."""
+    jobs = sorted(jobs, key=lambda job: -job[2])
+    with ThreadPoolExecutor(args.workers) as pool:
+        return list(pool.map(lambda job: run_job(job[0], job[1], args), jobs))
 
 
 def main(argv=None) -> None:
@@ -71,15 +98,19 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel one-thread processes")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--extras", action="store_true", help="also the cells of EXTRAS")
     p.add_argument("--quick", action="store_true", help="tiny settings (methods.py --quick)")
     p.add_argument("--work", default="runs/study", help="per-slice JSON and logs, shared priors")
     p.add_argument("--out", default="benchmarks/results/study")
     args = p.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    jobs = slices(args.seeds)
-    with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda job: run_slice(*job, args), jobs))
+    start = time.perf_counter()
+    run_all(prior_jobs(args.seeds), args)
+    cells = slices(args.seeds, args.extras)
+    cells = [(name, [*job_args, *(["--skip-fp"] if i else [])], cost) for i, (name, job_args, cost) in enumerate(cells)]
+    results = run_all(cells, args)
     report([*map(str, results), "--out", args.out])
+    print(f"study: {len(cells)} cell jobs in {(time.perf_counter() - start) / 60:.0f} min")
 
 
 if __name__ == "__main__":

@@ -122,10 +122,9 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"unpack_int4 needs uint8, got {packed.dtype}")
     if packed.shape[-1] != (n + 1) // 2:
         raise ValueError(f"packed last dim {packed.shape[-1]} does not hold {n} codes")
-    lo = (packed & 0xF).to(torch.int8)
-    hi = (packed >> 4).to(torch.int8)
-    both = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]  # (..., n) in [0, 15]
-    return torch.where(both > 7, both - 16, both)
+    signed = packed.view(torch.int8)  # arithmetic shifts sign-extend each two's complement nibble
+    lo, hi = (signed << 4) >> 4, signed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]  # (..., n) in [-8, 7]
 
 
 def kron_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -104,10 +104,28 @@ def test_the_study_slices_run_only_cells_of_the_benchmark(bench):
     methods, _ = bench
     import study
 
-    jobs = study.slices([0, 1])
-    assert len(jobs) == 8 and len({name for name, _ in jobs}) == 8
-    for _, job_args in jobs:
+    jobs = study.slices([0, 1], extras=True)
+    assert len(jobs) == 12 and len({name for name, _, _ in jobs}) == 12
+    for _, job_args, _ in jobs:
         cells = job_args[job_args.index("--methods") + 1:]
         assert cells and set(cells) <= set(methods.METHODS), cells
     variants = {m for m in methods.STUDY if m.startswith("fair-quarot-gptq-") and "masked" not in m and "n128" not in m}
     assert set(study.VARIANTS) == variants
+    # every study cell is in some slice: all of them with the extras
+    covered = {cell for _, job_args, _ in jobs for cell in job_args[job_args.index("--methods") + 1:]}
+    assert set(methods.STUDY) <= covered
+
+
+def test_the_prior_phase_builds_every_rollout_setting_the_cells_use(bench):
+    """Phase 1 must leave no fair cell to roll out its own probes (it would then run Stage I again)."""
+    methods, _ = bench
+    import study
+
+    def cells(args):
+        return args[args.index("--methods") + 1:]
+
+    needed = {methods.prior_key(m, s) for _, a, _ in study.slices([0, 1], extras=True) for m in cells(a)
+              for s in (int(a[a.index("--seeds") + 1]),) if methods.METHODS[m]["weighting"] == "fair"}
+    built = [methods.prior_key(m, int(a[a.index("--seeds") + 1])) for _, a, _ in study.prior_jobs([0, 1])
+             for m in cells(a)]
+    assert set(built) == needed and len(built) == len(set(built))  # each built once, none missing or spare
