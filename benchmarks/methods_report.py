@@ -12,7 +12,9 @@ Paired difference of method A against its uniform-weighting base B (same base ca
 same calibration samples, same teacher trajectories): per prompt p and seed s, the flip rate of A minus
 that of B; its mean over seeds and prompts, with a 95 % percentile interval from resampling the prompts
 (the same resampled prompts for every seed, 2,000 resamples). At margin >= 0.1 the rate is the ratio of
-summed confident flips to summed confident decisions over the resampled prompts.
+summed confident flips to summed confident decisions over the resampled prompts. The same way, where
+the runs kept them (`evaluate(details=True)`): the frontier-set disagreement per prompt, the post-commit
+mean-disagree per post-commit prompt and the masked NLL per held-out window (the windows resampled).
 """
 
 from __future__ import annotations
@@ -81,9 +83,35 @@ def per_prompt(metrics: dict, key: str) -> torch.Tensor:
     return torch.tensor([v for text in TEXTS for v in metrics[f"{text}/{key}"]], dtype=torch.float64)
 
 
+# metric -> its per-unit list in the runs (units: prompts, post-commit prompts, NLL windows)
+UNIT_METRICS = {"set_disagreement": "set_disagreement_per_prompt",
+                "mean_disagree": "post_commit_disagree_per_prompt", "nll": "nll_per_window"}
+
+
+def bootstrap(stat, units: int, resamples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """stat(unit indices) -> (m,) tensor; its value on all units and the 2.5 / 97.5 % bootstrap quantiles."""
+    gen = torch.Generator().manual_seed(seed)
+    boot = torch.stack([stat(torch.randint(0, units, (units,), generator=gen)) for _ in range(resamples)])
+    return stat(torch.arange(units)), torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
+
+
+def unit_differences(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples: int = 2000,
+                     seed: int = 0) -> dict[str, float | list[float]]:
+    """Per-unit metrics (UNIT_METRICS) A - B: mean over seeds and units, units resampled; skips absent ones."""
+    seeds, out = sorted(set(a_runs) & set(b_runs)), {}
+    for name, key in UNIT_METRICS.items():
+        if not all(f"{t}/{key}" in r[s] for r in (a_runs, b_runs) for s in seeds for t in TEXTS):
+            continue
+        diff = torch.stack([per_prompt(a_runs[s], key) - per_prompt(b_runs[s], key) for s in seeds])  # (seeds, units)
+        full, lo, hi = bootstrap(lambda idx: diff[:, idx].mean().view(1), diff.shape[1], resamples, seed)
+        out.update({f"{name}_diff": float(full), f"{name}_ci": [float(lo), float(hi)], f"{name}_units": diff.shape[1]})
+    return out
+
+
 def paired_difference(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples: int = 2000,
                       seed: int = 0) -> dict[str, float]:
-    """Flip-rate differences A - B (all decisions and margin >= 0.1), mean and bootstrap 95 % interval."""
+    """Flip-rate differences A - B (all decisions and margin >= 0.1), mean and bootstrap 95 % interval,
+    and the `unit_differences` where both sides kept them."""
     seeds = sorted(set(a_runs) & set(b_runs))
     if not seeds:
         raise ValueError("no seed in common")
@@ -94,36 +122,44 @@ def paired_difference(a_runs: dict[int, dict], b_runs: dict[int, dict], resample
     n_conf = per_prompt(a_runs[seeds[0]], "confident_per_prompt")  # (prompts,): the teacher's, same for all
     gen = sum(a_runs[seeds[0]][f"{t}/decisions"] for t in TEXTS) / flips.shape[1]  # decisions per prompt
 
-    def stats(idx: torch.Tensor) -> tuple[float, float]:
-        return (float(flips[:, idx].mean() / gen),
-                float(conf[:, idx].sum() / (n_conf[idx].sum() * len(seeds))))
+    def stats(idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([flips[:, idx].mean() / gen, conf[:, idx].sum() / (n_conf[idx].sum() * len(seeds))])
 
-    full = stats(torch.arange(flips.shape[1]))
-    gen_idx = torch.Generator().manual_seed(seed)
-    boot = torch.tensor([stats(torch.randint(0, flips.shape[1], (flips.shape[1],), generator=gen_idx))
-                         for _ in range(resamples)])  # (resamples, 2)
-    lo, hi = torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
+    full, lo, hi = bootstrap(stats, flips.shape[1], resamples, seed)
     return {"seeds": seeds, "prompts": int(flips.shape[1]),
-            "flip_rate_diff": full[0], "flip_rate_ci": [float(lo[0]), float(hi[0])],
-            "flip_rate_m0.1_diff": full[1], "flip_rate_m0.1_ci": [float(lo[1]), float(hi[1])]}
+            "flip_rate_diff": float(full[0]), "flip_rate_ci": [float(lo[0]), float(hi[0])],
+            "flip_rate_m0.1_diff": float(full[1]), "flip_rate_m0.1_ci": [float(lo[1]), float(hi[1])],
+            **unit_differences(a_runs, b_runs, resamples, seed)}
+
+
+def _ci_cell(d: dict, name: str, scale: float, unit: str, digits: int) -> str:
+    if f"{name}_diff" not in d:
+        return "-"
+    lo, hi = (scale * v for v in d[f"{name}_ci"])
+    return f"{scale * d[f'{name}_diff']:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+# (column, metric, scale, unit, digits) of the pairs table
+PAIR_COLUMNS = [("Δ flip rate", "flip_rate", 100, " pts", 2), ("Δ flip rate m≥0.1", "flip_rate_m0.1", 100, " pts", 2),
+                ("Δ set disagreement", "set_disagreement", 100, " pts", 2),
+                ("Δ post-commit mean-disagree", "mean_disagree", 100, " pts", 2), ("Δ masked NLL", "nll", 1, "", 4)]
 
 
 def pairs_table(runs: list[dict]) -> tuple[list[dict], str]:
     by: dict[tuple[str, str], dict[int, dict]] = {}
     for r in runs:
         by.setdefault((r["method"], r["bits"]), {})[r["seed"]] = r["metrics"]
-    rows, lines = [], ["| method − base | bits | seeds | prompts | Δ flip rate [95 % CI] | Δ flip rate m≥0.1 [95 % CI] |",
-                       "|---|---|---|---|---|---|"]
+    header = ["method − base", "bits", "seeds", "prompts", *(f"{c} [95 % CI]" for c, *_ in PAIR_COLUMNS)]
+    rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, base in PAIRS:
         for bits in sorted({b for m, b in by if m == method}):
             if (base, bits) not in by:
                 continue
             d = paired_difference(by[(method, bits)], by[(base, bits)])
             rows.append({"method": method, "base": base, "bits": bits, **d})
-            lines.append(f"| {method} − {base} | {bits} | {len(d['seeds'])} | {d['prompts']} | "
-                         f"{100 * d['flip_rate_diff']:+.2f} pts [{100 * d['flip_rate_ci'][0]:+.2f}, "
-                         f"{100 * d['flip_rate_ci'][1]:+.2f}] | {100 * d['flip_rate_m0.1_diff']:+.2f} pts "
-                         f"[{100 * d['flip_rate_m0.1_ci'][0]:+.2f}, {100 * d['flip_rate_m0.1_ci'][1]:+.2f}] |")
+            cells = [f"{method} − {base}", bits, str(len(d["seeds"])), str(d["prompts"]),
+                     *(_ci_cell(d, *col[1:]) for col in PAIR_COLUMNS)]
+            lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 

@@ -54,6 +54,37 @@ def test_paired_difference_matches_a_plain_loop(bench):
     assert lo <= d["flip_rate_diff"] <= hi and lo < hi
 
 
+def test_per_unit_metrics_are_paired_like_a_plain_loop(bench):
+    """NLL per window, set disagreement and post-commit per prompt: mean of A - B over seeds and units,
+    an interval around it, and nothing for a metric one side did not keep."""
+    import torch
+
+    _, report = bench
+    gen = torch.Generator().manual_seed(0)
+
+    def runs(offset):
+        out = {}
+        for s in (0, 1):
+            m = fake_metrics([1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], 8)
+            for text in ("wiki-val", "lee"):
+                m[f"{text}/nll_per_window"] = (torch.rand(5, generator=gen) + offset).tolist()
+                m[f"{text}/set_disagreement_per_prompt"] = torch.rand(2, generator=gen).tolist()
+            out[s] = m
+        return out
+
+    a, b = runs(0.5), runs(0.0)
+    d = report.paired_difference(a, b, resamples=300)
+    plain = [a[s][f"{t}/nll_per_window"][i] - b[s][f"{t}/nll_per_window"][i]
+             for s in (0, 1) for t in ("wiki-val", "lee") for i in range(5)]
+    assert d["nll_diff"] == pytest.approx(sum(plain) / len(plain)) and d["nll_units"] == 10
+    lo, hi = d["nll_ci"]
+    assert lo < d["nll_diff"] < hi and 0 < lo  # every window is 0.5 worse on average: excludes zero
+    sets = [a[s][f"{t}/set_disagreement_per_prompt"][i] - b[s][f"{t}/set_disagreement_per_prompt"][i]
+            for s in (0, 1) for t in ("wiki-val", "lee") for i in range(2)]
+    assert d["set_disagreement_diff"] == pytest.approx(sum(sets) / len(sets))
+    assert "mean_disagree_diff" not in d  # no post-commit lists on either side
+
+
 def test_a_constant_difference_has_a_zero_width_interval(bench):
     _, report = bench
     a = {0: fake_metrics([3, 3, 3, 3], [1, 1, 1, 1], [5, 5, 5, 5], 32)}
