@@ -48,18 +48,24 @@ PAIRS: list[tuple[str, str]] = [
 
 
 def load_runs(paths: list[str]) -> list[dict]:
-    """All runs of the given files; the FP row once; a (method, bits, seed) seen twice is an error."""
-    runs, seen = [], set()
+    """All runs of the given files, each (method, bits, seed) once: the FP row and a cell run again with
+    the same flip counts (a reproduction) are kept once; a cell seen twice with other results is an error."""
+    runs, seen = [], {}
     for path in paths:
         for run in json.loads(Path(path).read_text())["runs"]:
             key = (run["method"], run["bits"], run["seed"])
             if key in seen:
-                if run["method"] == "fp":
+                if run["method"] == "fp" or _same_flips(seen[key], run["metrics"]):
                     continue
-                raise ValueError(f"{path}: {key} is already in an earlier file")
-            seen.add(key)
+                raise ValueError(f"{path}: {key} is already in an earlier file, with other results")
+            seen[key] = run["metrics"]
             runs.append(run)
     return runs
+
+
+def _same_flips(a: dict, b: dict) -> bool:
+    keys = [f"{t}/{k}" for t in TEXTS for k in ("flips_per_prompt", "confident_flips_per_prompt")]
+    return all(k in a and a.get(k) == b.get(k) for k in keys)
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[str, str]]:

@@ -160,3 +160,19 @@ def test_the_prior_phase_builds_every_rollout_setting_the_cells_use(bench):
     built = [methods.prior_key(m, int(a[a.index("--seeds") + 1])) for _, a, _ in study.prior_jobs([0, 1])
              for m in cells(a)]
     assert set(built) == needed and len(built) == len(set(built))  # each built once, none missing or spare
+
+
+def test_merging_keeps_a_reproduced_cell_once_and_refuses_a_conflicting_one(bench, tmp_path):
+    import json
+
+    _, report = bench
+    cell = {"method": "gptq", "bits": "w4a4", "seed": 0, "metrics": fake_metrics([1, 2, 3, 4], [0, 1, 0, 1],
+                                                                                  [2, 2, 2, 2], 32)}
+    fp = {"method": "fp", "bits": "-", "seed": None, "metrics": {}}
+    other = {**cell, "metrics": fake_metrics([1, 2, 3, 5], [0, 1, 0, 1], [2, 2, 2, 2], 32)}
+    for name, runs in (("a", [fp, cell]), ("b", [fp, cell]), ("c", [other])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": runs}))
+    merged = report.load_runs([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert [r["method"] for r in merged] == ["fp", "gptq"]
+    with pytest.raises(ValueError, match="other results"):
+        report.load_runs([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
