@@ -72,6 +72,8 @@ STUDY: dict[str, dict] = {
     # decode-like inputs on the paper's base (FlatQuant-style Stage II)
     "flatquant-masked": {**METHODS["flatquant"], "calib_inputs": "masked"},
     "fair-flatquant-masked": {**METHODS["fair-flatquant"], "calib_inputs": "masked"},
+    # the strongest early boost of the variants on the paper's base
+    "fair-flatquant-beta3": {**METHODS["fair-flatquant"], "early_boost": 3.0},
 }
 METHODS.update(STUDY)
 # fields that change Stage I's probe rollouts: cells that agree on them (and the seed) share one set of

@@ -38,7 +38,7 @@ PRIOR_VARIANTS = ("margin", "negent", "lambda0", "lambda1", "beta0", "beta3", "b
 PAIRS: list[tuple[str, str]] = [
     ("fair-gptq", "gptq"), ("fair-quarot-gptq", "quarot-gptq"), ("fair-flatquant", "flatquant"),
     ("frontier-flatquant", "flatquant"), ("reliability-flatquant", "flatquant"),
-    *((f"fair-quarot-gptq-{v}", "quarot-gptq") for v in PRIOR_VARIANTS),
+    *((f"fair-quarot-gptq-{v}", "quarot-gptq") for v in PRIOR_VARIANTS), ("fair-flatquant-beta3", "flatquant"),
     ("quarot-gptq-masked", "quarot-gptq"), ("fair-quarot-gptq-masked", "quarot-gptq-masked"),
     ("fair-quarot-gptq-masked", "quarot-gptq"),
     ("flatquant-masked", "flatquant"), ("fair-flatquant-masked", "flatquant-masked"),
@@ -90,6 +90,7 @@ def per_prompt(metrics: dict, key: str) -> torch.Tensor:
 
 
 # metric -> its per-unit list in the runs (units: prompts, post-commit prompts, NLL windows)
+MIN_UNITS = 8  # fewer units per seed (e.g. 2 post-commit prompts) give no bootstrap interval
 UNIT_METRICS = {"set_disagreement": "set_disagreement_per_prompt",
                 "mean_disagree": "post_commit_disagree_per_prompt", "nll": "nll_per_window"}
 
@@ -110,7 +111,8 @@ def unit_differences(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples
             continue
         diff = torch.stack([per_prompt(a_runs[s], key) - per_prompt(b_runs[s], key) for s in seeds])  # (seeds, units)
         full, lo, hi = bootstrap(lambda idx: diff[:, idx].mean().view(1), diff.shape[1], resamples, seed)
-        out.update({f"{name}_diff": float(full), f"{name}_ci": [float(lo), float(hi)], f"{name}_units": diff.shape[1]})
+        ci = [float(lo), float(hi)] if diff.shape[1] >= MIN_UNITS else None  # a handful of units: no interval
+        out.update({f"{name}_diff": float(full), f"{name}_ci": ci, f"{name}_units": diff.shape[1]})
     return out
 
 
@@ -141,6 +143,8 @@ def paired_difference(a_runs: dict[int, dict], b_runs: dict[int, dict], resample
 def _ci_cell(d: dict, name: str, scale: float, unit: str, digits: int) -> str:
     if f"{name}_diff" not in d:
         return "-"
+    if d[f"{name}_ci"] is None:
+        return f"{scale * d[f'{name}_diff']:+.{digits}f}{unit} ({d[f'{name}_units']} prompts, no CI)"
     lo, hi = (scale * v for v in d[f"{name}_ci"])
     return f"{scale * d[f'{name}_diff']:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 

@@ -17,7 +17,7 @@ The grid, on the shipped teacher, the same calibration and evaluation data in ev
 - W4A4 bases, uniform vs the paper's prior: weighted GPTQ, Hadamard rotation + GPTQ, FlatQuant-style;
 - W4A4, the prior's variants on Hadamard + GPTQ: reliability `margin` / `neg_entropy`; λ1 = 0 and 1;
   β = 0 and 3; blocks of 16; window 96 of 128; the window alone (`flat`); the in-window tilt alone
-  (`floor1`);
+  (`floor1`); β = 3 also on FlatQuant-style;
 - Stage II inputs: text (the paper) vs decode-like masked states, uniform and fair, Hadamard + GPTQ;
 - W4A8: Hadamard + GPTQ and FlatQuant-style, uniform vs the paper's prior;
 - `--extras`: masked inputs on FlatQuant-style; 128 instead of 64 calibration sequences.
@@ -45,7 +45,7 @@ GROUPS: list[tuple[str, str, list[str], float]] = [
     ("masked", "w4a4", ["quarot-gptq", "fair-quarot-gptq", "quarot-gptq-masked", "fair-quarot-gptq-masked",
                         VARIANTS[0]], 5),
     ("variants", "w4a4", VARIANTS[1:6], 5),
-    ("variants2", "w4a4", VARIANTS[6:], 4.5),
+    ("variants2", "w4a4", [*VARIANTS[6:], "fair-flatquant-beta3"], 6.5),
 ]
 EXTRAS = [("extras", "w4a4", ["flatquant-masked", "fair-flatquant-masked", "quarot-gptq-n128",
                               "fair-quarot-gptq-n128"], 6)]
