@@ -39,6 +39,7 @@ PAIRS: list[tuple[str, str]] = [
     ("fair-gptq", "gptq"), ("fair-quarot-gptq", "quarot-gptq"), ("fair-flatquant", "flatquant"),
     ("frontier-flatquant", "flatquant"), ("reliability-flatquant", "flatquant"),
     *((f"fair-quarot-gptq-{v}", "quarot-gptq") for v in PRIOR_VARIANTS), ("fair-flatquant-beta3", "flatquant"),
+    ("fair-flatquant-beta3", "fair-flatquant"),
     ("quarot-gptq-masked", "quarot-gptq"), ("fair-quarot-gptq-masked", "quarot-gptq-masked"),
     ("fair-quarot-gptq-masked", "quarot-gptq"),
     ("flatquant-masked", "flatquant"), ("fair-flatquant-masked", "flatquant-masked"),

@@ -111,7 +111,9 @@ class FairCalibConfig(QuantizationConfigMixin):
             None = seq_len // 4, the paper's 256 / 1024.
         block_length: semi-autoregressive block length of the random commit policy (default 32).
         steps: T, denoising steps over the window. None = window (one token per step).
-        early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)) (default 1).
+        early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). Default 3: the paper boosts
+            early steps without giving beta; 3 beat uniform weighting on the frontier flip rate in the
+            issue-9 study (README), 1 (the earlier default) did not.
         boost_schedule: "early" (default), "flat" or "late" (ablations).
         reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
         reliability_weight: lambda_1. None = 1/T. 0 = the frontier-only ablation.
@@ -165,7 +167,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     window: int | None = None
     block_length: int = 32
     steps: int | None = None
-    early_boost: float = 1.0
+    early_boost: float = 3.0
     boost_schedule: BoostSchedule = BoostSchedule.EARLY
     reliability: Reliability = Reliability.PROB
     reliability_weight: float | None = None
