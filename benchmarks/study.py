@@ -73,8 +73,8 @@ def run_job(name: str, job_args: list[str], args: argparse.Namespace) -> Path:
     quick = ["--quick"] if args.quick else []
     priors = Path(args.work) / ("priors-quick" if args.quick else "priors")  # quick priors are other settings
     cmd = [sys.executable, str(HERE / "methods.py"), "--threads", "1", "--num-samples", str(args.num_samples),
-           "--num-prompts", str(args.num_prompts), "--post-commit-prompts", "1", "--out", str(out),
-           "--prior-cache", str(priors), *quick, *job_args]
+           "--num-prompts", str(args.num_prompts), "--post-commit-prompts", str(args.post_commit_prompts),
+           "--out", str(out), "--prior-cache", str(priors), *quick, *job_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     with open(f"{out}.log", "w") as log:
@@ -98,6 +98,9 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel one-thread processes")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--post-commit-prompts", type=int, default=1,
+                   help="prompts per text whose own decode gets the leave-one-out post-commit mismatch; each adds "
+                        "about 1 minute per cell, and a paired interval needs 4 or more (8 prompts per seed)")
     p.add_argument("--extras", action="store_true", help="also the cells of EXTRAS")
     p.add_argument("--quick", action="store_true", help="tiny settings (methods.py --quick)")
     p.add_argument("--work", default="runs/study", help="per-slice JSON and logs, shared priors")
