@@ -93,7 +93,8 @@ def masked_nll(model: Any, seqs: Tensor, ratio: float, seed: int, batch_size: in
         picked, target = logits[m], x[m]  # (k, vocab), (k,)
         nll = F.cross_entropy(picked, target, reduction="none")  # (k,), row-major: windows in order
         nll_sum += float(nll.sum())
-        rows += nll.view(x.shape[0], -1).mean(-1).tolist()
+        if per_window:
+            rows += nll.view(x.shape[0], -1).mean(-1).tolist()
         picked[:, mask_id] = float("-inf")
         hits += int((picked.argmax(-1) == target).sum())
         count += int(target.numel())

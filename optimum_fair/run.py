@@ -205,8 +205,8 @@ WEIGHTING_FIELDS = ("early_boost", "boost_schedule", "reliability_weight", "floo
 
 
 def _reweightable(prior: PositionPrior, expected: dict) -> bool:
-    diffs = {k for k, v in expected.items() if prior.settings.get(k) != v}
-    return prior.commit_step is not None and bool(diffs) and diffs <= set(WEIGHTING_FIELDS)
+    diffs = prior.differences(expected)
+    return prior.commit_step is not None and bool(diffs) and set(diffs) <= set(WEIGHTING_FIELDS)
 
 
 def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, config: FairCalibConfig, setup: DecodeSetup,

@@ -126,9 +126,13 @@ class PositionPrior:
             raise ValueError(f"prior {path}: rollout statistics must both be (probes, window={meta['window']})")
         return cls(weights, int(meta["window"]), float(meta["floor"]), meta.get("settings", {}), commit, rel)
 
+    def differences(self, expected: dict) -> dict:
+        """{setting: (this prior's value, expected value)} for every setting of `expected` that differs."""
+        return {k: (self.settings.get(k), v) for k, v in expected.items() if self.settings.get(k) != v}
+
     def check_compatible(self, expected: dict, strict: bool = True) -> None:
         """Compare the settings this prior was made with to `expected`; raise (or warn) on differences."""
-        diffs = {k: (self.settings.get(k), v) for k, v in expected.items() if self.settings.get(k) != v}
+        diffs = self.differences(expected)
         if not diffs:
             return
         text = ", ".join(f"{k}: prior has {a!r}, run wants {b!r}" for k, (a, b) in sorted(diffs.items()))
