@@ -106,6 +106,11 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="runs/study", help="per-slice JSON and logs, shared priors")
     p.add_argument("--out", default="benchmarks/results/study")
     args = p.parse_args(argv)
+    for name in ("workers", "num_samples", "num_prompts"):  # before 80 minutes of work, not in the last job
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.post_commit_prompts < 0:
+        p.error(f"--post-commit-prompts must be >= 0, got {args.post_commit_prompts}")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     run_all(prior_jobs(args.seeds), args)

@@ -176,3 +176,13 @@ def test_merging_keeps_a_reproduced_cell_once_and_refuses_a_conflicting_one(benc
     assert [r["method"] for r in merged] == ["fp", "gptq"]
     with pytest.raises(ValueError, match="other results"):
         report.load_runs([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+@pytest.mark.parametrize("flag", ["--workers=0", "--num-prompts=0", "--post-commit-prompts=-1"])
+def test_the_study_refuses_bad_settings_before_any_work(bench, tmp_path, flag, capsys):
+    import study
+
+    with pytest.raises(SystemExit):
+        study.main([flag, "--work", str(tmp_path / "work")])
+    assert flag.split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing started

@@ -128,3 +128,15 @@ def test_saved_rollouts_are_reweighted_without_new_probes(tmp_path, llada, tok):
     # rollout settings (here the block length) still have to match
     with pytest.raises(ValueError, match="block_length"):
         build_prior(llada, FairCalibConfig(**dict(other, block_length=16), prior=str(tmp_path / "p")), tok)
+
+
+def test_a_prior_with_broken_rollout_statistics_is_refused_on_load(tmp_path):
+    from safetensors.torch import save_file
+
+    PositionPrior(torch.ones(32), 16, 0.05, {}, torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16)).save(
+        tmp_path / "p")
+    assert PositionPrior.load(tmp_path / "p").commit_step.shape == (4, 16)
+    save_file({"weights": torch.ones(32), "commit_step": torch.zeros(4, 16, dtype=torch.long)},
+              str(tmp_path / "p" / "prior.safetensors"))  # statistics half written
+    with pytest.raises(ValueError, match="rollout statistics"):
+        PositionPrior.load(tmp_path / "p")
