@@ -1,0 +1,114 @@
+"""Every choice of optimum-fair as a str-Enum, in one module that imports nothing but the standard library.
+
+The config (`config.py`) and every layer below it (`ops`, `nn`, `calib`, `scoring`, `pipeline`) type
+their arguments with these, so a value checked once in `FairCalibConfig` stays an enum all the way down.
+A member equals its string (``Rounding.GPTQ == "gptq"``); `coerce_enum` turns user input into a member.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
+
+# -- quantization format and Stage II -----------------------------------------------------------
+class Rounding(str, Enum):
+    """How weights are rounded to the grid."""
+
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # (weighted) GPTQ: H = sum_i w_i x_i x_i^T
+
+
+class Transform(str, Enum):
+    """Invertible transform applied in front of each converted linear before quantization."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"  # randomised Hadamard rotation (QuaRot-style)
+    FLATQUANT = "flatquant"  # learned Kronecker-factored affine + diagonal scale + clipping
+
+
+class Weighting(str, Enum):
+    """Token weights w_i in the Stage II loss."""
+
+    FAIR = "fair"  # the Stage I position prior
+    UNIFORM = "uniform"  # w_i = 1 (the ablation)
+
+
+class InputMode(str, Enum):
+    """Where Stage II takes block l's input from."""
+
+    QUANTIZED = "quantized"  # output of the already-quantized prefix (default)
+    FP = "fp"  # output of the full-precision prefix (FlatQuant's variant)
+
+
+class CalibInputs(str, Enum):
+    """What Stage II feeds the model."""
+
+    TEXT = "text"  # fully observed calibration text (the paper)
+    MASKED = "masked"  # decode-like partially masked states of that text (DLLMQuant / Quant-dLLM style)
+
+
+# -- Stage I and the metrics --------------------------------------------------------------------
+class Confidence(str, Enum):
+    """How a model's confidence at a masked position is scored: the reliability c_{t,i} of Stage I and
+    the commit rule of the stability metrics."""
+
+    PROB = "prob"  # max probability
+    MARGIN = "margin"  # top-1 minus top-2 probability
+    NEG_ENTROPY = "neg_entropy"  # sum p log p
+
+
+#: The config's name for `Confidence` (the paper's teacher reliability c_{t,i}).
+Reliability = Confidence
+
+
+class BoostSchedule(str, Enum):
+    """lambda_0(t) schedule for the frontier-hit term."""
+
+    EARLY = "early"  # 1 + beta * (1 - (t-1)/(T-1))
+    FLAT = "flat"  # 1
+    LATE = "late"  # 1 + beta * (t-1)/(T-1)
+
+
+# -- samplers -----------------------------------------------------------------------------------
+class Remasking(str, Enum):
+    """LLaDA's rule for which masked positions of the current block are committed."""
+
+    LOW_CONFIDENCE = "low_confidence"  # highest probability of the chosen token first
+    RANDOM = "random"  # uniformly random masked positions (Stage I's random commit policy)
+
+
+class DreamAlg(str, Enum):
+    """Dream's ``diffusion_generate`` algorithms."""
+
+    ORIGIN = "origin"  # each masked position unmasks with probability 1 - s/t
+    MASKGIT_PLUS = "maskgit_plus"  # confidence = probability of the chosen token
+    TOPK_MARGIN = "topk_margin"  # confidence = top-1 minus top-2 probability
+    ENTROPY = "entropy"  # confidence = negative entropy
+
+
+class Algorithm(str, Enum):
+    """Which sampler `generate` runs."""
+
+    LLADA = "llada"  # semi-autoregressive blocks, fixed commits per step
+    DREAM = "dream"  # Dream's diffusion_generate schedule
+
+
+class PostCommitMode(str, Enum):
+    """How the top-1 at an already committed position is read (`eval.metrics.post_commit_mismatch`)."""
+
+    LOO = "loo"  # leave-one-out: re-mask only that position and read the prediction there
+    RAW = "raw"  # the raw output at the unmasked position (untrained noise for LLaDA-objective models)
+
+
+def coerce_enum(enum_cls: type[E], value: object, name: str) -> E:
+    """Return ``value`` as a member of ``enum_cls``; raise ValueError naming ``name`` otherwise."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = [m.value for m in enum_cls]
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
