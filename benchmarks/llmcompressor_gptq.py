@@ -349,8 +349,8 @@ def run_parent(args) -> None:
                     mean_rel_weight_err=weight_error(w, fp_w)["mean_rel_weight_err"])
             for k, w in rtn_references(fp_w).items()}
 
-    from optimum_fair.cache import tensor_digest
     from optimum_fair.data import calibration_sequences
+    from optimum_fair.pipeline.cache import tensor_digest
 
     report = {
         "benchmark": "optimum-fair GPTQ vs llm-compressor GPTQ oneshot (W4A16, per channel, symmetric)",
@@ -424,7 +424,7 @@ def run_parent(args) -> None:
 def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held_ids, held_mask) -> dict:
     import torch
 
-    from optimum_fair.cache import tensor_digest
+    from optimum_fair.pipeline.cache import tensor_digest
 
     out = {"calib_ids_digest": tensor_digest(calib_ids), "sides": {}}
     for side, runs in results.items():

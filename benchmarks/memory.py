@@ -68,7 +68,7 @@ def child(args) -> None:
 
     import optimum_fair
     import optimum_fair.data
-    import optimum_fair.run  # noqa: F401
+    import optimum_fair.pipeline.stage1  # noqa: F401
     from optimum_fair import FairLinear
 
     torch.set_num_threads(args.threads)

@@ -30,8 +30,8 @@ import torch
 from methods_report import HEADLINE, summarise  # benchmarks/ is this script's directory
 
 import optimum_fair
-from optimum_fair import FairCalibConfig, quantize
-from optimum_fair.evaluate import build_teacher_traces, evaluate, table
+from optimum_fair import FairCalibConfig, calibration_result, quantize
+from optimum_fair.eval.evaluate import build_teacher_traces, evaluate, table
 
 # name -> FairCalibConfig fields; "fp" is the unquantized teacher. Fair cells weight with early boost
 # beta = 1 (set in calib_config) unless they name another: the package default became 3 with issue 9's
@@ -162,7 +162,7 @@ def run_cell(args, teacher, tok, traces, method, bits, seed) -> dict:
     quantize(model, cfg, tokenizer=tok)
     seconds = time.perf_counter() - start
     if cfg.weighting == "fair" and cfg.prior is None:
-        store_prior(args, key, model.fair_prior)
+        store_prior(args, key, calibration_result(model).prior)
     metrics = evaluate_row(args, model, tok, traces)
     metrics["calib_seconds"] = seconds
     return metrics
@@ -170,7 +170,7 @@ def run_cell(args, teacher, tok, traces, method, bits, seed) -> dict:
 
 def build_priors(args, teacher, tok) -> None:
     """Stage I for every seed and rollout setting the selected fair cells need, stored in the prior cache."""
-    from optimum_fair.run import build_prior
+    from optimum_fair.pipeline.stage1 import build_prior
 
     for seed in args.seeds:
         for method in args.methods:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from optimum_fair.evaluate import table
+from optimum_fair.eval.evaluate import table
 
 HEADLINE = ["flip_rate", "flip_rate_m0.1", "set_disagreement", "mean_disagree", "never_agree",
             "wiki-val/nll", "lee/nll", "agreement", "calib_seconds"]
@@ -181,7 +181,7 @@ def plots(runs: list[dict], out: str, bits: str = "w4a4") -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from optimum_fair.metrics import lag_ccdf
+    from optimum_fair.eval.metrics import lag_ccdf
 
     cells: dict[str, list[dict]] = {}
     for r in runs:

@@ -213,13 +213,12 @@ def random_ids(n: int, seq: int, seed: int, high: int = 126000) -> torch.Tensor:
 
 # -- the measurement ------------------------------------------------------------------------------
 def stage_two_settings(args):
-    from optimum_fair.calibrate import StageTwoSettings
     from optimum_fair.config import FairCalibConfig
+    from optimum_fair.pipeline.plan import stage_two_settings as plan_stage_two
 
     c = FairCalibConfig(rounding="gptq", transform="hadamard", w_bits=4, a_bits=4,
                         batch_size=args.batch_size, num_samples=args.samples, seq_len=args.seq_len)
-    return c, StageTwoSettings(c.w_bits, c.a_bits, c.group_size, c.rounding.value, c.transform.value, c.epochs,
-                               c.lr, c.clip_lr, c.batch_size, c.damp, c.act_order, c.input_mode.value, c.seed)
+    return c, plan_stage_two(c)
 
 
 def stage_one(model, config, args, mon: RssMonitor) -> tuple[torch.Tensor, list[float], float]:
@@ -228,7 +227,7 @@ def stage_one(model, config, args, mon: RssMonitor) -> tuple[torch.Tensor, list[
     Returns the prior's weights (seq_len,), each step's seconds, and the seconds of a 16-token forward
     (streaming every offloaded weight from disk with almost no compute: the per-step fixed cost).
     """
-    from optimum_fair.calibrate import execution_device
+    from optimum_fair.devices import execution_device
     from optimum_fair.scoring.prior import prior_from_rollouts, probe_rollouts
 
     device = execution_device(model)
@@ -297,17 +296,17 @@ class BlockEnds(logging.Handler):
 def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     from torch import nn
 
-    from optimum_fair.calibrate import calibrate_blocks, capture_block_inputs, execution_device
-    from optimum_fair.convert import float_dtype
-    from optimum_fair.models import get_adapter
+    from optimum_fair.arch import get_adapter
     from optimum_fair.nn import FairLinear
-    from optimum_fair.pipeline import resolve_skip
-    from optimum_fair.run import block_groups
+    from optimum_fair.devices import execution_device
+    from optimum_fair.pipeline.plan import block_groups, resolve_skip
+    from optimum_fair.pipeline.stage2 import calibrate_blocks, capture_block_inputs
+    from optimum_fair.pipeline.surgery import float_dtype
 
     adapter = get_adapter(model)
     blocks = adapter.block_list(model)
     cfg, settings = stage_two_settings(args)
-    groups = block_groups(adapter, resolve_skip(model, cfg))  # as run_calibration: the LM head stays float
+    groups = block_groups(adapter, resolve_skip(model, cfg))  # as calibrate(): the LM head stays float
     ids = random_ids(args.samples, args.seq_len, seed=2)
     device = execution_device(model)
     with mon.phase("capture_inputs"):
@@ -315,7 +314,7 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     assert torch.isfinite(hidden).all()
     subset = nn.ModuleList(list(blocks)[: args.num_blocks])
     ends = BlockEnds(mon)
-    log = logging.getLogger("optimum_fair.calibrate")
+    log = logging.getLogger("optimum_fair.pipeline.stage2")
     log.addHandler(ends)
     try:
         with mon.phase("stage2"), forward_timers(subset) as fwd:

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimum_fair.data import calibration_sequences, require_mask_token, token_stream
-from optimum_fair.metrics import stability_lag
+from optimum_fair.data import calibration_sequences, token_stream
+from optimum_fair.eval.metrics import stability_lag
+from optimum_fair.modeling.tokens import require_mask_token
 from optimum_fair.scoring.forward import forbid_mask, predict_window
 from optimum_fair.scoring.sampler import llada_decode
 from optimum_fair.scoring.trace import DecodeTrace
-from optimum_fair.train_teacher import TrainArgs, build_config, masked_eval
+from scripts.train_teacher import TrainArgs, build_config, masked_eval
 
 logger = logging.getLogger("teacher_quality")
 

@@ -21,8 +21,8 @@ from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair import FairCalibConfig, quantize
-from optimum_fair.evaluate import build_teacher_traces, evaluate, table
-from optimum_fair.hub import save_quantized
+from optimum_fair.eval.evaluate import build_teacher_traces, evaluate, table
+from optimum_fair.export import save_quantized
 
 COLUMNS = ["wiki-val/nll", "lee/nll", "flip_rate", "flip_rate_m0.1", "agreement", "seconds"]
 

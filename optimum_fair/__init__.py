@@ -2,13 +2,16 @@
 
 Importing this package registers the `fair_calib` quantization method with transformers (and the
 native LLaDA / Dream model types); nothing else happens at import time. The public names below load
-lazily, so the pure-torch subpackages (`ops`, `nn`, `calib`, `scoring`, `metrics`) import even where
-transformers is unavailable.
+lazily, so the pure-torch subpackages (`ops`, `nn`, `calib`, `scoring`, `eval.metrics`) import even where
+transformers is unavailable. A failure to register (transformers installed but broken, a module
+shadowing one of its dependencies) raises here, with its cause, instead of surfacing later as an
+"unknown architecture".
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 __version__ = "0.1.0.dev0"
@@ -18,22 +21,28 @@ DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "teacher")
 
 _LAZY = {
     "FairCalibConfig": "config",
-    "Rounding": "config",
-    "Transform": "config",
-    "Weighting": "config",
-    "Reliability": "config",
-    "BoostSchedule": "config",
-    "InputMode": "config",
-    "CalibInputs": "config",
+    "Rounding": "enums",
+    "Transform": "enums",
+    "Weighting": "enums",
+    "Reliability": "enums",
+    "BoostSchedule": "enums",
+    "InputMode": "enums",
+    "CalibInputs": "enums",
     "FairLinear": "nn",
-    "quantize": "pipeline",
-    "generate": "generation",
+    "quantize": "integrations.transformers",
+    "build_prior": "pipeline",
+    "CalibrationResult": "pipeline",
+    "calibration_result": "pipeline",
+    "save_quantized": "export",
+    "push_quantized": "export",
+    "evaluate": "eval.evaluate",
+    "generate": "eval.generation",
     "DecodeTrace": "scoring.trace",
     "PositionPrior": "scoring.prior",
     "is_main_process": "distributed",
 }
 
-__all__ = ["DEFAULT_MODEL", *_LAZY]
+__all__ = ["DEFAULT_MODEL", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
@@ -43,13 +52,9 @@ def __getattr__(name: str):
 
 
 def _register_if_possible() -> None:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:  # the math subpackages stay usable without transformers
+    if importlib.util.find_spec("transformers") is None:  # the math subpackages stay usable without it
         return
-    from .registration import register
-
-    register()
+    importlib.import_module(".integrations.transformers", __name__).register()
 
 
 _register_if_possible()

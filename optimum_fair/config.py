@@ -3,7 +3,8 @@
 The config is the API (STYLE.md): `from_pretrained(..., quantization_config=FairCalibConfig(...))`
 and `quantize(model, FairCalibConfig(...), texts)` take the same object, and the checkpoint's
 `config.json` stores it under `quantization_config`. Field names follow the paper where it has a
-symbol (N_probe, K, beta, lambda_1, epsilon); see ../shared/PAPER.md.
+symbol (N_probe, K, beta, lambda_1, epsilon) in arXiv 2606.06547; docs/method.md says which defaults are the
+paper's and which are ours.
 """
 
 from __future__ import annotations
@@ -16,59 +17,18 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .enums import (
+    BoostSchedule,
+    CalibInputs,
+    InputMode,
+    Reliability,
+    Rounding,
+    Transform,
+    Weighting,
+    coerce_enum,
+)
+
 CONFIG_VERSION = 1
-
-
-class Rounding(str, Enum):
-    """How weights are rounded to the grid."""
-
-    RTN = "rtn"  # round to nearest
-    GPTQ = "gptq"  # (weighted) GPTQ: H = sum_i w_i x_i x_i^T
-
-
-class Transform(str, Enum):
-    """Invertible transform applied in front of each converted linear before quantization."""
-
-    NONE = "none"
-    HADAMARD = "hadamard"  # randomised Hadamard rotation (QuaRot-style)
-    FLATQUANT = "flatquant"  # learned Kronecker-factored affine + diagonal scale + clipping
-
-
-class Weighting(str, Enum):
-    """Token weights w_i in the Stage II loss."""
-
-    FAIR = "fair"  # the Stage I position prior
-    UNIFORM = "uniform"  # w_i = 1 (the ablation)
-
-
-class Reliability(str, Enum):
-    """Teacher reliability c_{t,i} at still-masked positions (Stage I, second term)."""
-
-    PROB = "prob"
-    NEG_ENTROPY = "neg_entropy"
-    MARGIN = "margin"
-
-
-class BoostSchedule(str, Enum):
-    """lambda_0(t) schedule for the frontier-hit term."""
-
-    EARLY = "early"  # 1 + beta * (1 - (t-1)/(T-1))
-    FLAT = "flat"  # 1
-    LATE = "late"  # 1 + beta * (t-1)/(T-1)
-
-
-class InputMode(str, Enum):
-    """Where Stage II takes block l's input from."""
-
-    QUANTIZED = "quantized"  # output of the already-quantized prefix (default)
-    FP = "fp"  # output of the full-precision prefix (FlatQuant's variant)
-
-
-class CalibInputs(str, Enum):
-    """What Stage II feeds the model."""
-
-    TEXT = "text"  # fully observed calibration text (the paper)
-    MASKED = "masked"  # decode-like partially masked states of that text (DLLMQuant / Quant-dLLM style)
 
 
 _ENUM_FIELDS = {
@@ -105,15 +65,15 @@ class FairCalibConfig(QuantizationConfigMixin):
             rounding="rtn" with transform="none" needs no calibration data.
         weighting: "fair" (Stage I prior w-bar) or "uniform" (w-bar = 1).
 
-    Stage I (position prior from the full-precision teacher, PAPER.md section 2)
+    Stage I (position prior from the full-precision teacher; the paper's section 2)
         num_probes: N_probe, the number of probe rollouts (paper: 512).
         window: K, the generation window at the tail of each calibration sequence (paper: 256).
             None = seq_len // 4, the paper's 256 / 1024.
         block_length: semi-autoregressive block length of the random commit policy (default 32).
         steps: T, denoising steps over the window. None = window (one token per step).
-        early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). Default 3: the paper boosts
-            early steps without giving beta; 3 beat uniform weighting on the frontier flip rate in the
-            issue-9 study (README), 1 (the earlier default) did not.
+        early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). The paper boosts early steps
+            without giving beta; 3 was the best of an exploratory study (docs/results.md) and did not
+            replicate on held-out data, so its effect is not resolved.
         boost_schedule: "early" (default), "flat" or "late" (ablations).
         reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
         reliability_weight: lambda_1. None = 1/T. 0 = the frontier-only ablation.
@@ -126,7 +86,7 @@ class FairCalibConfig(QuantizationConfigMixin):
             re-weighted from its rollouts, without new probes.
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
 
-    Stage II (block-wise calibration, PAPER.md section 3)
+    Stage II (block-wise calibration; the paper's section 3)
         dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of
             strings or a `datasets.Dataset`. Only names are written to config.json.
         num_samples: calibration sequences (FlatQuant: 128).
@@ -199,7 +159,7 @@ class FairCalibConfig(QuantizationConfigMixin):
         if self.quant_method != "fair_calib":
             raise ValueError(f"quant_method must be 'fair_calib', got {self.quant_method!r}")
         for name, enum in _ENUM_FIELDS.items():
-            setattr(self, name, _coerce_enum(name, getattr(self, name), enum))
+            setattr(self, name, coerce_enum(enum, getattr(self, name), name))
         self._check_format()
         self._check_stage_one()
         self._check_stage_two()
@@ -337,15 +297,6 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     def get_loading_attributes(self) -> dict[str, Any]:
         return {}
-
-
-def _coerce_enum(name: str, value: Any, enum: type[Enum]) -> Enum:
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
 
 
 def _check_type(name: str, value: Any, typ: type, optional: bool = False) -> None:

@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 
-from .modeling.tokens import require_mask_token  # noqa: F401  (re-exported: data.require_mask_token)
+from .naming import is_repo_id, source_name
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ HUB_NAMES: dict[str, HubTextSource] = {
     "ptb": HubTextSource("ptb_text_only", "penn_treebank", split="train", column="sentence"),
 }
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$")
 _HTML_TAG = re.compile(r"<[^>\n]{0,200}>")
 _LIST_MARK = re.compile(r"^[*#:;]+\s*")
@@ -309,3 +311,40 @@ def calibration_sequences(
     chunks = stream[offset : offset + n_chunks * seq_len].view(n_chunks, seq_len)
     pick = torch.randperm(n_chunks, generator=gen)[:num_samples]
     return chunks[pick].clone()
+
+
+def resolve_tokenizer(tokenizer: Any, model: Any = None, required: bool = True) -> Any:
+    """A tokenizer object from an object, a path or Hub id, or (None) the model's own.
+
+    None looks for the tokenizer beside the model: its local folder when that has tokenizer files, else
+    its Hub repo. A tokenizer that was named but fails to load raises ValueError. When none can be found
+    (or the model's own fails to load), ``required`` raises ValueError; otherwise it warns and returns None.
+    """
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    if tokenizer is not None:
+        return _load_tokenizer(str(tokenizer))
+    source = source_name(model) if model is not None else None
+    local = source is not None and any((Path(source) / f).is_file() for f in _TOKENIZER_FILES)
+    if local:
+        return _load_tokenizer(source)
+    if source is not None and is_repo_id(source):
+        try:
+            return _load_tokenizer(source)
+        except ValueError as err:
+            if required:
+                raise
+            logger.warning("no tokenizer: loading the model's own from %s failed (%s)", source, err)
+            return None
+    if required:
+        raise ValueError("a tokenizer is needed: pass tokenizer= (an object or a path) or "
+                         "FairCalibConfig(tokenizer=...); the model has no local tokenizer files or Hub id")
+    logger.info("no tokenizer given and none beside the model")
+    return None
+
+
+def _load_tokenizer(path: str) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {path!r}: {err}") from None

@@ -37,13 +37,11 @@ __all__ = [
     "DataShard",
     "DistributedError",
     "World",
-    "all_reduce_sum",
     "batch_seed",
     "get_world",
     "is_main_process",
     "rank",
     "shard_batches",
-    "world_size",
 ]
 
 
@@ -67,15 +65,10 @@ def rank() -> int:
     return dist.get_rank() if _initialised() else _env_int("RANK", 0)
 
 
-def world_size() -> int:
-    """Number of processes: from torch.distributed when initialised, else `WORLD_SIZE`, else 1."""
-    return dist.get_world_size() if _initialised() else _env_int("WORLD_SIZE", 1)
-
-
 def is_main_process() -> bool:
     """True on rank 0 (and in a plain single process): the one process that writes files and pushes.
 
-    Reads the launcher's environment without initialising anything, so hub/pipeline code may call it
+    Reads the launcher's environment without initialising anything, so export/pipeline code may call it
     at any time.
     """
     return rank() == 0
@@ -247,11 +240,6 @@ class World:
         """`flag`, after checking that every rank has the same one."""
         self.check_identical(torch.tensor([int(flag)]), what)
         return flag
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum of `tensor` over the processes of the current world (the tensor itself with one process)."""
-    return get_world().all_reduce_sum(tensor)
 
 
 @dataclass(frozen=True)

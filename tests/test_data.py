@@ -16,11 +16,11 @@ from optimum_fair.data import (
     clean_wiki_markup,
     load_texts,
     load_wiki_articles,
-    require_mask_token,
     split_wiki_articles,
     token_stream,
 )
-from optimum_fair.train_teacher import train_tokenizer
+from optimum_fair.modeling.tokens import require_mask_token
+from scripts.train_teacher import train_tokenizer
 
 
 @pytest.fixture(scope="module")

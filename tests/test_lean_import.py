@@ -3,7 +3,8 @@ import sys
 
 LEAN = ["optimum_fair.ops", "optimum_fair.nn", "optimum_fair.calib", "optimum_fair.calib.gptq",
         "optimum_fair.calib.transforms", "optimum_fair.calib.rotation", "optimum_fair.scoring",
-        "optimum_fair.scoring.sampler", "optimum_fair.scoring.prior", "optimum_fair.metrics"]
+        "optimum_fair.scoring.sampler", "optimum_fair.scoring.prior", "optimum_fair.eval.metrics",
+        "optimum_fair.enums"]
 
 
 def _run(code):
@@ -24,7 +25,7 @@ def test_math_modules_import_without_transformers():
 
 def test_math_modules_really_lack_transformers():
     # the check above must be able to fail: a module that needs transformers does fail under it
-    out = _run("import sys; sys.modules['transformers'] = None; import optimum_fair.quantizer")
+    out = _run("import sys; sys.modules['transformers'] = None; import optimum_fair.integrations.transformers")
     assert out.returncode != 0 and "transformers" in out.stderr
 
 
@@ -35,7 +36,7 @@ def test_package_import_registers_method():
             "assert AUTO_QUANTIZER_MAPPING['fair_calib'].__name__ == 'FairCalibHfQuantizer'\n"
             "assert AUTO_QUANTIZATION_CONFIG_MAPPING['fair_calib'] is optimum_fair.FairCalibConfig\n"
             "assert AutoConfig.for_model('llada').model_type == 'llada'\n"
-            "optimum_fair.registration.register()  # second call is harmless\n"
+            "optimum_fair.integrations.transformers.register()  # second call is harmless\n"
             "print('ok')")
     out = _run(code)
     assert out.returncode == 0, out.stderr

@@ -9,7 +9,6 @@ from .rotation import hadamard, kron_factors, random_hadamard_factors, random_or
 from .transforms import (
     CalibLinear,
     TransformParams,
-    block_loss,
     channel_absmax,
     fit_transforms,
     hadamard_transform,
@@ -20,7 +19,6 @@ __all__ = [
     "CalibLinear",
     "TransformParams",
     "accumulate_hessian",
-    "block_loss",
     "channel_absmax",
     "fit_transforms",
     "gptq_quantize",

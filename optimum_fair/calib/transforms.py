@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..enums import Rounding, coerce_enum
 from ..ops import fake_quant_act, fake_quant_weight, kron_apply, quantize_weight, weight_scale
 from .gptq import GPTQFactor, gptq_quantize
-from .objective import expand_token_weights, weighted_mse, weighted_sq_error
+from .objective import weighted_sq_error
 from .rotation import kron_factors, random_hadamard_factors
 
 __all__ = [
     "CalibLinear",
     "TransformParams",
-    "block_loss",
     "channel_absmax",
     "fit_transforms",
     "hadamard_transform",
@@ -195,7 +195,7 @@ class CalibLinear(nn.Module):
     @torch.no_grad()
     def export(
         self,
-        rounding: str = "rtn",
+        rounding: Rounding | str = Rounding.RTN,
         H: torch.Tensor | None = None,
         damp: float = 0.01,
         act_order: bool = False,
@@ -210,21 +210,19 @@ class CalibLinear(nn.Module):
         by the linears of one group. The weight clip is baked into the
         scale, so FairLinear's dequantized weight equals the fake-quantized one of `forward`.
         """
-        rounding = getattr(rounding, "value", rounding)  # accept a str-valued Enum
+        rounding = coerce_enum(Rounding, rounding, "rounding")
         Wt = self.transformed_weight()  # (out, d) float32
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
-        if rounding == "rtn":
+        if rounding is Rounding.RTN:
             scale = weight_scale(Wt, self.w_bits, self.group_size, clip).to(scale_dtype).float()  # (out, n_groups)
             codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
-        elif rounding == "gptq":
+        else:  # Rounding.GPTQ
             if H is None and factor is None:
                 raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
             codes, scale = gptq_quantize(Wt, H, self.w_bits, self.group_size, damp=damp,
                                          act_order=act_order, block_size=block_size, clip=clip,
                                          scale_dtype=scale_dtype, factor=factor)
-        else:
-            raise ValueError(f"rounding must be 'rtn' or 'gptq', got {rounding!r}")
         p = self.params
         return {
             "codes": codes,
@@ -374,25 +372,3 @@ def _sum_gradients(trainable: list[nn.Parameter], all_reduce: Callable[[torch.Te
     for p in trainable:
         p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
         offset += p.numel()
-
-
-@torch.no_grad()
-def block_loss(
-    block_fn: Callable[[torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor | None,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-) -> float:
-    """Token-weighted MSE of block_fn(inputs) against targets over all samples (no gradients)."""
-    device = inputs.device if device is None else device
-    num = den = 0.0
-    for start in range(0, inputs.shape[0], batch_size):
-        idx = torch.arange(start, min(start + batch_size, inputs.shape[0]))
-        wb = _batch_weights(weights, idx, device)
-        out = block_fn(inputs[idx].to(device))  # (b, seq, d_out)
-        wsum = float(expand_token_weights(wb, len(idx), inputs.shape[1], device).sum())
-        num += float(weighted_mse(targets[idx].to(device), out, wb)) * wsum
-        den += wsum
-    return num / den

@@ -10,7 +10,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .configuration_dream import DreamConfig
+from .configuration_llada import LLaDAConfig
+from .modeling_dream import DreamModel
+from .modeling_llada import LLaDAModelLM
 
 __all__ = ["register_native_models"]
 
@@ -18,11 +22,6 @@ _AUTO_MODEL_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)
 
 
 def _native_pairs() -> list[tuple[type[PretrainedConfig], type[PreTrainedModel]]]:
-    from .configuration_dream import DreamConfig
-    from .configuration_llada import LLaDAConfig
-    from .modeling_dream import DreamModel
-    from .modeling_llada import LLaDAModelLM
-
     return [(LLaDAConfig, LLaDAModelLM), (DreamConfig, DreamModel)]
 
 
@@ -35,8 +34,6 @@ def register_native_models() -> None:
     not set; the remote code is neither downloaded nor run.
     """
     for config_cls, model_cls in _native_pairs():
-        if CONFIG_MAPPING._extra_content.get(config_cls.model_type) is not config_cls:
-            AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)  # exist_ok: re-registering is a no-op
         for auto_cls in _AUTO_MODEL_CLASSES:
-            if auto_cls._model_mapping._extra_content.get(config_cls) is not model_cls:
-                auto_cls.register(config_cls, model_cls, exist_ok=True)
+            auto_cls.register(config_cls, model_cls, exist_ok=True)

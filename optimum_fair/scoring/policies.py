@@ -5,46 +5,10 @@ Pure torch; every function works on a batch of generation windows, shapes noted 
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import TypeVar
-
 import torch
 from torch import Tensor
 
-E = TypeVar("E", bound=Enum)
-
-
-class Remasking(str, Enum):
-    """LLaDA's rule for which masked positions of the current block are committed."""
-
-    LOW_CONFIDENCE = "low_confidence"  # highest probability of the chosen token first
-    RANDOM = "random"  # uniformly random masked positions (Stage I's random commit policy)
-
-
-class DreamAlg(str, Enum):
-    """Dream's ``diffusion_generate`` algorithms."""
-
-    ORIGIN = "origin"  # each masked position unmasks with probability 1 - s/t
-    MASKGIT_PLUS = "maskgit_plus"  # confidence = probability of the chosen token
-    TOPK_MARGIN = "topk_margin"  # confidence = top-1 minus top-2 probability
-    ENTROPY = "entropy"  # confidence = negative entropy
-
-
-class Confidence(str, Enum):
-    """How a model's confidence at a masked position is scored (metrics' commit rule)."""
-
-    PROB = "prob"  # max probability
-    MARGIN = "margin"  # top-1 minus top-2 probability
-    NEG_ENTROPY = "neg_entropy"  # sum p log p
-
-
-def coerce_enum(enum_cls: type[E], value: object, name: str) -> E:
-    """Return ``value`` as a member of ``enum_cls``; raise ValueError naming ``name`` otherwise."""
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = [m.value for m in enum_cls]
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
+from ..enums import Confidence
 
 
 def llada_transfer_counts(num_masked: Tensor, steps: int) -> Tensor:

@@ -26,28 +26,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..enums import BoostSchedule, Confidence, coerce_enum
 from .forward import LogitsFn
-from .policies import Confidence, coerce_enum, confidence_scores
+from .policies import confidence_scores
 from .sampler import llada_decode
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("early", "flat", "late")
 
-
-def boost(t: Tensor, steps: int, beta: float, schedule: str) -> Tensor:
+def boost(t: Tensor, steps: int, beta: float, schedule: BoostSchedule | str) -> Tensor:
     """lambda_0(t) for 1-based steps t: early 1 + beta(1 - (t-1)/(T-1)), flat 1, late 1 + beta(t-1)/(T-1)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    schedule = coerce_enum(BoostSchedule, schedule, "schedule")
     frac = (t.float() - 1) / max(steps - 1, 1)
-    if schedule == "early":
+    if schedule is BoostSchedule.EARLY:
         return 1 + beta * (1 - frac)
-    if schedule == "late":
+    if schedule is BoostSchedule.LATE:
         return 1 + beta * frac
     return torch.ones_like(frac)
 
 
-def reliability(probs: Tensor, kind: str) -> Tensor:
+def reliability(probs: Tensor, kind: Confidence | str) -> Tensor:
     """c_{t,i} >= 0 from probabilities (..., vocab): max prob, top1-top2 margin, or 1 - H / log V."""
     kind = coerce_enum(Confidence, kind, "reliability")
     if kind is Confidence.NEG_ENTROPY:  # negative entropy, shifted to [0, 1] so c / max is meaningful
@@ -69,7 +67,7 @@ def reliability_sum(commit_step: Tensor, reliab: Tensor) -> Tensor:
     return (c / row_max).sum(0)
 
 
-def window_scores(commit_step: Tensor, rel_sum: Tensor, steps: int, beta: float, schedule: str,
+def window_scores(commit_step: Tensor, rel_sum: Tensor, steps: int, beta: float, schedule: BoostSchedule | str,
                   lambda1: float) -> tuple[Tensor, Tensor]:
     """Per-probe frontier and reliability terms over the window.
 
@@ -182,7 +180,7 @@ def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_leng
 
 
 def prior_from_stats(commit_step: Tensor, rel_sum: Tensor, seq_len: int, steps: int, beta: float,
-                     schedule: str, lambda1: float, floor: float, logit_shift: int = 0,
+                     schedule: BoostSchedule | str, lambda1: float, floor: float, logit_shift: int = 0,
                      frontier_weight: float = 1.0, settings: dict | None = None) -> PositionPrior:
     """The prior from the rollout statistics (commit steps and `reliability_sum`, (P, K) each)."""
     if frontier_weight < 0 or lambda1 < 0 or frontier_weight + lambda1 == 0:

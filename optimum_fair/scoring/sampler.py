@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..enums import Confidence, DreamAlg, Remasking, coerce_enum
 from .checks import check_dream_sampling, check_llada_schedule, check_nonneg, check_positive_int, check_prompt
 from .forward import LogitsFn, forbid_mask, predict_window
 from .policies import (
-    Confidence,
-    DreamAlg,
-    Remasking,
-    coerce_enum,
     confidence_scores,
     dream_timesteps,
     dream_transfer_counts,

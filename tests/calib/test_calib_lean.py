@@ -5,7 +5,8 @@ from pathlib import Path
 
 from optimum_fair import calib
 
-FORBIDDEN = ("transformers", "optimum_fair.config", "optimum_fair.pipeline", "optimum_fair.models")
+FORBIDDEN = ("transformers", "optimum_fair.config", "optimum_fair.pipeline", "optimum_fair.arch",
+             "optimum_fair.integrations")
 
 
 def _imported_modules(path: Path) -> set[str]:

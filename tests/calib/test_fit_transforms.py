@@ -9,13 +9,27 @@ from torch import nn
 from optimum_fair.calib import (
     CalibLinear,
     TransformParams,
-    block_loss,
     channel_absmax,
     fit_transforms,
     hadamard_transform,
     smooth_scale,
     weighted_mse,
 )
+from optimum_fair.calib.objective import expand_token_weights
+
+
+@torch.no_grad()
+def block_loss(block_fn, inputs, targets, weights, batch_size=4):
+    """Token-weighted MSE of block_fn(inputs) against targets over all samples, batch by batch."""
+    num = den = 0.0
+    for start in range(0, inputs.shape[0], batch_size):
+        idx = torch.arange(start, min(start + batch_size, inputs.shape[0]))
+        wb = None if weights is None else (weights if weights.dim() == 1 else weights[idx])
+        out = block_fn(inputs[idx])  # (b, seq, d_out)
+        wsum = float(expand_token_weights(wb, len(idx), inputs.shape[1], inputs.device).sum())
+        num += float(weighted_mse(targets[idx], out, wb)) * wsum
+        den += wsum
+    return num / den
 
 
 def toy_block(seed=0, d=32, hidden=64):

@@ -8,9 +8,9 @@ from optimum_fair.scoring.prior import (
     boost,
     place_in_sequence,
     prior_from_rollouts,
-    reliability_sum,
     probe_rollouts,
     reliability,
+    reliability_sum,
     saturation,
 )
 

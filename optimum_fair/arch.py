@@ -1,0 +1,126 @@
+"""Architecture facts as data: where the blocks are, which linears share an input, mask id, logit shift.
+
+`get_adapter(model)` picks the record by `config.model_type`; an unknown type raises, listing the known
+ones. Architecture names live here and nowhere else in the package: the block paths, the linear groups,
+the mask id and the logit shift are read from these records only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How FAIR-Calib walks one model family.
+
+    blocks: dotted path of the `nn.ModuleList` of decoder blocks.
+    groups: linears of a block (names relative to the block) in forward order; the linears of one
+        group read the same input, so they share one input transform and one Hessian.
+    mask_token_id: the release's mask id, used when the config carries none (None = must be given).
+    logit_shift: 0 when position i's logits predict token i; 1 when they predict token i + 1 (Dream,
+        autoregressive-initialised), so the prediction for position i is logits[:, i - 1].
+    max_length_attrs: config attributes that may hold the maximum sequence length, in order.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    groups: tuple[tuple[str, ...], ...]
+    mask_token_id: int | None = None
+    logit_shift: int = 0
+    max_length_attrs: tuple[str, ...] = ("max_position_embeddings",)
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of `model` (raises if the path does not exist)."""
+        try:
+            blocks = model.get_submodule(self.blocks)
+        except AttributeError:
+            raise ValueError(f"{type(model).__name__} has no module {self.blocks!r} ({self.name} adapter)") from None
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(f"{self.blocks} of {type(model).__name__} is {type(blocks).__name__}, not a ModuleList")
+        return blocks
+
+    def linear_names(self) -> list[str]:
+        return [name for group in self.groups for name in group]
+
+    def resolve_mask_token_id(self, config) -> int:
+        """config.mask_token_id, else the release's id."""
+        mask_id = getattr(config, "mask_token_id", None)
+        if mask_id is None:
+            mask_id = self.mask_token_id
+        if mask_id is None:
+            raise ValueError(
+                f"config.mask_token_id is not set and the {self.name} adapter has no default; set it on the config"
+            )
+        return int(mask_id)
+
+    def mask_id(self, config) -> int:
+        """The mask id to decode with: `resolve_mask_token_id`, checked against the vocabulary when known."""
+        mask_id = self.resolve_mask_token_id(config)
+        vocab = getattr(config, "vocab_size", None)
+        if isinstance(vocab, int) and not 0 <= mask_id < vocab:
+            given = getattr(config, "mask_token_id", None) is not None
+            source = "config.mask_token_id" if given else f"the {self.name} release's mask_token_id (config has none)"
+            raise ValueError(f"{source} = {mask_id} is outside the vocabulary (vocab_size {vocab}): set "
+                             "config.mask_token_id to the id of the mask token")
+        return mask_id
+
+    def max_length(self, config) -> int | None:
+        for attr in self.max_length_attrs:
+            value = getattr(config, attr, None)
+            if value:
+                return int(value)
+        return None
+
+
+LLADA = ModelAdapter(
+    name="llada",
+    model_types=("llada",),
+    blocks="model.transformer.blocks",
+    groups=(("q_proj", "k_proj", "v_proj"), ("attn_out",), ("ff_proj", "up_proj"), ("ff_out",)),
+    mask_token_id=126336,
+    logit_shift=0,
+    max_length_attrs=("max_sequence_length", "max_position_embeddings"),
+)
+
+_QWEN2_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+DREAM = ModelAdapter(
+    name="dream",
+    model_types=("Dream", "dream"),
+    blocks="model.layers",
+    groups=_QWEN2_GROUPS,
+    mask_token_id=151666,
+    logit_shift=1,
+)
+
+# Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
+# the masked-diffusion parts (Stage I, metrics) needing a mask_token_id on the config.
+LLAMA_LIKE = ModelAdapter(
+    name="llama-like",
+    model_types=("llama", "qwen2", "mistral", "qwen3"),
+    blocks="model.layers",
+    groups=_QWEN2_GROUPS,
+    logit_shift=1,
+)
+
+ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, DREAM, LLAMA_LIKE)
+
+
+def get_adapter(model_or_config) -> ModelAdapter:
+    """The adapter for a model (or its config), by `model_type`."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    known = sorted(t for a in ADAPTERS for t in a.model_types)
+    raise ValueError(f"No optimum-fair adapter for model_type {model_type!r}; known model types: {known}")

@@ -1,0 +1,100 @@
+"""A complete output folder for a quantized model, written so that an interrupted save leaves nothing
+that looks complete.
+
+    save_quantized(model, "out/llada-w4a4", tokenizer=tok, metrics={"FP": fp, "W4A4": q})
+
+A folder holds ``save_pretrained``'s safetensors + config.json, the tokenizer, the Stage I prior in
+``prior/`` (from the model's `CalibrationResult`) and a README.md model card (`card.build_card`). It is
+assembled in a temporary folder beside the target and moved into place at the end (config.json last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..data import resolve_tokenizer
+from ..distributed import is_main_process
+from ..files import atomic_dir
+from ..pipeline.result import CalibrationResult, calibration_result
+from ..scoring.prior import PositionPrior
+from .card import PRIOR_DIR, build_card
+
+logger = logging.getLogger(__name__)
+
+
+def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = None,
+                   metrics: dict[str, Any] | None = None, *, base_model: str | None = None,
+                   repo_id: str | None = None, overwrite: bool = False, result: CalibrationResult | None = None,
+                   **save_kwargs: Any) -> Path:
+    """Write a complete folder: safetensors weights + config, tokenizer, ``prior/``, README.md.
+
+    The folder is assembled beside ``output_dir`` and moved into place at the end. An existing
+    non-empty ``output_dir`` raises FileExistsError unless ``overwrite`` (its files are then replaced,
+    others kept). ``result`` defaults to the model's own `CalibrationResult`; ``save_kwargs`` go to
+    ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    if not is_main_process():  # data-parallel runs: only rank 0 writes (no barrier: callers may guard too)
+        return Path(output_dir)
+    result = result if result is not None else calibration_result(model)
+    card = build_card(model, metrics, base_model, repo_id, result)  # bad input fails before any write
+    tokenizer = resolve_tokenizer(tokenizer, model, required=False)
+    target = Path(output_dir)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output_dir {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"output_dir {target} is not empty (pass overwrite=True to replace its files)")
+    with atomic_dir(target) as tmp:
+        type(model).save_pretrained(model, tmp, **save_kwargs)  # the class's own: no card or prior
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if result is not None and result.prior is not None:
+            result.prior.save(tmp / PRIOR_DIR)
+        card.save(tmp / "README.md")
+        _move_into_place(tmp, target)
+    logger.info("saved quantized model to %s", target)
+    return target
+
+
+def load_saved_prior(checkpoint_files: list[str] | None) -> PositionPrior | None:
+    """The prior in the ``prior/`` folder beside a local checkpoint, when there is one (a Hub download
+    fetches only the weights and config, so the prior stays in the repo)."""
+    if not checkpoint_files:
+        return None
+    folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
+    return PositionPrior.load(folder) if (folder / "prior.json").is_file() else None
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Move every entry of tmp into target (config.json last); drop target's stale weights and prior."""
+    if not target.exists():
+        tmp.rename(target)  # the whole folder appears at once
+        return
+    new = {p.name for p in tmp.iterdir()}
+    for old in target.iterdir():
+        stale_weights = old.name.startswith("model") and ".safetensors" in old.name and old.name not in new
+        if stale_weights or (old.name == PRIOR_DIR and PRIOR_DIR not in new):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    (target / "config.json").unlink(missing_ok=True)  # the folder does not look complete until the end
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        dest = target / entry.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """A folder written by `save_quantized`: config.json with a fair_calib quantization_config and weights."""
+    path = Path(output_dir)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: expected a folder written by save_quantized")
+    quant = json.loads(config_file.read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "fair_calib":
+        raise ValueError(f"{config_file} has no fair_calib quantization_config: not an optimum-fair model")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path} has no .safetensors weights")
+    return path

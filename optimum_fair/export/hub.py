@@ -1,0 +1,108 @@
+"""Pushing a saved folder to the Hub in one commit; the local folder is never modified.
+
+    push_quantized("out/llada-w4a4", "me/llada-w4a4")        # refuses a repo that already has files
+    push_model(model, "me/llada-w4a4")                        # save_quantized into a temp dir, then push
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from ..distributed import is_main_process
+from ..naming import check_repo_id
+from .card import REPO_PLACEHOLDER
+from .folder import check_output_dir, save_quantized
+
+logger = logging.getLogger(__name__)
+
+KEPT_REMOTE = {".gitattributes"}  # files a fresh Hub repo already has
+
+
+class HubPushError(RuntimeError):
+    """The Hub refused or failed an upload; the local folder is unchanged."""
+
+
+def require_token(token: str | None = None, repo_id: str | None = None) -> str:
+    """The token to push with (``token``, HF_TOKEN or the saved login); a clear error when none."""
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    found = token or get_token()
+    if not found:
+        raise ValueError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login` "
+                         "(a write token is needed to push)")
+    return found
+
+
+def _operations(folder: Path, repo_id: str) -> list[CommitOperationAdd]:
+    ops = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = file.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue  # hidden files and folders (.git, editor state) stay local
+        if rel == "README.md":  # the card names its own repo
+            ops.append(CommitOperationAdd(rel, file.read_bytes().replace(REPO_PLACEHOLDER.encode(), repo_id.encode())))
+        else:
+            ops.append(CommitOperationAdd(rel, str(file)))
+    return ops
+
+
+def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
+                   overwrite: bool = False, commit_message: str = "Upload FAIR-Calib quantized model",
+                   revision: str | None = None, endpoint: str | None = None) -> str:
+    """Upload a `save_quantized` folder to ``repo_id`` in one commit; returns the commit URL.
+
+    The repo is created if missing. A repo with files (other than .gitattributes) is refused unless
+    ``overwrite``, in which case the commit also deletes remote files the folder does not have. Raises
+    ValueError for a bad repo id or no token and FileNotFoundError/ValueError for a bad folder, before
+    any request; HubPushError when the Hub fails (the local folder is never modified; rerun to retry)."""
+    if not is_main_process():  # data-parallel runs: only rank 0 pushes
+        return ""
+    folder = check_output_dir(output_dir)
+    token = require_token(token, repo_id)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        remote = set(api.list_repo_files(repo_id, revision=revision)) - KEPT_REMOTE
+        ops: list = _operations(folder, repo_id)
+        if remote and not overwrite:
+            raise HubPushError(f"{repo_id} already has files ({sorted(remote)[:5]}...); pass overwrite=True "
+                               "(--overwrite) to replace them")
+        ops += [CommitOperationDelete(p) for p in sorted(remote - {op.path_in_repo for op in ops})]
+        info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", "?")
+        raise HubPushError(f"pushing {folder} to {repo_id} failed (HTTP {status}: {str(err).splitlines()[0]}); "
+                           "nothing local was changed, rerun to retry") from err
+    logger.info("pushed %s to %s: %s", folder, repo_id, info.commit_url)
+    return str(info.commit_url)
+
+
+def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[str, Any] | None = None, *,
+               token: str | None = None, private: bool = False, overwrite: bool = True,
+               commit_message: str = "Upload FAIR-Calib quantized model", keep_on_failure: bool = False,
+               **save_kwargs: Any) -> str:
+    """`save_quantized` into a temporary folder, then `push_quantized` it. With ``keep_on_failure`` a
+    failed push keeps the folder and names it in the error, so the upload can be retried."""
+    if not is_main_process():  # data-parallel runs: only rank 0 pushes
+        return ""
+    token = require_token(token, repo_id)
+    with tempfile.TemporaryDirectory(prefix="optimum-fair-push-") as tmp:
+        folder = save_quantized(model, Path(tmp) / "model", tokenizer, metrics, repo_id=repo_id, **save_kwargs)
+        try:
+            return push_quantized(folder, repo_id, token=token, private=private, overwrite=overwrite,
+                                  commit_message=commit_message)
+        except HubPushError as err:
+            if not keep_on_failure:
+                raise
+            kept = Path(tempfile.mkdtemp(prefix="optimum-fair-unpushed-"))
+            shutil.copytree(folder, kept, dirs_exist_ok=True)
+            raise HubPushError(f"{err}. The quantized model was saved to {kept}: push it with "
+                               f"`optimum-fair push {kept} {repo_id}`") from err

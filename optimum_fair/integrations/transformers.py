@@ -1,0 +1,151 @@
+"""transformers glue: the `fair_calib` quantizer, its registration, and `quantize()`.
+
+* `from_pretrained(fp_model, quantization_config=FairCalibConfig(...))`: the weights load as usual,
+  then `_process_model_after_weight_loading` runs `quantize_loaded` (the FP model is the teacher) and
+  the model comes back with FairLinear layers.
+* `from_pretrained(folder_saved_by_optimum_fair)`: FairLinear skeletons replace the linears on the meta
+  device before loading, the packed tensors load into them (checked first), nothing is calibrated.
+* `quantize(model, config, texts, tokenizer)`: the same pipeline on a model already in memory.
+
+Either way the model ends with `model.hf_quantizer` (the attribute transformers gives every quantized
+model) holding a `FairCalibHfQuantizer` whose `result` is the `CalibrationResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from ..config import FairCalibConfig
+from ..distributed import is_main_process
+from ..export.folder import load_saved_prior
+from ..export.hub import push_model, require_token
+from ..modeling import register_native_models
+from ..pipeline import CalibrationResult, calibrate
+from ..pipeline.checkpoint import check_packed_tensors
+from ..pipeline.plan import layer_format, resolve_skip
+from ..pipeline.surgery import replace_with_skeletons
+from .publishing import bind_publishing
+
+logger = logging.getLogger(__name__)
+
+METHOD = "fair_calib"
+
+
+class FairCalibHfQuantizer(HfQuantizer):
+    """transformers quantizer for `quant_method="fair_calib"`; `result` is what calibration produced."""
+
+    requires_calibration = False
+    quantization_config: FairCalibConfig
+
+    def __init__(self, quantization_config: FairCalibConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.result: CalibrationResult | None = None
+        self.tokenizer: Any = None  # what save_pretrained writes beside the weights (object or path)
+        self._checkpoint_files: list[str] | None = None
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not isinstance(self.quantization_config, FairCalibConfig):
+            raise ValueError(
+                f"quantization_config must be a FairCalibConfig, got {type(self.quantization_config).__name__}"
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False  # weights load as they are; calibration happens after loading
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            skip = resolve_skip(model, self.quantization_config)
+            dtype = _dtype(kwargs.get("dtype") or model.config.dtype)
+            names = replace_with_skeletons(model, skip, layer_format(self.quantization_config), dtype)
+            logger.info("fair_calib: %d packed linears expected in the checkpoint", len(names))
+            self._checkpoint_files = kwargs.get("checkpoint_files")
+            check_packed_tensors(model, self._checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:  # a saved checkpoint: keep its prior so a re-save or push writes it again
+            config = self.quantization_config
+            skip = list(config.modules_to_not_convert or [])
+            self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
+                                            reloaded=True)
+            bind_publishing(model)
+            return model
+        quantize_loaded(model, self, texts=None, tokenizer=None)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None) -> nn.Module:
+    """Quantize `model` in place with FAIR-Calib and return it.
+
+    The model's full-precision weights are the teacher: Stage I rolls it out to build the position
+    prior, Stage II calibrates its blocks one at a time against its own hidden states. Afterwards
+    `calibration_result(model)` holds the prior and per-block losses, and `model.save_pretrained` /
+    `model.push_to_hub` write the complete folder (weights, tokenizer, prior, model card).
+
+    Args:
+        model: a transformers model (LLaDA, Dream, or a Llama-like model for the weight-only parts).
+        config: the `FairCalibConfig`.
+        texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name);
+            defaults to `config.dataset`. Unused by round-to-nearest without transforms.
+        tokenizer: tokenizer (or its path) for `texts`; defaults to `config.tokenizer`, then to
+            the model's own directory.
+    """
+    if not isinstance(config, FairCalibConfig):
+        raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
+    quantizer = FairCalibHfQuantizer(config, pre_quantized=False)
+    model.hf_quantizer = quantizer  # as from_pretrained does before its post-processing
+    model.is_quantized = True
+    model.quantization_method = METHOD
+    quantize_loaded(model, quantizer, texts, tokenizer)
+    return model
+
+
+def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, tokenizer) -> None:
+    """Calibrate `model` for `quantizer` (the one entry both paths share), then record and publish."""
+    config = quantizer.quantization_config
+    if config.push_to_hub:  # no token or a bad repo id: fail before calibrating
+        require_token(repo_id=config.push_to_hub)
+    result = calibrate(model, config, texts, tokenizer)
+    quantizer.result, quantizer.quantization_config = result, result.config
+    quantizer.tokenizer = tokenizer if tokenizer is not None else config.tokenizer
+    quantizer.pre_quantized = True  # the model in memory is now quantized
+    model.config.quantization_config = result.config
+    bind_publishing(model)
+    if config.push_to_hub and is_main_process():  # data parallel: every rank holds this model, one pushes
+        push_model(model, config.push_to_hub, quantizer.tokenizer, keep_on_failure=True)
+
+
+def register() -> None:
+    """Register the `fair_calib` config and quantizer and the native model types. Safe to call again."""
+    if METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(METHOD)(FairCalibConfig)
+    if METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(METHOD)(FairCalibHfQuantizer)
+    register_native_models()
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    """A torch dtype from what from_pretrained passes (a dtype, its name, or None / "auto": float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    return torch.float32

@@ -1,0 +1,99 @@
+"""Resumable Stage II: each finished block is written to a cache directory.
+
+`cache_dir/manifest.json` records a fingerprint of the run (config, model, calibration tokens, prior);
+`cache_dir/block_XXXX.safetensors` holds one quantized block. A run with the same fingerprint loads
+the finished blocks instead of recalibrating them; a different fingerprint refuses to resume, naming
+what changed, so a cache can never leak into another run. Files are written to a temporary name and
+renamed, so a kill leaves either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import FairCalibConfig
+from ..files import atomic_path, atomic_write_text
+from .surgery import LayerFormat, set_module, skeleton
+
+logger = logging.getLogger(__name__)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class BlockCache:
+    """Finished blocks of one calibration run."""
+
+    def __init__(self, root: str | Path, fingerprint: dict, fmt: LayerFormat, linear_names: list[str]):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.fmt = fmt
+        self.linear_names = linear_names
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = self.root / "manifest.json"
+        if manifest.exists():
+            old = json.loads(manifest.read_text()).get("fingerprint", {})
+            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if changed:
+                raise ValueError(
+                    f"cache_dir {self.root} holds a run with different {', '.join(changed)}; "
+                    "refusing to resume from it (use another cache_dir or delete this one)"
+                )
+            logger.info("resuming from %s", self.root)
+        else:
+            atomic_write_text(manifest, json.dumps({"fingerprint": fingerprint}, indent=2, sort_keys=True))
+
+    def path(self, index: int) -> Path:
+        return self.root / f"block_{index:04d}.safetensors"
+
+    def load(self, index: int, block: nn.Module) -> bool:
+        """Load block `index` into `block` (swapping its linears for FairLinears) if it is cached."""
+        path = self.path(index)
+        if not path.exists():
+            return False
+        state = load_file(str(path))
+        device = next(block.parameters()).device
+        dtype = state[f"{self.linear_names[0]}.weight_scale"].dtype
+        for name in self.linear_names:
+            linear = block.get_submodule(name)
+            set_module(block, name, skeleton(linear, self.fmt, dtype).to(device))
+        block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+        return True
+
+    def save(self, index: int, block: nn.Module) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        with atomic_path(self.path(index)) as tmp:
+            save_file(state, str(tmp))
+
+    def finished(self) -> int:
+        return len(list(self.root.glob("block_*.safetensors")))
+
+
+def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:
+    """What must match for a cached block to be reused (the prior follows from these, or from its file)."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
+    model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
+    first = next(p for p in model.parameters())
+    return {
+        "config": _json_digest(cfg),
+        "model": _json_digest(model_cfg) + "-" + tensor_digest(first.float()[:8]),
+        "data": tensor_digest(ids),
+        "prior": _file_digest(config.prior) if config.prior else "computed",
+    }
+
+
+def _json_digest(value: dict) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(prior_dir: str) -> str:
+    path = Path(prior_dir) / "prior.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"

@@ -1,0 +1,113 @@
+"""`calibrate()`: the FAIR-Calib pipeline on a model in memory, returning a `CalibrationResult`.
+
+teacher (the model's FP weights) -> Stage I prior (`stage1`) -> Stage II block loop (`stage2`) ->
+packed FairLinear layers (`surgery`). Everything that can be checked (data length, window, mask token,
+cache) is checked before the first forward pass.
+
+Under `torchrun` / `accelerate launch` (see `distributed.py`) each process rolls out its share of the
+probe batches and calibrates on its share of the sample batches; every process ends with the same
+prior and the same quantized model as a single process would make. Only rank 0 writes the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter
+from ..config import FairCalibConfig
+from ..data import calibration_sequences, load_texts, resolve_tokenizer
+from ..devices import execution_device
+from ..distributed import DataShard, World, get_world
+from ..enums import CalibInputs, Weighting
+from ..naming import public_name, source_name
+from ..scoring.states import decoding_states
+from .cache import BlockCache, run_fingerprint
+from .plan import (
+    block_groups,
+    decode_setup,
+    layer_format,
+    needs_calibration,
+    resolve_skip,
+    stage_two_settings,
+)
+from .result import CalibrationResult
+from .stage1 import probe_source, stage_one
+from .stage2 import calibrate_blocks, capture_block_inputs
+from .surgery import check_group_size, convert_rtn, float_dtype, linears_to_convert
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None) -> CalibrationResult:
+    """Quantize `model` in place (its linears become FairLinears) and return what calibration produced.
+
+    texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name); default
+    `config.dataset`. tokenizer: an object or a path; default `config.tokenizer`, then the model's own.
+    """
+    if not isinstance(config, FairCalibConfig):
+        raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
+    skip = resolve_skip(model, config)
+    linears = linears_to_convert(model, skip)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
+    check_group_size(linears, config.group_size)
+    run_config = dataclasses.replace(config, modules_to_not_convert=skip)
+    result = CalibrationResult(run_config, skip, base_model=public_name(source_name(model)))
+    if needs_calibration(config):
+        texts = texts if texts is not None else config.dataset
+        tokenizer = tokenizer if tokenizer is not None else config.tokenizer
+        result.prior, result.blocks = _stages(model, config, skip, texts, tokenizer)
+    rest = linears_to_convert(model, skip)  # everything with RTN, or the linears outside the blocks
+    if rest:
+        logger.info("round-to-nearest for %d linears: %s", len(rest), list(rest)[:4])
+        convert_rtn(model, rest, layer_format(config))
+    return result
+
+
+def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, tokenizer):
+    """Stage I + Stage II on `model` in place; returns (prior or None, per-block records)."""
+    adapter = get_adapter(model)
+    blocks = adapter.block_list(model)
+    groups = block_groups(adapter, skip)
+    setup = decode_setup(model, adapter, config)
+    tok = resolve_tokenizer(tokenizer, model)
+    dataset = load_texts(texts)
+    ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
+    world = get_world()
+    shard = DataShard(world, ids.shape[0], config.batch_size)
+    if len(shard.batches) == 0:
+        n_batches = -(-ids.shape[0] // config.batch_size)
+        raise ValueError(f"num_samples={ids.shape[0]} makes {n_batches} batches of {config.batch_size}, "
+                         f"fewer than the {world.size} processes: raise num_samples")
+    cache = make_cache(model, config, ids, groups, world) if config.cache_dir else None  # before Stage I
+    prior = weights = None
+    if config.weighting is Weighting.FAIR:
+        prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup), world)
+        weights = prior.weights
+    if config.calib_inputs is CalibInputs.MASKED:  # (n, seq) decode states and their (n, seq) weights
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        ids, weights = decoding_states(ids, setup.window, setup.block_length, setup.steps, setup.mask_id,
+                                       generator, weights, config.floor)
+    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size)
+    if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
+        raise ValueError("non-finite activations at the input of the first block: check the model's weights")
+    records = calibrate_blocks(blocks, groups, hidden, extras, weights, stage_two_settings(config),
+                               float_dtype(model), execution_device(model), cache=cache, shard=shard)
+    return prior, records
+
+
+def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, groups,
+               world: World) -> BlockCache:
+    """The block cache; rank 0 writes (or checks) its manifest before the other ranks read it."""
+
+    def make() -> BlockCache:
+        return BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config),
+                          [n for g in groups for n in g])
+
+    cache = make() if world.is_main else None
+    world.barrier("cache manifest written by rank 0")
+    return cache if cache is not None else make()

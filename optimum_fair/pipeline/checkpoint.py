@@ -1,0 +1,56 @@
+"""Checks of an optimum-fair checkpoint's packed tensors against the FairLinear skeletons expecting them.
+
+Run before any weight is read (only safetensors headers are opened), so a corrupted or mismatched
+checkpoint fails with the tensor's name instead of loading into a half-random model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..nn import FairLinear
+
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F32": torch.float32, "I16": torch.int16, "I32": torch.int32, "F64": torch.float64}
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """name -> (shape, dtype) for every persistent buffer of every FairLinear. dtype None = any float."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, FairLinear):
+            continue
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is None or name in module._non_persistent_buffers_set:
+                continue
+            dtype = buf.dtype if name == "weight" else None
+            out[f"{prefix}.{name}"] = (tuple(buf.shape), dtype)
+    return out
+
+
+def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
+    """Raise ValueError naming the first packed tensor that is missing or has a wrong shape or dtype."""
+    files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+    if not files:
+        return
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                found[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    for name, (shape, dtype) in expected_tensors(model).items():
+        if name not in found:
+            raise ValueError(f"{name}: missing from the fair_calib checkpoint ({', '.join(files)})")
+        got_shape, got_dtype = found[name]
+        torch_dtype = _SAFETENSORS_DTYPES.get(got_dtype)
+        if got_shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, found {got_shape} in the checkpoint")
+        if dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"{name}: expected packed codes of dtype {dtype}, found {got_dtype}")
+        if dtype is None and not (torch_dtype and torch_dtype.is_floating_point):
+            raise ValueError(f"{name}: expected a floating-point tensor, found {got_dtype}")

@@ -1,0 +1,97 @@
+"""The plan of one run: `FairCalibConfig` unpacked into plain, typed settings for the stages below.
+
+This is the only module of the pipeline that reads the config field by field for the math: Stage I gets
+a `DecodeSetup`, Stage II a `StageTwoSettings`, the module surgery a `LayerFormat`. Everything is
+resolved against the model (its maximum length, its mask id, its blocks) before any forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.quantizers.base import get_keys_to_not_convert
+
+from ..arch import ModelAdapter
+from ..config import FairCalibConfig
+from ..enums import CalibInputs, InputMode, Rounding, Transform, Weighting
+from .surgery import LayerFormat, check_skip_names, matches
+
+
+@dataclass(frozen=True)
+class DecodeSetup:
+    """Stage I's decode settings, resolved against the model."""
+
+    seq_len: int
+    window: int
+    block_length: int
+    steps: int
+    mask_id: int
+    logit_shift: int
+
+
+@dataclass(frozen=True)
+class StageTwoSettings:
+    """Plain Stage II values unpacked from FairCalibConfig."""
+
+    w_bits: int
+    a_bits: int
+    group_size: int
+    rounding: Rounding
+    transform: Transform
+    epochs: int = 15
+    lr: float = 5e-3
+    clip_lr: float = 5e-2
+    batch_size: int = 4
+    damp: float = 0.01
+    act_order: bool = False
+    input_mode: InputMode = InputMode.QUANTIZED
+    seed: int = 0
+
+
+def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
+    """Sequence length, window K, blocks, steps T, mask id and logit shift of this run."""
+    seq_len = config.resolved_seq_len(adapter.max_length(model.config))
+    window = config.resolved_window(seq_len)
+    if window > seq_len - 1:
+        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len})")
+    if window % config.block_length:
+        raise ValueError(f"window ({window}) must be a multiple of block_length ({config.block_length})")
+    steps = config.steps or window
+    if steps % (window // config.block_length):
+        raise ValueError(f"steps ({steps}) must be a multiple of window // block_length")
+    needs_mask = config.weighting is Weighting.FAIR or config.calib_inputs is CalibInputs.MASKED
+    mask_id = adapter.mask_id(model.config) if needs_mask else -1
+    return DecodeSetup(seq_len, window, config.block_length, steps, mask_id, adapter.logit_shift)
+
+
+def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:
+    return StageTwoSettings(
+        config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
+        config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
+        config.seed)
+
+
+def layer_format(config: FairCalibConfig) -> LayerFormat:
+    """What every converted linear of this config stores."""
+    return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform)
+
+
+def needs_calibration(config: FairCalibConfig) -> bool:
+    """False only for round-to-nearest without transforms: each linear is then converted on its own."""
+    return not (config.rounding is Rounding.RTN and config.transform is Transform.NONE)
+
+
+def resolve_skip(model: nn.Module, config: FairCalibConfig) -> list[str]:
+    """modules_to_not_convert, or transformers' default (LM head, tied embeddings)."""
+    if config.modules_to_not_convert is not None:
+        check_skip_names(model, config.modules_to_not_convert)
+        return list(config.modules_to_not_convert)
+    return sorted(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else []
+
+
+def block_groups(adapter: ModelAdapter, skip: list[str]) -> tuple[tuple[str, ...], ...]:
+    """The adapter's linear groups without the names `modules_to_not_convert` keeps in float."""
+    probe = f"{adapter.blocks}.0."
+    groups = tuple(tuple(n for n in g if not matches(probe + n, skip)) for g in adapter.groups)
+    return tuple(g for g in groups if g)

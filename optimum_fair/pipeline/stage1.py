@@ -1,0 +1,134 @@
+"""Stage I: the position prior w-bar from probe rollouts of the full-precision teacher.
+
+`stage_one` loads a saved prior (checking or re-weighting it) or rolls the teacher out under the random
+commit policy and builds the prior from the rollouts' commit steps and reliabilities (`scoring.prior`).
+Under data parallelism each process rolls out its share of the probe batches and the rollouts are
+gathered in probe order, so every process builds the prior one process would.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import get_adapter
+from ..config import FairCalibConfig
+from ..data import calibration_sequences, load_texts, resolve_tokenizer
+from ..devices import execution_device
+from ..distributed import DataShard, World, batch_seed, get_world
+from ..naming import public_name, source_name
+from ..scoring.prior import (
+    PositionPrior,
+    prior_from_stats,
+    probe_rollouts,
+    reliability_sum,
+    saturation,
+    settings_dict,
+)
+from .plan import DecodeSetup, decode_setup
+
+logger = logging.getLogger(__name__)
+
+
+def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup) -> dict:
+    """What a saved prior must agree on to be reused."""
+    return settings_dict(
+        model_type=getattr(model.config, "model_type", None), seq_len=setup.seq_len, window=setup.window,
+        block_length=setup.block_length, steps=setup.steps, logit_shift=setup.logit_shift,
+        early_boost=config.early_boost, boost_schedule=config.boost_schedule, reliability=config.reliability,
+        reliability_weight=config.reliability_weight, floor=config.floor, frontier_weight=config.frontier_weight)
+
+
+def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup):
+    """The probe sequences (drawn lazily): seed + 1 and overlapping windows, so any text length works."""
+    return lambda: calibration_sequences(dataset, tokenizer, config.num_probes, setup.seq_len,
+                                         seed=config.seed + 1, allow_overlap=True)
+
+
+def build_prior(model: nn.Module, config: FairCalibConfig, tokenizer, texts=None) -> PositionPrior:
+    """Stage I alone: the prior `quantize` would build for this model, config and text."""
+    setup = decode_setup(model, get_adapter(model), config)
+    tok = resolve_tokenizer(tokenizer, model)
+    dataset = load_texts(texts if texts is not None else config.dataset)
+    return stage_one(model, config, setup, probe_source(dataset, tok, config, setup), get_world())
+
+
+def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,
+              world: World | None = None) -> PositionPrior:
+    """Load `config.prior` (checking its settings) or build the prior from probe rollouts.
+
+    With several processes each rolls out its share of the probe batches; the rollouts are gathered in
+    probe order, so every process builds the same prior as one process would.
+    """
+    expected = prior_settings(model, config, setup)
+    if config.prior:
+        prior = PositionPrior.load(config.prior)
+        if _reweightable(prior, expected):
+            logger.info("Stage I: re-weighting the saved rollouts of %s", config.prior)
+            return _prior(prior.commit_step, prior.reliability_sum, config, setup,
+                          dict(prior.settings, **expected))
+        prior.check_compatible(expected, strict=config.strict_prior)
+        if prior.seq_len != setup.seq_len:
+            raise ValueError(f"prior {config.prior} covers {prior.seq_len} positions, calibration uses {setup.seq_len}")
+        logger.info("Stage I: reusing prior %s", config.prior)
+        return prior
+    prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
+    device = execution_device(model)
+
+    def logits_fn(x, **kw):
+        return model(x.to(device), **kw).logits.float().cpu()
+
+    commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
+    settings = dict(expected, num_probes=int(prompts.shape[0]), model=public_name(source_name(model)) or "")
+    return _prior(commit, reliability_sum(commit, reliab), config, setup, settings)
+
+
+# prior settings that only weight the rollouts: a saved prior with its rollout statistics is re-weighted
+# when it differs from the run in these alone
+WEIGHTING_FIELDS = ("early_boost", "boost_schedule", "reliability_weight", "floor", "frontier_weight")
+
+
+def _reweightable(prior: PositionPrior, expected: dict) -> bool:
+    diffs = prior.differences(expected)
+    return prior.commit_step is not None and bool(diffs) and set(diffs) <= set(WEIGHTING_FIELDS)
+
+
+def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, config: FairCalibConfig, setup: DecodeSetup,
+           settings: dict) -> PositionPrior:
+    """The prior of `config`'s weighting from rollout statistics (P, K), with its saturation."""
+    lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
+    kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
+              schedule=config.boost_schedule, lambda1=lambda1, floor=config.floor,
+              frontier_weight=config.frontier_weight, logit_shift=setup.logit_shift)
+    prior = prior_from_stats(commit, rel_sum, settings=settings, **kw)
+    if commit.shape[0] >= 2:
+        prior.settings["saturation"] = saturation(commit, rel_sum, **kw)
+        logger.info("Stage I: %d probes, saturation (N/2 vs N) %.4f", commit.shape[0], prior.settings["saturation"])
+    return prior
+
+
+def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, config: FairCalibConfig,
+                     world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe rollouts, batch b (of max(batch_size, 16) prompts) on rank b % size, in probe order.
+
+    Batch b draws its random commit order from its own generator (`batch_seed(seed, "probes", b)`), so
+    the rollouts do not depend on the number of processes. prompts: (P, N - K).
+    Returns commit_step (P, K) and reliability (T, P, K), the same on every rank.
+    """
+    shard = DataShard(world, prompts.shape[0], max(config.batch_size, 16))
+    commits, reliabs = [], []
+    for start, stop in tqdm(shard.batches, desc="Stage I: probe rollouts", disable=not world.is_main):
+        seed = batch_seed(config.seed, "probes", start // shard.batch_size)
+        generator = torch.Generator().manual_seed(seed)
+        commit, reliab = probe_rollouts(
+            logits_fn, prompts[start:stop], setup.window, setup.block_length, setup.steps, setup.mask_id,
+            setup.logit_shift, config.reliability, batch_size=stop - start, generator=generator)
+        commits.append(commit)  # (b, K)
+        reliabs.append(reliab)  # (T, b, K)
+    K, T = setup.window, setup.steps
+    commit = torch.cat(commits) if commits else torch.zeros(0, K, dtype=torch.long)
+    reliab = torch.cat(reliabs, dim=1) if reliabs else torch.zeros(T, 0, K)
+    return shard.gather(commit, 0, "probe commit steps"), shard.gather(reliab, 1, "probe reliabilities")

@@ -1,0 +1,301 @@
+"""Stage II lifecycle: capture block inputs, then calibrate and swap one decoder block at a time.
+
+The math (weighted loss, GPTQ, transforms) lives in `calib/`; this file owns the order of work:
+for block l, h* = FP block(FP stream) is the target, the quantized block reads the quantized stream
+(or the FP stream, `input_mode="fp"`), its linears are calibrated group by group in forward order, and
+the block's FairLinears replace its nn.Linears. Finished blocks go to `cache_dir` so a killed run
+resumes after the last finished block (see `cache.py`). Settings arrive as a `plan.StageTwoSettings`.
+
+Data parallel: with a `DataShard` each process holds the streams of its own batches; the losses, the
+absmax and the GPTQ Hessians are reduced across processes (`stats.py`), FlatQuant's gradients are
+summed (`fit_transforms`), every process ends each block with the same weights (checked), and only
+rank 0 writes the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.gptq import gptq_factor
+from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
+from ..devices import execution_device
+from ..distributed import DataShard, World
+from ..enums import InputMode, Rounding, Transform
+from ..nn import FairLinear
+from .offload import onloaded
+from .plan import StageTwoSettings
+from .stats import group_hessian, group_input_absmax, module_checksum, stream_loss
+from .surgery import set_module
+
+logger = logging.getLogger(__name__)
+
+
+# -- block inputs -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def first_block_only(blocks: nn.ModuleList) -> Iterator[None]:
+    """Temporarily leave only blocks[0] in the list, so a model forward stops paying for the rest."""
+    saved = dict(blocks._modules)
+    try:
+        for key in list(blocks._modules)[1:]:
+            del blocks._modules[key]
+        yield
+    finally:
+        blocks._modules.clear()
+        blocks._modules.update(saved)
+
+
+@contextlib.contextmanager
+def recording_inputs(block: nn.Module, store: list) -> Iterator[None]:
+    """Append (hidden_states, other kwargs) of every call of `block` to `store`."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        store.append((hidden.detach(), rest, args[1:]))
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
+                         batch_size: int) -> tuple[torch.Tensor, Callable[[int], tuple[tuple, dict]]]:
+    """Inputs of blocks[0] for every calibration sequence, and a maker of the blocks' other arguments.
+
+    input_ids: (n, seq) with no padding, so every sample shares the same positions and attention mask;
+    the extra arguments (rotary tables, masks) captured for the first batch are re-sliced per batch.
+    Returns hidden (n, seq, d) float32 on CPU and `extras(b) -> (args, kwargs)` for a batch of b.
+    """
+    store: list = []
+    device = execution_device(model)
+    with first_block_only(blocks), recording_inputs(blocks[0], store):
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids[start:start + batch_size].to(device))
+    hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
+    _, kwargs0, args0 = store[0]
+    b0 = store[0][0].shape[0]
+    kwargs0 = {k: v for k, v in kwargs0.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+
+    def extras(b: int) -> tuple[tuple, dict]:
+        return _rebatch(args0, b0, b), _rebatch(kwargs0, b0, b)
+
+    return hidden, extras
+
+
+def _rebatch(value, b0: int, b: int):
+    """Re-slice tensors whose leading dim is the capture batch b0 to batch b (samples are identical)."""
+    if torch.is_tensor(value):
+        if value.dim() and value.shape[0] == b0 and b0 > 0:
+            return value[:1].expand(b, *value.shape[1:])
+        return value
+    if isinstance(value, tuple):
+        return tuple(_rebatch(v, b0, b) for v in value)
+    if isinstance(value, list):
+        return [_rebatch(v, b0, b) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebatch(v, b0, b) for k, v in value.items()}
+    return value
+
+
+def block_caller(block: nn.Module, extras: Callable[[int], tuple[tuple, dict]], device) -> Callable:
+    """x (b, seq, d) -> block output (b, seq, d) float32, with the block's captured extra arguments."""
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        args, kwargs = extras(x.shape[0])
+        args, kwargs = _to_device((args, kwargs), device)
+        out = block(x.to(device), *args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.float()
+
+    return call
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def run_batched(fn: Callable, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """fn over x (n, seq, d) in batches; results float32 on CPU."""
+    return torch.cat([fn(x[i:i + batch_size]).cpu() for i in range(0, x.shape[0], batch_size)])
+
+
+# -- one block --------------------------------------------------------------------------------
+def calibrate_block(
+    block: nn.Module,
+    groups: tuple[tuple[str, ...], ...],
+    call: Callable[[torch.Tensor], torch.Tensor],
+    x_in: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    s: StageTwoSettings,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    shard: DataShard | None = None,
+) -> None:
+    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears.
+
+    x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
+    """
+    shard = shard or DataShard(World(), x_in.shape[0], s.batch_size)
+    linears = {name: block.get_submodule(name) for group in groups for name in group}
+    params = _make_transforms(block, groups, linears, call, x_in, s, generator, shard)
+    calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
+                               weight_clip=s.transform is Transform.FLATQUANT)
+             for gi, group in enumerate(groups) for name in group}
+    if s.transform is Transform.FLATQUANT:
+        for name, module in calib.items():
+            set_module(block, name, module)
+        with torch.enable_grad(), _frozen(block):
+            history = fit_transforms(call, x_in, targets, weights, list(calib.values()), s.epochs, s.lr,
+                                     s.clip_lr, s.batch_size, generator=generator, **_data_parallel(shard))
+        logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
+                    len(history))
+    for gi, group in enumerate(groups):  # forward order: later groups see earlier ones quantized
+        factor = None
+        if s.rounding is Rounding.GPTQ:  # one Hessian and one factorisation per group (q/k/v share them)
+            H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64
+            factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
+            del H
+        for name in group:
+            kwargs = calib[name].export(s.rounding, factor=factor, scale_dtype=dtype)
+            fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
+            set_module(block, name, fair)
+            del calib[name], linears[name]  # the float weight goes as soon as its codes exist
+
+
+@contextlib.contextmanager
+def _frozen(block: nn.Module) -> Iterator[None]:
+    """The block's own parameters (norms) get no gradients while transforms are fitted."""
+    own = [p for n, p in block.named_parameters() if p.requires_grad and ".params." not in n
+           and not n.endswith("clip_logit")]
+    for p in own:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in own:
+            p.requires_grad_(True)
+
+
+def _data_parallel(shard: DataShard) -> dict:
+    """fit_transforms' data-parallel arguments for `shard` (none with one process)."""
+    if shard.world.size == 1:
+        return {}
+    return {"all_reduce": lambda t: shard.world.all_reduce_sum(t, "transform gradients"),
+            "sample_ids": shard.sample_ids, "num_samples": shard.num_samples}
+
+
+def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, generator,
+                     shard: DataShard) -> list[TransformParams]:
+    """One TransformParams per group of linears sharing an input."""
+    out = []
+    absmax = group_input_absmax(block, groups, call, x_in, shard) if s.transform is Transform.FLATQUANT else None
+    for gi, group in enumerate(groups):
+        d = linears[group[0]].in_features
+        device = linears[group[0]].weight.device
+        if s.transform is Transform.NONE:
+            out.append(TransformParams(d, kron="none", act_clip=False, trainable=False, device=device))
+        elif s.transform is Transform.HADAMARD:
+            out.append(TransformParams(d, kron="hadamard", act_clip=False, trainable=False, generator=generator,
+                                       device=device))
+        else:
+            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3)
+            out.append(TransformParams(d, kron="hadamard", smooth=smooth.to(device), act_clip=True,
+                                       trainable=True, generator=generator, device=device))
+    return out
+
+
+@torch.no_grad()
+def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings,
+                   shard: DataShard) -> float:
+    """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number.
+
+    The RTN linears are swapped in and the float ones put back (no copy of the float block).
+    """
+    names = [n for group in groups for n in group]
+    floats = {name: block.get_submodule(name) for name in names}
+    try:
+        for name in names:
+            set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size))
+        out = run_batched(block_caller(block, extras, device), x_in, s.batch_size)
+    finally:
+        for name in names:
+            set_module(block, name, floats[name])
+    return stream_loss(targets, out, weights, shard)
+
+
+# -- all blocks ---------------------------------------------------------------------------------
+def calibrate_blocks(
+    blocks: nn.ModuleList,
+    groups: tuple[tuple[str, ...], ...],
+    hidden: torch.Tensor,
+    extras: Callable,
+    weights: torch.Tensor | None,
+    s: StageTwoSettings,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache=None,
+    shard: DataShard | None = None,
+) -> list[dict]:
+    """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
+
+    hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
+    `load(l, block) -> bool` and `save(l, block)`; a cached block is loaded instead of calibrated.
+    shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
+    2-d weights all n rows); the records and the calibrated blocks are the same on every process.
+    """
+    shard = shard or DataShard(World(), hidden.shape[0], s.batch_size)
+    if shard.batch_size != s.batch_size or hidden.shape[0] != len(shard.sample_ids):
+        raise ValueError(f"hidden has {hidden.shape[0]} rows, the shard {len(shard.sample_ids)} "
+                         f"(batch size {shard.batch_size}, settings {s.batch_size})")
+    if weights is not None and weights.dim() == 2:
+        weights = weights[shard.sample_ids]  # (n_local, seq)
+    generator = torch.Generator().manual_seed(s.seed)
+    fp_stream = q_stream = hidden
+    records = []
+    for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
+        with onloaded(block, device):
+            fp_stream, q_stream, record = _one_block(l, block, groups, extras, fp_stream, q_stream, weights,
+                                                     s, generator, dtype, device, cache, shard)
+        records.append(record)
+    return records
+
+
+def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
+               device, cache, shard: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record."""
+    block.float()
+    call = block_caller(block, extras, device)
+    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_local, seq, d)
+    x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream
+    generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
+    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s, shard)
+    loaded = cache is not None and cache.load(l, block)
+    if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
+        logger.info("block %d: loaded from cache", l)
+    else:
+        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard)
+        if cache is not None and shard.world.is_main:
+            cache.save(l, block)
+    shard.world.check_identical(module_checksum(block), f"block {l} after calibration")
+    out_q = run_batched(call, x_in, s.batch_size)
+    loss = stream_loss(targets, out_q, weights, shard)
+    logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
+    block.to(dtype)
+    return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss}

@@ -1,0 +1,109 @@
+"""Module surgery: which linears are converted, empty FairLinear skeletons, and module replacement.
+
+Used by the quantizer before weights load (a pre-quantized checkpoint needs FairLinear modules of the
+right shapes on the meta device), by the block cache, and by the pipeline after calibration
+(`convert_rtn` for linears that need no data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.rotation import kron_factors
+from ..enums import Transform
+from ..nn import FairLinear
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """What a converted linear stores, as plain values (no config object below the pipeline)."""
+
+    w_bits: int
+    a_bits: int
+    group_size: int
+    transform: Transform
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """True if module `name` is one of `patterns`, ends with '.<pattern>', or lies under one of them."""
+    return any(name == p or name.endswith("." + p) or name.startswith(p + ".") for p in patterns)
+
+
+def check_skip_names(model: nn.Module, patterns: list[str]) -> None:
+    """Every entry of modules_to_not_convert must name at least one module of `model`."""
+    names = [n for n, _ in model.named_modules() if n]
+    unknown = [p for p in patterns if not any(matches(n, [p]) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"modules_to_not_convert names no module of {type(model).__name__}: {unknown}. "
+            f"Examples of module names: {names[:6]}"
+        )
+
+
+def linears_to_convert(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear]:
+    """Every `nn.Linear` of `model` not matched by `skip`, in module order."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not matches(name, skip)
+    }
+
+
+def check_group_size(linears: dict[str, nn.Linear], group_size: int) -> None:
+    if group_size == -1:
+        return
+    bad = [f"{n} (in_features={m.in_features})" for n, m in linears.items() if m.in_features % group_size]
+    if bad:
+        raise ValueError(f"group_size {group_size} does not divide the input size of: {', '.join(bad[:5])}")
+
+
+def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLinear:
+    """An empty FairLinear with the buffers a checkpoint of this format holds for `linear`."""
+    has_transform = fmt.transform is not Transform.NONE
+    return FairLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        w_bits=fmt.w_bits,
+        a_bits=fmt.a_bits,
+        group_size=fmt.group_size,
+        kron_dims=kron_factors(linear.in_features) if has_transform else None,
+        smooth=fmt.transform is Transform.FLATQUANT,
+        act_clip=fmt.transform is Transform.FLATQUANT,
+        dtype=dtype,
+        device=linear.weight.device,
+    )
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_with_skeletons(model: nn.Module, skip: list[str], fmt: LayerFormat, dtype: torch.dtype) -> list[str]:
+    """Swap every convertible linear for an empty FairLinear (on the linear's device); returns names."""
+    linears = linears_to_convert(model, skip)
+    check_group_size(linears, fmt.group_size)
+    for name, linear in linears.items():
+        set_module(model, name, skeleton(linear, fmt, dtype))
+    return list(linears)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (scales are stored in it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerFormat) -> None:
+    """Round-to-nearest: each linear is replaced independently, no data needed."""
+    for name, linear in tqdm(linears.items(), desc="RTN", leave=False):
+        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size)
+        set_module(model, name, fair.to(linear.weight.device))

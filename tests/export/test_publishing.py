@@ -1,0 +1,197 @@
+"""save_quantized / push_quantized / model.push_to_hub / FairCalibConfig(push_to_hub=...) against the loopback Hub."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModel, AutoTokenizer
+
+from optimum_fair import FairCalibConfig, calibration_result, quantize
+from optimum_fair.export import HubPushError, push_quantized, save_quantized
+from optimum_fair.export.card import hub_base_model, quant_tag
+from tests import hub_server
+from tests.conftest import char_tokenizer, tiny_llada
+
+hub = hub_server.hub  # the loopback Hub fixture
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
+             dataset="lee", rounding="gptq", transform="hadamard")
+X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(3))
+METRICS = {"FP": {"nll": 4.19, "flip_rate": 0.0, "agreement": 1.0},
+           "W4A4": {"nll": 4.35, "flip_rate": 0.329, "agreement": 0.61}}
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qmodel(tok):
+    return quantize(tiny_llada(len(tok), tok.mask_token_id), FairCalibConfig(**SMALL), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def saved(qmodel, tok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "llada-w4a4"
+    save_quantized(qmodel, out, tok, METRICS, base_model="GSAI-ML/LLaDA-8B-Instruct")
+    return out
+
+
+def test_folder_is_complete_and_card_has_metadata(saved):
+    names = {p.relative_to(saved).as_posix() for p in saved.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "prior/prior.safetensors",
+            "prior/prior.json"} <= names
+    assert not [p for p in saved.parent.iterdir() if ".partial-" in p.name]
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.base_model == "GSAI-ML/LLaDA-8B-Instruct"
+    assert card.data.base_model_relation == "quantized"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.tags == ["fair-calib", "w4a4", "diffusion-lm", "llada", "optimum-fair"]
+    assert "| w_bits | 4 |" in card.text and "| transform | hadamard |" in card.text
+    assert "| flip_rate | 0 | 0.329 |" in card.text  # FP vs quantized
+    assert "| block | loss_rtn | loss |" in card.text and "\n| 1 | " in card.text
+    assert 'AutoModel.from_pretrained("<this-repo-id>")' in card.text
+
+
+def test_save_refuses_a_non_empty_folder_and_bad_models(saved, tmp_path, qmodel, tok):
+    before = _digest(saved)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_quantized(qmodel, saved, tok)
+    assert _digest(saved) == before
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(tiny_llada(len(tok), tok.mask_token_id), tmp_path / "fp")
+    assert not (tmp_path / "fp").exists()
+
+
+def test_interrupted_save_leaves_nothing_that_looks_complete(qmodel, tmp_path):
+    class Broken:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(qmodel, tmp_path / "out", Broken())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tags_and_base_model_id(tmp_path):
+    assert quant_tag(FairCalibConfig(w_bits=4, a_bits=16)) == "w4a16"
+    assert quant_tag(FairCalibConfig(w_bits=8, a_bits=8)) == "w8a8"
+
+    class M:
+        config = None
+
+    m = M()
+    m.name_or_path = "org/model"
+    assert hub_base_model(m) == "org/model"
+    m.name_or_path = str(tmp_path)
+    assert hub_base_model(m) is None
+    assert hub_base_model(m, "GSAI-ML/LLaDA-8B-Base") == "GSAI-ML/LLaDA-8B-Base"
+    with pytest.raises(ValueError, match="repo id"):
+        hub_base_model(m, "/local/path")
+
+
+def test_push_then_reload_by_repo_id(hub, saved, qmodel, tmp_path):
+    url = push_quantized(saved, "tester/llada-w4a4")
+    assert url.startswith(hub.endpoint) and "/commit/" in url
+    remote = hub.files("tester/llada-w4a4")
+    assert remote["model.safetensors"] == (saved / "model.safetensors").read_bytes()
+    assert b'from_pretrained("tester/llada-w4a4")' in remote["README.md"]
+    assert "prior/prior.json" in remote
+    reloaded = AutoModel.from_pretrained("tester/llada-w4a4", cache_dir=tmp_path / "cache")
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert calibration_result(reloaded).reloaded and calibration_result(reloaded).blocks == []  # no recalibration
+    tok = AutoTokenizer.from_pretrained("tester/llada-w4a4", cache_dir=tmp_path / "cache")
+    assert tok.mask_token_id == 3
+    reloaded.save_pretrained(tmp_path / "copy")  # the tokenizer comes from the repo the model came from
+    assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == remote["tokenizer.json"]
+    assert ModelCard.load(tmp_path / "copy" / "README.md").data.base_model is None  # not "tester/llada-w4a4"
+    assert hub.unhandled == []
+
+
+def test_existing_repo_needs_overwrite(hub, saved):
+    push_quantized(saved, "tester/m")
+    hub.repos["tester/m"].add_commit({**hub.files("tester/m"), "stale.bin": b"old"}, "someone else")
+    commits = len(hub.repos["tester/m"].commits)
+    with pytest.raises(HubPushError, match="already has files"):
+        push_quantized(saved, "tester/m")
+    assert len(hub.repos["tester/m"].commits) == commits
+    push_quantized(saved, "tester/m", overwrite=True)
+    assert "stale.bin" not in hub.files("tester/m")
+
+
+def test_missing_or_wrong_token(hub, saved, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        push_quantized(saved, "tester/m")
+    assert hub.requests == []  # refused before any request
+    with pytest.raises(HubPushError, match="401"):
+        push_quantized(saved, "tester/m", token="hf_wrong")
+    assert "tester/m" not in hub.repos
+
+
+def test_server_error_mid_upload_then_retry(hub, saved):
+    before = _digest(saved)
+    hub.fail_next("commit")
+    with pytest.raises(HubPushError, match="HTTP 500.*rerun to retry"):
+        push_quantized(saved, "tester/flaky")
+    assert _digest(saved) == before
+    assert set(hub.files("tester/flaky")) == {".gitattributes"}  # nothing half-committed
+    push_quantized(saved, "tester/flaky")  # the repo holds only .gitattributes: no overwrite needed
+    assert hub.files("tester/flaky")["model.safetensors"] == (saved / "model.safetensors").read_bytes()
+
+
+def test_bad_folder_and_repo_id_fail_before_requests(hub, tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        push_quantized(tmp_path, "tester/m")
+    with pytest.raises(ValueError, match="repo id"):
+        push_quantized(saved, "not a repo id!")
+    assert hub.requests == []
+
+
+def test_model_push_to_hub_uploads_card_and_prior(hub, qmodel, tmp_path):
+    qmodel.push_to_hub("tester/direct")
+    remote = hub.files("tester/direct")
+    assert {"prior/prior.safetensors", "tokenizer.json", "model.safetensors"} <= set(remote)
+    card = ModelCard(remote["README.md"].decode())
+    assert "fair-calib" in card.data.tags and b"tester/direct" in remote["README.md"]
+    reloaded = AutoModel.from_pretrained("tester/direct", cache_dir=tmp_path / "cache")
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+
+
+def test_model_save_pretrained_writes_prior_and_keeps_other_files(qmodel, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    qmodel.save_pretrained(tmp_path)
+    assert (tmp_path / "prior" / "prior.json").is_file() and (tmp_path / "README.md").is_file()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert torch.equal(calibration_result(reloaded).prior.weights, calibration_result(qmodel).prior.weights)  # read back from prior/
+    reloaded.save_pretrained(tmp_path / "again")  # a reloaded model still writes the card and prior
+    assert (tmp_path / "again" / "prior" / "prior.json").is_file()
+    assert "fair-calib" in ModelCard.load(tmp_path / "again" / "README.md").data.tags
+
+
+def test_config_push_to_hub_pushes_after_calibration(hub, tok, monkeypatch):
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    quantize(model, FairCalibConfig(**SMALL, push_to_hub="tester/from-config"), tokenizer=tok)
+    remote = hub.files("tester/from-config")
+    assert {"model.safetensors", "prior/prior.json", "tokenizer.json", "README.md"} <= set(remote)
+    monkeypatch.delenv("HF_TOKEN")
+    calls = []
+    fresh = tiny_llada(len(tok), tok.mask_token_id)
+    fresh.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="no Hugging Face token"):
+        quantize(fresh, FairCalibConfig(**SMALL, push_to_hub="tester/x"), tokenizer=tok)
+    assert calls == []  # refused before calibrating

@@ -1,0 +1,142 @@
+"""End to end on a tiny LLaDA: Stage I + Stage II through quantize() and from_pretrained()."""
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from optimum_fair import FairCalibConfig, FairLinear, calibration_result, quantize
+from optimum_fair.scoring.prior import PositionPrior
+
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
+             dataset="lee")
+X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(X).logits
+
+
+@pytest.fixture
+def llada_dir(tmp_path, llada, tok):
+    path = tmp_path / "llada"
+    llada.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rounding,transform", [("gptq", "hadamard"), ("rtn", "flatquant")])
+def test_one_liner_equals_quantize_and_reloads(tmp_path, llada_dir, tok, rounding, transform):
+    cfg = dict(SMALL, rounding=rounding, transform=transform)
+    loaded = AutoModel.from_pretrained(llada_dir, quantization_config=FairCalibConfig(**cfg))
+    direct = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg), tokenizer=tok)
+    assert torch.equal(_logits(loaded), _logits(direct))
+    assert sum(isinstance(m, FairLinear) for m in loaded.modules()) == 14
+    loaded.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(reloaded), _logits(loaded))
+    assert calibration_result(reloaded).reloaded and calibration_result(reloaded).blocks == []  # reload did not calibrate
+
+
+def test_calibration_beats_rtn_on_block_loss(llada, tok):
+    quantize(llada, FairCalibConfig(**SMALL, rounding="gptq", transform="hadamard"), tokenizer=tok)
+    log = calibration_result(llada).blocks
+    assert len(log) == 2
+    assert all(r["loss"] < r["loss_rtn"] for r in log), log
+
+
+def test_uniform_and_fair_differ_and_prior_reuse_skips_stage_one(tmp_path, llada_dir, tok):
+    fair = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    prior = calibration_result(fair).prior
+    assert prior.weights.shape == (32,) and prior.weights[:16].eq(0.05).all()
+    prior.save(tmp_path / "prior")
+    reused = quantize(AutoModel.from_pretrained(llada_dir),
+                      FairCalibConfig(**SMALL, rounding="gptq", prior=str(tmp_path / "prior")), tokenizer=tok)
+    assert torch.equal(_logits(reused), _logits(fair))
+    uniform = quantize(AutoModel.from_pretrained(llada_dir),
+                       FairCalibConfig(**SMALL, rounding="gptq", weighting="uniform"), tokenizer=tok)
+    assert calibration_result(uniform).prior is None
+    assert not torch.equal(_logits(uniform), _logits(fair))
+
+
+def test_prior_with_other_settings_refused(tmp_path, llada, tok):
+    PositionPrior(torch.ones(32), 16, 0.05, {"block_length": 16}).save(tmp_path / "p")
+    with pytest.raises(ValueError, match="block_length"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq", prior=str(tmp_path / "p")), tokenizer=tok)
+
+
+def test_too_little_text_fails_before_model_work(llada, tok):
+    calls = []
+    llada.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="tokens"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"), texts=["too short"], tokenizer=tok)
+    assert calls == []
+
+
+def test_missing_tokenizer(llada):
+    with pytest.raises(ValueError, match="tokenizer"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"))
+
+
+def test_fp_input_mode_runs_and_differs(llada_dir, tok):
+    a = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    b = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**SMALL, rounding="gptq", input_mode="fp"),
+                 tokenizer=tok)
+    assert not torch.equal(_logits(a), _logits(b))
+
+
+def test_masked_calibration_inputs_reach_stage_two(llada_dir, tok):
+    """calib_inputs="masked": Stage II runs on decode-like states (mask tokens in the window only)."""
+    seen = {}
+
+    def run(**extra):
+        model = AutoModel.from_pretrained(llada_dir)
+        rows = []
+        handle = model.model.transformer.wte.register_forward_pre_hook(lambda m, a: rows.append(a[0].clone()))
+        quantize(model, FairCalibConfig(**SMALL, rounding="gptq", **extra), tokenizer=tok)
+        handle.remove()
+        seen[str(extra)] = torch.cat(rows)
+        return model
+
+    text = run(weighting="uniform")  # uniform: no Stage I, so every forward seen here is Stage II's
+    masked = run(weighting="uniform", calib_inputs="masked")
+    mask = tok.mask_token_id
+    assert not (seen[str({"weighting": "uniform"})] == mask).any()
+    states = seen[str({"weighting": "uniform", "calib_inputs": "masked"})]
+    assert (states[:, 32 - 16:] == mask).any() and not (states[:, : 32 - 16] == mask).any()
+    assert not torch.equal(_logits(text), _logits(masked))
+    fair = run(calib_inputs="masked")
+    assert sum(isinstance(m, FairLinear) for m in fair.modules()) == 14
+
+
+def test_saved_rollouts_are_reweighted_without_new_probes(tmp_path, llada, tok):
+    """A prior saved with its rollout statistics serves a run that differs only in the weighting
+    (beta, lambda_1, floor, frontier weight): the same prior as Stage I from scratch, no forward pass."""
+    from optimum_fair.pipeline.stage1 import build_prior
+
+    build_prior(llada, FairCalibConfig(**SMALL), tok).save(tmp_path / "p")
+    other = dict(SMALL, early_boost=0.0, reliability_weight=0.5, floor=1.0, frontier_weight=2.0)
+    fresh = build_prior(llada, FairCalibConfig(**other), tok)
+    calls = []
+    hook = llada.register_forward_pre_hook(lambda *a: calls.append(1))
+    reweighted = build_prior(llada, FairCalibConfig(**other, prior=str(tmp_path / "p")), tok)
+    hook.remove()
+    assert calls == []
+    assert torch.equal(reweighted.weights, fresh.weights)
+    assert reweighted.settings == fresh.settings
+    assert reweighted.weights[:16].eq(1.0).all() and not reweighted.weights[16:].eq(1.0).all()
+    # rollout settings (here the block length) still have to match
+    with pytest.raises(ValueError, match="block_length"):
+        build_prior(llada, FairCalibConfig(**dict(other, block_length=16), prior=str(tmp_path / "p")), tok)
+
+
+def test_a_prior_with_broken_rollout_statistics_is_refused_on_load(tmp_path):
+    from safetensors.torch import save_file
+
+    PositionPrior(torch.ones(32), 16, 0.05, {}, torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16)).save(
+        tmp_path / "p")
+    assert PositionPrior.load(tmp_path / "p").commit_step.shape == (4, 16)
+    save_file({"weights": torch.ones(32), "commit_step": torch.zeros(4, 16, dtype=torch.long)},
+              str(tmp_path / "p" / "prior.safetensors"))  # statistics half written
+    with pytest.raises(ValueError, match="rollout statistics"):
+        PositionPrior.load(tmp_path / "p")

@@ -1,0 +1,47 @@
+"""The pipeline on Dream (shifted logits, GQA, biases) and on a Llama-like autoregressive model."""
+
+import pytest
+import torch
+from transformers import AutoModel, LlamaForCausalLM
+
+from optimum_fair import FairCalibConfig, FairLinear, calibration_result, quantize
+from optimum_fair.modeling import DreamConfig, DreamModel
+from tests.conftest import char_tokenizer, tiny_llama_config
+
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
+             dataset="lee")
+X = torch.randint(4, 90, (2, 32), generator=torch.Generator().manual_seed(7))
+
+
+def _dream(tok):
+    torch.manual_seed(0)
+    cfg = DreamConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64,
+                      mask_token_id=tok.mask_token_id, tie_word_embeddings=False)
+    return DreamModel(cfg).eval()
+
+
+def test_dream_prior_is_shifted_and_model_reloads(tmp_path):
+    tok = char_tokenizer()
+    model = _dream(tok)
+    quantize(model, FairCalibConfig(**SMALL, rounding="gptq", transform="hadamard"), tokenizer=tok)
+    w = calibration_result(model).prior.weights
+    # the window's 16 predictions are made by hidden states 15..30; the last position predicts nothing
+    assert w[-1] == 0.05 and w[:15].eq(0.05).all() and (w[15:31] > 0.05).all()
+    assert sum(isinstance(m, FairLinear) for m in model.modules()) == 14
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(X).logits, model(X).logits)
+
+
+def test_llama_like_needs_a_mask_token_for_the_fair_prior():
+    tok = char_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    with pytest.raises(ValueError, match="mask_token_id"):
+        quantize(model, FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    quantize(model, FairCalibConfig(**SMALL, rounding="gptq", transform="hadamard", weighting="uniform"),
+             tokenizer=tok)
+    assert isinstance(model.model.layers[1].mlp.down_proj, FairLinear)
+    assert [r["loss"] < r["loss_rtn"] for r in calibration_result(model).blocks] == [True, True]
