@@ -368,8 +368,10 @@ def run_parent(args) -> None:
                      "calib_data": "calibration_sequences('wiki', tok, N, 128, seed=0)",
                      "llmcompressor_pipeline": args.pipeline, "llmcompressor_sequential_targets": ["LLaDABlock"],
                      "repeats": args.repeats},
-        "heldout": {"data": f"calibration_sequences('wiki-val', tok, {HELDOUT_SAMPLES}, {SEQ_LEN}, seed={HELDOUT_SEED})",
-                    "mask": f"{int(MASK_FRACTION * 100)} % of positions per row (randperm, seed {MASK_SEED}) -> id {mask_id}",
+        "heldout": {"data": f"calibration_sequences('wiki-val', tok, {HELDOUT_SAMPLES}, {SEQ_LEN}, "
+                            f"seed={HELDOUT_SEED})",
+                    "mask": f"{int(MASK_FRACTION * 100)} % of positions per row (randperm, seed {MASK_SEED}) "
+                            f"-> id {mask_id}",
                     "masked_positions": int(held_mask.sum()), "ids_digest": tensor_digest(held_ids)},
         "fp": fp_metrics,
         "rtn_references": refs,
@@ -552,11 +554,12 @@ def markdown(report: dict) -> str:
     for n, run in report["runs"].items():
         d = run.get("diagnostic_ours_ct_grid")
         if d:
-            same = [k.replace("model.transformer.", "") for k, f in d["frac_codes_differing_from_llmc"].items() if f == 0]
+            fracs = d["frac_codes_differing_from_llmc"]
+            same = [k.replace("model.transformer.", "") for k, f in fracs.items() if f == 0]
             lines.append(
                 f"N={n} diagnostic (ours with the scale patched to max|w|/7.5): codes identical to llm-compressor's "
                 f"on {len(same)}/28 linears ({', '.join(same) or 'none'}); mean fraction of differing codes on the "
-                f"others {statistics.fmean([f for f in d['frac_codes_differing_from_llmc'].values() if f > 0] or [0]):.3f}.")
+                f"others {statistics.fmean([f for f in fracs.values() if f > 0] or [0]):.3f}.")
     lines += [
         "",
         ("Reproduce (llm-compressor 0.14.0.1 pins transformers<=5.17 and compressed-tensors==0.19, so it gets "

@@ -111,7 +111,7 @@ def unit_differences(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples
         if not all(f"{t}/{key}" in r[s] for r in (a_runs, b_runs) for s in seeds for t in TEXTS):
             continue
         diff = torch.stack([per_prompt(a_runs[s], key) - per_prompt(b_runs[s], key) for s in seeds])  # (seeds, units)
-        full, lo, hi = bootstrap(lambda idx: diff[:, idx].mean().view(1), diff.shape[1], resamples, seed)
+        full, lo, hi = bootstrap(lambda idx, d=diff: d[:, idx].mean().view(1), diff.shape[1], resamples, seed)
         ci = [float(lo), float(hi)] if diff.shape[1] >= MIN_UNITS else None  # a handful of units: no interval
         out.update({f"{name}_diff": float(full), f"{name}_ci": ci, f"{name}_units": diff.shape[1]})
     return out
@@ -190,7 +190,8 @@ def plots(runs: list[dict], out: str, bits: str = "w4a4") -> list[str]:
     names = list(cells)
     rates = [[100 * m["flip_rate"] for m in cells[n]] for n in names]
     means = [statistics.fmean(v) for v in rates]
-    err = [[m - min(v) for m, v in zip(means, rates)], [max(v) - m for m, v in zip(means, rates)]]
+    pairs = list(zip(means, rates, strict=True))
+    err = [[m - min(v) for m, v in pairs], [max(v) - m for m, v in pairs]]
     fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(names)), 3.8))
     fair = [n.startswith(("fair-", "frontier-", "reliability-")) for n in names]  # prior-weighted cells
     ax.bar(range(len(names)), means, yerr=err, capsize=3, color=["#c44" if f else "#888" for f in fair])

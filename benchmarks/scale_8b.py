@@ -297,8 +297,8 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     from torch import nn
 
     from optimum_fair.arch import get_adapter
-    from optimum_fair.nn import FairLinear
     from optimum_fair.devices import execution_device
+    from optimum_fair.nn import FairLinear
     from optimum_fair.pipeline.plan import block_groups, resolve_skip
     from optimum_fair.pipeline.stage2 import calibrate_blocks, capture_block_inputs
     from optimum_fair.pipeline.surgery import float_dtype
@@ -389,9 +389,11 @@ def project(res: dict, args, config) -> dict:
         "stage2_one_stream_gib_paper_samples": stream_gib,
         "peak_anon_gib_all_blocks_paper_samples_estimate": peak_all + 4 * (stream_gib - stream_here),
         "note": "Stage I: 512/16 probe batches x 256 steps, each a forward over 16 x 1024 tokens costing the "
-                "measured weight-streaming time plus tokens x the measured per-token time; Stage II linear in tokens (attention's seq^2 share ignored, ~4% at N=1024, d=4096); paper setting: "
+                "measured weight-streaming time plus tokens x the measured per-token time; Stage II linear in "
+                "tokens (attention's seq^2 share ignored, ~4% at N=1024, d=4096); paper setting: "
                 f"{p}; Stage II keeps ~4 (n, N, d) fp32 streams in RAM "
-                "(hidden/fp/q stream, targets, quantized output), hence the +4 streams in the paper-samples peak estimate.",
+                "(hidden/fp/q stream, targets, quantized output), hence the +4 streams in the paper-samples "
+                "peak estimate.",
     }
 
 
@@ -417,7 +419,8 @@ def table(res: dict) -> str:
     rows += [
         ("Stage II block used for projection (fastest after block 0): forward / rest",
          f"{pr['stage2_block_forward_seconds']:.1f} / {pr['stage2_block_fixed_seconds']:.1f} s"),
-        (f"projected Stage II, {cfg['n_layers']} blocks, this setting", f"{pr['stage2_full_measured_setting_hours']:.2f} h"),
+        (f"projected Stage II, {cfg['n_layers']} blocks, this setting",
+         f"{pr['stage2_full_measured_setting_hours']:.2f} h"),
         (f"projected Stage II, {cfg['n_layers']} blocks, 128 x 1024 samples",
          f"{pr['stage2_full_paper_samples_hours']:.1f} h"),
         ("projected Stage I, 512 probes x 256 steps x 1024", (f"{pr['stage1_paper_hours']:.0f} h "

@@ -155,7 +155,7 @@ def lag_summary(lags: Tensor) -> dict[str, Any]:
     q = torch.quantile(flat.double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
     return {"n": int(flat.numel()), "frac_positive": (flat > 0).float().mean().item(),
             "mean": flat.double().mean().item(), "p50": q[0].item(), "p90": q[1].item(), "p99": q[2].item(),
-            "max": int(flat.max()), "histogram": {int(v): int(c) for v, c in zip(values, counts)}}
+            "max": int(flat.max()), "histogram": {int(v): int(c) for v, c in zip(values, counts, strict=True)}}
 
 
 def decode_domain(model: torch.nn.Module, tok: Any, domain: str,

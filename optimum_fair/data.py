@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
 
 from .naming import is_repo_id, source_name
@@ -97,7 +97,9 @@ def clean_wiki_markup(raw: str) -> str:
     HTML tags are dropped, the text is cut at the first reference-like section (References, See also,
     ...), and lines with fewer than five words (captions, table debris) are discarded.
     """
-    from gensim.corpora.wikicorpus import filter_wiki
+    from gensim.corpora.wikicorpus import (
+        filter_wiki,  # lazy: gensim loads scipy (~1 s), only offline wiki text needs it
+    )
 
     text = html.unescape(filter_wiki(raw))
     kept: list[str] = []
@@ -121,7 +123,7 @@ def load_wiki_articles(path: str | Path | None = None) -> list[tuple[str, str]]:
     Redirects, non-article namespaces and articles with no prose left after cleaning are skipped.
     Nothing is cached between calls (parsing takes about two seconds).
     """
-    from gensim.corpora.wikicorpus import extract_pages
+    from gensim.corpora.wikicorpus import extract_pages  # lazy: see clean_wiki_markup
 
     path = Path(path) if path is not None else gensim_data_file(WIKI_FILE)
     articles: list[tuple[str, str]] = []
@@ -174,8 +176,6 @@ def _offline_dataset(name: str, split: str | None) -> Dataset:
 
 def _hub_dataset(name: str, split: str | None) -> Dataset:
     """Load one of ``HUB_NAMES`` with ``datasets.load_dataset``; a clear error when that fails."""
-    from datasets import load_dataset
-
     src = HUB_NAMES[name]
     kwargs: dict[str, Any] = {"split": split or src.split}
     if src.data_files is not None:

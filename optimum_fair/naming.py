@@ -41,7 +41,7 @@ def is_repo_id(name: Any) -> bool:
 
 def source_name(model: Any) -> str | None:
     """Where `model` was loaded from: its ``name_or_path`` (a Hub id or a local path), or None."""
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
     return str(name) if name else None
 
 

@@ -43,7 +43,7 @@ def test_paired_difference_matches_a_plain_loop(bench):
     total = 0.0
     for s in (0, 1):
         for text in ("wiki-val", "lee"):
-            for fa, fb in zip(a[s][f"{text}/flips_per_prompt"], b[s][f"{text}/flips_per_prompt"]):
+            for fa, fb in zip(a[s][f"{text}/flips_per_prompt"], b[s][f"{text}/flips_per_prompt"], strict=True):
                 total += (fa - fb) / per_prompt_decisions
     assert d["flip_rate_diff"] == pytest.approx(total / 8)  # 2 seeds x 4 prompts
     conf_diff = sum(sum(a[s][f"{t}/confident_flips_per_prompt"][i] - b[s][f"{t}/confident_flips_per_prompt"][i]

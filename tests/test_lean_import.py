@@ -40,3 +40,11 @@ def test_package_import_registers_method():
             "print('ok')")
     out = _run(code)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_failing_registration_raises_at_import():
+    # importing the native models fails (as when a local file shadows a package transformers needs):
+    # `import optimum_fair` must say so, not succeed and leave "unknown architecture" errors for later
+    out = _run("import sys; sys.modules['optimum_fair.modeling'] = None; import optimum_fair")
+    assert out.returncode != 0
+    assert "optimum_fair.modeling" in out.stderr

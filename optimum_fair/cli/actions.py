@@ -102,7 +102,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                        overwrite=args.overwrite)
         print(f"saved {out}")
         if repo:
-            print(f"pushed {push_quantized(out, repo, token=args.token, private=args.private, overwrite=args.overwrite)}")
+            url = push_quantized(out, repo, token=args.token, private=args.private, overwrite=args.overwrite)
+            print(f"pushed {url}")
     finally:
         if not args.output_dir:
             shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Text in, text out: run a diffusion LM (LLaDA or Dream) with the tracing samplers.
 
 ``generate(model, tokenizer, "prompt")`` tokenises (left-padding a batch), reads the mask id and
-logit shift from the model's architecture adapter (`optimum_fair.arch`), decodes under ``torch.no_grad()`` and returns the answers.
+logit shift from the model's architecture adapter (`optimum_fair.arch`), decodes under
+``torch.no_grad()`` and returns the answers.
 Apply a chat template to the prompts first if the model expects one.
 """
 

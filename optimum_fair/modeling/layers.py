@@ -120,7 +120,8 @@ def prepare_attention_mask(
     Accepts ``None``; a padding mask (batch, seq) of 1 (real) / 0 (pad), which hides
     padded *keys* from every query; or an already prepared 4-D mask
     (batch or 1, heads or 1, seq or 1, seq), boolean (True = attend) or additive
-    float, which is passed through (so a prepared mask can be handed on to blocks). An all-ones padding mask becomes ``None``.
+    float, which is passed through (so a prepared mask can be handed on to blocks). An all-ones padding
+    mask becomes ``None``.
     """
     if attention_mask is None:
         return None

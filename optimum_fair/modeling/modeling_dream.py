@@ -235,7 +235,9 @@ class DreamModel(DreamPreTrainedModel):
             inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
         batch, seq, _ = inputs_embeds.shape
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
-        want_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        want_states = bool(output_hidden_states)
         final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
         logits = self.lm_head(final)  # (batch, seq, vocab)
         if return_dict is False:

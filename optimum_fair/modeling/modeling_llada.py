@@ -232,7 +232,9 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             inputs_embeds = self.model.transformer.wte(input_ids)  # (batch, seq, d_model)
         batch, seq, _ = inputs_embeds.shape
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
-        want_states = bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        want_states = bool(output_hidden_states)
         logits, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
         if return_dict is False:
             return (logits, states) if want_states else (logits,)

@@ -166,7 +166,7 @@ def calibrate_block(
                                      s.clip_lr, s.batch_size, generator=generator, **_data_parallel(shard))
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
-    for gi, group in enumerate(groups):  # forward order: later groups see earlier ones quantized
+    for group in groups:  # forward order: later groups see earlier ones quantized
         factor = None
         if s.rounding is Rounding.GPTQ:  # one Hessian and one factorisation per group (q/k/v share them)
             H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64

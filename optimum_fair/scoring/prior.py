@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..enums import BoostSchedule, Confidence, coerce_enum
+from ..enums import BoostSchedule, Confidence, Remasking, coerce_enum
 from .forward import LogitsFn
 from .policies import confidence_scores
 from .sampler import llada_decode
@@ -164,16 +164,16 @@ def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_leng
         batch = prompts[start:start + batch_size]
         seen: list[Tensor] = []
 
-        def observed(x: Tensor, **kw) -> Tensor:
+        def observed(x: Tensor, seen=seen, prompt_len=batch.shape[1], **kw) -> Tensor:
             logits = logits_fn(x, **kw)  # (b, seq, vocab)
-            s = batch.shape[1] - logit_shift
+            s = prompt_len - logit_shift
             probs = logits[:, s:s + window].float().softmax(-1)  # (b, K, vocab)
             probs[..., mask_id] = 0.0  # the mask token is never proposed
             seen.append(reliability(probs / probs.sum(-1, keepdim=True), reliability_kind))  # (b, K)
             return logits
 
         trace = llada_decode(observed, batch, window, block_length, steps, mask_id, temperature=0.0,
-                             remasking="random", generator=generator, logit_shift=logit_shift)
+                             remasking=Remasking.RANDOM, generator=generator, logit_shift=logit_shift)
         commits.append(trace.commit_step)
         reliabs.append(torch.stack(seen))  # (T, b, K)
     return torch.cat(commits), torch.cat(reliabs, dim=1)

@@ -61,7 +61,9 @@ class _Recorder:
     def finish(self, x: Tensor, **meta: object) -> DecodeTrace:
         if bool((self.commit_step < 0).any()):
             raise RuntimeError("decode ended with uncommitted positions")
-        stack = lambda xs: None if xs is None else torch.stack(xs)
+        def stack(xs):
+            return None if xs is None else torch.stack(xs)
+
         return DecodeTrace(
             sequences=x,
             commit_step=self.commit_step,

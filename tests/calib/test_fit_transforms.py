@@ -176,10 +176,10 @@ def test_data_parallel_fit_matches_one_process():
         t.join()
     assert not errors, errors
     (h0, p0), (h1, p1) = results
-    assert h0 == h1 and all(torch.equal(a, b) for a, b in zip(p0, p1))  # ranks stay identical
+    assert h0 == h1 and all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))  # ranks stay identical
     assert h0 == pytest.approx(ref, rel=1e-4)
     single = [p.detach() for p in (*c1.parameters(), *c2.parameters())]
-    assert max(float((a - b).norm() / b.norm()) for a, b in zip(p0, single)) < 1e-5
+    assert max(float((a - b).norm() / b.norm()) for a, b in zip(p0, single, strict=True)) < 1e-5
 
 
 def test_data_parallel_arguments_come_together():

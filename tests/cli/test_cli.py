@@ -15,8 +15,8 @@ from transformers import AutoModel
 
 from optimum_fair import FairCalibConfig, calibration_result, quantize
 from optimum_fair.cli import build_parser, main
-from optimum_fair.cli.main import COMMANDS
 from optimum_fair.cli.flags import config_from_args
+from optimum_fair.cli.main import COMMANDS
 from optimum_fair.eval.generation import generate
 from tests import hub_server
 from tests.conftest import char_tokenizer, tiny_llada
@@ -99,7 +99,8 @@ def test_prior_equals_the_one_quantize_builds(fp_dir, tmp_path):
 
     assert main(["prior", str(fp_dir), "--output-dir", str(tmp_path / "prior"), *FLAGS]) == 0
     tok = char_tokenizer()
-    built = calibration_result(quantize(AutoModel.from_pretrained(fp_dir), FairCalibConfig(**SMALL), tokenizer=tok)).prior
+    model = quantize(AutoModel.from_pretrained(fp_dir), FairCalibConfig(**SMALL), tokenizer=tok)
+    built = calibration_result(model).prior
     assert torch.equal(PositionPrior.load(tmp_path / "prior").weights, built.weights)
     assert main(["prior", str(fp_dir), "--output-dir", str(tmp_path / "p2"), "--weighting", "uniform"]) == 1
 

@@ -70,7 +70,9 @@ def test_flip_rate_reads_teacher_states():
 def test_flip_rate_threshold_and_shift():
     trace = make_trace([[6, 8, 7, 2]], [[2, 0, 3, 1]], margin=[[0.5, 0.05, 0.2, 0.0]], shift=1)
     base = count_student([3.0, 2.0, 1.0, 0.0])
-    student = lambda x, attention_mask=None: shifted(base(x), 1)
+    def student(x, attention_mask=None):
+        return shifted(base(x), 1)
+
     res = M.frontier_flip_rate(trace, student, margin_threshold=0.3)
     assert res.flipped.tolist() == [[False, False, True, True]]
     assert (res.num_confident, res.num_confident_flips) == (1, 0)
@@ -122,7 +124,9 @@ def test_post_commit_mismatch_leave_one_out(shift, max_batch):
     final = [[5, 6, 7, 8], [5, 6, 7, 8]]
     trace = make_trace(final, [[0, 1, 2, 3], [3, 2, 1, 0]], shift=shift)
     preds = loo_model(final[0])
-    model = lambda x, attention_mask=None: shifted(preds(x), shift)
+    def model(x, attention_mask=None):
+        return shifted(preds(x), shift)
+
     res = M.post_commit_mismatch(trace, model, max_batch=max_batch)
     # first committed position: re-masked at t = 1, 2, 3 sees 4, 3, 2 masks -> agree, agree, disagree
     expected = torch.tensor([[1 / 3, 1 / 2, 1.0, NAN], [NAN, 1.0, 1 / 2, 1 / 3]], dtype=torch.float64)

@@ -177,7 +177,8 @@ def test_model_save_pretrained_writes_prior_and_keeps_other_files(qmodel, tmp_pa
     assert (tmp_path / "notes.txt").read_text() == "mine"
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert torch.equal(_logits(reloaded), _logits(qmodel))
-    assert torch.equal(calibration_result(reloaded).prior.weights, calibration_result(qmodel).prior.weights)  # read back from prior/
+    # read back from prior/
+    assert torch.equal(calibration_result(reloaded).prior.weights, calibration_result(qmodel).prior.weights)
     reloaded.save_pretrained(tmp_path / "again")  # a reloaded model still writes the card and prior
     assert (tmp_path / "again" / "prior" / "prior.json").is_file()
     assert "fair-calib" in ModelCard.load(tmp_path / "again" / "README.md").data.tags

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from optimum_fair import FairCalibConfig, FairLinear, quantize
+from optimum_fair import FairCalibConfig, FairLinear, calibration_result, quantize
 
 X = torch.randint(0, 100, (2, 12))
 
@@ -25,7 +25,8 @@ BLOCK_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 
 
 def test_from_pretrained_quantizes_every_block(tiny_llama_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(rounding="rtn", transform="none"))
+    config = FairCalibConfig(rounding="rtn", transform="none")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
     expected = {f"model.layers.{i}.{n}" for i in range(2) for n in BLOCK_LINEARS}
     assert _fair_names(model) == expected
     assert type(model.lm_head) is torch.nn.Linear  # skipped by default
@@ -71,7 +72,8 @@ def test_unknown_skip_name(tiny_llama_dir):
 
 
 def test_custom_skip_keeps_modules(tiny_llama):
-    quantize(tiny_llama, FairCalibConfig(rounding="rtn", transform="none", modules_to_not_convert=["lm_head", "down_proj"]))
+    config = FairCalibConfig(rounding="rtn", transform="none", modules_to_not_convert=["lm_head", "down_proj"])
+    quantize(tiny_llama, config)
     assert type(tiny_llama.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(tiny_llama.model.layers[0].mlp.up_proj, FairLinear)
 
@@ -116,3 +118,17 @@ def test_loading_without_import_fails_loudly(tmp_path, tiny_llama, w_bits):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode != 0
     assert "mismatch" in out.stderr.lower() and "q_proj.weight" in out.stderr
+
+
+def test_quantize_sets_only_what_transformers_sets_and_keeps_the_callers_config(tiny_llama):
+    config = FairCalibConfig(rounding="rtn", transform="none")
+    before = set(vars(tiny_llama))
+    quantize(tiny_llama, config)
+    added = set(vars(tiny_llama)) - before
+    # transformers' own quantized-model attributes, plus the two publishing methods (integrations.publishing)
+    assert added == {"hf_quantizer", "is_quantized", "quantization_method", "save_pretrained", "push_to_hub"}
+    assert config.modules_to_not_convert is None  # the caller's config is not mutated
+    result = calibration_result(tiny_llama)
+    assert result.config is not config and result.config.modules_to_not_convert == ["lm_head"]
+    assert tiny_llama.config.quantization_config is result.config
+    assert result.prior is None and result.blocks == [] and not result.reloaded

@@ -42,7 +42,8 @@ def test_released_state_dict_loads_strict(tied: bool) -> None:
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     fresh = {k: torch.randn(s) for k, s in shapes.items()}
     model.load_state_dict(fresh, strict=True)
-    assert torch.equal(model.model.transformer.blocks[1].k_proj.weight, fresh["model.transformer.blocks.1.k_proj.weight"])
+    k_proj = model.model.transformer.blocks[1].k_proj.weight
+    assert torch.equal(k_proj, fresh["model.transformer.blocks.1.k_proj.weight"])
     assert shapes["model.transformer.blocks.0.k_proj.weight"] == (16, 32)  # 2 kv heads * head_dim 8
     assert shapes["model.transformer.wte.weight"] == (64, 32)  # embedding_size rows
 

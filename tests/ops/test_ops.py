@@ -67,7 +67,7 @@ def test_fake_quant_act_per_token():
     x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [100.0, 3.0, -7.0, 50.0]])
     y = fake_quant_act(x, 4)
     # brute force, row by row
-    for row, out in zip(x, y):
+    for row, out in zip(x, y, strict=True):
         s = row.abs().max() / 7
         expected = torch.clamp(torch.round(row / s), -8, 7) * s
         torch.testing.assert_close(out, expected)

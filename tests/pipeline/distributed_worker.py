@@ -6,8 +6,8 @@ JOBS_JSON is a list of {"name", "entry", "config"}: entry "from_pretrained" (the
 hook) or "quantize", config the FairCalibConfig keyword arguments. For each job every rank writes
 OUT_DIR/name/rank{r}.json (world size, prior, calibration records) and rank 0 alone saves the model to
 OUT_DIR/name/model. FAIR_TEST_FAULT="die:L" ("hang:L", "skew:L") makes rank 1 exit abruptly (sleep,
-perturb its copy of the block's weights) when it reaches Stage II block L. A job named "collectives" exercises `World`'s collectives alone and writes
-OUT_DIR/collectives{r}.json.
+perturb its copy of the block's weights) when it reaches Stage II block L. A job named "collectives"
+exercises `World`'s collectives alone and writes OUT_DIR/collectives{r}.json.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def test_one_liner_equals_quantize_and_reloads(tmp_path, llada_dir, tok, roundin
     loaded.save_pretrained(tmp_path / "q")
     reloaded = AutoModel.from_pretrained(tmp_path / "q")
     assert torch.equal(_logits(reloaded), _logits(loaded))
-    assert calibration_result(reloaded).reloaded and calibration_result(reloaded).blocks == []  # reload did not calibrate
+    result = calibration_result(reloaded)
+    assert result.reloaded and result.blocks == []  # reload did not calibrate
 
 
 def test_calibration_beats_rtn_on_block_loss(llada, tok):

@@ -81,7 +81,8 @@ def test_low_confidence_commits_in_confidence_order():
     # margin at commit: p(top1) - p(top2) over the 15 non-mask tokens, by hand
     p1 = [math.exp(ci) / (math.exp(ci) + 14) for ci in c]
     p2 = [1 / (math.exp(ci) + 14) for ci in c]
-    assert torch.allclose(trace.commit_margin[0], torch.tensor([a - b for a, b in zip(p1, p2)]), atol=1e-6)
+    margins = torch.tensor([a - b for a, b in zip(p1, p2, strict=True)])
+    assert torch.allclose(trace.commit_margin[0], margins, atol=1e-6)
 
 
 def test_deterministic_at_temperature_zero_and_random_reproducible():

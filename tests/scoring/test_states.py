@@ -19,11 +19,11 @@ def test_states_follow_the_semi_autoregressive_commit_policy(window, block, step
     seq, per_block = ids.shape[1], steps // (window // block)
     allowed = {k * block // per_block for k in range(per_block)}  # committed count inside the current block
     seen_blocks = set()
-    for row, state in zip(ids.tolist(), states.tolist()):
+    for row, state in zip(ids.tolist(), states.tolist(), strict=True):
         assert state[: seq - window] == row[: seq - window]  # prefix always visible
         tail, text = state[seq - window:], row[seq - window:]
         masked = [t == MASK for t in tail]
-        assert all(t == x for t, x, m in zip(tail, text, masked) if not m)  # visible = the text
+        assert all(t == x for t, x, m in zip(tail, text, masked, strict=True) if not m)  # visible = the text
         current = next(i // block for i, m in enumerate(masked) if m)  # first block with a mask
         seen_blocks.add(current)
         for b in range(window // block):
@@ -42,7 +42,7 @@ def test_prior_marks_the_positions_about_to_be_committed():
     ids = _rows(seq=12, n=50)
     prior = torch.linspace(0.5, 1.5, 12)
     states, weights = decoding_states(ids, 8, 4, 8, MASK, torch.Generator().manual_seed(1), prior, floor=0.1)
-    for state, w in zip(states.tolist(), weights):
+    for state, w in zip(states.tolist(), weights, strict=True):
         tail = state[4:]
         current = next(i // 4 for i, t in enumerate(tail) if t == MASK)
         mark = torch.full((12,), 0.1)

@@ -1,0 +1,39 @@
+"""Checkpoints saved before the layout move (format v1, `tests/fixtures/make_v1_checkpoints.py` at commit
+9e543e1) still load through `from_pretrained` and give the logits they gave when they were saved."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import optimum_fair  # noqa: F401  (registers fair_calib and the native LLaDA)
+from optimum_fair import FairLinear, calibration_result
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+NAMES = ["v1_w4a4_flatquant", "v1_w4a16_gptq_hadamard", "v1_w8a8_rtn"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_v1_checkpoint_reloads_with_identical_logits(name):
+    folder = FIXTURES / name
+    expected = load_file(str(folder / "expected.safetensors"))
+    model = AutoModel.from_pretrained(folder).eval()
+    assert any(isinstance(m, FairLinear) for m in model.modules())
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    assert torch.equal(logits, expected["logits"])
+    result = calibration_result(model)
+    assert result.reloaded and result.blocks == []
+    assert (result.prior is not None) == (folder / "prior" / "prior.json").is_file()
+
+
+def test_v1_fixtures_are_what_the_test_expects():
+    # the check above must be able to fail: a changed input gives other logits
+    expected = load_file(str(FIXTURES / NAMES[2] / "expected.safetensors"))
+    model = AutoModel.from_pretrained(FIXTURES / NAMES[2]).eval()
+    ids = expected["input_ids"].clone()
+    ids[:, 0] = (ids[:, 0] + 1) % 50
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, expected["logits"])
