@@ -45,7 +45,7 @@ METHODS: dict[str, dict] = {
     "fair-quarot-gptq": dict(rounding="gptq", transform="hadamard", weighting="fair"),
     "flatquant": dict(rounding="rtn", transform="flatquant", weighting="uniform"),
     "fair-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair"),
-    # the paper's ablation (PAPER.md §6) on the paper's base: one prior term at a time
+    # the paper's ablation (its section 6) on the paper's base: one prior term at a time
     "frontier-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", reliability_weight=0.0),
     "reliability-flatquant": dict(rounding="rtn", transform="flatquant", weighting="fair", frontier_weight=0.0),
 }

@@ -51,7 +51,7 @@ GiB = 1024**3
 logger = logging.getLogger("benchmarks.scale_8b")
 ROOT = Path(__file__).resolve().parents[1]
 
-# The paper's defaults (PAPER.md sections 2-3) used for the projection.
+# The paper's defaults (arXiv 2606.06547, sections 2-3) used for the projection.
 PAPER = {"num_probes": 512, "steps": 256, "window": 256, "seq_len": 1024, "num_samples": 128}
 
 

@@ -9,7 +9,7 @@ Measures on two held-out domains, the gensim Wikipedia validation articles (``wi
   per step) after 32-token held-out prompts: distinct-token ratio, longest run of one repeated token,
   commit margins;
 * the full-precision stability lag delta_lag = t_align - t_commit over held-out decodes, with the
-  post-commit top-1 read leave-one-out (re-mask only that position; PAPER section 5) and, for
+  post-commit top-1 read leave-one-out (re-mask only that position; the paper's section 5) and, for
   reference, raw (the untrained output at an unmasked position).
 
 Usage::

@@ -1,4 +1,4 @@
-"""The calibration loss: a per-position weighted mean squared error (FAIR-Calib Stage II, PAPER.md §3).
+"""The calibration loss: a per-position weighted mean squared error (FAIR-Calib Stage II, the paper's section 3).
 
     L = Σ_{b,i} w_{b,i} ‖out_{b,i} − ref_{b,i}‖² / (Σ_{b,i} w_{b,i} · d)
 

@@ -1,4 +1,4 @@
-"""Decoding-stability metrics on `DecodeTrace`s (PAPER.md §5). Pure torch, no transformers.
+"""Decoding-stability metrics on `DecodeTrace`s (the paper's section 5). Pure torch, no transformers.
 
 Conventions: step t reads the state x_t *before* step t's commit (``trace.state_at(t)``); a
 model's "prediction" at a position is its argmax over every token but the mask token, read with the

@@ -1,4 +1,4 @@
-"""Stage I: the position prior w-bar from probe rollouts of the full-precision teacher (PAPER.md section 2).
+"""Stage I: the position prior w-bar from probe rollouts of the full-precision teacher (the paper's section 2).
 
 For each probe (a calibration prefix followed by K masked positions), the teacher decodes the window
 under the random commit policy inside semi-autoregressive blocks, committing its argmax. For every

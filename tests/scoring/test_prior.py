@@ -16,7 +16,7 @@ from optimum_fair.scoring.prior import (
 
 
 def _brute_force(commit_step, reliab, T, beta, lam1):
-    """The two terms of PAPER.md section 2, as plain loops."""
+    """The two terms of the paper's section 2, as plain loops."""
     P, K = commit_step.shape
     w = [0.0] * K
     for p in range(P):
