@@ -69,7 +69,8 @@ class FairCalibConfig(QuantizationConfigMixin):
         num_probes: N_probe, the number of probe rollouts (paper: 512).
         window: K, the generation window at the tail of each calibration sequence (paper: 256).
             None = seq_len // 4, the paper's 256 / 1024.
-        block_length: semi-autoregressive block length of the random commit policy (default 32).
+        block_length: semi-autoregressive block length of the random commit policy. None = 32, or the
+            largest divisor of the window below 32 when the window is shorter or not a multiple of 32.
         steps: T, denoising steps over the window. None = window (one token per step).
         early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). The paper boosts early steps
             without giving beta; 3 was the best of an exploratory study (docs/results.md) and did not
@@ -125,7 +126,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     # Stage I
     num_probes: int = 512
     window: int | None = None
-    block_length: int = 32
+    block_length: int | None = None
     steps: int | None = None
     early_boost: float = 3.0
     boost_schedule: BoostSchedule = BoostSchedule.EARLY
@@ -183,7 +184,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     def _check_stage_one(self) -> None:
         _check_positive_int("num_probes", self.num_probes)
         _check_positive_int("window", self.window, optional=True)
-        _check_positive_int("block_length", self.block_length)
+        _check_positive_int("block_length", self.block_length, optional=True)
         _check_positive_int("steps", self.steps, optional=True)
         _check_nonneg_float("early_boost", self.early_boost)
         _check_nonneg_float("reliability_weight", self.reliability_weight, optional=True)
@@ -195,15 +196,15 @@ class FairCalibConfig(QuantizationConfigMixin):
             raise ValueError(f"floor must be in [0, 1] (weight outside the window), got {self.floor}")
         _check_type("prior", self.prior, str, optional=True)
         _check_type("strict_prior", self.strict_prior, bool)
-        if self.window is not None and self.window % self.block_length:
+        if self.window is not None and self.block_length is not None and self.window % self.block_length:
             raise ValueError(
                 f"window ({self.window}) must be a multiple of block_length ({self.block_length})"
             )
-        if self.window is not None and self.steps is not None and self.steps % (self.window // self.block_length):
-            raise ValueError(
-                f"steps ({self.steps}) must be a multiple of the number of blocks "
-                f"window // block_length = {self.window // self.block_length}"
-            )
+        if self.window is not None and self.steps is not None:
+            blocks = self.window // self.resolved_block_length(self.window)
+            if self.steps % blocks:
+                raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
+                                 f"window // block_length = {blocks}")
 
     def _check_stage_two(self) -> None:
         _check_positive_int("num_samples", self.num_samples)
@@ -251,13 +252,24 @@ class FairCalibConfig(QuantizationConfigMixin):
         return min(1024, model_max) if model_max else 1024
 
     def resolved_window(self, seq_len: int) -> int:
-        """K: window, or seq_len // 4 rounded down to a multiple of block_length."""
+        """K: window, or seq_len // 4 (the paper's 256 / 1024), rounded down to a multiple of block_length
+        when that is set or when it is at least 32 (at least 1, and always below seq_len)."""
         if self.window is not None:
             return self.window
-        window = (seq_len // 4) // self.block_length * self.block_length
-        if window == 0:
-            raise ValueError(f"seq_len {seq_len} is too short for block_length {self.block_length}")
+        window = max(1, seq_len // 4)
+        block = self.block_length or (32 if window >= 32 else None)
+        if block is not None:
+            if window < block:
+                raise ValueError(f"block_length ({block}) does not fit the default window seq_len // 4 = {window} "
+                                 f"(seq_len {seq_len}): lower block_length or set window")
+            window = window // block * block
         return window
+
+    def resolved_block_length(self, window: int) -> int:
+        """block_length, or the largest divisor of the window that is at most 32."""
+        if self.block_length is not None:
+            return self.block_length
+        return next(d for d in range(min(32, window), 0, -1) if window % d == 0)
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from transformers import AutoTokenizer
 
 from .naming import is_repo_id, source_name
@@ -182,7 +183,7 @@ def _hub_dataset(name: str, split: str | None) -> Dataset:
         kwargs["data_files"] = src.data_files
     args = (src.path,) if src.config is None else (src.path, src.config)
     try:
-        ds = load_dataset(*args, **kwargs)
+        ds = datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # any failure: offline, missing cache, hub error
         raise RuntimeError(
             f"could not load dataset {name!r} via datasets.load_dataset{args!r} ({type(err).__name__}: "

@@ -56,11 +56,13 @@ def _operations(folder: Path, repo_id: str) -> list[CommitOperationAdd]:
 
 def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False,
                    overwrite: bool = False, commit_message: str = "Upload FAIR-Calib quantized model",
-                   revision: str | None = None, endpoint: str | None = None) -> str:
+                   revision: str | None = None, endpoint: str | None = None, update: bool = False) -> str:
     """Upload a `save_quantized` folder to ``repo_id`` in one commit; returns the commit URL.
 
     The repo is created if missing. A repo with files (other than .gitattributes) is refused unless
-    ``overwrite``, in which case the commit also deletes remote files the folder does not have. Raises
+    ``update`` (the folder's files are added or replace theirs, the repo's other files stay: what
+    transformers' ``push_to_hub`` does) or ``overwrite`` (the commit also deletes the remote files the
+    folder does not have). Nothing is ever deleted without ``overwrite=True``. Raises
     ValueError for a bad repo id or no token and FileNotFoundError/ValueError for a bad folder, before
     any request; HubPushError when the Hub fails (the local folder is never modified; rerun to retry)."""
     if not is_main_process():  # data-parallel runs: only rank 0 pushes
@@ -72,10 +74,11 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
         api.create_repo(repo_id, private=private, exist_ok=True)
         remote = set(api.list_repo_files(repo_id, revision=revision)) - KEPT_REMOTE
         ops: list = _operations(folder, repo_id)
-        if remote and not overwrite:
+        if remote and not (overwrite or update):
             raise HubPushError(f"{repo_id} already has files ({sorted(remote)[:5]}...); pass overwrite=True "
                                "(--overwrite) to replace them")
-        ops += [CommitOperationDelete(p) for p in sorted(remote - {op.path_in_repo for op in ops})]
+        if overwrite:
+            ops += [CommitOperationDelete(p) for p in sorted(remote - {op.path_in_repo for op in ops})]
         info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", "?")
@@ -86,11 +89,12 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
 
 
 def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[str, Any] | None = None, *,
-               token: str | None = None, private: bool = False, overwrite: bool = True,
+               token: str | None = None, private: bool = False, overwrite: bool = False,
                commit_message: str = "Upload FAIR-Calib quantized model", keep_on_failure: bool = False,
                **save_kwargs: Any) -> str:
-    """`save_quantized` into a temporary folder, then `push_quantized` it. With ``keep_on_failure`` a
-    failed push keeps the folder and names it in the error, so the upload can be retried."""
+    """`save_quantized` into a temporary folder, then `push_quantized` it into a new or existing repo
+    (``update``: the repo's other files stay unless ``overwrite``). With ``keep_on_failure`` a failed
+    push keeps the folder and names it in the error, so the upload can be retried."""
     if not is_main_process():  # data-parallel runs: only rank 0 pushes
         return ""
     token = require_token(token, repo_id)
@@ -98,7 +102,7 @@ def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[st
         folder = save_quantized(model, Path(tmp) / "model", tokenizer, metrics, repo_id=repo_id, **save_kwargs)
         try:
             return push_quantized(folder, repo_id, token=token, private=private, overwrite=overwrite,
-                                  commit_message=commit_message)
+                                  commit_message=commit_message, update=True)
         except HubPushError as err:
             if not keep_on_failure:
                 raise

@@ -46,13 +46,14 @@ def _save_pretrained(self: Any, save_directory: str | os.PathLike, *, push_to_hu
     save_quantized(self, save_directory, _tokenizer(self), overwrite=True, repo_id=repo_id, **kwargs)
     if push_to_hub:
         push_quantized(save_directory, repo_id or Path(save_directory).name, token=token, private=bool(private),
-                       overwrite=True, commit_message=commit_message or COMMIT_MESSAGE)
+                       update=True, commit_message=commit_message or COMMIT_MESSAGE)  # never deletes remote files
 
 
 def _push_to_hub(self: Any, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                  token: str | bool | None = None, max_shard_size: int | str | None = "50GB",
                  **ignored: Any) -> str:
-    """``PushToHubMixin.push_to_hub`` for a FAIR-Calib model: weights, tokenizer, prior and model card."""
+    """``PushToHubMixin.push_to_hub`` for a FAIR-Calib model: weights, tokenizer, prior and model card.
+    As transformers' own, it adds or replaces files and deletes none of the repo's others."""
     if ignored:
         logger.warning("push_to_hub: ignoring %s (not supported for optimum-fair models)", sorted(ignored))
     return push_model(self, repo_id, _tokenizer(self), token=token if isinstance(token, str) else None,

@@ -15,7 +15,8 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FairCalibConfig
@@ -27,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 def tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor of a state dict (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class BlockCache:
@@ -54,12 +65,22 @@ class BlockCache:
     def path(self, index: int) -> Path:
         return self.root / f"block_{index:04d}.safetensors"
 
-    def load(self, index: int, block: nn.Module) -> bool:
-        """Load block `index` into `block` (swapping its linears for FairLinears) if it is cached."""
+    def load(self, index: int, block: nn.Module, teacher: str) -> bool:
+        """Load block `index` into `block` (swapping its linears for FairLinears) if it is cached.
+
+        teacher: `state_digest` of the full-precision block; a cached block calibrated from other weights
+        is refused. A file that cannot be read, whose tensors do not match their recorded digest, or that
+        holds non-finite values is reported and recalibrated (False), never loaded.
+        """
         path = self.path(index)
         if not path.exists():
             return False
-        state = load_file(str(path))
+        state, meta = self._read(path)
+        if state is None:
+            return False
+        if meta.get("teacher") != teacher:
+            raise ValueError(f"{path}: block {index} was calibrated from other full-precision weights than this "
+                             f"model's; refusing to resume (use another cache_dir or delete this one)")
         device = next(block.parameters()).device
         dtype = state[f"{self.linear_names[0]}.weight_scale"].dtype
         for name in self.linear_names:
@@ -68,10 +89,31 @@ class BlockCache:
         block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
         return True
 
-    def save(self, index: int, block: nn.Module) -> None:
+    def save(self, index: int, block: nn.Module, teacher: str) -> None:
+        """Write calibrated block `index` with the digests `load` checks (teacher: see `load`)."""
         state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         with atomic_path(self.path(index)) as tmp:
-            save_file(state, str(tmp))
+            save_file(state, str(tmp), metadata={"teacher": teacher, "state": state_digest(state)})
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
+        """(state, metadata) of a cached block, or (None, {}) after a warning naming what is wrong."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            problem = f"cannot be read ({err})"
+        else:
+            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if meta.get("state") != state_digest(state):
+                problem = "does not match the digest recorded when it was written (corrupted or edited)"
+            elif bad:
+                problem = f"holds non-finite values in {bad[:3]}"
+            else:
+                return state, meta
+        logger.warning("%s %s: calibrating this block again", path, problem)
+        return None, {}
 
     def finished(self) -> int:
         return len(list(self.root.glob("block_*.safetensors")))

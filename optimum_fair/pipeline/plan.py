@@ -51,18 +51,32 @@ class StageTwoSettings:
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
     """Sequence length, window K, blocks, steps T, mask id and logit shift of this run."""
-    seq_len = config.resolved_seq_len(adapter.max_length(model.config))
+    model_max = adapter.max_length(model.config)
+    seq_len = config.resolved_seq_len(model_max)
     window = config.resolved_window(seq_len)
+    limit = f" (seq_len {seq_len}; the model's maximum length is {model_max})" if model_max else ""
     if window > seq_len - 1:
-        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len})")
-    if window % config.block_length:
-        raise ValueError(f"window ({window}) must be a multiple of block_length ({config.block_length})")
+        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len}){limit}")
+    block = config.resolved_block_length(window)
+    if window % block:
+        raise ValueError(f"window ({window}) must be a multiple of block_length ({block})")
     steps = config.steps or window
-    if steps % (window // config.block_length):
-        raise ValueError(f"steps ({steps}) must be a multiple of window // block_length")
-    needs_mask = config.weighting is Weighting.FAIR or config.calib_inputs is CalibInputs.MASKED
-    mask_id = adapter.mask_id(model.config) if needs_mask else -1
-    return DecodeSetup(seq_len, window, config.block_length, steps, mask_id, adapter.logit_shift)
+    if steps % (window // block):
+        raise ValueError(f"steps ({steps}) must be a multiple of window // block_length = {window // block}")
+    return DecodeSetup(seq_len, window, block, steps, _mask_id(adapter, model, config), adapter.logit_shift)
+
+
+def _mask_id(adapter: ModelAdapter, model: nn.Module, config: FairCalibConfig) -> int:
+    """The mask id when the run needs masked states (Stage I rollouts or masked inputs), else -1."""
+    if config.calib_inputs is CalibInputs.MASKED:
+        return adapter.mask_id(model.config)
+    if config.weighting is not Weighting.FAIR:
+        return -1
+    try:
+        return adapter.mask_id(model.config)
+    except ValueError as err:
+        raise ValueError(f"weighting='fair' rolls the teacher out from masked states, and this model cannot: "
+                         f"{err}. Use weighting='uniform', or set config.mask_token_id") from None
 
 
 def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from ..calib.gptq import gptq_factor
 from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
@@ -28,12 +29,15 @@ from ..devices import execution_device
 from ..distributed import DataShard, World
 from ..enums import InputMode, Rounding, Transform
 from ..nn import FairLinear
+from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
 from .stats import group_hessian, group_input_absmax, module_checksum, stream_loss
 from .surgery import set_module
 
 logger = logging.getLogger(__name__)
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
 
 
 # -- block inputs -------------------------------------------------------------------------------
@@ -83,7 +87,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
     _, kwargs0, args0 = store[0]
     b0 = store[0][0].shape[0]
-    kwargs0 = {k: v for k, v in kwargs0.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+    # no KV cache: a cache object (Llama passes it as `cache` in transformers 5) would grow across the
+    # calibration batches, so later batches attended to earlier ones and gradients reached old graphs
+    kwargs0 = {k: v for k, v in kwargs0.items() if k not in _CACHE_KWARGS and not isinstance(v, Cache)}
 
     def extras(b: int) -> tuple[tuple, dict]:
         return _rebatch(args0, b0, b), _rebatch(kwargs0, b0, b)
@@ -256,7 +262,8 @@ def calibrate_blocks(
     """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
 
     hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
-    `load(l, block) -> bool` and `save(l, block)`; a cached block is loaded instead of calibrated.
+    `load(l, block, teacher) -> bool` and `save(l, block, teacher)` (teacher: the FP block's digest); a
+    cached block is loaded instead of calibrated.
     shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
     2-d weights all n rows); the records and the calibrated blocks are the same on every process.
     """
@@ -286,13 +293,18 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
     x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream
     generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
     loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s, shard)
-    loaded = cache is not None and cache.load(l, block)
+    teacher = state_digest(block.state_dict()) if cache is not None else ""  # the FP block, before any swap
+    loaded = cache is not None and cache.load(l, block, teacher)
     if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
         logger.info("block %d: loaded from cache", l)
     else:
         calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard)
+        bad = [k for k, v in block.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"block {l} calibrated to non-finite values in {bad[:3]}: check the model's weights "
+                             "and the calibration settings (lr, damp)")
         if cache is not None and shard.world.is_main:
-            cache.save(l, block)
+            cache.save(l, block, teacher)
     shard.world.check_identical(module_checksum(block), f"block {l} after calibration")
     out_q = run_batched(call, x_in, s.batch_size)
     loss = stream_loss(targets, out_q, weights, shard)

@@ -196,3 +196,26 @@ def test_config_push_to_hub_pushes_after_calibration(hub, tok, monkeypatch):
     with pytest.raises(ValueError, match="no Hugging Face token"):
         quantize(fresh, FairCalibConfig(**SMALL, push_to_hub="tester/x"), tokenizer=tok)
     assert calls == []  # refused before calibrating
+
+
+def test_model_push_to_hub_never_deletes_files_it_did_not_write(hub, qmodel):
+    qmodel.push_to_hub("tester/shared")
+    hub.repos["tester/shared"].add_commit({**hub.files("tester/shared"), "notes.md": b"theirs"}, "someone else")
+    qmodel.push_to_hub("tester/shared")  # a second push updates: transformers' semantics
+    remote = hub.files("tester/shared")
+    assert remote["notes.md"] == b"theirs" and "model.safetensors" in remote
+
+
+def test_published_files_name_no_local_path(hub, tok, tmp_path):
+    fp_dir = tmp_path / "my-local-llada"
+    tiny_llada(len(tok), tok.mask_token_id).save_pretrained(fp_dir)
+    tok.save_pretrained(fp_dir)
+    model = quantize(AutoModel.from_pretrained(fp_dir), FairCalibConfig(**SMALL))
+    model.push_to_hub("tester/no-paths")
+    remote = hub.files("tester/no-paths")
+    texts = {name: data.decode(errors="replace") for name, data in remote.items()
+             if name.endswith((".json", ".md"))}
+    assert {"README.md", "config.json", "prior/prior.json"} <= set(texts)
+    for name, text in texts.items():
+        assert str(tmp_path) not in text and "/tmp/" not in text, name
+    assert "my-local-llada" in texts["README.md"]  # the base is named by its folder name

@@ -45,3 +45,49 @@ def test_llama_like_needs_a_mask_token_for_the_fair_prior():
              tokenizer=tok)
     assert isinstance(model.model.layers[1].mlp.down_proj, FairLinear)
     assert [r["loss"] < r["loss_rtn"] for r in calibration_result(model).blocks] == [True, True]
+
+
+def test_flatquant_calibrates_a_llama_like_model():
+    # transformers 5's Llama passes a KV cache object to each layer; it used to grow across calibration
+    # batches (later batches attended to earlier ones) and FlatQuant's backward hit the old graphs
+    tok = char_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    quantize(model, FairCalibConfig(**SMALL, transform="flatquant", weighting="uniform"), tokenizer=tok)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, FairLinear)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in calibration_result(model).blocks)
+
+
+def test_block_calls_carry_no_state_between_batches():
+    from optimum_fair.devices import execution_device
+    from optimum_fair.pipeline.stage2 import block_caller, capture_block_inputs
+
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    hidden, extras = capture_block_inputs(model, model.model.layers, X, batch_size=1)
+    call = block_caller(model.model.layers[0], extras, execution_device(model))
+    with torch.no_grad():
+        first, again = call(hidden[:1]), call(hidden[:1])
+    assert torch.equal(first, again)
+
+
+def test_defaults_fit_a_short_context_model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    tok = char_tokenizer()
+    # fair weighting needs masked rollouts: the error names `weighting` before any work
+    with pytest.raises(ValueError, match="weighting='fair'.*weighting='uniform'"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(
+            rounding="rtn", tokenizer=tok, dataset="lee", num_samples=8))
+    # with uniform weighting the unset seq_len / window / block_length fit the 64-position model
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=FairCalibConfig(
+        rounding="rtn", weighting="uniform", tokenizer=tok, dataset="lee", num_samples=8, epochs=1))
+    assert isinstance(model.model.layers[1].mlp.down_proj, FairLinear)
+
+
+def test_unset_window_and_blocks_resolve_to_values_that_fit():
+    cfg = FairCalibConfig()
+    assert (cfg.resolved_window(64), cfg.resolved_block_length(16)) == (16, 16)  # one block of 16
+    assert (cfg.resolved_window(1024), cfg.resolved_block_length(256)) == (256, 32)  # the paper's
+    assert cfg.resolved_block_length(48) == 24  # the largest divisor <= 32
+    assert FairCalibConfig(block_length=8).resolved_window(64) == 16
+    with pytest.raises(ValueError, match="block_length"):
+        FairCalibConfig(block_length=32).resolved_window(64)  # a set value that cannot fit is named

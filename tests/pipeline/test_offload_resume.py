@@ -107,3 +107,43 @@ def test_offloaded_float_linears_are_freed_without_the_cyclic_gc(tmp_path):
         gc.enable()
     assert alive == 0
     assert isinstance(model.model.transformer.blocks[1].ff_out, FairLinear)
+
+
+def _cached_run(path, cache):
+    return AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**SMALL, cache_dir=str(cache)))
+
+
+def test_corrupted_or_non_finite_cache_files_are_recalibrated_never_loaded(tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = _save(tmp_path / "m")
+    cache = tmp_path / "cache"
+    ref = _logits(_cached_run(path, cache))
+    block0, block1 = cache / "block_0000.safetensors", cache / "block_0001.safetensors"
+    raw = bytearray(block0.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped byte in the tensor data: safetensors itself cannot tell
+    block0.write_bytes(bytes(raw))
+    state = load_file(str(block1))
+    name = next(k for k in state if k.endswith("weight_scale"))
+    state[name][0, 0] = float("nan")
+    with safe_open(str(block1), framework="pt") as f:  # keep the recorded digests: only the finite check
+        meta = f.metadata()                               # can catch this one
+    save_file(state, str(block1), metadata=meta)
+    with caplog.at_level("WARNING", logger="optimum_fair.pipeline.cache"):
+        again = _cached_run(path, cache)
+    assert "digest" in caplog.text and "block_0000" in caplog.text
+    assert "block_0001" in caplog.text
+    assert torch.equal(_logits(again), ref)  # both blocks recalibrated, bit-identical
+
+
+def test_cache_of_a_model_with_other_weights_is_refused(tmp_path):
+    path = _save(tmp_path / "m")
+    cache = tmp_path / "cache"
+    _cached_run(path, cache)
+    other = AutoModel.from_pretrained(path)
+    with torch.no_grad():
+        other.model.transformer.blocks[1].ff_out.weight[0, 0] += 1.0  # not the first parameter
+    other.save_pretrained(path)  # same folder, same config: only the weights of block 1 differ
+    with pytest.raises(ValueError, match="block 1 was calibrated from other full-precision weights"):
+        _cached_run(path, cache)
