@@ -230,6 +230,8 @@ class FairCalibConfig(QuantizationConfigMixin):
             )
 
     def _check_other(self) -> None:
+        if isinstance(self.tokenizer, (int, float, bytes, list, tuple, dict)):  # not an object nor a path
+            raise ValueError(f"tokenizer must be a tokenizer object or its path, got {self.tokenizer!r}")
         if self.modules_to_not_convert is not None:
             if not _is_text_list(self.modules_to_not_convert):
                 raise ValueError(
@@ -320,7 +322,7 @@ def _check_type(name: str, value: Any, typ: type, optional: bool = False) -> Non
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if isinstance(value, bool) or value not in choices:
+    if isinstance(value, bool) or type(value) is not type(choices[0]) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 

@@ -298,7 +298,7 @@ def calibration_sequences(
     needed = seq_len if allow_overlap else num_samples * seq_len
     if total < needed:
         how = "overlapping windows need" if allow_overlap else "non-overlapping windows need num_samples*seq_len ="
-        hint = "" if allow_overlap else " (pass allow_overlap=True to reuse text, or use more text)"
+        hint = "" if allow_overlap else " (lower num_samples or seq_len, or pass more text)"
         raise ValueError(
             f"calibration_sequences: the texts give {total} tokens but {num_samples} windows of {seq_len} "
             f"{how} {needed} tokens{hint}"

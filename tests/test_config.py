@@ -112,3 +112,9 @@ def test_in_memory_data_not_serialised():
     cfg = FairCalibConfig(dataset=["a text", "another"], tokenizer=Tok())
     d = cfg.to_dict()
     assert d["dataset"] is None and d["tokenizer"] == "path/to/tok"
+
+
+@pytest.mark.parametrize("field, value", [("w_bits", 4.0), ("a_bits", 8.0), ("tokenizer", 123)])
+def test_values_of_the_wrong_type_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        FairCalibConfig(**{field: value})

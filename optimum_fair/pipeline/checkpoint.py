@@ -33,7 +33,9 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
 
 
 def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
-    """Raise ValueError naming the first packed tensor that is missing or has a wrong shape or dtype."""
+    """Raise ValueError naming the first tensor that is missing from the checkpoint (a packed one, or any
+    other the model holds: embeddings, norms, the LM head unless tied) or a packed one of the wrong shape
+    or dtype, and the file(s) read."""
     files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
     if not files:
         return
@@ -43,9 +45,13 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
             for key in f.keys():
                 sl = f.get_slice(key)
                 found[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, under their source
+    missing = [n for n in model.state_dict() if n not in found and n not in tied]
+    if missing:
+        raise ValueError(f"{missing[0]}: missing from the fair_calib checkpoint ({', '.join(files)})"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                         + "; loading it would leave random weights")
     for name, (shape, dtype) in expected_tensors(model).items():
-        if name not in found:
-            raise ValueError(f"{name}: missing from the fair_calib checkpoint ({', '.join(files)})")
         got_shape, got_dtype = found[name]
         torch_dtype = _SAFETENSORS_DTYPES.get(got_dtype)
         if got_shape != shape:

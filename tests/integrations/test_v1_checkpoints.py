@@ -37,3 +37,18 @@ def test_v1_fixtures_are_what_the_test_expects():
     ids[:, 0] = (ids[:, 0] + 1) % 50
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, expected["logits"])
+
+
+def test_a_checkpoint_missing_a_float_tensor_is_refused_naming_it(tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(FIXTURES / NAMES[2], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in state if "norm" in k or "ln_f" in k)
+    del state[name]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name}: missing from the fair_calib checkpoint.*model.safetensors"):
+        AutoModel.from_pretrained(folder)
