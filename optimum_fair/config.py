@@ -73,8 +73,9 @@ class FairCalibConfig(QuantizationConfigMixin):
             largest divisor of the window below 32 when the window is shorter or not a multiple of 32.
         steps: T, denoising steps over the window. None = window (one token per step).
         early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). The paper boosts early steps
-            without giving beta; 3 was the best of an exploratory study (docs/results.md) and did not
-            replicate on held-out data, so its effect is not resolved.
+            without giving beta; default 1. beta = 3 was the best of an exploratory study
+            (docs/results.md) and did not replicate on held-out data, so it is not the default:
+            nothing becomes a default on an exploratory result.
         boost_schedule: "early" (default), "flat" or "late" (ablations).
         reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
         reliability_weight: lambda_1. None = 1/T. 0 = the frontier-only ablation.
@@ -128,7 +129,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     window: int | None = None
     block_length: int | None = None
     steps: int | None = None
-    early_boost: float = 3.0
+    early_boost: float = 1.0
     boost_schedule: BoostSchedule = BoostSchedule.EARLY
     reliability: Reliability = Reliability.PROB
     reliability_weight: float | None = None

@@ -25,7 +25,7 @@ from tests.pipeline.distributed_worker import run_job, toy_hessian
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 # 40 probes: probe batches of 16, 16, 8; 12 samples: batches of 4, rank 0 holds two of three (uneven)
-# early_boost 1: the bounds below were measured with it; under the default 3 the FlatQuant-on-FP gap
+# early_boost 1 (the default): the bounds below were measured with it; under beta 3 the FlatQuant-on-FP gap
 # between 1 and 2 processes measured 7.4e-4 relative (float rounding the weighted training amplifies)
 SMALL = dict(num_probes=40, num_samples=12, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
              dataset="lee", early_boost=1.0)
