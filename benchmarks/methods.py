@@ -34,8 +34,7 @@ from optimum_fair import FairCalibConfig, calibration_result, quantize
 from optimum_fair.eval.evaluate import build_teacher_traces, evaluate, table
 
 # name -> FairCalibConfig fields; "fp" is the unquantized teacher. Fair cells weight with early boost
-# beta = 1 (set in calib_config) unless they name another: the package default became 3 with issue 9's
-# study, whose cell for it is "fair-flatquant-beta3"
+# beta = 1 (the package default; set in calib_config) unless they name another, as "fair-flatquant-beta3"
 METHODS: dict[str, dict] = {
     "rtn": dict(rounding="rtn", transform="none", weighting="uniform"),
     "quarot-rtn": dict(rounding="rtn", transform="hadamard", weighting="uniform"),

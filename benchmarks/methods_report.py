@@ -96,11 +96,31 @@ UNIT_METRICS = {"set_disagreement": "set_disagreement_per_prompt",
                 "mean_disagree": "post_commit_disagree_per_prompt", "nll": "nll_per_window"}
 
 
-def bootstrap(stat, units: int, resamples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """stat(unit indices) -> (m,) tensor; its value on all units and the 2.5 / 97.5 % bootstrap quantiles."""
+def bootstrap(stat, units: int, resamples: int, seed: int,
+              samples: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """stat(unit indices) -> (m,) tensor; its value on all units and the 2.5 / 97.5 % bootstrap quantiles
+    (``samples``, when given, receives the (resamples, m) bootstrap draws)."""
     gen = torch.Generator().manual_seed(seed)
     boot = torch.stack([stat(torch.randint(0, units, (units,), generator=gen)) for _ in range(resamples)])
+    if samples is not None:
+        samples.append(boot)
     return stat(torch.arange(units)), torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
+
+
+def bootstrap_p(boot: torch.Tensor) -> float:
+    """Two-sided bootstrap p-value of a difference being 0: twice the smaller tail share at 0 (at most 1)."""
+    below, above = float((boot <= 0).double().mean()), float((boot >= 0).double().mean())
+    return min(1.0, 2 * min(below, above))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (same order): step-down, monotone, capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(pvalues) - rank) * pvalues[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted
 
 
 def unit_differences(a_runs: dict[int, dict], b_runs: dict[int, dict], resamples: int = 2000,
@@ -134,9 +154,11 @@ def paired_difference(a_runs: dict[int, dict], b_runs: dict[int, dict], resample
     def stats(idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([flips[:, idx].mean() / gen, conf[:, idx].sum() / (n_conf[idx].sum() * len(seeds))])
 
-    full, lo, hi = bootstrap(stats, flips.shape[1], resamples, seed)
+    draws: list = []
+    full, lo, hi = bootstrap(stats, flips.shape[1], resamples, seed, samples=draws)
     return {"seeds": seeds, "prompts": int(flips.shape[1]),
             "flip_rate_diff": float(full[0]), "flip_rate_ci": [float(lo[0]), float(hi[0])],
+            "flip_rate_p": bootstrap_p(draws[0][:, 0]),
             "flip_rate_m0.1_diff": float(full[1]), "flip_rate_m0.1_ci": [float(lo[1]), float(hi[1])],
             **unit_differences(a_runs, b_runs, resamples, seed)}
 
@@ -160,17 +182,24 @@ def pairs_table(runs: list[dict]) -> tuple[list[dict], str]:
     by: dict[tuple[str, str], dict[int, dict]] = {}
     for r in runs:
         by.setdefault((r["method"], r["bits"]), {})[r["seed"]] = r["metrics"]
-    header = ["method − base", "bits", "seeds", "prompts", *(f"{c} [95 % CI]" for c, *_ in PAIR_COLUMNS)]
-    rows, lines = [], ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """Every pair of one study, labelled exploratory, with Holm–Bonferroni adjusted p-values of the flip-rate
+    difference over all the pairs present (a p-value below 0.05 after adjustment is still exploratory:
+    only `benchmarks/confirm.py` on unseen text makes a claim)."""
+    header = ["method − base", "bits", "seeds", "prompts", *(f"{c} [95 % CI]" for c, *_ in PAIR_COLUMNS),
+              "p (Holm)", "status"]
+    rows = []
     for method, base in PAIRS:
         for bits in sorted({b for m, b in by if m == method}):
-            if (base, bits) not in by:
-                continue
-            d = paired_difference(by[(method, bits)], by[(base, bits)])
-            rows.append({"method": method, "base": base, "bits": bits, **d})
-            cells = [f"{method} − {base}", bits, str(len(d["seeds"])), str(d["prompts"]),
-                     *(_ci_cell(d, *col[1:]) for col in PAIR_COLUMNS)]
-            lines.append("| " + " | ".join(cells) + " |")
+            if (base, bits) in by:
+                rows.append({"method": method, "base": base, "bits": bits,
+                             **paired_difference(by[(method, bits)], by[(base, bits)])})
+    for row, p in zip(rows, holm([r["flip_rate_p"] for r in rows]), strict=True):
+        row["flip_rate_p_holm"], row["status"] = p, "exploratory"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d in rows:
+        cells = [f"{d['method']} − {d['base']}", d["bits"], str(len(d["seeds"])), str(d["prompts"]),
+                 *(_ci_cell(d, *col[1:]) for col in PAIR_COLUMNS), f"{d['flip_rate_p_holm']:.3f}", d["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ never copied into this repository, since the Wikipedia text is CC BY-SA):
   ``enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``, stripped to plain prose and
   split by article: articles are sorted by title and every 20th one (index 0, 20, 40, ...) is validation.
 * ``"lee"``: ``lee_background.cor``, 300 news articles (one per line), a second, held-out domain.
+* ``"lee-test"``: ``lee.cor``, 49 other news articles of the same corpus (its test set). No study or
+  benchmark of this package evaluated on it before `benchmarks/confirm.py`: the confirmatory split.
 
 Other names (``"wikitext2"``, ``"c4"``, ``"pileval"``, ``"ptb"``) go through ``datasets.load_dataset``
 and need network access (or a warm local cache).
@@ -40,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FILE = "lee_background.cor"
+LEE_TEST_FILE = "lee.cor"
 VALIDATION_EVERY = 20  # every 20th article (sorted by title) is validation
-OFFLINE_NAMES = ("wiki", "wiki-val", "lee")
+OFFLINE_NAMES = ("wiki", "wiki-val", "lee", "lee-test")
 _MIN_WORDS_PER_LINE = 5  # shorter lines are captions, table cells and list debris
 _END_SECTIONS = ("references", "see also", "external links", "notes", "further reading", "bibliography",
                  "sources", "footnotes", "citations")
@@ -160,10 +163,11 @@ def load_lee_texts(path: str | Path | None = None) -> list[str]:
 
 def _offline_dataset(name: str, split: str | None) -> Dataset:
     """Build the Dataset for one of ``OFFLINE_NAMES``."""
-    if name == "lee":
+    if name in ("lee", "lee-test"):
         if split not in (None, "train", "test", "validation"):
-            raise ValueError(f"split for 'lee' must be None (the one split), got {split!r}")
-        return Dataset.from_dict({"text": load_lee_texts()})
+            raise ValueError(f"split for {name!r} must be None (the one split), got {split!r}")
+        file = gensim_data_file(LEE_FILE if name == "lee" else LEE_TEST_FILE)
+        return Dataset.from_dict({"text": load_lee_texts(file)})
     wiki_split = "validation" if name == "wiki-val" else (split or "train")
     if name == "wiki-val" and split not in (None, "validation"):
         raise ValueError(f"'wiki-val' is the validation split; got split={split!r}")

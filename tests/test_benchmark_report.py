@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -186,3 +187,12 @@ def test_the_study_refuses_bad_settings_before_any_work(bench, tmp_path, flag, c
         study.main([flag, "--work", str(tmp_path / "work")])
     assert flag.split("=")[0] in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing started
+
+
+def test_holm_matches_the_step_down_definition(bench):
+    _, report = bench
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x, 1x, running max
+    assert report.holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert report.holm([0.5, 0.9]) == [1.0, 1.0]
+    assert report.bootstrap_p(torch.tensor([1.0, 2.0, 3.0, -1.0])) == pytest.approx(0.5)

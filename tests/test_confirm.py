@@ -1,0 +1,46 @@
+"""benchmarks/confirm.py: the paired statistics against a plain loop, and specs checked before work."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.confirm import load_spec, paired_flip_difference
+
+
+def _run(flips, conf_flips, conf, decisions):
+    return {"t/flips_per_prompt": flips, "t/confident_flips_per_prompt": conf_flips,
+            "t/confident_per_prompt": conf, "t/decisions": decisions}
+
+
+def test_paired_difference_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    prompts, per_prompt = 12, 32
+    conf = torch.randint(5, 20, (prompts,), generator=g).tolist()
+    a = [_run(torch.randint(0, 10, (prompts,), generator=g).tolist(), [min(c, 3) for c in conf], conf,
+              prompts * per_prompt) for _ in range(3)]
+    b = [_run(torch.randint(0, 10, (prompts,), generator=g).tolist(), [min(c, 2) for c in conf], conf,
+              prompts * per_prompt) for _ in range(3)]
+    res = paired_flip_difference(a, b, "t", resamples=400)
+    diffs = [sum(ra["t/flips_per_prompt"][p] - rb["t/flips_per_prompt"][p] for ra, rb in zip(a, b, strict=True)) / 3
+             for p in range(prompts)]
+    assert res["all"]["diff"] == pytest.approx(100 * sum(diffs) / (prompts * per_prompt))
+    assert res["m0.1"]["diff"] == pytest.approx(100 * prompts / sum(conf))  # one more flip per prompt on A
+    mean = sum(diffs) / prompts
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (prompts - 1)) / per_prompt
+    assert res["all"]["mde"] == pytest.approx(100 * 2.801585 * sd / math.sqrt(prompts), rel=1e-4)
+    lo, hi = res["all"]["ci"]
+    assert lo <= res["all"]["diff"] <= hi
+
+
+def test_spec_is_checked_before_any_work(tmp_path):
+    spec = json.loads(open("benchmarks/confirm/beta3_vs_uniform.json").read())
+    assert load_spec("benchmarks/confirm/beta3_vs_uniform.json")["name"] == "beta3-vs-uniform"
+    bad = dict(spec, a={"weighting": "fair", "early_boost": -1.0})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="early_boost"):
+        load_spec(str(tmp_path / "bad.json"))
+    (tmp_path / "missing.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "seeds"}))
+    with pytest.raises(ValueError, match="missing keys \\['seeds'\\]"):
+        load_spec(str(tmp_path / "missing.json"))
