@@ -32,21 +32,21 @@ class DecodeSetup:
 
 @dataclass(frozen=True)
 class StageTwoSettings:
-    """Plain Stage II values unpacked from FairCalibConfig."""
+    """Plain Stage II values unpacked from FairCalibConfig (its defaults are the only ones)."""
 
     w_bits: int
     a_bits: int
     group_size: int
     rounding: Rounding
     transform: Transform
-    epochs: int = 15
-    lr: float = 5e-3
-    clip_lr: float = 5e-2
-    batch_size: int = 4
-    damp: float = 0.01
-    act_order: bool = False
-    input_mode: InputMode = InputMode.QUANTIZED
-    seed: int = 0
+    epochs: int
+    lr: float
+    clip_lr: float
+    batch_size: int
+    damp: float
+    act_order: bool
+    input_mode: InputMode
+    seed: int
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
