@@ -32,7 +32,7 @@ from ..export.folder import load_saved_prior
 from ..export.hub import push_model, require_token
 from ..modeling import register_native_models
 from ..pipeline import CalibrationResult, calibrate
-from ..pipeline.checkpoint import check_packed_tensors
+from ..pipeline.checkpoint import check_packed_tensors, digest_metadata
 from ..pipeline.plan import layer_format, resolve_skip
 from ..pipeline.surgery import replace_with_skeletons
 from .publishing import bind_publishing
@@ -83,6 +83,12 @@ class FairCalibHfQuantizer(HfQuantizer):
             return model
         quantize_loaded(model, self, texts=None, tokenizer=None)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """transformers' save hook: the state dict as it is, plus every tensor's digest in the metadata
+        (checked when the checkpoint is loaded, see `pipeline.checkpoint`)."""
+        state = model.state_dict()
+        return state, digest_metadata(state)
 
     def is_serializable(self) -> bool:
         return True

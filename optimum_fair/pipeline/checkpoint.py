@@ -1,15 +1,21 @@
-"""Checks of an optimum-fair checkpoint's packed tensors against the FairLinear skeletons expecting them.
+"""Checks of an optimum-fair checkpoint against the model expecting it, before transformers loads it.
 
-Run before any weight is read (only safetensors headers are opened), so a corrupted or mismatched
-checkpoint fails with the tensor's name instead of loading into a half-random model.
+Every tensor the model holds must be in the checkpoint with the shape and dtype its FairLinear skeleton
+expects; a file that is not readable safetensors is named. Checkpoints written by this version carry a
+digest of every tensor in their safetensors metadata (`tensor_digests`, written through the quantizer's
+`get_state_dict_and_metadata`), and each tensor is checked against it, so a flipped byte in the data
+(which safetensors itself cannot see) fails instead of loading different weights. Older checkpoints
+have no digests and get the header checks only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..nn import FairLinear
@@ -41,10 +47,13 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
         return
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                found[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    found[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, under their source
     missing = [n for n in model.state_dict() if n not in found and n not in tied]
     if missing:
@@ -60,3 +69,38 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
             raise ValueError(f"{name}: expected packed codes of dtype {dtype}, found {got_dtype}")
         if dtype is None and not (torch_dtype and torch_dtype.is_floating_point):
             raise ValueError(f"{name}: expected a floating-point tensor, found {got_dtype}")
+
+    for file in files:
+        check_digests(file)
+
+
+DIGESTS_KEY = "tensor_digests"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 (16 hex digits) of a tensor's dtype, shape and bytes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest_metadata(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata entry recording every tensor's digest."""
+    return {DIGESTS_KEY: json.dumps({k: tensor_digest(v) for k, v in sorted(state.items())})}
+
+
+def check_digests(file: str) -> None:
+    """Raise ValueError naming the file and tensor when a tensor differs from its recorded digest."""
+    with safe_open(file, framework="pt") as f:
+        recorded = (f.metadata() or {}).get(DIGESTS_KEY)
+        if recorded is None:
+            return  # written before digests existed
+        try:
+            digests = json.loads(recorded)
+        except json.JSONDecodeError:
+            raise ValueError(f"{file}: its {DIGESTS_KEY} metadata is not JSON (the header was edited)") from None
+        for key in f.keys():
+            if key in digests and tensor_digest(f.get_tensor(key)) != digests[key]:
+                raise ValueError(f"{file}: tensor {key} does not match the digest recorded when it was saved "
+                                 "(the file is corrupted or was edited)")
