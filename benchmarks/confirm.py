@@ -10,7 +10,8 @@ The spec (a small JSON file, written and committed before the run) names the com
      "a": {"weighting": "fair", "early_boost": 3.0}, "b": {"weighting": "uniform"},
      "base": {"w_bits": 4, "a_bits": 4, "rounding": "rtn", "transform": "flatquant"},
      "text": "lee-test", "seeds": [0, 1, 2], "num_prompts": 48, "gen_length": 32,
-     "settings": [{"seq_len": 256, "window": 128, "block_length": 32, "num_samples": 64, "num_probes": 128}]}
+     "settings": [{"seq_len": 128, "window": 64, "block_length": 32, "num_samples": 64, "num_probes": 128},
+                  {"seq_len": 128, "window": 96, "block_length": 32, "num_samples": 64, "num_probes": 128}]}
 
 For every (setting, seed) the FP teacher's greedy trajectories on the spec's text are built once, A and
 B are quantized from the teacher with the same calibration sequences, and both are scored on the same
@@ -30,10 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair import FairCalibConfig, quantize
+from optimum_fair.arch import get_adapter
 from optimum_fair.eval.evaluate import build_teacher_traces, evaluate
 
 REQUIRED = ("name", "hypothesis", "a", "b", "base", "text", "seeds", "num_prompts", "gen_length", "settings")
@@ -88,8 +90,17 @@ def paired_flip_difference(a: list[dict], b: list[dict], text: str, resamples: i
     return out
 
 
+def check_fits(spec: dict, model_path: str) -> None:
+    """Every setting's sequence fits the model (checked from its config.json, before any work)."""
+    config = AutoConfig.from_pretrained(model_path)
+    limit = get_adapter(config).max_length(config)
+    for setting in spec["settings"]:
+        FairCalibConfig(**{**spec["base"], **setting}).resolved_seq_len(limit)
+
+
 def run(spec: dict, model_path: str, threads: int, quick: bool) -> dict:
     torch.set_num_threads(threads)
+    check_fits(spec, model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     teacher = AutoModel.from_pretrained(model_path).eval()
     runs_a, runs_b, log = [], [], []

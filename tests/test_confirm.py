@@ -44,3 +44,14 @@ def test_spec_is_checked_before_any_work(tmp_path):
     (tmp_path / "missing.json").write_text(json.dumps({k: v for k, v in spec.items() if k != "seeds"}))
     with pytest.raises(ValueError, match="missing keys \\['seeds'\\]"):
         load_spec(str(tmp_path / "missing.json"))
+
+
+def test_a_setting_longer_than_the_model_is_refused_before_work():
+    import optimum_fair
+    from benchmarks.confirm import check_fits
+
+    spec = load_spec("benchmarks/confirm/beta1_vs_uniform.json")
+    check_fits(spec, optimum_fair.DEFAULT_MODEL)  # the committed specs fit the shipped model
+    too_long = dict(spec, settings=[dict(spec["settings"][0], seq_len=256, window=128)])
+    with pytest.raises(ValueError, match="seq_len \\(256\\) exceeds the model's maximum length \\(128\\)"):
+        check_fits(too_long, optimum_fair.DEFAULT_MODEL)
