@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,6 +127,18 @@ class LoopbackHub:
         with self._lock:
             self._faults[kind] = times
 
+    def fail_nth(self, n: int, mode: str = "500") -> None:
+        """Fail the n-th request from now (1-based): "500" answers a server error, "reset" closes the
+        connection without an answer."""
+        with self._lock:
+            self._nth = (len(self.requests) + n, mode)
+
+    def fault_pending(self) -> bool:
+        """True while a `fail_nth` fault has not fired yet; clears it."""
+        with self._lock:
+            pending, self._nth = getattr(self, "_nth", None) is not None, None
+            return pending
+
     def files(self, repo_id: str) -> dict[str, bytes]:
         """{path: content} at the head of main."""
         with self._lock:
@@ -142,6 +155,12 @@ class LoopbackHub:
             if verb == method and match:
                 with self._lock:
                     self.requests.append((name, path))
+                    nth = getattr(self, "_nth", None)
+                    if nth is not None and len(self.requests) == nth[0]:
+                        self._nth = None
+                        if nth[1] == "reset":
+                            raise ConnectionResetByHub(name)
+                        raise HubError(500, f"injected server error on request {nth[0]} ({name})")
                     if self._faults.get(name, 0) > 0:
                         self._faults[name] -= 1
                         raise HubError(500, f"injected server error on {name}")
@@ -275,6 +294,10 @@ class LoopbackHub:
         return 200, head, (b"" if method == "HEAD" else data)
 
 
+class ConnectionResetByHub(Exception):
+    """Raised by `dispatch` to drop the connection without an answer (fault injection)."""
+
+
 def _json(status: int, payload) -> tuple[int, dict, bytes]:
     data = json.dumps(payload).encode()
     return status, {"Content-Type": "application/json", "Content-Length": str(len(data))}, data
@@ -292,6 +315,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             status, headers, data = self.hub.dispatch(self.command, url.path, parse_qs(url.query), self.headers, body)
+        except ConnectionResetByHub:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)  # the client sees its connection reset, no answer
+            return
         except HubError as err:
             status, headers, data = _json(err.status, {"error": err.message, **err.extra})
             headers["X-Error-Message"] = err.message

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the client's base (transport too)
 
 from ..distributed import is_main_process
 from ..naming import check_repo_id
@@ -80,9 +80,11 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
         if overwrite:
             ops += [CommitOperationDelete(p) for p in sorted(remote - {op.path_in_repo for op in ops})]
         info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
-    except HfHubHTTPError as err:
-        status = getattr(err.response, "status_code", "?")
-        raise HubPushError(f"pushing {folder} to {repo_id} failed (HTTP {status}: {str(err).splitlines()[0]}); "
+    except HTTPError as err:  # an HTTP error answer, or a connection reset / timeout without one
+        response = err.response if isinstance(err, HfHubHTTPError) else None
+        status = getattr(response, "status_code", None)
+        what = f"HTTP {status}" if status else type(err).__name__
+        raise HubPushError(f"pushing {folder} to {repo_id} failed ({what}: {str(err).splitlines()[0]}); "
                            "nothing local was changed, rerun to retry") from err
     logger.info("pushed %s to %s: %s", folder, repo_id, info.commit_url)
     return str(info.commit_url)

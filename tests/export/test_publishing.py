@@ -219,3 +219,31 @@ def test_published_files_name_no_local_path(hub, tok, tmp_path):
     for name, text in texts.items():
         assert str(tmp_path) not in text and "/tmp/" not in text, name
     assert "my-local-llada" in texts["README.md"]  # the base is named by its folder name
+
+
+def _push_requests(hub, saved) -> int:
+    """Requests of one push into a new repo (the first push of a process also makes one-off requests)."""
+    push_quantized(saved, "tester/warm-up")
+    before = len(hub.requests)
+    push_quantized(saved, "tester/count")
+    return len(hub.requests) - before
+
+
+@pytest.mark.parametrize("mode", ["500", "reset"])
+def test_a_fault_at_every_request_of_a_push(hub, saved, mode):
+    n_requests = _push_requests(hub, saved)
+    assert n_requests >= 3
+    before, failed = _digest(saved), 0
+    for n in range(1, n_requests + 1):
+        repo = f"tester/fault-{mode}-{n}"
+        hub.fail_nth(n, mode)
+        try:
+            push_quantized(saved, repo)
+        except HubPushError as err:
+            failed += 1
+            assert repo in str(err) and "nothing local was changed" in str(err), str(err)
+        assert not hub.fault_pending(), f"request {n}: the fault never fired"
+        assert _digest(saved) == before, f"request {n}: the local folder changed"
+        push_quantized(saved, repo, update=True)  # the retry succeeds
+        assert hub.files(repo)["model.safetensors"] == (saved / "model.safetensors").read_bytes()
+    assert failed >= 1  # at least one fault reached the caller as an error
