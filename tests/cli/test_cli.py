@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModel
 
@@ -122,8 +123,17 @@ def test_push_and_quantize_push_to_hub(hub, q_dir, fp_dir, tmp_path, capsys):
     assert main(["push", str(q_dir), "tester/cli"]) == 1
     assert "already has files" in capsys.readouterr().err
     assert main(["quantize", str(fp_dir), "--push-to-hub", "tester/cli-q", *FLAGS]) == 0
-    remote = hub.files("tester/cli-q")
-    assert remote["model.safetensors"] == (q_dir / "model.safetensors").read_bytes()  # deterministic run
+    remote, local = hub.files("tester/cli-q")["model.safetensors"], (q_dir / "model.safetensors").read_bytes()
+    # a deterministic run: the same tensors and metadata. Not the same bytes: safetensors writes its header's
+    # metadata keys in hash-map order, which differs between writes.
+    assert _safetensors_header(remote) == _safetensors_header(local)
+    pushed, saved = safetensors.torch.load(remote), safetensors.torch.load(local)
+    assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved)
+
+
+def _safetensors_header(data: bytes) -> dict:
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size])
 
 
 def test_generate_prints_the_sampler_output(q_dir, capsys):
