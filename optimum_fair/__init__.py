@@ -29,6 +29,8 @@ _LAZY = {
     "InputMode": "enums",
     "CalibInputs": "enums",
     "FairLinear": "nn",
+    "use_kernels": "nn",
+    "reference_kernels": "nn",
     "quantize": "integrations.transformers",
     "build_prior": "pipeline",
     "CalibrationResult": "pipeline",

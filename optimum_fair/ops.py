@@ -13,12 +13,14 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "act_scale",
     "dequantize_weight",
     "fake_quant_act",
     "fake_quant_weight",
     "kron_apply",
     "pack_int4",
     "qmax",
+    "quantize_act",
     "quantize_weight",
     "round_ste",
     "unpack_int4",
@@ -91,14 +93,32 @@ def fake_quant_act(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0)
     """
     if bits >= 16:
         return x
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # (..., 1)
-    scale = (amax * clip / qmax(bits)).clamp(min=1e-8)
     if not torch.is_grad_enabled() or not (x.requires_grad or (torch.is_tensor(clip) and clip.requires_grad)):
-        # inference: the same values (x + (round(x) - x) == round(x) exactly), in place, half the passes
-        q = (x.float() / scale).round_().clamp_(-qmax(bits) - 1, qmax(bits))
-        return q.mul_(scale).to(x.dtype)
+        # inference: the same values (x + (round(x) - x) == round(x) exactly), half the passes
+        codes, scale = quantize_act(x, bits, clip)
+        return (codes.float() * scale).to(x.dtype)
+    scale = act_scale(x, bits, clip)
     q = round_ste(x.float() / scale).clamp(-qmax(bits) - 1, qmax(bits))
     return (q * scale).to(x.dtype)
+
+
+def act_scale(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Per-token scale clip * max_j |x_j| / qmax, float32: x (..., d) -> (..., 1)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()  # (..., 1)
+    return (amax * clip / qmax(bits)).clamp(min=1e-8)
+
+
+def quantize_act(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric activation codes, the integer half of `fake_quant_act`.
+
+    x: (..., d) -> codes (..., d) int8 in [-qmax - 1, qmax] and scale (..., 1) float32, with
+    fake_quant_act(x) == (codes * scale).to(x.dtype). Needs bits <= 8.
+    """
+    if bits > 8:
+        raise ValueError(f"activation codes live in int8: bits must be <= 8, got {bits}")
+    scale = act_scale(x, bits, clip)
+    codes = (x.float() / scale).round_().clamp_(-qmax(bits) - 1, qmax(bits))
+    return codes.to(torch.int8), scale
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@
   device before loading, the packed tensors load into them (checked first), nothing is calibrated.
 * `quantize(model, config, texts, tokenizer)`: the same pipeline on a model already in memory.
 
+Both end with `use_kernels(model)`: the packed layers compute on integer kernels where they can
+(`optimum_fair.use_kernels(model, "reference")` goes back to the fake-quant path).
+
 Either way the model ends with `model.hf_quantizer` (the attribute transformers gives every quantized
 model) holding a `FairCalibHfQuantizer` whose `result` is the `CalibrationResult`.
 """
@@ -31,6 +34,7 @@ from ..distributed import is_main_process
 from ..export.folder import load_saved_prior
 from ..export.hub import push_model, require_token
 from ..modeling import register_native_models
+from ..nn import use_kernels
 from ..pipeline import CalibrationResult, calibrate
 from ..pipeline.checkpoint import check_packed_tensors, digest_metadata
 from ..pipeline.plan import layer_format, resolve_skip
@@ -80,6 +84,7 @@ class FairCalibHfQuantizer(HfQuantizer):
             self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
                                             reloaded=True)
             bind_publishing(model)
+            use_kernels(model)
             return model
         quantize_loaded(model, self, texts=None, tokenizer=None)
         return model
@@ -135,6 +140,7 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
     quantizer.pre_quantized = True  # the model in memory is now quantized
     model.config.quantization_config = result.config
     bind_publishing(model)
+    use_kernels(model)  # calibration ran on the reference path; inference runs on the integer kernels
     if config.push_to_hub and is_main_process():  # data parallel: every rank holds this model, one pushes
         push_model(model, config.push_to_hub, quantizer.tokenizer, keep_on_failure=True)
 

@@ -13,6 +13,12 @@ two codes a byte, each row padded to ceil(in/2) bytes; int8: int8, out * in), `w
 (out, n_groups) in the model's float dtype, `bias`, and when present `transform_a` (n1, n1),
 `transform_b` (n2, n2), `input_scale` (in,), `act_clip` ().
 
+Kernels (`nn.kernels`): a layer starts on the `reference` path above, which is what calibration
+computes. `set_kernel("auto")` (or `optimum_fair.use_kernels(model)`, which from_pretrained and
+quantize call) moves it to an integer kernel where the device and format allow: the matmul runs on
+int8 codes (A8 / A4) or through torch's int4 weight-only kernel (W4A16), and the weight is resident in
+that kernel's format instead of the checkpoint's; `state_dict()` still returns the checkpoint format.
+
 The packed codes are stored under the name `weight` on purpose, and flat: if the checkpoint is opened
 without `import optimum_fair` (so transformers does not know `fair_calib` and builds float linears),
 every `weight` has the wrong shape and `from_pretrained` stops with a size-mismatch error instead of
@@ -33,6 +39,17 @@ from ..ops import (
     quantize_weight,
     unpack_int4,
     weight_scale,
+)
+from .kernels import (
+    INT4_WEIGHT,
+    INT8_MM,
+    REFERENCE,
+    choose,
+    int4_linear,
+    int4_pack,
+    int4_unpack,
+    int8_mm_linear,
+    unpacked_codes_t,
 )
 
 __all__ = ["FairLinear", "kron_apply"]
@@ -74,6 +91,12 @@ class FairLinear(nn.Module):
         self.register_buffer("transform_b", _eye(kron_dims[1], device) if kron_dims else None)
         self.register_buffer("input_scale", torch.ones(in_features, device=device) if smooth else None)
         self.register_buffer("act_clip", torch.ones((), device=device) if act_clip else None)
+        # the active kernel's resident weight, when it is not the checkpoint's `weight` (nn.kernels)
+        self.kernel, self.kernel_packed, self.kernel_device, self._kernel_group = REFERENCE, False, None, 0
+        self.register_buffer("_kernel_weight", None, persistent=False)
+        self.register_buffer("_kernel_sz", None, persistent=False)
+        self.register_state_dict_post_hook(_checkpoint_weight_into_state_dict)
+        self.register_load_state_dict_pre_hook(_back_to_checkpoint_format)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -126,36 +149,100 @@ class FairLinear(nn.Module):
 
     # -- use --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
-        """Integer weight codes (out, in), int8."""
-        rows = self.weight.reshape(self.out_features, -1)  # (out, row_bytes)
-        return unpack_int4(rows, self.in_features) if self.w_bits == 4 else rows
+        """Integer weight codes (out, in), int8, whichever format the weight is resident in."""
+        if self.weight is not None:
+            rows = self.weight.reshape(self.out_features, -1)  # (out, row_bytes)
+            return unpack_int4(rows, self.in_features) if self.w_bits == 4 else rows
+        if self.kernel == INT8_MM:
+            return self._kernel_weight.t()  # resident (in, out)
+        return int4_unpack(self._kernel_weight, self.out_features, self.in_features)
+
+    def checkpoint_weight(self) -> torch.Tensor:
+        """The flat `weight` buffer a checkpoint holds (int4: packed uint8 bytes; int8: codes)."""
+        if self.weight is not None:
+            return self.weight
+        codes = self.codes()
+        return (pack_int4(codes) if self.w_bits == 4 else codes.contiguous()).reshape(-1)
 
     def dequantized_weight(self) -> torch.Tensor:
         """codes * scale in the scale's dtype: (out, in)."""
         w = dequantize_weight(self.codes(), self.weight_scale, self.group_size)
         return w.to(self.weight_scale.dtype)
 
-    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Smoothing, Kronecker transform and activation quantization; x: (..., in)."""
+    def set_kernel(self, kernel: str = "auto", packed: bool = False) -> str | None:
+        """Compute with `kernel` ("auto", "reference", "int8_mm", "int4_weight") from now on.
+
+        packed: int8_mm on int4 weights unpacks the checkpoint bytes on every call (0.25x the fp16
+        bytes resident) instead of keeping int8 codes (0.5x, faster). Returns why the layer stays on
+        the reference path although an integer kernel was asked for, else None.
+        """
+        if self.weight is None:  # back to the checkpoint format first
+            self.weight = self.checkpoint_weight()
+            self._kernel_weight = self._kernel_sz = None
+        device = self.weight.device
+        self.kernel, reason = choose(self.w_bits, self.a_bits, self.in_features, self.out_features,
+                                     self.group_size, device, self.weight_scale.dtype, kernel)
+        self.kernel_packed = packed and self.kernel == INT8_MM and self.w_bits == 4
+        self.kernel_device = None if self.kernel == REFERENCE else device.type
+        if self.kernel == INT8_MM and not self.kernel_packed:
+            self._kernel_weight = unpacked_codes_t(self.weight, self.w_bits, self.in_features, self.out_features)
+            self.weight = None
+        elif self.kernel == INT4_WEIGHT:
+            self._kernel_weight, self._kernel_sz, self._kernel_group = int4_pack(
+                self.codes(), self.weight_scale, self.group_size)
+            self.weight = None
+        return reason
+
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothing and the Kronecker transform, before activation quantization; x: (..., in)."""
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
         if self.transform_a is not None:
             x = kron_apply(x, self.transform_a, self.transform_b)
-        clip = 1.0 if self.act_clip is None else self.act_clip.float()
-        return fake_quant_act(x, self.a_bits, clip)
+        return x
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Smoothing, Kronecker transform and activation quantization; x: (..., in)."""
+        return fake_quant_act(self.transformed_input(x), self.a_bits, self._clip())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
-        w = self.dequantized_weight().to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(self.transform_input(x), w, bias)
+        if self.kernel == REFERENCE:
+            w = self.dequantized_weight().to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(self.transform_input(x), w, bias)
+        if x.device.type != self.kernel_device:
+            raise RuntimeError(f"this FairLinear's {self.kernel} weight was prepared on {self.kernel_device}, the "
+                               f"input is on {x.device.type}: call optimum_fair.use_kernels(model) after moving it")
+        x = self.transformed_input(x)
+        if self.kernel == INT8_MM:
+            w_t = self._kernel_weight if self._kernel_weight is not None else self.codes().t()  # (in, out)
+            return int8_mm_linear(x, w_t, self.weight_scale, self.a_bits, self._clip(), self.bias)
+        return int4_linear(x, self._kernel_weight, self._kernel_sz, self._kernel_group, self.bias)
+
+    def _clip(self) -> torch.Tensor | float:
+        return 1.0 if self.act_clip is None else self.act_clip.float()
 
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"w_bits={self.w_bits}", f"a_bits={self.a_bits}", f"group_size={self.group_size}"]
         if self.transform_a is not None:
             parts.append(f"kron=({self.transform_a.shape[0]}, {self.transform_b.shape[0]})")
+        parts.append(f"kernel={self.kernel}" + (" (packed)" if self.kernel_packed else ""))
         return ", ".join(parts)
+
+
+def _checkpoint_weight_into_state_dict(module: FairLinear, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict() holds the checkpoint's `weight` whatever format the kernel keeps resident."""
+    if module.weight is None:
+        state_dict[prefix + "weight"] = module.checkpoint_weight()
+
+
+def _back_to_checkpoint_format(module: FairLinear, state_dict, prefix, *args) -> None:
+    """load_state_dict() writes checkpoint tensors: the layer takes that format (and the reference
+    kernel) first; call set_kernel / use_kernels again afterwards."""
+    if module.kernel != REFERENCE:
+        module.set_kernel(REFERENCE)
 
 
 def _eye(n: int, device) -> torch.Tensor:

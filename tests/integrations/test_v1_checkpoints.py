@@ -6,27 +6,58 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair  # noqa: F401  (registers fair_calib and the native LLaDA)
-from optimum_fair import FairLinear, calibration_result
+from optimum_fair import FairLinear, calibration_result, reference_kernels, use_kernels
+from optimum_fair.eval.generation import generate
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 NAMES = ["v1_w4a4_flatquant", "v1_w4a16_gptq_hadamard", "v1_w8a8_rtn"]
+# float32 checkpoints: "auto" leaves W4A16 on the reference path (its int4 kernel computes in bfloat16)
+KERNEL = {"v1_w4a4_flatquant": "int8_mm", "v1_w4a16_gptq_hadamard": "reference", "v1_w8a8_rtn": "int8_mm"}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_v1_checkpoint_reloads_with_identical_logits(name):
+    """On the reference path (what they were saved from) the logits are bit-identical."""
     folder = FIXTURES / name
     expected = load_file(str(folder / "expected.safetensors"))
     model = AutoModel.from_pretrained(folder).eval()
     assert any(isinstance(m, FairLinear) for m in model.modules())
-    with torch.no_grad():
+    with torch.no_grad(), reference_kernels(model):
         logits = model(expected["input_ids"]).logits
     assert torch.equal(logits, expected["logits"])
     result = calibration_result(model)
     assert result.reloaded and result.blocks == []
     assert (result.prior is not None) == (folder / "prior" / "prior.json").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_v1_checkpoint_runs_on_the_integer_kernels_with_the_same_greedy_decode(name):
+    folder = FIXTURES / name
+    expected = load_file(str(folder / "expected.safetensors"))
+    model = AutoModel.from_pretrained(folder).eval()  # loading picks the kernels
+    assert {m.kernel for m in model.modules() if isinstance(m, FairLinear)} == {KERNEL[name]}
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    assert (logits - expected["logits"]).abs().max() <= 1e-4 * expected["logits"].abs().max()  # fp32 rounding
+    tok = AutoTokenizer.from_pretrained(folder)
+    args = dict(gen_length=24, block_length=8)
+    on_kernels = generate(model, tok, "the quick brown", **args)
+    with reference_kernels(model):
+        assert generate(model, tok, "the quick brown", **args) == on_kernels
+
+
+def test_v1_w4a16_runs_on_the_int4_kernel_when_asked_within_bfloat16_rounding():
+    folder = FIXTURES / "v1_w4a16_gptq_hadamard"
+    expected = load_file(str(folder / "expected.safetensors"))
+    model = AutoModel.from_pretrained(folder).eval()
+    assert use_kernels(model, "int4_weight") == {"int4_weight": 14}
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    scale = expected["logits"].abs().max()
+    assert 0 < (logits - expected["logits"]).abs().max() <= 2e-2 * scale  # bf16: 8 significant bits
 
 
 def test_v1_fixtures_are_what_the_test_expects():
