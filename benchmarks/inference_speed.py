@@ -114,9 +114,10 @@ def layers_part(repeats: int) -> list[dict]:
         sides["W4A4 packed"] = (fair_copy(bf16, 4, 4, "int8_mm", packed=True), "int8_mm")
         sides["W4A4 reference"] = (fair_copy(bf16, 4, 4, "reference"), "reference")
         for m in (32, 256):
-            x = torch.randn(m, k, generator=gen)
-            times = {v: median_ms(lambda mod=mod, v=v: mod(x if v.endswith("fp32") else x.bfloat16()), repeats)
-                     for v, (mod, _) in sides.items()}
+            x32 = torch.randn(m, k, generator=gen)
+            x16 = x32.bfloat16()
+            inputs = {v: x32 if v.endswith("fp32") else x16 for v in sides}
+            times = {v: median_ms(lambda mod=mod, x=inputs[v]: mod(x), repeats) for v, (mod, _) in sides.items()}
             base = {"fp32": times["nn.Linear fp32"], "bf16": times["nn.Linear bf16"]}
             for v, (mod, kernel) in sides.items():
                 rows.append(row("layer", f"{k}->{n}, M={m}", v, kernel, times[v], base, weight_bytes(mod), 2 * k * n))
@@ -170,7 +171,7 @@ def shipped_part(repeats: int) -> list[dict]:
     for case, fn in [("forward, 128 tokens", lambda m: m(ids)),
                      ("diffusion decode, 64 tokens", lambda m: generate(m, tok, "The city of", gen_length=64,
                                                                         block_length=32))]:
-        times = {v: median_ms(lambda m=m: fn(m), repeats) for v, m in sides.items()}
+        times = {v: median_ms(lambda m=m, fn=fn: fn(m), repeats) for v, m in sides.items()}
         base = {"fp32": times["teacher fp32"], "bf16": times["teacher bf16"]}
         rows += [row("shipped", case, v, _kernels(m), times[v], base, weight_bytes(m), fp16_bytes)
                  for v, m in sides.items()]
