@@ -12,7 +12,8 @@ Parts (each side on the same inputs):
            128, random weights, 256 tokens), float vs its linears swapped for round-to-nearest FairLinears;
   shipped  the shipped model: one forward of 128 tokens and a full 64-token diffusion decode (block 32,
            64 steps), fp32 / bf16 teacher vs quantized (RTN + Hadamard, uniform weighting).
-Prints a markdown table: ms per call (median), the ratio to bf16 and to fp32 nn.Linear (or teacher) of
+Prints a markdown table: ms per call (median; the sides of a case are timed round-robin), the ratio
+to bf16 and to fp32 nn.Linear (or teacher) of
 the same part, and the weight bytes resident per fp16 weight byte.
 """
 
@@ -33,14 +34,17 @@ LAYER_SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
 FORMATS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W4A16": (4, 16)}
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (and the first call's one-off allocations)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def interleaved_ms(calls: dict, repeats: int) -> dict[str, float]:
+    """Median ms per call of each side, timed round-robin (every side once per round), so that drift
+    in the machine's speed hits all sides alike. One warm-up round first."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -117,7 +121,7 @@ def layers_part(repeats: int) -> list[dict]:
             x32 = torch.randn(m, k, generator=gen)
             x16 = x32.bfloat16()
             inputs = {v: x32 if v.endswith("fp32") else x16 for v in sides}
-            times = {v: median_ms(lambda mod=mod, x=inputs[v]: mod(x), repeats) for v, (mod, _) in sides.items()}
+            times = interleaved_ms({v: (lambda mod=mod, x=inputs[v]: mod(x)) for v, (mod, _) in sides.items()}, repeats)
             base = {"fp32": times["nn.Linear fp32"], "bf16": times["nn.Linear bf16"]}
             for v, (mod, kernel) in sides.items():
                 rows.append(row("layer", f"{k}->{n}, M={m}", v, kernel, times[v], base, weight_bytes(mod), 2 * k * n))
@@ -139,7 +143,7 @@ def block_part(repeats: int) -> list[dict]:
     sides = {"fp32": (fp32, "float"), "bf16": (bf16, "float")}
     for name, (w, a) in FORMATS.items():
         sides[name] = (swap_linears(bf16, w, a), "int4_weight" if a == 16 else "int8_mm")
-    times = {v: median_ms(lambda mod=mod: mod(ids), repeats) for v, (mod, _) in sides.items()}
+    times = interleaved_ms({v: (lambda mod=mod: mod(ids)) for v, (mod, _) in sides.items()}, repeats)
     base = {"fp32": times["fp32"], "bf16": times["bf16"]}
     fp16_bytes = weight_bytes(bf16)
     return [row("block", "LLaDA-8B block, 256 tokens", v, k, times[v], base, weight_bytes(m), fp16_bytes)
@@ -171,7 +175,7 @@ def shipped_part(repeats: int) -> list[dict]:
     for case, fn in [("forward, 128 tokens", lambda m: m(ids)),
                      ("diffusion decode, 64 tokens", lambda m: generate(m, tok, "The city of", gen_length=64,
                                                                         block_length=32))]:
-        times = {v: median_ms(lambda m=m, fn=fn: fn(m), repeats) for v, m in sides.items()}
+        times = interleaved_ms({v: (lambda m=m, fn=fn: fn(m)) for v, m in sides.items()}, repeats)
         base = {"fp32": times["teacher fp32"], "bf16": times["teacher bf16"]}
         rows += [row("shipped", case, v, _kernels(m), times[v], base, weight_bytes(m), fp16_bytes)
                  for v, m in sides.items()]
