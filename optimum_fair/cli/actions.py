@@ -20,7 +20,7 @@ from ..devices import default_device, execution_device
 from ..enums import Weighting
 from ..eval.evaluate import HEADLINE, evaluate, table
 from ..eval.generation import generate
-from ..export import push_quantized, require_token, save_quantized
+from ..export import export, push_quantized, require_token, save_quantized
 from ..files import atomic_dir
 from ..integrations.transformers import quantize
 from ..naming import check_repo_id, is_repo_id
@@ -182,11 +182,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- push / generate -------------------------------------------------------------------------
+# -- push / export / generate ----------------------------------------------------------------
 def run_push(args: argparse.Namespace) -> int:
     url = push_quantized(args.output_dir, args.repo_id, token=args.token, private=args.private,
                          overwrite=args.overwrite, commit_message=args.commit_message)
     print(f"pushed {url}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export(args.output_dir, args.output, args.format, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 

@@ -4,6 +4,7 @@
     optimum-fair prior    [MODEL] --output-dir out/prior --num-probes 512
     optimum-fair eval     MODEL [--compare OTHER] [--base FP_MODEL] [--texts wiki-val lee]
     optimum-fair push     out/w4a4 me/llada-w4a4 [--overwrite]
+    optimum-fair export   out/w4a16 --format gguf --output out/w4a16.gguf
     optimum-fair generate [MODEL] "The history of" [--algorithm llada|dream]
 
 MODEL is a local folder or a Hub repo id; left out, the small LLaDA teacher bundled with the package
@@ -30,6 +31,7 @@ COMMANDS = {
     "prior": "run Stage I alone: the position prior from the full-precision teacher's rollouts",
     "eval": "held-out NLL and decoding-stability metrics of one model, or two side by side",
     "push": "upload a folder written by `quantize` to a Hub repo",
+    "export": "write a folder written by `quantize` as GGUF (llama.cpp) or compressed-tensors (vLLM)",
     "generate": "decode a prompt with the diffusion sampler",
 }
 
@@ -97,6 +99,17 @@ def _add_push(sub) -> None:
     _common(p)
 
 
+def _add_export(sub) -> None:
+    from ..export import FORMATS
+
+    p = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"])
+    p.add_argument("output_dir", metavar="DIR", help="folder written by `optimum-fair quantize` (or save_quantized)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="gguf: one file; compressed-tensors: a folder")
+    p.add_argument("--output", required=True, help="the .gguf file or the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    _common(p)
+
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"])
     p.add_argument("model", nargs="?", default=None, help="local folder or Hub repo id (default: DEFAULT_MODEL)")
@@ -116,7 +129,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the subcommands to ``parser`` (the console script's, or optimum-cli's `fair` parser)."""
     sub = parser.add_subparsers(dest="fair_command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
-    for add in (_add_quantize, _add_prior, _add_eval, _add_push, _add_generate):
+    for add in (_add_quantize, _add_prior, _add_eval, _add_push, _add_export, _add_generate):
         add(sub)
     return parser
 
@@ -134,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handler = {"quantize": actions.run_quantize, "prior": actions.run_prior, "eval": actions.run_eval,
-               "push": actions.run_push, "generate": actions.run_generate}[args.fair_command]
+               "push": actions.run_push, "export": actions.run_export,
+               "generate": actions.run_generate}[args.fair_command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ _USAGE = """subcommands (`optimum-cli fair <command> --help` for their flags):
   prior     run Stage I alone: the position prior from the full-precision teacher's rollouts
   eval      held-out NLL and decoding-stability metrics of one model, or two side by side
   push      upload a folder written by `quantize` to a Hub repo
+  export    write a folder written by `quantize` as GGUF (llama.cpp) or compressed-tensors (vLLM)
   generate  decode a prompt with the diffusion sampler"""
 
 

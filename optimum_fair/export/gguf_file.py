@@ -1,0 +1,166 @@
+"""GGUF for llama.cpp: a calibrated LLaDA as one `.gguf` file, written with the `gguf` package.
+
+The calibrated codes go in as they are, never re-quantized: a symmetric int4 code c in [-8, 7] with
+scale s is GGUF `Q4_0` (blocks of 32: one fp16 `d`, 16 bytes of nibbles q, value (q - 8) d) with
+q = c + 8 and d = s; int8 codes are `Q8_0` (one fp16 `d`, 32 int8 values). A per-channel scale repeats
+in every block of its row. The weights are exact when the scales are fp16 (the model was calibrated
+in fp16, as the shipped one loads); other scales are rounded to fp16, and the largest relative change
+is logged. What GGUF cannot express is refused before anything is written: online transforms (Hadamard
+/ learned Kronecker, smoothing), scale groups that are not multiples of 32, inputs not a multiple of
+32. llama.cpp quantizes activations its own way, so activation bits are dropped (logged).
+
+Tensor names come from `gguf`'s own name map for the architecture; q / k rows are permuted from
+transformers' rotate-half rotary layout to llama.cpp's interleaved one, as llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..files import atomic_path
+from ..nn import FairLinear
+from .requires import require
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per Q4_0 / Q8_0 block
+ARCHS = {"llada": "LLADA"}  # our model_type -> gguf.MODEL_ARCH member
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise ValueError naming the first layer (or the architecture) GGUF cannot hold exactly."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(f"GGUF export supports model_type {sorted(ARCHS)}, got {model_type!r}")
+    for name, module in model.named_modules():
+        if not isinstance(module, FairLinear):
+            continue
+        if module.transform_a is not None or module.input_scale is not None:
+            raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing), which GGUF "
+                             "cannot express; export configs with transform='none'")
+        if module.in_features % BLOCK or (module.group_size != -1 and module.group_size % BLOCK):
+            raise ValueError(f"{name}: GGUF blocks hold {BLOCK} weights; in_features ({module.in_features}) and "
+                             f"group_size ({module.group_size}) must be multiples of {BLOCK} (or per channel)")
+
+
+def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:
+    """Q4_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes) uint8."""
+    n, k = codes.shape
+    d = scale.float().repeat_interleave((k if group_size == -1 else group_size) // BLOCK, dim=1)  # (N, K/32)
+    d = d.to(torch.float16).numpy().view(np.uint8).reshape(n, k // BLOCK, 2)  # little-endian fp16 bytes
+    c = codes.reshape(n, k // BLOCK, BLOCK)
+    if w_bits == 4:
+        q = (c.to(torch.int16) + 8).to(torch.uint8)  # [0, 15]
+        qs = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high nibble
+    else:
+        qs = c.view(torch.uint8)
+    return np.concatenate([d, qs.numpy()], axis=-1).reshape(n, -1)
+
+
+def rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q / k rows (out, ...) from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
+    out = rows.shape[0]
+    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
+    """Write `model` (a calibrated LLaDA) and `tokenizer` to the GGUF file `out`, atomically."""
+    gguf = require("gguf")
+    check_exportable(model)
+    cfg = model.config
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[cfg.model_type])
+    dropped = sorted({m.a_bits for m in model.modules() if isinstance(m, FairLinear) and m.a_bits < 16})
+    if dropped:
+        logger.warning("GGUF keeps weights only: activation bits %s dropped (llama.cpp quantizes activations "
+                       "its own way)", dropped)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        _write_hparams(writer, cfg)
+        _write_vocab(writer, tokenizer, cfg, gguf)
+        _write_tensors(writer, model, gguf.get_tensor_name_map(arch, cfg.n_layers), gguf)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
+def _write_hparams(writer, cfg) -> None:
+    writer.add_name(getattr(cfg, "_name_or_path", "") or "optimum-fair export")
+    writer.add_context_length(cfg.max_sequence_length)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.mlp_hidden_size)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads or cfg.n_heads)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.d_model // cfg.n_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.embedding_size or cfg.vocab_size)
+    writer.add_causal_attention(False)  # diffusion: every position attends to every other
+    writer.add_diffusion_shift_logits(False)  # LLaDA predicts each position's own token
+
+
+def _write_vocab(writer, tokenizer, cfg, gguf) -> None:
+    """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, types, merges, special ids."""
+    vocab = tokenizer.get_vocab()
+    size = cfg.embedding_size or cfg.vocab_size
+    by_id = {i: t for t, i in vocab.items()}
+    special = set(tokenizer.all_special_ids)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if i in special
+             else gguf.TokenType.NORMAL for i in range(size)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_add_bos_token(False)
+    folder = Path(tokenizer.name_or_path)
+    special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
+    special_vocab.add_to_gguf(writer)
+    if "mask" not in special_vocab.special_token_ids:  # llama.cpp's diffusion example reads it
+        writer.add_mask_token_id(int(cfg.mask_token_id))
+
+
+def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
+    if scale.dtype == torch.float16:
+        return
+    s = scale.float()
+    change = ((s.half().float() - s).abs() / s.abs().clamp(min=1e-30)).max().item()
+    if change:
+        logger.warning("%s: %s scales rounded to GGUF's fp16 (largest relative change %.2e); calibrate in "
+                       "fp16 for an exact export", name, str(scale.dtype).removeprefix("torch."), change)
+
+
+def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
+    cfg = model.config
+    heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads or cfg.n_heads}
+    fair = {name: m for name, m in model.named_modules() if isinstance(m, FairLinear)}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in fair and leaf not in ("weight", "bias"):
+            continue  # the scales travel inside the Q4_0 / Q8_0 blocks
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"{name}: no GGUF name for this tensor in the {cfg.model_type} layout")
+        n_head = heads.get(module_name.rpartition(".")[2])
+        if module_name in fair and leaf == "weight":
+            layer = fair[module_name]
+            codes, scale = layer.codes(), layer.weight_scale
+            if n_head:
+                codes, scale = rotary_permute(codes, n_head), rotary_permute(scale, n_head)
+            _warn_if_rounded(name, scale)
+            qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, q_blocks(codes, scale, layer.group_size, layer.w_bits), raw_dtype=qtype)
+            continue
+        t = tensor.detach().float()
+        if n_head:
+            t = rotary_permute(t, n_head)
+        writer.add_tensor(gguf_name, t.numpy())  # float tensors as F32: exact for fp16 / bf16 sources

@@ -1,0 +1,141 @@
+"""Exports read back by their consumers: the GGUF file by the `gguf` package's reader and dequantizer,
+the compressed-tensors folder by plain transformers + compressed-tensors (no FairLinear inside)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import gguf
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, CompressedTensorsConfig
+
+import optimum_fair
+from optimum_fair import FairCalibConfig, FairLinear
+from optimum_fair.cli import main
+from optimum_fair.export import export
+
+QUICK = dict(rounding="rtn", weighting="uniform", num_probes=8, num_samples=8)
+
+
+def _saved(tmp_path_factory, name, **config):
+    config = FairCalibConfig(**QUICK, **config)
+    model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, quantization_config=config)
+    folder = tmp_path_factory.mktemp("exports") / name
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def w4a16(tmp_path_factory):  # the shipped model loads in fp16: fp16 scales, an exact GGUF
+    return _saved(tmp_path_factory, "w4a16", w_bits=4, a_bits=16, transform="none")
+
+
+@pytest.fixture(scope="module")
+def w8a8(tmp_path_factory):
+    return _saved(tmp_path_factory, "w8a8", w_bits=8, a_bits=8, transform="none")
+
+
+def _fair_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, FairLinear)}
+
+
+def _interleaved(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's rotary row order, by index: head h, rotate-half row j = e * half + i -> 2 i + e."""
+    out = torch.empty_like(rows)
+    head_dim = rows.shape[0] // n_head
+    half = head_dim // 2
+    for h in range(n_head):
+        for e in range(2):
+            for i in range(half):
+                out[h * head_dim + 2 * i + e] = rows[h * head_dim + e * half + i]
+    return out
+
+
+@pytest.mark.parametrize("which,qtype", [("w4a16", "Q4_0"), ("w8a8", "Q8_0")])
+def test_gguf_dequantizes_to_our_weights_exactly(which, qtype, request, tmp_path, caplog):
+    folder, model = request.getfixturevalue(which)
+    with caplog.at_level(logging.WARNING):
+        out = export(folder, tmp_path / "model.gguf", "gguf")
+    assert ("activation bits [8] dropped" in caplog.text) == (which == "w8a8")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLADA, model.config.n_layers)
+    layers = _fair_layers(model)
+    assert len(tensors) == len(model.state_dict()) - len(layers)  # one tensor per weight, scales inside
+    for name, layer in layers.items():
+        t = tensors[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+        assert t.tensor_type.name == qtype
+        ours = layer.codes().float() * layer.weight_scale.float()  # (out, in), exact in fp32
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "k_proj"):
+            ours = _interleaved(ours, model.config.n_heads)
+        assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)), ours), name
+    emb = tensors["token_embd.weight"]
+    assert torch.equal(torch.from_numpy(emb.data.copy()), model.get_input_embeddings().weight.float())
+
+    def field(key):
+        f = reader.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "llada" and field("llada.block_count") == model.config.n_layers
+    assert field("llada.attention.causal") is False and field("diffusion.shift_logits") is False
+    assert field("tokenizer.ggml.mask_token_id") == model.config.mask_token_id
+    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == 1024
+    assert field("tokenizer.ggml.tokens")[model.config.mask_token_id] == "<|mask|>"
+    assert len(field("tokenizer.ggml.merges")) > 0
+
+
+def test_compressed_tensors_loads_in_plain_transformers_with_our_weights(w4a16, w8a8, tmp_path):
+    ids = torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    for (folder, model), scheme in [(w4a16, "pack-quantized"), (w8a8, "int-quantized")]:
+        out = export(folder, tmp_path / scheme, "compressed-tensors")
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "compressed-tensors" and config["format"] == scheme
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            packed = f.get_tensor("model.transformer.blocks.0.q_proj.weight_packed") if scheme == "pack-quantized" \
+                else f.get_tensor("model.transformer.blocks.0.q_proj.weight")
+        assert packed.dtype == (torch.int32 if scheme == "pack-quantized" else torch.int8)
+        assert "model.transformer.blocks.0.q_proj.weight_scale" in keys
+        compressed = AutoModel.from_pretrained(out, dtype=torch.float32).eval()  # runs the compressed layers
+        assert not _fair_layers(compressed)
+        loaded = AutoModel.from_pretrained(out, dtype=torch.float32,  # compressed-tensors decompresses
+                                           quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+        for name, layer in _fair_layers(model).items():
+            w = loaded.get_submodule(name).weight.float()
+            assert torch.equal(w, layer.dequantized_weight().float()), name  # codes * scale in the scale dtype
+        if scheme == "pack-quantized":  # weight-only: the same network in float32
+            reference = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(compressed(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_bad_input_before_writing(w4a16, tmp_path_factory, tmp_path):
+    folder, _ = w4a16
+    hadamard, _ = _saved(tmp_path_factory, "hadamard", w_bits=4, a_bits=16, transform="hadamard")
+    for fmt in ("gguf", "compressed-tensors"):
+        with pytest.raises(ValueError, match=r"model\.transformer\.blocks\.0\.\w+: has an online transform"):
+            export(hadamard, tmp_path / f"h.{fmt}", fmt)
+        assert not (tmp_path / f"h.{fmt}").exists()
+    (tmp_path / "taken.gguf").write_text("mine")
+    with pytest.raises(FileExistsError, match="taken.gguf exists; pass overwrite=True"):
+        export(folder, tmp_path / "taken.gguf", "gguf")
+    assert (tmp_path / "taken.gguf").read_text() == "mine"
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(folder, tmp_path / "x", "onnx")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        export(tmp_path, tmp_path / "y.gguf", "gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]  # no partial file anywhere
+
+
+def test_cli_export(w8a8, tmp_path, capsys):
+    folder, _ = w8a8
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(folder), "--format", "gguf", "--output", str(out)]) == 0
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llada"
+    assert main(["export", str(folder), "--format", "gguf", "--output", str(out)]) == 1
+    assert "exists; pass overwrite=True" in capsys.readouterr().err
+    assert main(["export", str(folder), "--format", "gguf", "--output", str(out), "--overwrite"]) == 0
