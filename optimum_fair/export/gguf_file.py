@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
 ARCHS = {"llada": "LLADA"}  # our model_type -> gguf.MODEL_ARCH member
+PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the prompt as it is
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -125,6 +126,8 @@ def _write_vocab(writer, tokenizer, cfg, gguf) -> None:
     folder = Path(tokenizer.name_or_path)
     special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
     special_vocab.add_to_gguf(writer)
+    # a base model has no chat format: llama.cpp's CLIs would wrap the prompt in a default one (chatml)
+    writer.add_chat_template(getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE)
     if "mask" not in special_vocab.special_token_ids:  # llama.cpp's diffusion example reads it
         writer.add_mask_token_id(int(cfg.mask_token_id))
 

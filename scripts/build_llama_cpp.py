@@ -1,0 +1,80 @@
+"""Build the llama.cpp that `llama-cpp-python` vendors (its sdist from PyPI), for checking GGUF exports.
+
+    python scripts/build_llama_cpp.py                    # into ~/.cache/optimum-fair/llama.cpp-<version>
+    python scripts/build_llama_cpp.py --cache-dir DIR --jobs 2
+
+Builds the shared libraries and `llama-diffusion-cli` (CPU, native flags) and keeps the sdist's Python
+bindings beside them. A finished build (the binaries present) is reused. Prints the folder; in it
+`bin/` holds the libraries and the CLI, `python/` the `llama_cpp` package (point
+LLAMA_CPP_LIB_PATH at `bin/`). Needs pip, cmake, ninja and a C++ compiler; about 30 minutes on one
+core of the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp has the llada / dream models and examples/diffusion
+TARGETS = ["llama", "llama-diffusion-cli"]
+
+
+def default_cache() -> Path:
+    default = Path.home() / ".cache" / "optimum-fair" / f"llama.cpp-{VERSION}"
+    return Path(os.environ.get("OPTIMUM_FAIR_LLAMA_CPP", default))
+
+
+def is_built(cache: Path) -> bool:
+    return (cache / "bin" / "llama-diffusion-cli").is_file() and (cache / "bin" / "libllama.so").is_file() \
+        and (cache / "python" / "llama_cpp" / "__init__.py").is_file()
+
+
+def build(cache: Path, jobs: int) -> Path:
+    """Download, configure and build into `cache` (reused when already built)."""
+    if is_built(cache):
+        return cache
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"building llama.cpp needs {tool} on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps",
+                        "--no-binary", ":all:", "-d", tmp, "-q"], check=True)
+        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        src = next(Path(tmp).glob("llama_cpp_python-*/"))
+        build_dir = Path(tmp) / "build"
+        subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir), "-G", "Ninja",
+                        "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["ninja", "-C", str(build_dir), f"-j{jobs}", *TARGETS], check=True, stdout=subprocess.DEVNULL)
+        for name in ("bin", "python"):  # a half-finished earlier build
+            old = cache / name
+            if old.is_symlink() or old.is_file():
+                old.unlink()
+            elif old.is_dir():
+                shutil.rmtree(old)
+        shutil.copytree(build_dir / "bin", cache / "bin", symlinks=True)
+        (cache / "python").mkdir()
+        shutil.copytree(src / "llama_cpp", cache / "python" / "llama_cpp")
+    return cache
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=default_cache())
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    print(build(args.cache_dir, args.jobs))
+
+
+if __name__ == "__main__":
+    main()
