@@ -163,7 +163,9 @@ def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
             qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(gguf_name, q_blocks(codes, scale, layer.group_size, layer.w_bits), raw_dtype=qtype)
             continue
+        # float tensors as F32, exact for any source dtype: with F16 matrices llama.cpp would also round
+        # its activations to fp16 for the LM head, which moved a greedy decode here
         t = tensor.detach().float()
         if n_head:
             t = rotary_permute(t, n_head)
-        writer.add_tensor(gguf_name, t.numpy())  # float tensors as F32: exact for fp16 / bf16 sources
+        writer.add_tensor(gguf_name, t.numpy())

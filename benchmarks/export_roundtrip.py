@@ -1,0 +1,115 @@
+"""The shipped model calibrated (GPTQ, transform none), exported to GGUF and compressed-tensors, and each
+format read back by its consumer's package and scored on held-out text against the FP teacher.
+
+    python benchmarks/export_roundtrip.py --out benchmarks/results/export_roundtrip.json
+
+Rows per format (W4A16, W8A8): our checkpoint in our runtime (FairLinear, default kernels); the
+compressed-tensors folder loaded by plain transformers + compressed-tensors; the GGUF file read back
+with the `gguf` package (every tensor dequantized by its own dequantizer, q / k rows put back in
+transformers' order) into a float LLaDA. Columns: file size, masked NLL on wiki-val, and the frontier
+flip rate / greedy agreement against the teacher's trajectories (the package's `evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CompressedTensorsConfig
+
+import optimum_fair
+from optimum_fair import FairCalibConfig
+from optimum_fair.eval.evaluate import build_teacher_traces, evaluate
+from optimum_fair.export import export
+from optimum_fair.export.gguf_file import rotary_permute
+
+EVAL = dict(texts=("wiki-val",), num_prompts=8, prompt_len=64, gen_length=32, block_length=32, nll_samples=16,
+            seq_len=128, post_commit_prompts=0)
+FORMATS = {"W4A16": (4, 16), "W8A8": (8, 8)}
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
+    return round(sum(f.stat().st_size for f in files) / 2**20, 3)
+
+
+def gguf_readback(gguf_path: Path, folder: Path):
+    """A float LLaDA holding the GGUF file's tensors as the gguf package dequantizes them."""
+    config = AutoConfig.from_pretrained(folder)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModel.from_config(config, dtype=torch.float32).eval()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLADA, config.n_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    heads = {"q_proj": config.n_heads, "k_proj": config.n_kv_heads or config.n_heads}
+    state = {}
+    for name, param in model.state_dict().items():
+        t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        value = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(param.shape)
+        n_head = heads.get(name.rpartition(".")[0].rpartition(".")[2])
+        if n_head:  # undo the interleaving: applying the permutation's inverse
+            value = _inverse_rotary(value, n_head)
+        state[name] = value
+    model.load_state_dict(state)
+    assert torch.equal(rotary_permute(state["model.transformer.blocks.0.q_proj.weight"], config.n_heads),
+                       torch.from_numpy(gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data,
+                                                               tensors["blk.0.attn_q.weight"].tensor_type)))
+    return model
+
+
+def _inverse_rotary(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    out = rows.shape[0]
+    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = optimum_fair.DEFAULT_MODEL
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    traces = build_teacher_traces(teacher, tok, **{k: EVAL[k] for k in ("texts", "num_prompts", "prompt_len",
+                                                                        "gen_length", "block_length")})
+    rows = [{"format": "-", "model": "FP teacher", "size_mb": size_mb(Path(path) / "model.safetensors"),
+             **evaluate(teacher, tok, teacher, teacher_traces=traces, **EVAL)}]
+    work = Path(tempfile.mkdtemp())
+    for name, (w, a) in FORMATS.items():
+        start = time.time()
+        config = FairCalibConfig(w_bits=w, a_bits=a, rounding="gptq", transform="none", weighting="uniform",
+                                 dataset="wiki", num_samples=64, seq_len=128)
+        AutoModel.from_pretrained(path, quantization_config=config).save_pretrained(work / name)  # fp16 scales
+        calib_s = round(time.time() - start, 1)
+        gguf_path = export(work / name, work / f"{name}.gguf", "gguf")
+        ct_path = export(work / name, work / f"{name}-ct", "compressed-tensors")
+        sides = {
+            "ours (optimum-fair runtime)": (AutoModel.from_pretrained(work / name, dtype=torch.float32), work / name),
+            "compressed-tensors, read by transformers": (AutoModel.from_pretrained(
+                ct_path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)),
+                ct_path),
+            "GGUF, read by the gguf package": (gguf_readback(gguf_path, work / name), gguf_path),
+        }
+        for label, (model, file) in sides.items():
+            metrics = evaluate(model.eval(), tok, teacher, teacher_traces=traces, **EVAL)
+            rows.append({"format": name, "model": label, "size_mb": size_mb(file), "calib_s": calib_s, **metrics})
+            print(json.dumps(rows[-1]), flush=True)
+    keys = ["wiki-val/nll", "wiki-val/flip_rate", "wiki-val/agreement"]
+    print("| format | model | size MB | " + " | ".join(keys) + " |")
+    print("|---|---|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['format']} | {r['model']} | {r['size_mb']} | "
+              + " | ".join(f"{r.get(k, float('nan')):.4g}" for k in keys) + " |")
+    if args.out:
+        args.out.write_text(json.dumps({"eval": {k: list(v) if isinstance(v, tuple) else v for k, v in EVAL.items()},
+                                        "torch_threads": args.threads, "rows": rows}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
