@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp: a calibrated LLaDA as one `.gguf` file, written with the `gguf` package.
+"""GGUF for llama.cpp: a calibrated LLaDA or Dream as one `.gguf` file, written with the `gguf` package.
 
 The calibrated codes go in as they are, never re-quantized: a symmetric int4 code c in [-8, 7] with
 scale s is GGUF `Q4_0` (blocks of 32: one fp16 `d`, 16 bytes of nibbles q, value (q - 8) d) with
@@ -9,8 +9,9 @@ is logged. What GGUF cannot express is refused before anything is written: onlin
 / learned Kronecker, smoothing), scale groups that are not multiples of 32, inputs not a multiple of
 32. llama.cpp quantizes activations its own way, so activation bits are dropped (logged).
 
-Tensor names come from `gguf`'s own name map for the architecture; q / k rows are permuted from
-transformers' rotate-half rotary layout to llama.cpp's interleaved one, as llama.cpp's converter does.
+Tensor names come from `gguf`'s own name map for the architecture. For LLaDA the q / k rows are
+permuted from transformers' rotate-half rotary layout to llama.cpp's interleaved one, as llama.cpp's
+converter does; Dream (Qwen2 layout) runs rotate-half rotary in llama.cpp and keeps its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .requires import require
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
-ARCHS = {"llada": "LLADA"}  # our model_type -> gguf.MODEL_ARCH member
+ARCHS = {"llada": "LLADA", "Dream": "DREAM"}  # our model_type -> gguf.MODEL_ARCH member
 PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the prompt as it is
 
 
@@ -83,9 +84,9 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     out = Path(out)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        _write_hparams(writer, cfg)
-        _write_vocab(writer, tokenizer, cfg, gguf)
-        _write_tensors(writer, model, gguf.get_tensor_name_map(arch, cfg.n_layers), gguf)
+        n_blocks = _write_hparams(writer, cfg)
+        _write_vocab(writer, tokenizer, _vocab_size(cfg), cfg.mask_token_id, gguf)
+        _write_tensors(writer, model, gguf.get_tensor_name_map(arch, n_blocks), gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -93,26 +94,44 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     return out
 
 
-def _write_hparams(writer, cfg) -> None:
+def hparams(cfg) -> dict:
+    """The hyperparameters llama.cpp reads, from a LLaDA or a Dream (Qwen2 names) config."""
+    if cfg.model_type == "llada":
+        return dict(blocks=cfg.n_layers, width=cfg.d_model, ffn=cfg.mlp_hidden_size, heads=cfg.n_heads,
+                    kv_heads=cfg.n_kv_heads or cfg.n_heads, context=cfg.max_sequence_length,
+                    rope_theta=cfg.rope_theta, shift_logits=False)
+    return dict(blocks=cfg.num_hidden_layers, width=cfg.hidden_size, ffn=cfg.intermediate_size,
+                heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                context=cfg.max_position_embeddings, rope_theta=cfg.rope_theta_value,
+                shift_logits=True)  # Dream predicts the token after each position
+
+
+def _write_hparams(writer, cfg) -> int:
+    """The architecture's hyperparameters, as llama.cpp's converter writes them; returns the block count."""
+    h = hparams(cfg)
     writer.add_name(getattr(cfg, "_name_or_path", "") or "optimum-fair export")
-    writer.add_context_length(cfg.max_sequence_length)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.mlp_hidden_size)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads or cfg.n_heads)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.d_model // cfg.n_heads)
+    writer.add_context_length(h["context"])
+    writer.add_embedding_length(h["width"])
+    writer.add_block_count(h["blocks"])
+    writer.add_feed_forward_length(h["ffn"])
+    writer.add_head_count(h["heads"])
+    writer.add_head_count_kv(h["kv_heads"])
+    writer.add_rope_freq_base(h["rope_theta"])
+    writer.add_rope_dimension_count(h["width"] // h["heads"])
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.embedding_size or cfg.vocab_size)
+    writer.add_vocab_size(_vocab_size(cfg))
     writer.add_causal_attention(False)  # diffusion: every position attends to every other
-    writer.add_diffusion_shift_logits(False)  # LLaDA predicts each position's own token
+    writer.add_diffusion_shift_logits(h["shift_logits"])
+    return h["blocks"]
 
 
-def _write_vocab(writer, tokenizer, cfg, gguf) -> None:
+def _vocab_size(cfg) -> int:
+    return getattr(cfg, "embedding_size", None) or cfg.vocab_size
+
+
+def _write_vocab(writer, tokenizer, size: int, mask_token_id: int, gguf) -> None:
     """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, types, merges, special ids."""
     vocab = tokenizer.get_vocab()
-    size = cfg.embedding_size or cfg.vocab_size
     by_id = {i: t for t, i in vocab.items()}
     special = set(tokenizer.all_special_ids)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
@@ -129,7 +148,7 @@ def _write_vocab(writer, tokenizer, cfg, gguf) -> None:
     # a base model has no chat format: llama.cpp's CLIs would wrap the prompt in a default one (chatml)
     writer.add_chat_template(getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE)
     if "mask" not in special_vocab.special_token_ids:  # llama.cpp's diffusion example reads it
-        writer.add_mask_token_id(int(cfg.mask_token_id))
+        writer.add_mask_token_id(int(mask_token_id))
 
 
 def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
@@ -144,7 +163,7 @@ def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
 
 def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
     cfg = model.config
-    heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads or cfg.n_heads}
+    heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads or cfg.n_heads} if cfg.model_type == "llada" else {}
     fair = {name: m for name, m in model.named_modules() if isinstance(m, FairLinear)}
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")

@@ -140,3 +140,29 @@ def test_cli_export(w8a8, tmp_path, capsys):
     assert main(["export", str(folder), "--format", "gguf", "--output", str(out)]) == 1
     assert "exists; pass overwrite=True" in capsys.readouterr().err
     assert main(["export", str(folder), "--format", "gguf", "--output", str(out), "--overwrite"]) == 0
+
+
+def test_gguf_of_a_dream_keeps_its_rows_biases_and_logit_shift(tmp_path, caplog):
+    from optimum_fair import quantize
+    from optimum_fair.modeling import DreamConfig, DreamModel
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = DreamModel(DreamConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   mask_token_id=tok.mask_token_id)).eval()
+    quantize(model, FairCalibConfig(w_bits=4, a_bits=16, transform="none", **QUICK), tokenizer=tok)
+    model.save_pretrained(tmp_path / "dream")
+    with caplog.at_level(logging.WARNING):
+        reader = gguf.GGUFReader(str(export(tmp_path / "dream", tmp_path / "dream.gguf", "gguf")))
+    assert "float32 scales rounded to GGUF's fp16" in caplog.text  # a float32 model: GGUF holds fp16 scales
+    assert reader.fields["general.architecture"].contents() == "dream"
+    assert reader.fields["diffusion.shift_logits"].contents() is True
+    assert reader.fields["dream.attention.head_count_kv"].contents() == 2
+    tensors = {t.name: t for t in reader.tensors}
+    q = model.model.layers[0].self_attn.q_proj
+    t = tensors["blk.0.attn_q.weight"]
+    ours = q.codes().float() * q.weight_scale.half().float()  # rows as they are: rotate-half in llama.cpp too
+    assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)), ours)
+    assert torch.equal(torch.from_numpy(tensors["blk.0.attn_q.bias"].data.copy()), q.bias.float())
