@@ -53,7 +53,8 @@ def build(cache: Path, jobs: int) -> Path:
         build_dir = Path(tmp) / "build"
         subprocess.run(["cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build_dir), "-G", "Ninja",
                         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"],
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON",
+                        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"],  # bin/ finds its libraries after the copy
                        check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["ninja", "-C", str(build_dir), f"-j{jobs}", *TARGETS], check=True, stdout=subprocess.DEVNULL)
         for name in ("bin", "python"):  # a half-finished earlier build

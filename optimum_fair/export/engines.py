@@ -36,8 +36,11 @@ def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     model, tokenizer = _load(model_or_dir, tokenizer)
-    checker = gguf_file.check_exportable if format == "gguf" else compressed.check_exportable
-    checker(model)
+    if format == "gguf":
+        gguf_file.check_exportable(model)
+        gguf_file.check_tokenizer(tokenizer)
+    else:
+        compressed.check_exportable(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "gguf":
         return gguf_file.write_gguf(model, tokenizer, out)

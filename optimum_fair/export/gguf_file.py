@@ -51,6 +51,15 @@ def check_exportable(model: nn.Module) -> None:
                              f"group_size ({module.group_size}) must be multiples of {BLOCK} (or per channel)")
 
 
+def check_tokenizer(tokenizer: Any) -> None:
+    """Raise ValueError unless `tokenizer` is a byte-level BPE (llama.cpp's `gpt2` tokenizer model)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+    if kind != "BPE":
+        raise ValueError(f"GGUF export writes byte-level BPE tokenizers (llama.cpp's 'gpt2' model, with merges); "
+                         f"this tokenizer is {kind}")
+
+
 def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:
     """Q4_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes) uint8."""
     n, k = codes.shape
@@ -75,6 +84,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     """Write `model` (a calibrated LLaDA) and `tokenizer` to the GGUF file `out`, atomically."""
     gguf = require("gguf")
     check_exportable(model)
+    check_tokenizer(tokenizer)
     cfg = model.config
     arch = getattr(gguf.MODEL_ARCH, ARCHS[cfg.model_type])
     dropped = sorted({m.a_bits for m in model.modules() if isinstance(m, FairLinear) and m.a_bits < 16})

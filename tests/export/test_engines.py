@@ -10,7 +10,7 @@ import gguf
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, CompressedTensorsConfig
+from transformers import AutoModel, AutoTokenizer, CompressedTensorsConfig
 
 import optimum_fair
 from optimum_fair import FairCalibConfig, FairLinear
@@ -142,17 +142,22 @@ def test_cli_export(w8a8, tmp_path, capsys):
     assert main(["export", str(folder), "--format", "gguf", "--output", str(out), "--overwrite"]) == 0
 
 
-def test_gguf_of_a_dream_keeps_its_rows_biases_and_logit_shift(tmp_path, caplog):
+def _tiny_dream(tok, dtype=torch.float32):
     from optimum_fair import quantize
     from optimum_fair.modeling import DreamConfig, DreamModel
-    from tests.conftest import char_tokenizer
 
-    tok = char_tokenizer()
     torch.manual_seed(0)
-    model = DreamModel(DreamConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   mask_token_id=tok.mask_token_id)).eval()
-    quantize(model, FairCalibConfig(w_bits=4, a_bits=16, transform="none", **QUICK), tokenizer=tok)
+    config = DreamConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = DreamModel(config).eval().to(dtype)
+    return quantize(model, FairCalibConfig(w_bits=4, a_bits=16, transform="none", **QUICK), tokenizer=tok)
+
+
+def test_gguf_of_a_dream_keeps_its_rows_biases_and_logit_shift(tmp_path, caplog):
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)  # byte-level BPE, as GGUF needs
+    model = _tiny_dream(tok)
     model.save_pretrained(tmp_path / "dream")
     with caplog.at_level(logging.WARNING):
         reader = gguf.GGUFReader(str(export(tmp_path / "dream", tmp_path / "dream.gguf", "gguf")))
@@ -166,3 +171,13 @@ def test_gguf_of_a_dream_keeps_its_rows_biases_and_logit_shift(tmp_path, caplog)
     ours = q.codes().float() * q.weight_scale.half().float()  # rows as they are: rotate-half in llama.cpp too
     assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)), ours)
     assert torch.equal(torch.from_numpy(tensors["blk.0.attn_q.bias"].data.copy()), q.bias.float())
+
+
+def test_gguf_refuses_a_tokenizer_that_is_not_byte_level_bpe(tmp_path):
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    model = _tiny_dream(tok)
+    with pytest.raises(ValueError, match="byte-level BPE.*this tokenizer is WordLevel"):
+        export(model, tmp_path / "dream.gguf", "gguf", tokenizer=tok)
+    assert not (tmp_path / "dream.gguf").exists()

@@ -1,7 +1,8 @@
 """llama.cpp itself reads the GGUF export: one non-causal forward through its C API (the ctypes bindings
 of llama-cpp-python, over the libraries `scripts/build_llama_cpp.py` builds) against our model on the same
-weights, and a 32-token decode with `llama-diffusion-cli`. Slow: the first run builds llama.cpp
-(~30 minutes on one core); later runs reuse the build folder (OPTIMUM_FAIR_LLAMA_CPP)."""
+weights (the shipped LLaDA and a tiny Dream), and a 32-token decode with `llama-diffusion-cli`. Slow: the
+first run builds llama.cpp (~13 minutes on one core); later runs reuse the build folder
+(OPTIMUM_FAIR_LLAMA_CPP)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair import FairCalibConfig, reference_kernels
-from optimum_fair.eval.generation import generate
 from optimum_fair.export import export
 from scripts.build_llama_cpp import build, default_cache
 
@@ -42,6 +42,15 @@ np.save(out, np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(ids), n_v
 """
 
 
+def llama_cpp_logits(llama_cpp, gguf_path, ids: list[int], tmp_path) -> torch.Tensor:
+    """llama.cpp's logits (len(ids), vocab) for one non-causal batch, from a subprocess on its C API."""
+    env = dict(os.environ, PYTHONPATH=str(llama_cpp / "python"), LLAMA_CPP_LIB_PATH=str(llama_cpp / "bin"),
+               LD_LIBRARY_PATH=str(llama_cpp / "bin"))
+    subprocess.run([sys.executable, "-c", LLAMA_CPP_WORKER, str(gguf_path), str(tmp_path / "lc.npy"),
+                    ",".join(map(str, ids))], check=True, env=env, capture_output=True, timeout=300)
+    return torch.from_numpy(np.load(tmp_path / "lc.npy"))
+
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     return build(default_cache(), jobs=os.cpu_count() or 1)
@@ -61,10 +70,7 @@ def test_llama_cpp_forward_matches_ours_on_the_same_weights(llama_cpp, exported,
     tok = AutoTokenizer.from_pretrained(folder)
     text = tok("The history of the city begins with", add_special_tokens=False).input_ids
     ids = [tok.bos_token_id, *text] + [tok.mask_token_id] * 16  # a prompt and a masked answer
-    env = dict(os.environ, PYTHONPATH=str(llama_cpp / "python"), LLAMA_CPP_LIB_PATH=str(llama_cpp / "bin"))
-    subprocess.run([sys.executable, "-c", LLAMA_CPP_WORKER, str(gguf_path), str(tmp_path / "lc.npy"),
-                    ",".join(map(str, ids))], check=True, env=env, capture_output=True, timeout=300)
-    theirs = torch.from_numpy(np.load(tmp_path / "lc.npy"))
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
     ours_model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()  # the same codes, fp16 scales
     with torch.no_grad(), reference_kernels(ours_model):
         ours = ours_model(torch.tensor([ids])).logits[0]
@@ -75,16 +81,31 @@ def test_llama_cpp_forward_matches_ours_on_the_same_weights(llama_cpp, exported,
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
 
 
-def test_llama_diffusion_cli_decodes_32_tokens_like_our_sampler(llama_cpp, exported):
-    folder, gguf_path = exported
-    done = subprocess.run([str(llama_cpp / "bin" / "llama-diffusion-cli"), "-m", str(gguf_path), "-p", "The city of",
-                           "-n", "32", "--diffusion-steps", "32", "--diffusion-block-length", "32", "--temp", "0",
-                           "-t", "1", "-c", "128", "-ub", "64", "-b", "64"],
-                          capture_output=True, text=True, errors="replace", timeout=300,
-                          env=dict(os.environ, LD_LIBRARY_PATH=str(llama_cpp / "bin")))
-    assert done.returncode == 0, done.stderr[-2000:]
-    theirs = done.stderr.rsplit("total time:", 1)[1].split("\n", 2)[2]  # the CLI logs the text after its timing
-    model = AutoModel.from_pretrained(folder).eval()
-    ours = generate(model, AutoTokenizer.from_pretrained(folder), "The city of", gen_length=32, block_length=32)
-    assert len(theirs.split()) >= 5
-    assert theirs.split()[0] == ours.split()[0]  # greedy, confidence-ordered: the same first word
+def test_llama_cpp_runs_a_dream_export(llama_cpp, tmp_path):
+    from tests.export.test_engines import _tiny_dream
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    _tiny_dream(tok, torch.float16).save_pretrained(tmp_path / "dream")  # fp16 scales: an exact GGUF
+    gguf_path = export(tmp_path / "dream", tmp_path / "dream.gguf", "gguf")
+    ids = [tok.bos_token_id, *tok("The city of", add_special_tokens=False).input_ids] + [tok.mask_token_id] * 8
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
+    ours_model = AutoModel.from_pretrained(tmp_path / "dream", dtype=torch.float32).eval()
+    with torch.no_grad(), reference_kernels(ours_model):
+        ours = ours_model(torch.tensor([ids])).logits[0]
+    assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()  # Q8_0 activation rounding, as above
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_diffusion_cli_decodes_32_tokens(llama_cpp, exported):
+    _, gguf_path = exported
+    command = [str(llama_cpp / "bin" / "llama-diffusion-cli"), "-m", str(gguf_path), "-p", "The city of", "-n", "32",
+               "--diffusion-steps", "32", "--diffusion-block-length", "32", "--temp", "0", "--seed", "0", "-t", "1",
+               "-c", "128", "-ub", "64", "-b", "64"]
+    texts = []
+    for _ in range(2):  # seeded: the same text twice
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=300,
+                              env=dict(os.environ, LD_LIBRARY_PATH=str(llama_cpp / "bin")))
+        assert done.returncode == 0, done.stderr[-2000:]
+        texts.append(done.stderr.rsplit("total time:", 1)[1].split("\n", 2)[2])  # logged after its timing
+    assert texts[0] == texts[1]
+    assert len(texts[0].split()) >= 5 and "<|mask|>" not in texts[0]  # every masked position was decided
