@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .kernels import REFERENCE
+from .kernels import INT8_MM, REFERENCE, SharedInput
 from .linear import FairLinear
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,27 @@ def use_kernels(model: nn.Module, kernel: str = "auto", packed: bool = False) ->
                        "; ".join(f"{n} x {why}" for why, n in reasons.items()))
     if chosen:
         logger.info("fair_calib kernels: %s", ", ".join(f"{n} {k}" for k, n in chosen.items()))
+    share_inputs(model)
     return chosen
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Link sibling int8_mm layers (children of one module) with the same input transform to one
+    `SharedInput`, so q / k / v (gate / up) transform and quantize a shared input once; returns the
+    number of groups linked. A layer given another input recomputes: the link is only a cache."""
+    groups = 0
+    for parent in model.modules():
+        free = [m for m in parent.children() if isinstance(m, FairLinear) and m.kernel == INT8_MM]
+        while free:
+            first, rest = free[0], free[1:]
+            group = [first] + [m for m in rest if first.same_input_transform(m)]
+            free = [m for m in rest if m not in group]
+            if len(group) > 1:
+                shared = SharedInput()
+                for m in group:
+                    m.shared_input = shared
+                groups += 1
+    return groups
 
 
 @contextmanager
@@ -45,3 +65,4 @@ def reference_kernels(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, (kernel, packed) in before.items():
             module.set_kernel(kernel, packed)
+        share_inputs(model)

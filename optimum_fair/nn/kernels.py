@@ -17,6 +17,8 @@ for, the reason.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..ops import quantize_act, unpack_int4
@@ -76,21 +78,43 @@ def int4_group_size(group: int) -> int | None:
 
 
 # -- int8_mm ---------------------------------------------------------------------------------------
-def int8_mm_linear(x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor, a_bits: int,
-                   clip: torch.Tensor | float, bias: torch.Tensor | None) -> torch.Tensor:
+def quantized_input(x: torch.Tensor, a_bits: int, clip: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes of transformed activations x (..., K): (M, K) int8 and their scales (M, 1) float32."""
+    return quantize_act(x.reshape(-1, x.shape[-1]), a_bits, clip)
+
+
+def int8_mm_linear(codes: torch.Tensor, s_x: torch.Tensor, w_codes_t: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None, lead: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """y = (codes_x @ codes_w^T) * s_x * s_w + bias, the matmul in integers.
 
-    x: (..., K) float, already smoothed / transformed; w_codes_t: (K, N) int8 (a transposed view is
-    fine); w_scale: (N, 1); returns (..., N) in x's dtype.
+    codes: (M, K) int8 and s_x: (M, 1) from `quantized_input`; w_codes_t: (K, N) int8 (a transposed
+    view is fine); w_scale: (N, 1); returns (*lead, N) in `dtype`.
     """
-    lead, k = x.shape[:-1], x.shape[-1]
-    codes, s_x = quantize_act(x.reshape(-1, k), a_bits, clip)  # (M, K) int8, (M, 1) float32
     acc = int_mm(codes, w_codes_t)  # (M, N) int32, exact
-    y = acc.float().mul_(s_x).mul_(w_scale.float().reshape(1, -1))  # (M, N)
-    y = y.to(x.dtype)
+    y = acc.float().mul_(s_x).mul_(w_scale.float().reshape(1, -1)).to(dtype)  # (M, N)
     if bias is not None:
-        y = y.add_(bias.to(x.dtype))
+        y = y.add_(bias.to(dtype))
     return y.reshape(*lead, y.shape[-1])
+
+
+class SharedInput:
+    """The quantized input of sibling layers that read the same tensor (q / k / v, gate / up) with the
+    same input transform: the first computes it, the others reuse it while the input is the same tensor
+    object, unchanged (`Tensor._version`, torch's in-place counter). The input is held by weak reference."""
+
+    def __init__(self) -> None:
+        self._source: weakref.ref | None = None
+        self._version = -1
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, x: torch.Tensor, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_inference():  # inference-mode tensors have no version counter: in-place edits are invisible
+            return compute(x)
+        if self._source is not None and self._source() is x and x._version == self._version:
+            return self._value
+        self._value = compute(x)
+        self._source, self._version = weakref.ref(x), x._version
+        return self._value
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

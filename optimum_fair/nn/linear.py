@@ -49,6 +49,7 @@ from .kernels import (
     int4_pack,
     int4_unpack,
     int8_mm_linear,
+    quantized_input,
     unpacked_codes_t,
 )
 
@@ -93,6 +94,7 @@ class FairLinear(nn.Module):
         self.register_buffer("act_clip", torch.ones((), device=device) if act_clip else None)
         # the active kernel's resident weight, when it is not the checkpoint's `weight` (nn.kernels)
         self.kernel, self.kernel_packed, self.kernel_device, self._kernel_group = REFERENCE, False, None, 0
+        self.shared_input = None  # a kernels.SharedInput when siblings read the same input (use_kernels)
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_sz", None, persistent=False)
         self.register_state_dict_post_hook(_checkpoint_weight_into_state_dict)
@@ -176,6 +178,7 @@ class FairLinear(nn.Module):
         bytes resident) instead of keeping int8 codes (0.5x, faster). Returns why the layer stays on
         the reference path although an integer kernel was asked for, else None.
         """
+        self.shared_input = None
         if self.weight is None:  # back to the checkpoint format first
             self.weight = self.checkpoint_weight()
             self._kernel_weight = self._kernel_sz = None
@@ -214,11 +217,26 @@ class FairLinear(nn.Module):
         if x.device.type != self.kernel_device:
             raise RuntimeError(f"this FairLinear's {self.kernel} weight was prepared on {self.kernel_device}, the "
                                f"input is on {x.device.type}: call optimum_fair.use_kernels(model) after moving it")
-        x = self.transformed_input(x)
         if self.kernel == INT8_MM:
+            if self.shared_input is not None and not torch.is_grad_enabled():
+                codes, s_x = self.shared_input.get(x, self._quantized_input)
+            else:
+                codes, s_x = self._quantized_input(x)  # (M, in) int8, (M, 1)
             w_t = self._kernel_weight if self._kernel_weight is not None else self.codes().t()  # (in, out)
-            return int8_mm_linear(x, w_t, self.weight_scale, self.a_bits, self._clip(), self.bias)
+            return int8_mm_linear(codes, s_x, w_t, self.weight_scale, self.bias, x.shape[:-1], x.dtype)
+        x = self.transformed_input(x)
         return int4_linear(x, self._kernel_weight, self._kernel_sz, self._kernel_group, self.bias)
+
+    def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantized_input(self.transformed_input(x), self.a_bits, self._clip())
+
+    def same_input_transform(self, other: FairLinear) -> bool:
+        """Whether `other` turns the same input into the same activation codes as this layer."""
+        mine, theirs = (self.input_scale, self.transform_a, self.transform_b, self.act_clip), \
+            (other.input_scale, other.transform_a, other.transform_b, other.act_clip)
+        return self.in_features == other.in_features and self.a_bits == other.a_bits and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(mine, theirs, strict=True))
 
     def _clip(self) -> torch.Tensor | float:
         return 1.0 if self.act_clip is None else self.act_clip.float()

@@ -181,3 +181,47 @@ def test_empty_and_single_token_inputs():
         y = layer(one)
         with reference_kernels(layer):
             assert torch.allclose(y, layer(one), atol=1e-5)
+
+
+def test_siblings_with_one_input_transform_share_its_quantization_and_stay_exact():
+    from optimum_fair.nn.dispatch import share_inputs
+
+    class Block(torch.nn.Module):  # q / k / v read one input; o reads another
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (_layer(256, 64, 4, 4, transforms=True, seed=s) for s in (1, 2, 3))
+            for m in (self.k, self.v):  # the same transform as q (as Hadamard / a shared FlatQuant one is)
+                for name in ("transform_a", "transform_b", "input_scale", "act_clip"):
+                    getattr(m, name).copy_(getattr(self.q, name))
+            self.o = _layer(256, 64, 4, 4, transforms=True, seed=4)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) + self.v(x), self.o(x + 1)
+
+    block = Block()
+    x = torch.randn(2, 9, 256)
+    with torch.no_grad():
+        use_kernels(block)
+        assert block.q.shared_input is block.k.shared_input is block.v.shared_input is not None
+        assert block.o.shared_input is None  # another transform: nothing to share
+        shared = block(x)
+        for m in (block.q, block.k, block.v):
+            m.shared_input = None
+        unshared = block(x)
+        assert share_inputs(block) == 1
+        assert torch.equal(shared[0], unshared[0]) and torch.equal(shared[1], unshared[1])
+        first = block.q(x)
+        x.mul_(2)  # changed in place: the next sibling must not reuse the stale codes
+        block.q.shared_input = None
+        assert torch.equal(block.k(x), _unshared(block.k, x)) and not torch.equal(first, block.q(x))
+        with torch.inference_mode():  # no version counter there: computed each time, still exact
+            y = torch.randn(2, 9, 256)
+            assert torch.equal(block.k(y), _unshared(block.k, y))
+
+
+def _unshared(layer, x):
+    shared, layer.shared_input = layer.shared_input, None
+    try:
+        return layer(x)
+    finally:
+        layer.shared_input = shared
