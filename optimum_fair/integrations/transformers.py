@@ -36,7 +36,7 @@ from ..export.hub import push_model, require_token
 from ..modeling import register_native_models
 from ..nn import use_kernels
 from ..pipeline import CalibrationResult, calibrate
-from ..pipeline.checkpoint import check_packed_tensors, digest_metadata
+from ..pipeline.checkpoint import check_packed_tensors, check_scales, digest_metadata, format_metadata
 from ..pipeline.plan import layer_format, resolve_skip
 from ..pipeline.surgery import replace_with_skeletons
 from .publishing import bind_publishing
@@ -74,13 +74,14 @@ class FairCalibHfQuantizer(HfQuantizer):
             names = replace_with_skeletons(model, skip, layer_format(self.quantization_config), dtype)
             logger.info("fair_calib: %d packed linears expected in the checkpoint", len(names))
             self._checkpoint_files = kwargs.get("checkpoint_files")
-            check_packed_tensors(model, self._checkpoint_files)
+            check_packed_tensors(model, self._checkpoint_files, a_bits=self.quantization_config.a_bits)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:  # a saved checkpoint: keep its prior so a re-save or push writes it again
             config = self.quantization_config
             skip = list(config.modules_to_not_convert or [])
+            check_scales(model)
             self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
                                             reloaded=True)
             bind_publishing(model)
@@ -90,10 +91,10 @@ class FairCalibHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """transformers' save hook: the state dict as it is, plus every tensor's digest in the metadata
-        (checked when the checkpoint is loaded, see `pipeline.checkpoint`)."""
+        """transformers' save hook: the state dict as it is, plus every tensor's digest and the activation
+        bits in the metadata (checked when the checkpoint is loaded, see `pipeline.checkpoint`)."""
         state = model.state_dict()
-        return state, digest_metadata(state)
+        return state, {**digest_metadata(state), **format_metadata(self.quantization_config.a_bits)}
 
     def is_serializable(self) -> bool:
         return True

@@ -38,10 +38,11 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return out
 
 
-def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None) -> None:
+def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None, a_bits: int | None = None) -> None:
     """Raise ValueError naming the first tensor that is missing from the checkpoint (a packed one, or any
     other the model holds: embeddings, norms, the LM head unless tied) or a packed one of the wrong shape
-    or dtype, and the file(s) read."""
+    or dtype, and the file(s) read; or naming the file when it was saved with other activation bits than
+    `a_bits` (the one format field no tensor shape shows)."""
     files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
     if not files:
         return
@@ -72,9 +73,38 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
 
     for file in files:
         check_digests(file)
+        if a_bits is not None:
+            check_a_bits(file, a_bits)
 
 
 DIGESTS_KEY = "tensor_digests"
+A_BITS_KEY = "fair_a_bits"
+
+
+def format_metadata(a_bits: int) -> dict[str, str]:
+    """The safetensors metadata entry recording the activation bits the packed layers were saved with."""
+    return {A_BITS_KEY: str(a_bits)}
+
+
+def check_a_bits(file: str, a_bits: int) -> None:
+    """Raise ValueError when `file` records other activation bits than the config asks for."""
+    with safe_open(file, framework="pt") as f:
+        recorded = (f.metadata() or {}).get(A_BITS_KEY)
+    if recorded is not None and recorded != str(a_bits):
+        raise ValueError(f"{file}: its layers were saved with a_bits={recorded}, but config.json says "
+                         f"a_bits={a_bits} (was the config edited?)")
+
+
+def check_scales(model: nn.Module) -> None:
+    """Raise ValueError naming the first FairLinear whose weight scales are not finite and positive."""
+    for name, module in model.named_modules():
+        if isinstance(module, FairLinear):
+            scale = module.weight_scale
+            if scale.is_meta:  # offloaded: checked where it is materialised
+                continue
+            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise ValueError(f"{name}.weight_scale: scales must be finite and positive, the checkpoint "
+                                 "holds zero, negative, inf or NaN ones")
 
 
 def tensor_digest(t: torch.Tensor) -> str:

@@ -124,3 +124,27 @@ def test_corrupted_checkpoint_loads_exactly_or_names_the_problem(saved, tmp_path
         return
     with torch.no_grad():
         assert torch.equal(model(X).logits, reference), f"{name}: loaded a model with other weights"
+
+
+def test_edited_activation_bits_are_refused(saved, tmp_path):
+    """a_bits shows in no tensor shape: the checkpoint records it, and an edited config.json is refused."""
+    folder = tmp_path / "edited"
+    shutil.copytree(saved[0], folder)
+    _edit_quant(folder, a_bits=8)  # a valid value, just not the one the layers were calibrated for
+    with pytest.raises(ValueError, match=r"model\.safetensors: its layers were saved with a_bits=4, but "
+                                         r"config\.json says a_bits=8"):
+        AutoModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf")])
+def test_scales_that_are_not_finite_and_positive_are_refused(saved, tmp_path, bad):
+    folder = tmp_path / "scales"
+    shutil.copytree(saved[0], folder)
+
+    def poison(state):  # written without digests, as a checkpoint from before them would be
+        key = next(k for k in state if k.endswith("q_proj.weight_scale"))
+        state[key][0, 0] = bad
+
+    _edit_tensors(folder, poison)
+    with pytest.raises(ValueError, match=r"q_proj\.weight_scale: scales must be finite and positive"):
+        AutoModel.from_pretrained(folder)
