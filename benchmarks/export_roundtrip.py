@@ -41,8 +41,7 @@ def size_mb(path: Path) -> float:
 def gguf_readback(gguf_path: Path, folder: Path):
     """A float LLaDA holding the GGUF file's tensors as the gguf package dequantizes them."""
     config = AutoConfig.from_pretrained(folder)
-    config.quantization_config = None
-    del config.quantization_config
+    del config.quantization_config  # a float LLaDA of the same shape
     model = AutoModel.from_config(config, dtype=torch.float32).eval()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLADA, config.n_layers)
     tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}

@@ -12,6 +12,7 @@ them as separate transform modules, which vLLM does not run for these schemes.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def check_exportable(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, FairLinear):
             continue
-        if module.transform_a is not None or module.input_scale is not None:
+        if module.has_online_transform:
             raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing); "
                              "compressed-tensors export needs transform='none'")
         if (module.w_bits, module.a_bits) not in ((4, 16), (8, 8), (4, 8)):
@@ -55,12 +56,12 @@ def quantization_config(model: nn.Module):
 
 
 def write_compressed(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
-    """Write `model` as a compressed-tensors folder `out` (a fresh folder; the caller moves it into place)."""
+    """Write `model` as a compressed-tensors folder `out` (a fresh folder; the caller moves it into place).
+    `export.export` has run `check_exportable` first."""
     require("compressed_tensors")
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
-    check_exportable(model)
     qconfig, fmt = quantization_config(model)
     plain = _with_float_linears(model)
     apply_quantization_config(plain, qconfig)
@@ -72,8 +73,7 @@ def write_compressed(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
             module.weight_zero_point.data.zero_()
     compressor = ModelCompressor.from_pretrained_model(plain, quantization_format=fmt)
     compressor.compress_model(plain)
-    plain.config.quantization_config = None
-    if hasattr(plain.config, "quantization_config"):
+    if hasattr(plain.config, "quantization_config"):  # ours: update_config writes compressed-tensors' own
         del plain.config.quantization_config
     out = Path(out)
     plain.save_pretrained(out)
@@ -85,8 +85,6 @@ def write_compressed(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
 def _with_float_linears(model: nn.Module) -> nn.Module:
     """A copy of `model` where every FairLinear is an nn.Linear holding codes * scale."""
-    import copy
-
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         if not isinstance(module, FairLinear):

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..files import atomic_dir
+from ..nn import FairLinear
 from . import compressed, gguf_file
 from .folder import check_output_dir
 
@@ -63,7 +64,7 @@ def _load(model_or_dir, tokenizer):
         folder = check_output_dir(model_or_dir)
         model = AutoModel.from_pretrained(folder)
         tokenizer = tokenizer or folder
-    if not any(hasattr(m, "w_bits") for m in model.modules()):
+    if not any(isinstance(m, FairLinear) for m in model.modules()):
         raise ValueError("the model has no FairLinear layers: quantize it with optimum-fair first")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)

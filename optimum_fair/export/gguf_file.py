@@ -43,7 +43,7 @@ def check_exportable(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, FairLinear):
             continue
-        if module.transform_a is not None or module.input_scale is not None:
+        if module.has_online_transform:
             raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing), which GGUF "
                              "cannot express; export configs with transform='none'")
         if module.in_features % BLOCK or (module.group_size != -1 and module.group_size % BLOCK):
@@ -81,10 +81,9 @@ def rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
-    """Write `model` (a calibrated LLaDA) and `tokenizer` to the GGUF file `out`, atomically."""
+    """Write `model` (a calibrated LLaDA or Dream) and `tokenizer` to the GGUF file `out`, atomically.
+    `export.export` has run `check_exportable` and `check_tokenizer` first."""
     gguf = require("gguf")
-    check_exportable(model)
-    check_tokenizer(tokenizer)
     cfg = model.config
     arch = getattr(gguf.MODEL_ARCH, ARCHS[cfg.model_type])
     dropped = sorted({m.a_bits for m in model.modules() if isinstance(m, FairLinear) and m.a_bits < 16})

@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from ..ops import quantize_act, unpack_int4
+from ..ops import quantize_act
 
 REFERENCE, INT8_MM, INT4_WEIGHT = "reference", "int8_mm", "int4_weight"
 KERNELS = ("auto", REFERENCE, INT8_MM, INT4_WEIGHT)
@@ -126,13 +126,6 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
-def unpacked_codes_t(weight: torch.Tensor, w_bits: int, in_features: int, out_features: int) -> torch.Tensor:
-    """The checkpoint's flat `weight` buffer as int8 codes (K, N), contiguous (the fast operand)."""
-    rows = weight.reshape(out_features, -1)  # (N, row_bytes)
-    codes = unpack_int4(rows, in_features) if w_bits == 4 else rows  # (N, K) int8
-    return codes.t().contiguous()
-
-
 # -- int4_weight -----------------------------------------------------------------------------------
 def int4_pack(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(packed, scales_and_zeros, kernel_group): the int4 kernel's operands for codes * scale.
@@ -140,7 +133,7 @@ def int4_pack(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> tupl
     codes: (N, K) int8 in [-8, 7]; scale: (N, n_groups). A per-channel scale (group_size -1) or a
     group larger than the kernel takes is repeated over kernel groups, which is the same weight.
     """
-    n, k = codes.shape
+    k = codes.shape[1]
     kernel_group = int4_group_size(k if group_size == -1 else group_size)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
     per_group = scale.float().repeat_interleave(k // kernel_group // scale.shape[1], dim=1)  # (N, K / g)

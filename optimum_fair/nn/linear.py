@@ -50,7 +50,6 @@ from .kernels import (
     int4_unpack,
     int8_mm_linear,
     quantized_input,
-    unpacked_codes_t,
 )
 
 __all__ = ["FairLinear", "kron_apply"]
@@ -188,7 +187,7 @@ class FairLinear(nn.Module):
         self.kernel_packed = packed and self.kernel == INT8_MM and self.w_bits == 4
         self.kernel_device = None if self.kernel == REFERENCE else device.type
         if self.kernel == INT8_MM and not self.kernel_packed:
-            self._kernel_weight = unpacked_codes_t(self.weight, self.w_bits, self.in_features, self.out_features)
+            self._kernel_weight = self.codes().t().contiguous()  # (in, out) int8: _int_mm's fast operand
             self.weight = None
         elif self.kernel == INT4_WEIGHT:
             self._kernel_weight, self._kernel_sz, self._kernel_group = int4_pack(
@@ -229,6 +228,11 @@ class FairLinear(nn.Module):
 
     def _quantized_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantized_input(self.transformed_input(x), self.a_bits, self._clip())
+
+    @property
+    def has_online_transform(self) -> bool:
+        """Whether the input is smoothed or Kronecker-transformed before quantization (no export holds that)."""
+        return self.transform_a is not None or self.input_scale is not None
 
     def same_input_transform(self, other: FairLinear) -> bool:
         """Whether `other` turns the same input into the same activation codes as this layer."""

@@ -47,9 +47,11 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
     if not files:
         return
     found: dict[str, tuple[tuple[int, ...], str]] = {}
+    metadata: dict[str, dict[str, str]] = {}
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
+                metadata[file] = f.metadata() or {}
                 for key in f.keys():
                     sl = f.get_slice(key)
                     found[key] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -72,9 +74,9 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
             raise ValueError(f"{name}: expected a floating-point tensor, found {got_dtype}")
 
     for file in files:
-        check_digests(file)
         if a_bits is not None:
-            check_a_bits(file, a_bits)
+            check_a_bits(file, metadata[file], a_bits)
+        check_digests(file)
 
 
 DIGESTS_KEY = "tensor_digests"
@@ -86,10 +88,9 @@ def format_metadata(a_bits: int) -> dict[str, str]:
     return {A_BITS_KEY: str(a_bits)}
 
 
-def check_a_bits(file: str, a_bits: int) -> None:
-    """Raise ValueError when `file` records other activation bits than the config asks for."""
-    with safe_open(file, framework="pt") as f:
-        recorded = (f.metadata() or {}).get(A_BITS_KEY)
+def check_a_bits(file: str, metadata: dict[str, str], a_bits: int) -> None:
+    """Raise ValueError when `file` (its safetensors `metadata`) records other activation bits than `a_bits`."""
+    recorded = metadata.get(A_BITS_KEY)
     if recorded is not None and recorded != str(a_bits):
         raise ValueError(f"{file}: its layers were saved with a_bits={recorded}, but config.json says "
                          f"a_bits={a_bits} (was the config edited?)")
@@ -100,7 +101,7 @@ def check_scales(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, FairLinear):
             scale = module.weight_scale
-            if scale.is_meta:  # offloaded: checked where it is materialised
+            if scale.is_meta:  # offloaded by accelerate: its values are not in memory, so not checked
                 continue
             if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
                 raise ValueError(f"{name}.weight_scale: scales must be finite and positive, the checkpoint "
