@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .enums import LikelihoodEstimator
+
 
 @dataclass(frozen=True)
 class ModelAdapter:
@@ -23,6 +25,7 @@ class ModelAdapter:
     logit_shift: 0 when position i's logits predict token i; 1 when they predict token i + 1 (Dream,
         autoregressive-initialised), so the prediction for position i is logits[:, i - 1].
     max_length_attrs: config attributes that may hold the maximum sequence length, in order.
+    likelihood: the release's Monte-Carlo likelihood estimator (`eval.likelihood`, the lm-eval backend).
     """
 
     name: str
@@ -32,6 +35,7 @@ class ModelAdapter:
     mask_token_id: int | None = None
     logit_shift: int = 0
     max_length_attrs: tuple[str, ...] = ("max_position_embeddings",)
+    likelihood: LikelihoodEstimator = LikelihoodEstimator.LLADA
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -100,6 +104,7 @@ DREAM = ModelAdapter(
     groups=_QWEN2_GROUPS,
     mask_token_id=151666,
     logit_shift=1,
+    likelihood=LikelihoodEstimator.DREAM,
 )
 
 # Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
@@ -110,6 +115,7 @@ LLAMA_LIKE = ModelAdapter(
     blocks="model.layers",
     groups=_QWEN2_GROUPS,
     logit_shift=1,
+    likelihood=LikelihoodEstimator.DREAM,  # autoregressive-initialised, as Dream
 )
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, DREAM, LLAMA_LIKE)

@@ -96,6 +96,13 @@ class Algorithm(str, Enum):
     DREAM = "dream"  # Dream's diffusion_generate schedule
 
 
+class LikelihoodEstimator(str, Enum):
+    """How `eval.likelihood` draws the masks of its Monte-Carlo log-likelihood estimate."""
+
+    LLADA = "llada"  # k of the L target tokens masked, k stratified over 1..L across a batch, weight L / k
+    DREAM = "dream"  # each target token masked with probability p, p stratified over [eps, 1], weight 1 / p
+
+
 class PostCommitMode(str, Enum):
     """How the top-1 at an already committed position is read (`eval.metrics.post_commit_mismatch`)."""
 
