@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .enums import LikelihoodEstimator
+from .enums import Algorithm, LikelihoodEstimator
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class ModelAdapter:
         autoregressive-initialised), so the prediction for position i is logits[:, i - 1].
     max_length_attrs: config attributes that may hold the maximum sequence length, in order.
     likelihood: the release's Monte-Carlo likelihood estimator (`eval.likelihood`, the lm-eval backend).
+    sampler: the release's diffusion sampler (the lm-eval backend's default for generation).
     """
 
     name: str
@@ -36,6 +37,7 @@ class ModelAdapter:
     logit_shift: int = 0
     max_length_attrs: tuple[str, ...] = ("max_position_embeddings",)
     likelihood: LikelihoodEstimator = LikelihoodEstimator.LLADA
+    sampler: Algorithm = Algorithm.LLADA
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -105,6 +107,7 @@ DREAM = ModelAdapter(
     mask_token_id=151666,
     logit_shift=1,
     likelihood=LikelihoodEstimator.DREAM,
+    sampler=Algorithm.DREAM,
 )
 
 # Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
@@ -116,6 +119,7 @@ LLAMA_LIKE = ModelAdapter(
     groups=_QWEN2_GROUPS,
     logit_shift=1,
     likelihood=LikelihoodEstimator.DREAM,  # autoregressive-initialised, as Dream
+    sampler=Algorithm.DREAM,
 )
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, DREAM, LLAMA_LIKE)

@@ -1,0 +1,254 @@
+"""lm-evaluation-harness backend for diffusion LMs, registered as ``optimum-fair`` when this module is imported.
+
+    import optimum_fair.integrations.harness   # registers the model name "optimum-fair" with lm-eval
+    python -m optimum_fair.integrations.harness --model optimum-fair --model_args pretrained=DIR,mc_num=128 \\
+        --tasks arc_easy --batch_size 32 --output_path out/      # lm-eval's own CLI, every flag unchanged
+
+`DiffusionLM` scores any model this package supports (LLaDA, Dream, the shipped teacher; full precision or
+quantized by optimum-fair; a path, a Hub id or a model object):
+
+* ``loglikelihood``: the Monte-Carlo masked-diffusion estimate (`eval.likelihood`; estimator, mask id and
+  logit shift from the architecture adapter), seeded per request by (seed, context tokens, target length),
+  so a request scores the same in any order or batch, and the choices of one question share their draws.
+  ``is_greedy`` is LLaDA's greedy check with ``check_greedy=true``, else False.
+* ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, each scored by the same estimate (a bound:
+  perplexities from it are upper bounds).
+* ``generate_until``: this package's LLaDA / Dream samplers, ``batch_size`` prompts at a time, stop
+  sequences (and the EOS text) cut afterwards.
+
+Requests longer than ``max_length`` lose context tokens from the left (as lm-eval's HF backend does), with
+one warning per call; a continuation that does not fit beside one context token raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from ..arch import get_adapter
+from ..devices import default_device, execution_device
+from ..eval.likelihood import greedy_matches, mc_loglikelihood
+from .harness_args import DTYPES, LoadArgs, merge_model_args, parse_model_args
+from .harness_generate import generate_batch, generation_plan
+
+logger = logging.getLogger(__name__)
+MODEL_NAME = "optimum-fair"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to load onto: ``device``, or cuda when a GPU is visible, else cpu. lm-eval's CLI passes
+    ``cuda`` unless told otherwise; without a GPU that falls back to cpu with a warning (as its HF backend)."""
+    if device is None:
+        return default_device()
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device %s is not available: using cpu", device)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def load(args: LoadArgs) -> tuple[Any, Any, str]:
+    """(model in eval mode, tokenizer, a name for the results) from `LoadArgs`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from ..data import resolve_tokenizer
+
+    if isinstance(args.pretrained, str):
+        dtype = DTYPES[args.dtype] if isinstance(args.dtype, str) else args.dtype
+        model = AutoModel.from_pretrained(args.pretrained, dtype=dtype, revision=args.revision,
+                                          trust_remote_code=args.trust_remote_code)
+        model = model.to(resolve_device(args.device))
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.pretrained, revision=args.revision)
+        return model.eval(), tokenizer, args.pretrained
+    model = args.pretrained
+    if args.device is not None:
+        model = model.to(resolve_device(args.device))
+    tokenizer = resolve_tokenizer(args.tokenizer, model)
+    return model.eval(), tokenizer, type(model).__name__
+
+
+def request_seed(seed: int, context: list[int], target_len: int) -> int:
+    """A 63-bit seed from the base seed, the context tokens and the target length (stable across runs)."""
+    digest = hashlib.blake2b(repr((seed, context, target_len)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class DiffusionLM(LM):
+    """lm-eval model class for masked diffusion LMs (see the module docstring); model_args in
+    `harness_args.LoadArgs` and `harness_args.HarnessSettings`."""
+
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        load_args, self.settings = parse_model_args(model_args)
+        self.model, self.tokenizer, self.name = load(load_args)
+        adapter = get_adapter(self.model)
+        try:
+            self.mask_id = self.settings.mask_id if self.settings.mask_id is not None else adapter.mask_id(
+                self.model.config)
+        except ValueError as err:
+            raise ValueError(f"pretrained={self.name} cannot be scored as a masked diffusion LM: {err} "
+                             "(or pass model_args mask_id=...)") from None
+        self.adapter = adapter
+        self.estimator = self.settings.estimator or adapter.likelihood
+        self.max_length = self.settings.max_length or adapter.max_length(self.model.config) or 2048
+        self._device = execution_device(self.model)
+        self._truncated = 0
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> DiffusionLM:
+        return cls(**merge_model_args(arg_dict, additional_config))
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DiffusionLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # -- tokens --------------------------------------------------------------------------------------
+    @property
+    def prefix_token_id(self) -> int:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self.tokenizer, name, None)
+            if isinstance(value, int):
+                return value
+        raise ValueError("the tokenizer has no bos, eos or pad token to stand for an empty context")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", self.name)).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's
+        tokens are those of context + continuation after the context's; an empty context is one prefix token."""
+        if not context:
+            return [self.prefix_token_id], self.tok_encode(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
+        return ctx, whole[len(ctx):]
+
+    def fit(self, context: list[int], target: list[int]) -> tuple[torch.Tensor, int]:
+        """(ids (seq,) on the model's device, prompt_len): context, target, optional EOS suffix, with the
+        context cut from the left to fit ``max_length``."""
+        suffix = [self.tokenizer.eos_token_id] if self.settings.eos_suffix else []
+        if not target:
+            raise ValueError("a loglikelihood request has an empty continuation: nothing to score")
+        room = self.max_length - len(target) - len(suffix)
+        if room < 1:
+            raise ValueError(f"a continuation of {len(target)} tokens does not fit in max_length={self.max_length} "
+                             "beside one context token; raise model_args max_length if the model allows it")
+        if len(context) > room:
+            context = context[-room:]
+            self._truncated += 1
+        return torch.tensor(context + target + suffix, dtype=torch.long, device=self.device), len(context)
+
+    def _warn_truncated(self) -> None:
+        if self._truncated:
+            logger.warning("%d request(s) longer than max_length=%d: context cut from the left", self._truncated,
+                           self.max_length)
+            self._truncated = 0
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+    def score(self, context: list[int], target: list[int]) -> tuple[float, bool]:
+        """(Monte-Carlo log-likelihood of target given context, is_greedy)."""
+        ids, prompt_len = self.fit(context, target)
+        s = self.settings
+        generator = torch.Generator().manual_seed(request_seed(s.seed, ids[:prompt_len].tolist(), len(target)))
+        common = dict(mask_id=self.mask_id, logit_shift=self.adapter.logit_shift, cfg=s.cfg)
+        value = mc_loglikelihood(self._logits, ids, prompt_len, len(target), mc_num=s.mc_num, batch_size=s.batch_size,
+                                 estimator=self.estimator, eps=s.sampling_eps, generator=generator, **common)
+        greedy = s.check_greedy and greedy_matches(self._logits, ids, prompt_len, len(target), **common)
+        return value, bool(greedy)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for request in tqdm(requests, desc="optimum-fair loglikelihood", disable=disable_tqdm):
+            result = self.score(*self.encode_pair(*request.args))
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+            out.append(result)
+        self._warn_truncated()
+        return out
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        window = self.max_length - 1 - int(self.settings.eos_suffix)
+        out = []
+        for request in tqdm(requests, desc="optimum-fair loglikelihood_rolling", disable=disable_tqdm):
+            tokens = self.tok_encode(request.args[0])
+            pairs = map(make_disjoint_window, get_rolling_token_windows(tokens, self.prefix_token_id, window, 1))
+            total = sum(self.score(list(ctx), list(pred))[0] for ctx, pred in pairs)
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+            out.append(total)
+        self._warn_truncated()
+        return out
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        plans = [generation_plan(self, r.args[1]) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (repr(plans[i]), -len(requests[i].args[0])))
+        bar = tqdm(total=len(requests), desc="optimum-fair generate_until", disable=disable_tqdm)
+        start = 0
+        while start < len(order):
+            chunk = [order[start]]
+            while (len(chunk) < self.settings.batch_size and start + len(chunk) < len(order)
+                   and plans[order[start + len(chunk)]] == plans[chunk[0]]):
+                chunk.append(order[start + len(chunk)])
+            texts = generate_batch(self, [requests[i].args[0] for i in chunk], plans[chunk[0]])
+            for i, text in zip(chunk, texts, strict=True):
+                out[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            start += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        self._warn_truncated()
+        return [text or "" for text in out]
+
+    def get_model_info(self) -> dict[str, Any]:
+        s = self.settings
+        return {"optimum_fair_estimator": self.estimator.value, "mc_num": s.mc_num, "cfg": s.cfg,
+                "seed": s.seed, "max_length": self.max_length}
+
+
+def register() -> None:
+    """Register `DiffusionLM` with lm-eval as ``optimum-fair`` (again: harmless)."""
+    import lm_eval.models  # noqa: F401  lm-eval lists its own backends only into an empty registry
+    from lm_eval.api.registry import model_registry, register_model
+
+    current = model_registry.get(MODEL_NAME, None)
+    if current is None:
+        register_model(MODEL_NAME)(DiffusionLM)
+    elif getattr(current, "__qualname__", None) != DiffusionLM.__qualname__:
+        raise ValueError(f"lm-eval model name {MODEL_NAME!r} is already taken by {current!r}")
+
+
+register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's own CLI with the ``optimum-fair`` model registered: ``python -m optimum_fair.integrations.harness
+    --model optimum-fair --model_args pretrained=... --tasks ...``."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
