@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .devices import COMPUTE_DTYPES
 from .enums import (
     BoostSchedule,
     CalibInputs,
@@ -87,6 +88,9 @@ class FairCalibConfig(QuantizationConfigMixin):
             (`early_boost`, `boost_schedule`, `reliability_weight`, `floor`, `frontier_weight`) is
             re-weighted from its rollouts, without new probes.
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
+        compute_dtype: the dtype of the teacher's probe forwards: "auto" (default: bfloat16 where the
+            CPU or GPU computes it natively, else float32; see `optimum_fair.devices.fast_dtype`),
+            "float32", "bfloat16" or "float16". The model's weights are left as they are.
 
     Stage II (block-wise calibration; the paper's section 3)
         dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of
@@ -99,6 +103,9 @@ class FairCalibConfig(QuantizationConfigMixin):
         batch_size: calibration batch size (FlatQuant: 4).
         damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         act_order: GPTQ column order by decreasing Hessian diagonal.
+        true_sequential: GPTQ Hessians group by group, each from a pass of the block with the earlier
+            groups already quantized (True, AutoGPTQ's `true_sequential`), or every group's from one pass
+            of the float block (False, as llm-compressor; fewer block passes, more Hessians in memory at once).
         input_mode: "quantized" (block input from the quantized prefix) or "fp".
         calib_inputs: "text" (fully observed calibration text, the paper) or "masked": each sample is
             put in a decode state at a random step of the Stage I commit policy (earlier blocks
@@ -137,6 +144,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     floor: float = 0.05
     prior: str | None = None
     strict_prior: bool = True
+    compute_dtype: str = "auto"
     # Stage II
     dataset: Any = "wiki"
     num_samples: int = 128
@@ -147,6 +155,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     batch_size: int = 4
     damp: float = 0.01
     act_order: bool = False
+    true_sequential: bool = True
     input_mode: InputMode = InputMode.QUANTIZED
     calib_inputs: CalibInputs = CalibInputs.TEXT
     tokenizer: Any = None
@@ -197,6 +206,7 @@ class FairCalibConfig(QuantizationConfigMixin):
             raise ValueError(f"floor must be in [0, 1] (weight outside the window), got {self.floor}")
         _check_type("prior", self.prior, str, optional=True)
         _check_type("strict_prior", self.strict_prior, bool)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if self.window is not None and self.block_length is not None and self.window % self.block_length:
             raise ValueError(
                 f"window ({self.window}) must be a multiple of block_length ({self.block_length})"
@@ -215,6 +225,7 @@ class FairCalibConfig(QuantizationConfigMixin):
         for name in ("lr", "clip_lr", "damp"):
             _check_nonneg_float(name, getattr(self, name))
         _check_type("act_order", self.act_order, bool)
+        _check_type("true_sequential", self.true_sequential, bool)
         _check_type("seed", self.seed, int)
         _check_type("cache_dir", self.cache_dir, str, optional=True)
         if self.batch_size > self.num_samples:

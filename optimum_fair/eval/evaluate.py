@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..arch import get_adapter
 from ..data import calibration_sequences, load_texts, token_stream
@@ -134,7 +135,7 @@ def build_teacher_traces(
     steps = gen_length if steps is None else steps
     _check_decode(teacher, num_prompts, prompt_len, gen_length, block_length, steps)
     out = {}
-    for name, dataset in _held_out(texts).items():
+    for name, dataset in tqdm(_held_out(texts).items(), desc="teacher trajectories", unit="text", leave=False):
         out[name] = greedy_trace(teacher, _prompts(dataset, tokenizer, num_prompts, prompt_len, seed),
                                  gen_length, block_length, steps)
         logger.info("teacher trajectories on %s: %d prompts", name, num_prompts)
@@ -167,18 +168,22 @@ def _check_traces(traces: Mapping[str, DecodeTrace], names: list[str], prompt_le
 
 
 def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
-                   details: bool = False) -> dict[str, Any]:
+                   details: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Flip rates on the teacher's trajectory, and agreement / post-commit mismatch of the model's own.
 
     details: also per-prompt lists (``flips_per_prompt``, ``confident_flips_per_prompt``,
     ``confident_per_prompt``, ``set_disagreement_per_prompt``, for paired comparisons over prompts),
     ``post_commit_disagree_per_prompt`` (mean-disagree of each post-commit prompt) and ``lags``, the δ_lag
     of every position of the post-commit prompts' own decodes (leave-one-out reading).
+    progress: called with the name of each part as it finishes ("flip rate", "decode", "post-commit").
     """
+    done = progress or (lambda part: None)
     fn = logits_fn_of(model)
     flips = frontier_flip_rate(trace, fn, margin_threshold=MARGIN)
+    done("flip rate")
     prompts = trace.sequences[:, : trace.prompt_len]
     own = greedy_trace(model, prompts, trace.gen_len, trace.block_length, trace.steps)
+    done("decode")
     out = {"flip_rate": flips.flip_rate, f"flip_rate_m{MARGIN:g}": flips.flip_rate_confident,
            "flips": flips.num_flips, "decisions": flips.num_decisions,
            f"flips_m{MARGIN:g}": flips.num_confident_flips, f"decisions_m{MARGIN:g}": flips.num_confident,
@@ -195,6 +200,7 @@ def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
         if details:
             out["lags"] = stability_lag(sub, table).flatten().tolist()
             out["post_commit_disagree_per_prompt"] = post.disagree_fraction.nanmean(-1).tolist()
+        done("post-commit")
     if details:
         confident = trace.commit_margin >= MARGIN  # (batch, gen)
         out.update(flips_per_prompt=flips.flipped.sum(-1).tolist(),
@@ -283,15 +289,21 @@ def evaluate(
         teacher_traces = {name: greedy_trace(teacher, _prompts(ds, tokenizer, num_prompts, prompt_len, seed),
                                              gen_length, block_length, steps) for name, ds in data.items()}
     per_text: dict[str, dict[str, float]] = {}
+    parts = 1 + (0 if teacher_traces is None else 2 + (post_commit_prompts > 0))
+    bar = tqdm(total=len(data) * parts, desc="evaluate", unit="part", leave=False)
     for name, dataset in data.items():
         windows = min(nll_samples, token_stream(dataset, tokenizer).numel() // seq_len)
         if windows < 1:
             raise ValueError(f"text {name!r} is shorter than one seq_len={seq_len} window")
         seqs = calibration_sequences(dataset, tokenizer, windows, seq_len, seed=seed)
+        bar.set_postfix_str(name)
         per_text[name] = masked_nll(model, seqs, mask_ratio, seed, per_window=details)
+        bar.update()
         if teacher_traces is not None:
-            per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts, details))
+            per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts, details,
+                                                 progress=lambda part: bar.update()))
         logger.info("evaluated %s: %s", name, {k: v for k, v in per_text[name].items() if not isinstance(v, list)})
+    bar.close()
     metrics = {f"{name}/{key}": value for name, row in per_text.items() for key, value in row.items()}
     metrics.update(_pool(per_text))
     if return_traces:

@@ -47,6 +47,7 @@ class StageTwoSettings:
     act_order: bool
     input_mode: InputMode
     seed: int
+    true_sequential: bool = True
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
@@ -83,7 +84,7 @@ def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:
     return StageTwoSettings(
         config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
         config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
-        config.seed)
+        config.seed, config.true_sequential)
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:

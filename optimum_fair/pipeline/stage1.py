@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..arch import get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
-from ..devices import execution_device
+from ..devices import computing_in, execution_device, resolve_compute_dtype
 from ..distributed import DataShard, World, batch_seed, get_world
 from ..naming import public_name, source_name
 from ..scoring.prior import (
@@ -77,12 +77,16 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
         return prior
     prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
     device = execution_device(model)
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
 
     def logits_fn(x, **kw):
         return model(x.to(device), **kw).logits.float().cpu()
 
-    commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
-    settings = dict(expected, num_probes=int(prompts.shape[0]), model=public_name(source_name(model)) or "")
+    logger.info("Stage I: teacher forwards in %s", dtype)
+    with computing_in(model, dtype):
+        commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
+    settings = dict(expected, num_probes=int(prompts.shape[0]), model=public_name(source_name(model)) or "",
+                    compute_dtype=str(dtype).removeprefix("torch."))
     return _prior(commit, reliability_sum(commit, reliab), config, setup, settings)
 
 

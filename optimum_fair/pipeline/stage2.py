@@ -32,7 +32,7 @@ from ..nn import FairLinear
 from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
-from .stats import group_hessian, group_input_absmax, module_checksum, stream_loss
+from .stats import group_hessian, group_hessians, group_input_absmax, module_checksum, stream_loss
 from .surgery import set_module
 
 logger = logging.getLogger(__name__)
@@ -172,10 +172,17 @@ def calibrate_block(
                                      s.clip_lr, s.batch_size, generator=generator, **_data_parallel(shard))
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
-    for group in groups:  # forward order: later groups see earlier ones quantized
+    hessians = {}
+    if s.rounding is Rounding.GPTQ and not s.true_sequential:  # every group's Hessian from one pass
+        firsts = [group[0] for group in groups]
+        hessians = dict(zip(firsts, group_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights,
+                                                   shard), strict=True))
+    for group in groups:  # forward order: true-sequential, later groups see earlier ones quantized
         factor = None
         if s.rounding is Rounding.GPTQ:  # one Hessian and one factorisation per group (q/k/v share them)
-            H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64
+            H = hessians.pop(group[0], None)
+            if H is None:
+                H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64
             factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:

@@ -63,35 +63,51 @@ def group_input_absmax(block: nn.Module, groups: tuple[tuple[str, ...], ...], ca
 @torch.no_grad()
 def group_hessian(block: nn.Module, first: str, calib_linear: CalibLinear, call: Callable, x_in: torch.Tensor,
                   weights: torch.Tensor | None, shard: DataShard) -> torch.Tensor:
-    """H = (1/n) Σ_i w_i x̃_i x̃_iᵀ (d, d) float64 of the group's transformed input, over all processes' tokens.
+    """H = (1/n) Σ_i w_i x̃_i x̃_iᵀ (d, d) float64 of one group's transformed input (see `group_hessians`)."""
+    return group_hessians(block, [first], [calib_linear], call, x_in, weights, shard)[0]
 
-    The block runs with earlier groups already quantized; a hook on the group's first linear turns each
-    batch's input into its Hessian sum, and the sums are added in global batch order.
+
+@torch.no_grad()
+def group_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLinear], call: Callable,
+                   x_in: torch.Tensor, weights: torch.Tensor | None, shard: DataShard) -> list[torch.Tensor]:
+    """One H = (1/n) Σ_i w_i x̃_i x̃_iᵀ (d_g, d_g) float64 per group, from one pass of the block over x_in.
+
+    firsts[g] is group g's first linear, calibs[g] its CalibLinear (whose transform gives x̃). A hook on
+    each first linear turns each batch's input into that batch's Hessian sum (float32 products, added in
+    float64), and the sums are added in global batch order over all processes. The block runs as it is:
+    with earlier groups already quantized (one group per call, true-sequential) or none (all groups at
+    once, as llm-compressor collects them).
     """
+    sums: list = [None] * len(firsts)
+    count, B = 0, shard.batch_size
+
+    def hook_for(g: int):
+        def hook(module, args):
+            xt = calibs[g].transformed_input(args[0].float())  # (b, seq, d_g)
+            sums[g] = hessian_sum(xt, state["w"], dtype=torch.float32)[0].double()
+
+        return hook
+
     state: dict = {}
-
-    def hook(module, args):
-        xt = calib_linear.transformed_input(args[0].float())  # (b, seq, d)
-        state["S"], state["n"] = hessian_sum(xt, state["w"])
-
-    d = calib_linear.weight.shape[1]
-    device = calib_linear.weight.device
-    B = shard.batch_size
-    H, count = None, 0
-    handle = block.get_submodule(first).register_forward_pre_hook(hook)
+    handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(g)) for g, name in enumerate(firsts)]
+    totals: list = [None] * len(firsts)
     try:
         for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
             present = r * B < x_in.shape[0]
-            state["S"], state["n"] = torch.zeros(d, d, dtype=torch.float64, device=device), 0
+            for g, c in enumerate(calibs):
+                d = c.weight.shape[1]
+                sums[g] = torch.zeros(d, d, dtype=torch.float64, device=c.weight.device)
             if present:
                 state["w"] = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
                 call(x_in[r * B:(r + 1) * B])
-            H = shard.world.fold(H, state["S"], present, what=f"Hessian of {first}")
-            count += state["n"]
+                count += x_in[r * B:(r + 1) * B].shape[:2].numel()
+            for g, name in enumerate(firsts):
+                totals[g] = shard.world.fold(totals[g], sums[g], present, what=f"Hessian of {name}")
     finally:
-        handle.remove()
-    total = shard.world.all_reduce_sum(torch.tensor([count], dtype=torch.int64), f"token count of {first}")
-    return H / int(total)
+        for h in handles:
+            h.remove()
+    total = shard.world.all_reduce_sum(torch.tensor([count], dtype=torch.int64), "calibration token count")
+    return [H / int(total) for H in totals]
 
 
 @torch.no_grad()
