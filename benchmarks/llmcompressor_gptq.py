@@ -107,7 +107,7 @@ def block_linear_names(n_blocks: int) -> list[str]:
 
 
 # -- workers (one fresh process per side and repeat) --------------------------------------------
-def worker_ours(data: dict, num_samples: int, ct_grid: bool = False) -> dict:
+def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequential: bool = True) -> dict:
     import torch
 
     import optimum_fair
@@ -130,7 +130,8 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False) -> dict:
     texts = fdata.load_texts("wiki")  # the text is loaded before the timed call, as llm-compressor's ids
     config = FairCalibConfig(w_bits=4, a_bits=16, rounding="gptq", transform="none", weighting="uniform",
                              group_size=-1, num_samples=num_samples, seq_len=SEQ_LEN, dataset="wiki",
-                             batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0)
+                             batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0,
+                             true_sequential=true_sequential)
     drawn: list = []
     original = fdata.calibration_sequences
 
@@ -231,7 +232,8 @@ def run_worker(args) -> None:
     torch_threads(args.threads)
     data = torch.load(args.data)
     if args.worker in ("ours", "ours-ctgrid"):
-        result = worker_ours(data, args.worker_samples, ct_grid=args.worker == "ours-ctgrid")
+        result = worker_ours(data, args.worker_samples, ct_grid=args.worker == "ours-ctgrid",
+                             true_sequential=args.true_sequential == "yes")
     else:
         result = worker_llmc(data, args.worker_samples, args.pipeline)
     torch.save(result, args.worker_out)
@@ -319,7 +321,7 @@ def spawn(side: str, data_path: Path, out_path: Path, num_samples: int, args) ->
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--data", str(data_path),
            "--worker-out", str(out_path), "--worker-samples", str(num_samples), "--threads", str(args.threads),
-           "--pipeline", args.pipeline]
+           "--pipeline", args.pipeline, "--true-sequential", args.true_sequential]
     log = out_path.with_suffix(".log")
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), check=False)
@@ -366,7 +368,8 @@ def run_parent(args) -> None:
         "settings": {"w_bits": 4, "a_bits": 16, "sym": True, "group_size": "per channel", "damp": DAMP,
                      "gptq_block_size": GPTQ_BLOCK, "act_order": False, "seq_len": SEQ_LEN, "batch_size": BATCH_SIZE,
                      "calib_data": "calibration_sequences('wiki', tok, N, 128, seed=0)",
-                     "llmcompressor_pipeline": args.pipeline, "llmcompressor_sequential_targets": ["LLaDABlock"],
+                     "llmcompressor_pipeline": args.pipeline, "true_sequential": args.true_sequential,
+                     "llmcompressor_sequential_targets": ["LLaDABlock"],
                      "repeats": args.repeats},
         "heldout": {"data": f"calibration_sequences('wiki-val', tok, {HELDOUT_SAMPLES}, {SEQ_LEN}, "
                             f"seed={HELDOUT_SEED})",
@@ -494,6 +497,7 @@ def markdown(report: dict) -> str:
         (f"Model: shipped LLaDA teacher ({report['model']['n_params'] / 1e6:.2f} M params, run in float32), "
         f"28 block linears quantized, head `{HEAD}` kept float. Calibration: "
         f"`{report['settings']['calib_data']}`, batch 4, damp 0.01, block 128, no act-order. "
+        f"Ours: `true_sequential={report['settings'].get('true_sequential', 'yes') == 'yes'}`. "
         f"llm-compressor pipeline: `{report['settings']['llmcompressor_pipeline']}` "
         f"(sequential_targets LLaDABlock). CPU, {report['threads']} thread ({report['cpu']}), "
         f"load average at start {report['loadavg_at_start'][0]:.2f} (another job shared the machine). "
@@ -582,6 +586,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pipeline", default="sequential", help="llm-compressor calibration pipeline")
+    parser.add_argument("--true-sequential", choices=("yes", "no"), default="no",
+                        help="ours' FairCalibConfig.true_sequential: GPTQ Hessians group by group (yes) or all "
+                             "groups from one pass of the float block (no, as llm-compressor)")
     parser.add_argument("--out-json", default=str(RESULTS / "llmcompressor_gptq.json"))
     parser.add_argument("--out-md", default=str(RESULTS / "llmcompressor_gptq.md"))
     parser.add_argument("--no-diagnostic", action="store_true",

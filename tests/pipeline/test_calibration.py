@@ -141,3 +141,48 @@ def test_a_prior_with_broken_rollout_statistics_is_refused_on_load(tmp_path):
               str(tmp_path / "p" / "prior.safetensors"))  # statistics half written
     with pytest.raises(ValueError, match="rollout statistics"):
         PositionPrior.load(tmp_path / "p")
+
+
+def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada):
+    from optimum_fair.calib.transforms import CalibLinear, TransformParams
+    from optimum_fair.distributed import DataShard, World
+    from optimum_fair.pipeline.stats import group_hessian, group_hessians
+
+    block = llada.model.transformer.blocks[0]
+    firsts = ["q_proj", "attn_out", "ff_proj", "ff_out"]
+    calibs = [CalibLinear(block.get_submodule(n), TransformParams(block.get_submodule(n).in_features, kron="none",
+                                                                  act_clip=False, trainable=False), 4, 16, -1)
+              for n in firsts]
+    x = torch.randn(6, 16, 64, generator=torch.Generator().manual_seed(0))  # (n, seq, d)
+    shard = DataShard(World(), 6, 4)  # batches of 4 and 2
+    hidden = {}
+
+    def call(h):
+        return block(h)
+
+    def record(name):
+        return lambda m, args: hidden.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(record(n)) for n in firsts]
+    with torch.no_grad():
+        call(x)
+    for h in handles:
+        h.remove()
+    together = group_hessians(block, firsts, calibs, call, x, None, shard)
+    for name, calib, H in zip(firsts, calibs, together, strict=True):
+        inputs = torch.cat(hidden[name]).double()  # (n * seq, d_g): brute force, every token once
+        closed = inputs.t() @ inputs / inputs.shape[0]
+        assert torch.allclose(H, closed, rtol=1e-5, atol=1e-7)
+        one = group_hessian(block, name, calib, call, x, None, shard)
+        assert torch.allclose(one, H, rtol=1e-6, atol=1e-9)
+
+
+def test_one_pass_schedule_calibrates_and_differs_from_true_sequential(llada_dir, tok):
+    cfg = dict(SMALL, rounding="gptq", transform="hadamard", weighting="uniform")
+    seq = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg), tokenizer=tok)
+    one = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg, true_sequential=False),
+                   tokenizer=tok)
+    log = calibration_result(one).blocks
+    assert all(r["loss"] < r["loss_rtn"] for r in log), log
+    assert log[0]["loss_rtn"] == calibration_result(seq).blocks[0]["loss_rtn"]  # same block, same baseline
+    assert not torch.equal(_logits(one), _logits(seq))  # later groups saw float inputs, not quantized ones
