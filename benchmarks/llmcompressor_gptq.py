@@ -112,6 +112,7 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequen
 
     import optimum_fair
     import optimum_fair.data as fdata
+    import optimum_fair.pipeline.calibration as fcalib  # where quantize looks the function up
     from optimum_fair import FairCalibConfig, FairLinear, quantize
 
     if ct_grid:  # diagnostic only: GPTQ's per-channel scale max|w| / 7.5 (compressed-tensors' grid)
@@ -133,7 +134,7 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequen
                              batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0,
                              true_sequential=true_sequential)
     drawn: list = []
-    original = fdata.calibration_sequences
+    original = fcalib.calibration_sequences
 
     def recording(*args, **kwargs):  # pass-through: record what quantize draws and how long it takes
         t0 = time.perf_counter()
@@ -141,13 +142,13 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequen
         drawn.append((ids.clone(), time.perf_counter() - t0, proc_mem()))
         return ids
 
-    fdata.calibration_sequences = recording
+    fcalib.calibration_sequences = recording
     mem_before = proc_mem()
     t0 = time.perf_counter()
     quantize(model, config, texts=texts, tokenizer=tok)
     wall = time.perf_counter() - t0
     mem_after = proc_mem()
-    fdata.calibration_sequences = original
+    fcalib.calibration_sequences = original
     if len(drawn) != 1:
         raise RuntimeError(f"quantize drew calibration windows {len(drawn)} times, expected once")
     ids_match = bool(torch.equal(drawn[0][0], data["calib_ids"]))

@@ -156,7 +156,10 @@ def _save_prior(prior: Any, target: Path) -> None:
 
 # -- eval ------------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> int:
-    """The metrics table of one model or two side by side; the teacher is --base or the FP model."""
+    """The metrics table of one model or two side by side; the teacher is --base or the FP model.
+    With --tasks: lm-eval tasks through the optimum-fair backend instead (`run_tasks`)."""
+    if args.tasks:
+        return run_tasks(args)
     names = [resolve_model(args.model)] + ([resolve_model(args.compare)] if args.compare else [])
     base = resolve_model(args.base) if args.base else next((n for n in names if not is_quantized(n)), None)
     if base is None:
@@ -178,6 +181,29 @@ def run_eval(args: argparse.Namespace) -> int:
     print(_table(rows, args.all_metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """lm-eval tasks on one model through the optimum-fair backend: lm-eval's table, its results JSON."""
+    if args.compare or args.base:
+        raise ValueError("--tasks scores one model: --compare and --base belong to the NLL / stability table")
+    try:
+        from ..integrations.harness import evaluate_tasks  # lm-eval is optional: imported only here
+    except ImportError as err:
+        raise ImportError(f"--tasks needs lm-eval ({err}): pip install -e \".[eval]\"") from None
+    from lm_eval.utils import make_table, simple_parse_args_string
+
+    from ..eval.tasks import flatten_results
+
+    model_args = {"dtype": args.dtype, "device": args.device, "mc_num": args.mc_num, "batch_size": args.batch_size,
+                  **simple_parse_args_string(args.model_args)}
+    results = evaluate_tasks(resolve_model(args.model), args.tasks.split(","), include_path=args.include_path,
+                             limit=args.limit, output_path=args.output_path, **model_args)
+    print(make_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(flatten_results(results), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -3,6 +3,7 @@
     optimum-fair quantize [MODEL] --output-dir out/w4a4 --w-bits 4 --a-bits 4 --rounding gptq [--eval]
     optimum-fair prior    [MODEL] --output-dir out/prior --num-probes 512
     optimum-fair eval     MODEL [--compare OTHER] [--base FP_MODEL] [--texts wiki-val lee]
+    optimum-fair eval     MODEL --tasks fair_offline [--include-path DIR] [--mc-num 128] [--limit K]
     optimum-fair push     out/w4a4 me/llada-w4a4 [--overwrite]
     optimum-fair export   out/w4a16 --format gguf --output out/w4a16.gguf
     optimum-fair generate [MODEL] "The history of" [--algorithm llada|dream]
@@ -86,8 +87,23 @@ def _add_eval(sub) -> None:
                    help="the full-precision teacher (default: whichever evaluated model is not quantized)")
     p.add_argument("--json", default=None, help="also write every metric to this JSON file")
     p.add_argument("--all-metrics", action="store_true", help="print every metric, not just the headline ones")
+    _task_flags(p.add_argument_group("lm-eval tasks (pip install -e \".[eval]\"); with --tasks, runs these instead"))
     _common(p)
     p.set_defaults(eval_flag_names=add_eval_flags(p))
+
+
+def _task_flags(group) -> None:
+    group.add_argument("--tasks", default=None,
+                       help="comma-separated lm-eval tasks or tags, e.g. fair_offline or arc_easy,piqa (the offline "
+                            "fair_lee_* tasks are always included)")
+    group.add_argument("--include-path", default=None, help="a folder of further lm-eval task YAMLs")
+    group.add_argument("--mc-num", type=int, default=128, help="Monte-Carlo draws per loglikelihood (default: 128)")
+    group.add_argument("--batch-size", type=int, default=32,
+                       help="draws per forward / prompts per generation batch; divides --mc-num (default: 32)")
+    group.add_argument("--limit", type=float, default=None, help="at most this many items per task (<1: a fraction)")
+    group.add_argument("--output-path", default=None, help="write lm-eval's results JSON under this folder")
+    group.add_argument("--model-args", default="",
+                       help="more backend model_args, lm-eval style: cfg=0.5,seed=1,gen_length=256,...")
 
 
 def _add_push(sub) -> None:

@@ -164,7 +164,8 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     for task, metrics in per_task.items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):
                 continue
             rows[f"{task}/{metric}" + ("" if filt in ("", "none") else f"@{filt}")] = float(value)
     return rows

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import FairCalibConfig
 from ..eval.evaluate import HEADLINE, table
+from ..eval.tasks import is_task_metric
 from ..naming import check_repo_id, is_repo_id, public_name, source_name
 from ..pipeline.result import CalibrationResult, calibration_result
 
@@ -49,11 +50,14 @@ def _quality_section(metrics: dict[str, Any]) -> str:
     rows = metrics if all(isinstance(v, dict) for v in metrics.values()) else {"quantized": metrics}
     present = [k for k in HEADLINE if any(k in r for r in rows.values())]
     extra = sorted({k for r in rows.values() for k in r if "/" in k and k.split("/", 1)[1] in HEADLINE})
-    text = table(rows, columns=present + extra or None, transpose=True)
+    tasks = sorted({k for r in rows.values() for k in r if is_task_metric(k)})
+    text = table(rows, columns=present + extra + tasks or None, transpose=True)
+    note = (" `task/metric` columns are lm-eval task scores through the optimum-fair backend (Monte-Carlo "
+            "masked-diffusion likelihood; `optimum_fair.integrations.harness`)." if tasks else "")
     return ("## Measured quality\n\nMasked-token NLL / accuracy at mask ratio 0.5 on held-out text; frontier flip "
             "rate on the full-precision teacher's greedy trajectories (all decisions, and at teacher margin >= 0.1); "
-            "agreement = share of greedy-decoded tokens equal to the teacher's (`optimum_fair.evaluate`).\n\n"
-            f"{text}\n")
+            "agreement = share of greedy-decoded tokens equal to the teacher's (`optimum_fair.evaluate`)."
+            f"{note}\n\n{text}\n")
 
 
 def _calibration_section(log: list[dict[str, Any]]) -> str:

@@ -240,6 +240,32 @@ def register() -> None:
 register()
 
 
+def evaluate_tasks(pretrained: Any, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
+                   output_path: str | None = None, **model_args: Any) -> dict[str, Any]:
+    """Run lm-eval ``tasks`` on one model through the registered backend; lm-eval's results dict.
+
+    The offline ``fair_lee_*`` tasks are written to a temporary folder and always on the include path, beside
+    ``include_path``; ``output_path`` gets lm-eval's usual results JSON (its EvaluationTracker).
+    """
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    from ..eval.tasks import write_tasks
+
+    tracker = EvaluationTracker(output_path=output_path) if output_path else None
+    with tempfile.TemporaryDirectory(prefix="optimum-fair-tasks-") as tmp:
+        paths = [str(write_tasks(tmp))] + ([include_path] if include_path else [])
+        args = {"pretrained": pretrained, **{k: v for k, v in model_args.items() if v is not None}}
+        results = simple_evaluate(model=MODEL_NAME, model_args=args, tasks=tasks, limit=limit,
+                                  task_manager=TaskManager(include_path=paths), evaluation_tracker=tracker)
+    if tracker is not None:
+        tracker.save_results_aggregated(results=results, samples=None)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's own CLI with the ``optimum-fair`` model registered: ``python -m optimum_fair.integrations.harness
     --model optimum-fair --model_args pretrained=... --tasks ...``."""
