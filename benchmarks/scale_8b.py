@@ -297,11 +297,10 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     from torch import nn
 
     from optimum_fair.arch import get_adapter
-    from optimum_fair.devices import execution_device
+    from optimum_fair.devices import execution_device, model_float_dtype
     from optimum_fair.nn import FairLinear
     from optimum_fair.pipeline.plan import block_groups, resolve_skip
     from optimum_fair.pipeline.stage2 import calibrate_blocks, capture_block_inputs
-    from optimum_fair.pipeline.surgery import float_dtype
 
     adapter = get_adapter(model)
     blocks = adapter.block_list(model)
@@ -319,7 +318,8 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     try:
         with mon.phase("stage2"), forward_timers(subset) as fwd:
             start = time.perf_counter()
-            records = calibrate_blocks(subset, groups, hidden, extras, weights, settings, float_dtype(model), device)
+            records = calibrate_blocks(subset, groups, hidden, extras, weights, settings, model_float_dtype(model),
+                                       device)
     finally:
         log.removeHandler(ends)
     bounds = [start] + ends.ends

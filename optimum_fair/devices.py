@@ -67,7 +67,8 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    """The dtype of the model's first floating-point parameter (float32 if it has none); packed scales are
+    stored in it."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 

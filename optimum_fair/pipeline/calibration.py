@@ -20,7 +20,7 @@ from torch import nn
 from ..arch import get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
-from ..devices import execution_device
+from ..devices import execution_device, model_float_dtype
 from ..distributed import DataShard, World, get_world
 from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
@@ -37,7 +37,7 @@ from .plan import (
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
 from .stage2 import calibrate_blocks, capture_block_inputs
-from .surgery import check_group_size, convert_rtn, float_dtype, linears_to_convert
+from .surgery import check_group_size, convert_rtn, linears_to_convert
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     records = calibrate_blocks(blocks, groups, hidden, extras, weights, stage_two_settings(config),
-                               float_dtype(model), execution_device(model), cache=cache, shard=shard)
+                               model_float_dtype(model), execution_device(model), cache=cache, shard=shard)
     return prior, records
 
 

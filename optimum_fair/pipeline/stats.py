@@ -94,15 +94,17 @@ def group_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLinear
     try:
         for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
             present = r * B < x_in.shape[0]
-            for g, c in enumerate(calibs):
-                d = c.weight.shape[1]
-                sums[g] = torch.zeros(d, d, dtype=torch.float64, device=c.weight.device)
+            sums[:] = [None] * len(firsts)
             if present:
                 state["w"] = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
                 call(x_in[r * B:(r + 1) * B])
                 count += x_in[r * B:(r + 1) * B].shape[:2].numel()
-            for g, name in enumerate(firsts):
-                totals[g] = shard.world.fold(totals[g], sums[g], present, what=f"Hessian of {name}")
+            for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
+                if present and sums[g] is None:
+                    raise RuntimeError(f"the block's forward never reached {name}: no Hessian for its group")
+                d = c.weight.shape[1]  # a rank without this batch adds zeros
+                part = sums[g] if present else torch.zeros(d, d, dtype=torch.float64, device=c.weight.device)
+                totals[g] = shard.world.fold(totals[g], part, present, what=f"Hessian of {name}")
     finally:
         for h in handles:
             h.remove()

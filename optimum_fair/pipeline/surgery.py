@@ -93,14 +93,6 @@ def replace_with_skeletons(model: nn.Module, skip: list[str], fmt: LayerFormat, 
     return list(linears)
 
 
-def float_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's floating-point parameters (scales are stored in it)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 @torch.no_grad()
 def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerFormat) -> None:
     """Round-to-nearest: each linear is replaced independently, no data needed."""
