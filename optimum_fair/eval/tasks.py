@@ -122,8 +122,10 @@ def _gen_config() -> dict[str, Any]:
 
 
 def _ppl_config() -> dict[str, Any]:
+    metrics = {"word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
+               "bits_per_byte": "bits_per_byte"}
     return {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
+            "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in metrics.items()]}
 
 
 _CONFIGS = {"fair_lee_choice": _mc_config, "fair_lee_cloze": _mc_config, "fair_lee_gen": _gen_config,

@@ -13,7 +13,6 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..config import FairCalibConfig
 from ..eval.evaluate import HEADLINE, table
-from ..eval.tasks import is_task_metric
 from ..naming import check_repo_id, is_repo_id, public_name, source_name
 from ..pipeline.result import CalibrationResult, calibration_result
 
@@ -50,6 +49,8 @@ def _quality_section(metrics: dict[str, Any]) -> str:
     rows = metrics if all(isinstance(v, dict) for v in metrics.values()) else {"quantized": metrics}
     present = [k for k in HEADLINE if any(k in r for r in rows.values())]
     extra = sorted({k for r in rows.values() for k in r if "/" in k and k.split("/", 1)[1] in HEADLINE})
+    from ..eval.tasks import is_task_metric  # here, so `python -m optimum_fair.eval.tasks` runs it fresh
+
     tasks = sorted({k for r in rows.values() for k in r if is_task_metric(k)})
     text = table(rows, columns=present + extra + tasks or None, transpose=True)
     note = (" `task/metric` columns are lm-eval task scores through the optimum-fair backend (Monte-Carlo "
