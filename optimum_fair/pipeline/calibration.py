@@ -37,7 +37,7 @@ from .plan import (
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
 from .stage2 import calibrate_blocks, capture_block_inputs
-from .surgery import check_group_size, convert_rtn, linears_to_convert
+from .surgery import check_convertible, check_group_size, convert_rtn, linears_to_convert
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
     skip = resolve_skip(model, config)
+    check_convertible(model, skip)
     linears = linears_to_convert(model, skip)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")

@@ -51,6 +51,37 @@ def linears_to_convert(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear
     }
 
 
+def unconvertible_weights(model: nn.Module, skip: list[str]) -> dict[str, list[str]]:
+    """{module name: [parameter names]} of the weight matrices (2-D or more) that conversion would leave in
+    float without being asked to: owned by a module that is neither a Linear nor an Embedding (fused
+    3-D expert tensors, convolutions, custom projections), and not under `skip`."""
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, FairLinear)) or matches(name, skip):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if param.dim() >= 2 and not matches(full, skip):
+                found.setdefault(name, []).append(f"{pname} {tuple(param.shape)}")
+    return found
+
+
+def check_convertible(model: nn.Module, skip: list[str]) -> None:
+    """Refuse, before any work, a model whose weights would partly stay float unasked (an expert layout or
+    layer type this package does not quantize), naming the modules; `modules_to_not_convert` keeps them
+    float on purpose."""
+    found = unconvertible_weights(model, skip)
+    if found:
+        listed = "; ".join(f"{m}: {', '.join(p)}" for m, p in list(found.items())[:4])
+        more = f" (and {len(found) - 4} more modules)" if len(found) > 4 else ""
+        kinds = sorted({type(model.get_submodule(m)).__name__ for m in found})
+        raise ValueError(
+            f"{type(model).__name__} has {sum(map(len, found.values()))} weight tensors in {len(found)} modules "
+            f"({', '.join(kinds)}) that optimum-fair cannot quantize (not nn.Linear): {listed}{more}. Quantizing "
+            "the rest would leave them float silently; to keep them float on purpose, list them in "
+            "modules_to_not_convert")
+
+
 def check_group_size(linears: dict[str, nn.Linear], group_size: int) -> None:
     if group_size == -1:
         return

@@ -159,6 +159,38 @@ def test_generate_until_batches_equal_plans_only(llada, tok):
         lm(llada, tok).generate_until(requests("generate_until", ("ab",), gen={"max_new_tokens": 3}))
 
 
+def test_dream_scores_with_its_shift_and_generates_with_its_sampler(tok):
+    from optimum_fair.enums import LikelihoodEstimator
+    from optimum_fair.modeling import DreamConfig, DreamModel
+    from optimum_fair.scoring.sampler import dream_decode
+    from tests.eval.test_likelihood import exact_expectation as exact
+
+    torch.manual_seed(1)
+    cfg = DreamConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, mask_token_id=MASK,
+                      pad_token_id=2, bos_token_id=1, eos_token_id=1)
+    dream = DreamModel(cfg).eval()
+    harness = lm(dream, tok, mc_num=16, batch_size=4)
+    assert harness.estimator is LikelihoodEstimator.DREAM and harness.adapter.logit_shift == 1
+    ctx, target = harness.encode_pair("ab q", " cde")
+    expected = exact(dream, torch.tensor(ctx + target), len(ctx), len(target), "dream", shift=1)
+    values = []
+    for seed in range(40):
+        harness.settings.seed = seed
+        values.append(-harness.loglikelihood(requests("loglikelihood", ("ab q ", "cde")), disable_tqdm=True)[0][0])
+    mean, se = sum(values) / len(values), float(torch.tensor(values).std()) / math.sqrt(len(values))
+    assert abs(mean - expected) < 4 * se, (mean, expected, se)
+    gen = {"until": ["\n"], "gen_length": 6, "steps": 6}
+    got = harness.generate_until(requests("generate_until", ("abc",), gen=gen), disable_tqdm=True)[0]
+    trace = dream_decode(lambda x: dream(x).logits, torch.tensor([harness.tok_encode("abc")]), 6, 6, mask_id=MASK,
+                         logit_shift=1)
+    text = tok.decode(trace.generated[0].tolist(), skip_special_tokens=False)
+    text = text.split("\n")[0].split(tok.eos_token)[0]  # the task's stop, then the EOS text
+    for special in tok.all_special_tokens:
+        text = text.replace(special, "")
+    assert got == text
+
+
 def test_evaluate_tasks_writes_lm_eval_results(llada_dir, tmp_path):
     results = evaluate_tasks(str(llada_dir), ["fair_lee_cloze", "fair_lee_gen"], limit=3, mc_num=4, batch_size=4,
                              output_path=str(tmp_path / "out"))
@@ -171,12 +203,14 @@ def test_evaluate_tasks_writes_lm_eval_results(llada_dir, tmp_path):
     assert saved["config"]["model"] == "optimum-fair"
 
 
-def test_lm_eval_cli_runs_the_backend(llada_dir, tmp_path):
+def test_lm_eval_cli_runs_the_backend_on_the_shipped_model(tmp_path):
+    import optimum_fair
     from optimum_fair.eval.tasks import write_tasks
 
     tasks = write_tasks(tmp_path / "tasks")
     command = [sys.executable, "-m", "optimum_fair.integrations.harness", "--model", "optimum-fair",
-               "--model_args", f"pretrained={llada_dir},mc_num=4,batch_size=4", "--include_path", str(tasks),
+               "--model_args", f"pretrained={optimum_fair.DEFAULT_MODEL},mc_num=4,batch_size=4",
+               "--include_path", str(tasks),
                "--tasks", "fair_lee_choice", "--limit", "2", "--output_path", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
