@@ -51,7 +51,9 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
     skip = resolve_skip(model, config)
-    check_convertible(model, skip)
+    # only the user's list keeps such weights float: transformers' default skip list names fused expert
+    # parameters of some MoE models (DiffusionGemma), which would leave them float unasked
+    check_convertible(model, list(config.modules_to_not_convert or []))
     linears = linears_to_convert(model, skip)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
