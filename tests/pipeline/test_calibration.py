@@ -179,7 +179,7 @@ def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada):
 
 def test_one_pass_schedule_calibrates_and_differs_from_true_sequential(llada_dir, tok):
     cfg = dict(SMALL, rounding="gptq", transform="hadamard", weighting="uniform")
-    seq = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg), tokenizer=tok)
+    seq = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg, true_sequential=True), tokenizer=tok)
     one = quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg, true_sequential=False),
                    tokenizer=tok)
     log = calibration_result(one).blocks
