@@ -15,6 +15,23 @@ from .enums import Algorithm, LikelihoodEstimator
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """Where a block's routed experts live (mixture-of-experts families).
+
+    path: the `nn.moe.RoutedExperts` module, relative to the block; its children 0 .. E-1 are the experts.
+    groups: the linears of one expert (names relative to it) in forward order, grouped as `groups`.
+    router: the router linear, relative to the block; it stays in floating point unless the user's own
+        modules_to_not_convert leaves it out.
+    after: groups that run after the experts (a shared expert), relative to the block.
+    """
+
+    path: str
+    groups: tuple[tuple[str, ...], ...]
+    router: str
+    after: tuple[tuple[str, ...], ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     """How FAIR-Calib walks one model family.
 
@@ -27,6 +44,8 @@ class ModelAdapter:
     max_length_attrs: config attributes that may hold the maximum sequence length, in order.
     likelihood: the release's Monte-Carlo likelihood estimator (`eval.likelihood`, the lm-eval backend).
     sampler: the release's diffusion sampler (the lm-eval backend's default for generation).
+    experts: the routed experts of a mixture-of-experts family (None: dense). A block then holds the
+        `groups` it has (a dense layer its MLP, an MoE layer none of it), every expert's groups and `after`.
     """
 
     name: str
@@ -38,6 +57,7 @@ class ModelAdapter:
     max_length_attrs: tuple[str, ...] = ("max_position_embeddings",)
     likelihood: LikelihoodEstimator = LikelihoodEstimator.LLADA
     sampler: Algorithm = Algorithm.LLADA
+    experts: ExpertLayout | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -51,6 +71,18 @@ class ModelAdapter:
 
     def linear_names(self) -> list[str]:
         return [name for group in self.groups for name in group]
+
+    def block_groups(self, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The linear groups of one block in forward order (dense families: `groups` as they are)."""
+        if self.experts is None:
+            return self.groups
+        lay = self.experts
+        found = [g for g in self.groups if _has(block, g[0])]
+        if _has(block, lay.path):
+            for e in range(len(block.get_submodule(lay.path))):
+                found += [tuple(f"{lay.path}.{e}.{n}" for n in g) for g in lay.groups]
+            found += [g for g in lay.after if _has(block, g[0])]
+        return tuple(found)
 
     def resolve_mask_token_id(self, config) -> int:
         """config.mask_token_id, else the release's id."""
@@ -82,6 +114,14 @@ class ModelAdapter:
         return None
 
 
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 LLADA = ModelAdapter(
     name="llada",
     model_types=("llada",),
@@ -110,6 +150,19 @@ DREAM = ModelAdapter(
     sampler=Algorithm.DREAM,
 )
 
+_GATED_MLP = (("gate_proj", "up_proj"), ("down_proj",))
+
+LLADA_MOE = ModelAdapter(
+    name="llada-moe",
+    model_types=("lladamoe",),
+    blocks="model.layers",
+    groups=_QWEN2_GROUPS,  # attention always; mlp.* only in dense layers (moe_layer_freq 0)
+    mask_token_id=156895,
+    logit_shift=0,
+    experts=ExpertLayout(path="mlp.experts", groups=_GATED_MLP, router="mlp.gate",
+                         after=tuple(tuple(f"shared_expert.{n}" for n in g) for g in _GATED_MLP)),
+)
+
 # Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
 # the masked-diffusion parts (Stage I, metrics) needing a mask_token_id on the config.
 LLAMA_LIKE = ModelAdapter(
@@ -122,15 +175,22 @@ LLAMA_LIKE = ModelAdapter(
     sampler=Algorithm.DREAM,
 )
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, DREAM, LLAMA_LIKE)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, LLADA_MOE, DREAM, LLAMA_LIKE)
+
+
+def find_adapter(model_or_config) -> ModelAdapter | None:
+    """The adapter for a model (or its config) by `model_type`, or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    return next((a for a in ADAPTERS if model_type in a.model_types), None)
 
 
 def get_adapter(model_or_config) -> ModelAdapter:
-    """The adapter for a model (or its config), by `model_type`."""
+    """The adapter for a model (or its config), by `model_type`; an unknown type raises."""
+    adapter = find_adapter(model_or_config)
+    if adapter is not None:
+        return adapter
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
     known = sorted(t for a in ADAPTERS for t in a.model_types)
     raise ValueError(f"No optimum-fair adapter for model_type {model_type!r}; known model types: {known}")

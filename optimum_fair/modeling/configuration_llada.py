@@ -9,9 +9,11 @@ aliases of the released names through ``attribute_map``.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
+
+from .configuration_lladamoe import LLADA_MOE_EXPERT_FIELDS, LLaDAMoEConfig
 
 __all__ = ["LLADA_MASK_TOKEN_ID", "LLaDAConfig"]
 
@@ -91,6 +93,15 @@ class LLaDAConfig(PretrainedConfig):
     pad_token_id: int | None = 126081
     bos_token_id: int | None = None
     mask_token_id: int | None = LLADA_MASK_TOKEN_ID
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """A released LLaDA-MoE ``config.json`` also says ``model_type: "llada"``: one with expert fields
+        becomes a `LLaDAMoEConfig` (and so loads `LLaDAMoEModelLM`)."""
+        if cls is LLaDAConfig and any(f in config_dict for f in LLADA_MOE_EXPERT_FIELDS):
+            moe = {k: v for k, v in config_dict.items() if k != "model_type"}
+            return LLaDAMoEConfig.from_dict(moe, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs) -> None:
         self._check_alias_conflicts(kwargs)

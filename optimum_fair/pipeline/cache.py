@@ -43,11 +43,10 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 class BlockCache:
     """Finished blocks of one calibration run."""
 
-    def __init__(self, root: str | Path, fingerprint: dict, fmt: LayerFormat, linear_names: list[str]):
+    def __init__(self, root: str | Path, fingerprint: dict, fmt: LayerFormat):
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.fmt = fmt
-        self.linear_names = linear_names
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / "manifest.json"
         if manifest.exists():
@@ -82,8 +81,9 @@ class BlockCache:
             raise ValueError(f"{path}: block {index} was calibrated from other full-precision weights than this "
                              f"model's; refusing to resume (use another cache_dir or delete this one)")
         device = next(block.parameters()).device
-        dtype = state[f"{self.linear_names[0]}.weight_scale"].dtype
-        for name in self.linear_names:
+        names = [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]  # its FairLinears
+        dtype = state[f"{names[0]}.weight_scale"].dtype
+        for name in names:
             linear = block.get_submodule(name)
             set_module(block, name, skeleton(linear, self.fmt, dtype).to(device))
         block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)

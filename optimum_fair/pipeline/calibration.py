@@ -12,6 +12,7 @@ prior and the same quantized model as a single process would make. Only rank 0 w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -75,7 +76,7 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     """Stage I + Stage II on `model` in place; returns (prior or None, per-block records)."""
     adapter = get_adapter(model)
     blocks = adapter.block_list(model)
-    groups = block_groups(adapter, skip)
+    groups_of = functools.partial(block_groups, adapter, skip=skip)
     setup = decode_setup(model, adapter, config)
     tok = resolve_tokenizer(tokenizer, model)
     dataset = load_texts(texts)
@@ -86,7 +87,7 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
         n_batches = -(-ids.shape[0] // config.batch_size)
         raise ValueError(f"num_samples={ids.shape[0]} makes {n_batches} batches of {config.batch_size}, "
                          f"fewer than the {world.size} processes: raise num_samples")
-    cache = make_cache(model, config, ids, groups, world) if config.cache_dir else None  # before Stage I
+    cache = make_cache(model, config, ids, world) if config.cache_dir else None  # before Stage I
     prior = weights = None
     if config.weighting is Weighting.FAIR:
         prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup), world)
@@ -98,18 +99,16 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size)
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
-    records = calibrate_blocks(blocks, groups, hidden, extras, weights, stage_two_settings(config),
+    records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, stage_two_settings(config),
                                model_float_dtype(model), execution_device(model), cache=cache, shard=shard)
     return prior, records
 
 
-def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, groups,
-               world: World) -> BlockCache:
+def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, world: World) -> BlockCache:
     """The block cache; rank 0 writes (or checks) its manifest before the other ranks read it."""
 
     def make() -> BlockCache:
-        return BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config),
-                          [n for g in groups for n in g])
+        return BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config))
 
     cache = make() if world.is_main else None
     world.barrier("cache manifest written by rank 0")

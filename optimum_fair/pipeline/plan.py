@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from ..arch import ModelAdapter
+from ..arch import ModelAdapter, find_adapter
 from ..config import FairCalibConfig
 from ..enums import CalibInputs, InputMode, Rounding, Transform, Weighting
 from .surgery import LayerFormat, check_skip_names, matches
@@ -98,15 +98,24 @@ def needs_calibration(config: FairCalibConfig) -> bool:
 
 
 def resolve_skip(model: nn.Module, config: FairCalibConfig) -> list[str]:
-    """modules_to_not_convert, or transformers' default (LM head, tied embeddings)."""
+    """modules_to_not_convert as given, or `default_skip` (a router is quantized only when a given list
+    leaves it out)."""
     if config.modules_to_not_convert is not None:
         check_skip_names(model, config.modules_to_not_convert)
         return list(config.modules_to_not_convert)
-    return sorted(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else []
+    return default_skip(model, find_adapter(model))
 
 
-def block_groups(adapter: ModelAdapter, skip: list[str]) -> tuple[tuple[str, ...], ...]:
-    """The adapter's linear groups without the names `modules_to_not_convert` keeps in float."""
-    probe = f"{adapter.blocks}.0."
-    groups = tuple(tuple(n for n in g if not matches(probe + n, skip)) for g in adapter.groups)
+def block_groups(adapter: ModelAdapter, index: int, block: nn.Module, skip: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Block `index`'s linear groups (`ModelAdapter.block_groups`) without the names `skip` keeps in float."""
+    probe = f"{adapter.blocks}.{index}."
+    groups = tuple(tuple(n for n in g if not matches(probe + n, skip)) for g in adapter.block_groups(block))
     return tuple(g for g in groups if g)
+
+
+def default_skip(model: nn.Module, adapter: ModelAdapter | None) -> list[str]:
+    """transformers' default (LM head, tied embeddings) plus the adapter's routers (kept float)."""
+    skip = set(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else set()
+    if adapter is not None and adapter.experts is not None:
+        skip.add(adapter.experts.router)
+    return sorted(skip)

@@ -32,7 +32,7 @@ from ..nn import FairLinear
 from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
-from .stats import group_hessian, group_hessians, group_input_absmax, module_checksum, stream_loss
+from .stats import counted_hessians, expert_of, group_input_absmax, module_checksum, stream_loss
 from .surgery import set_module
 
 logger = logging.getLogger(__name__)
@@ -175,18 +175,23 @@ def calibrate_block(
     hessians = {}
     if s.rounding is Rounding.GPTQ and not s.true_sequential:  # every group's Hessian from one pass
         firsts = [group[0] for group in groups]
-        hessians = dict(zip(firsts, group_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights,
-                                                   shard), strict=True))
+        found, counts = counted_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights, shard)
+        hessians = dict(zip(firsts, zip(found, counts, strict=True), strict=True))
     for group in groups:  # forward order: true-sequential, later groups see earlier ones quantized
-        factor = None
+        factor, rounding = None, s.rounding
         if s.rounding is Rounding.GPTQ:  # one Hessian and one factorisation per group (q/k/v share them)
-            H = hessians.pop(group[0], None)
+            H, count = hessians.pop(group[0], (None, 0))
             if H is None:
-                H = group_hessian(block, group[0], calib[group[0]], call, x_in, weights, shard)  # (d, d) float64
-            factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
+                (H,), (count,) = counted_hessians(block, [group[0]], [calib[group[0]]], call, x_in, weights, shard)
+            if count < H.shape[0] and expert_of(block, group[0]):  # a rarely routed expert: H is singular
+                logger.info("  %s: %d calibration tokens for %d inputs: round-to-nearest", group[0], count,
+                            H.shape[0])
+                rounding = Rounding.RTN
+            else:
+                factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:
-            kwargs = calib[name].export(s.rounding, factor=factor, scale_dtype=dtype)
+            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
             del calib[name], linears[name]  # the float weight goes as soon as its codes exist
@@ -227,8 +232,9 @@ def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, ge
         elif s.transform is Transform.HADAMARD:
             out.append(TransformParams(d, kron="hadamard", act_clip=False, trainable=False, generator=generator,
                                        device=device))
-        else:
-            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3)
+        else:  # an expert that no token reached keeps s = 1
+            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3) \
+                if bool(absmax[gi].any()) else torch.ones(d, device=device)
             out.append(TransformParams(d, kron="hadamard", smooth=smooth.to(device), act_clip=True,
                                        trainable=True, generator=generator, device=device))
     return out
@@ -256,7 +262,7 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
 # -- all blocks ---------------------------------------------------------------------------------
 def calibrate_blocks(
     blocks: nn.ModuleList,
-    groups: tuple[tuple[str, ...], ...],
+    groups_of: Callable[[int, nn.Module], tuple[tuple[str, ...], ...]],
     hidden: torch.Tensor,
     extras: Callable,
     weights: torch.Tensor | None,
@@ -267,6 +273,8 @@ def calibrate_blocks(
     shard: DataShard | None = None,
 ) -> list[dict]:
     """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
+
+    groups_of(l, block): block l's linear groups in forward order (`plan.block_groups`).
 
     hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
     `load(l, block, teacher) -> bool` and `save(l, block, teacher)` (teacher: the FP block's digest); a
@@ -285,8 +293,8 @@ def calibrate_blocks(
     records = []
     for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
         with onloaded(block, device):
-            fp_stream, q_stream, record = _one_block(l, block, groups, extras, fp_stream, q_stream, weights,
-                                                     s, generator, dtype, device, cache, shard)
+            fp_stream, q_stream, record = _one_block(l, block, groups_of(l, block), extras, fp_stream, q_stream,
+                                                     weights, s, generator, dtype, device, cache, shard)
         records.append(record)
     return records
 

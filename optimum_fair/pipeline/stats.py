@@ -6,7 +6,8 @@ three statistics Stage II needs are reduced so that N processes reproduce one pr
 * the block loss: per-sample float64 terms, put back in global sample order, then summed;
 * the per-channel max |x| that seeds FlatQuant's smoothing: a max, which is exact;
 * the GPTQ Hessian of a linear group: per-batch float64 sums Σ w x̃ x̃ᵀ added in global batch order
-  (`World.fold`, one round of N batches at a time), divided by the token count.
+  (`World.fold`, one round of N batches at a time), divided by the token count (an expert's: the
+  tokens routed to it, summed over processes).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from ..calib.gptq import hessian_sum
-from ..calib.objective import weighted_sq_error
+from ..calib.objective import expand_token_weights, weighted_sq_error
 from ..calib.transforms import CalibLinear, channel_absmax
 from ..distributed import DataShard
+from ..nn.moe import RoutedExperts, routed_tokens
 
 
 @torch.no_grad()
@@ -43,7 +45,8 @@ def stream_loss(ref: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | No
 @torch.no_grad()
 def group_input_absmax(block: nn.Module, groups: tuple[tuple[str, ...], ...], call: Callable,
                        x_in: torch.Tensor, shard: DataShard) -> list[torch.Tensor]:
-    """Per-channel max |x| of each group's input (d_g,) over the calibration streams of all processes."""
+    """Per-channel max |x| of each group's input (d_g,) over the calibration streams of all processes
+    (zeros for an expert that no token reached)."""
     running: list = [None] * len(groups)
     hooks = []
     for gi, group in enumerate(groups):
@@ -57,7 +60,13 @@ def group_input_absmax(block: nn.Module, groups: tuple[tuple[str, ...], ...], ca
         for h in hooks:
             h.remove()
     world = shard.world
-    return [world.all_reduce_max(r, f"input absmax of {g[0]}") for r, g in zip(running, groups, strict=True)]
+    out = []
+    for r, g in zip(running, groups, strict=True):
+        if r is None:  # an expert no token of this process was routed to: zeros, the neutral element of max
+            first = block.get_submodule(g[0])
+            r = torch.zeros(first.weight.shape[1], device=first.weight.device)
+        out.append(world.all_reduce_max(r, f"input absmax of {g[0]}"))
+    return out
 
 
 @torch.no_grad()
@@ -70,46 +79,92 @@ def group_hessian(block: nn.Module, first: str, calib_linear: CalibLinear, call:
 @torch.no_grad()
 def group_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLinear], call: Callable,
                    x_in: torch.Tensor, weights: torch.Tensor | None, shard: DataShard) -> list[torch.Tensor]:
-    """One H = (1/n) Σ_i w_i x̃_i x̃_iᵀ (d_g, d_g) float64 per group, from one pass of the block over x_in.
+    """`counted_hessians` without the counts; a group that saw no token gets a zero Hessian."""
+    hessians, _ = counted_hessians(block, firsts, calibs, call, x_in, weights, shard)
+    return hessians
+
+
+@torch.no_grad()
+def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLinear], call: Callable,
+                     x_in: torch.Tensor, weights: torch.Tensor | None,
+                     shard: DataShard) -> tuple[list[torch.Tensor], list[int]]:
+    """One H = (1/n_g) Σ_i w_i x̃_i x̃_iᵀ (d_g, d_g) float64 per group from one pass of the block over x_in,
+    and the number n_g of tokens each group read (over all processes).
 
     firsts[g] is group g's first linear, calibs[g] its CalibLinear (whose transform gives x̃). A hook on
     each first linear turns each batch's input into that batch's Hessian sum (float32 products, added in
     float64), and the sums are added in global batch order over all processes. The block runs as it is:
     with earlier groups already quantized (one group per call, true-sequential) or none (all groups at
-    once, as llm-compressor collects them).
+    once, as llm-compressor collects them). A linear inside a routed expert (`nn.moe.RoutedExperts`)
+    reads only the tokens routed to it: its rows get those tokens' weights, and n_g counts them; such a
+    group may see no token of a batch (or of the whole run, n_g = 0, H = 0).
     """
     sums: list = [None] * len(firsts)
-    count, B = 0, shard.batch_size
+    counts = [0] * len(firsts)
+    B = shard.batch_size
+    state: dict = {"routes": {}}
+    experts = [expert_of(block, name) for name in firsts]
 
     def hook_for(g: int):
         def hook(module, args):
-            xt = calibs[g].transformed_input(args[0].float())  # (b, seq, d_g)
-            sums[g] = hessian_sum(xt, state["w"], dtype=torch.float32)[0].double()
+            x = args[0].float()
+            w = state["w"]
+            if experts[g] is not None:  # (n_e, d): this expert's rows of the flattened batch
+                path, e = experts[g]
+                rows, _ = routed_tokens(state["routes"][path], e)
+                w = state["flat_w"].to(rows.device)[rows]
+            xt = calibs[g].transformed_input(x)  # (b, seq, d_g) or (n_e, d_g)
+            sums[g] = hessian_sum(xt, w, dtype=torch.float32)[0].double()
+            counts[g] += xt.shape[:-1].numel()
 
         return hook
 
-    state: dict = {}
     handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(g)) for g, name in enumerate(firsts)]
+    handles += recording_routes(block, state["routes"])
     totals: list = [None] * len(firsts)
     try:
         for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
             present = r * B < x_in.shape[0]
             sums[:] = [None] * len(firsts)
             if present:
+                xb = x_in[r * B:(r + 1) * B]
                 state["w"] = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
-                call(x_in[r * B:(r + 1) * B])
-                count += x_in[r * B:(r + 1) * B].shape[:2].numel()
+                state["flat_w"] = expand_token_weights(state["w"], xb.shape[0], xb.shape[1], xb.device).reshape(-1)
+                call(xb)
             for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
-                if present and sums[g] is None:
+                if present and sums[g] is None and experts[g] is None:
                     raise RuntimeError(f"the block's forward never reached {name}: no Hessian for its group")
-                d = c.weight.shape[1]  # a rank without this batch adds zeros
-                part = sums[g] if present else torch.zeros(d, d, dtype=torch.float64, device=c.weight.device)
+                d = c.weight.shape[1]  # a rank without this batch (or an expert without tokens) adds zeros
+                part = sums[g] if sums[g] is not None else torch.zeros(d, d, dtype=torch.float64,
+                                                                       device=c.weight.device)
                 totals[g] = shard.world.fold(totals[g], part, present, what=f"Hessian of {name}")
     finally:
         for h in handles:
             h.remove()
-    total = shard.world.all_reduce_sum(torch.tensor([count], dtype=torch.int64), "calibration token count")
-    return [H / int(total) for H in totals]
+    total = shard.world.all_reduce_sum(torch.tensor(counts, dtype=torch.int64), "calibration token counts")
+    counted = [int(n) for n in total]
+    return [H / max(n, 1) for H, n in zip(totals, counted, strict=True)], counted
+
+
+def expert_of(block: nn.Module, name: str) -> tuple[str, int] | None:
+    """(path of the RoutedExperts module, expert id) when linear `name` of `block` lies in an expert."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:i])
+        if isinstance(block.get_submodule(path), RoutedExperts):
+            return path, int(parts[i])
+    return None
+
+
+def recording_routes(block: nn.Module, routes: dict) -> list:
+    """Hooks that store each RoutedExperts call's top_k_index (T, k) in routes[path]; returns the handles."""
+    handles = []
+    for path, module in block.named_modules():
+        if isinstance(module, RoutedExperts):
+            def hook(module, args, path=path):
+                routes[path] = args[1]
+            handles.append(module.register_forward_pre_hook(hook))
+    return handles
 
 
 @torch.no_grad()
