@@ -75,3 +75,16 @@ def tok():
 @pytest.fixture
 def llada(tok):
     return tiny_llada(len(tok), tok.mask_token_id)
+
+
+def tiny_lladamoe(vocab_size: int, mask_token_id: int, seed: int = 0, **overrides):
+    """3 layers (the first dense, moe_layer_freq [0, 1, 1]), 8 experts of which 2 per token, a shared expert."""
+    from optimum_fair.modeling import LLaDAMoEConfig, LLaDAMoEModelLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab_size, hidden_size=64, dense_intermediate_size=96, expert_intermediate_size=32,
+              shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              num_experts=8, num_experts_per_tok=2, moe_layer_freq=[0, 1, 1], max_position_embeddings=64,
+              pad_token_id=2, eos_token_id=1, mask_token_id=mask_token_id)
+    kw.update(overrides)
+    return LLaDAMoEModelLM(LLaDAMoEConfig(**kw)).eval()

@@ -89,6 +89,7 @@ def collectives(out_dir: str) -> None:
     result = {"rows": [g.tolist() for g in rows], "fold": acc.tolist(), "max": mx.tolist(), "caught": caught}
     (Path(out_dir) / f"collectives{r}.json").write_text(json.dumps(result))
     torch.save(toy_hessian(world), Path(out_dir) / f"hessian{r}.pt")
+    torch.save(toy_expert_hessians(world), Path(out_dir) / f"expert_hessians{r}.pt")
 
 
 def toy_hessian(world):
@@ -105,6 +106,43 @@ def toy_hessian(world):
     calib = CalibLinear(block[0], TransformParams(16, kron="none", act_clip=False, trainable=False), 4, 4)
     shard = DataShard(world, 12, 4)
     return group_hessian(block, "0", calib, block, x[shard.sample_ids], w, shard)
+
+
+class ToyMoE(torch.nn.Module):
+    """x (b, seq, 16) -> top-2 of 4 experts (one linear each), routed by a linear router."""
+
+    def __init__(self):
+        from optimum_fair.nn.moe import RoutedExperts
+
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.gate = torch.nn.Linear(16, 4, bias=False)
+        self.experts = RoutedExperts(torch.nn.Sequential(torch.nn.Linear(16, 16)) for _ in range(4))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        flat = x.reshape(-1, 16)
+        weights, index = torch.topk(self.gate(flat).softmax(-1), 2, dim=-1)
+        return self.experts(flat, index, weights).reshape(x.shape)
+
+
+def toy_expert_hessians(world):
+    """counted_hessians of the 4 experts of `ToyMoE` over 12 samples in batches of 4, prior-weighted."""
+    from optimum_fair.calib import CalibLinear, TransformParams
+    from optimum_fair.distributed import DataShard
+    from optimum_fair.pipeline.stats import counted_hessians
+
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(12, 8, 16, generator=g), torch.rand(12, 8, generator=g)  # (n, seq, d), (n, seq)
+    block = ToyMoE()
+    names = [f"experts.{e}.0" for e in range(4)]
+    calibs = [CalibLinear(block.get_submodule(n), TransformParams(16, kron="none", act_clip=False, trainable=False),
+                          4, 16) for n in names]
+    shard = DataShard(world, 12, 4)
+    hessians, counts = counted_hessians(block, names, calibs, block, x[shard.sample_ids], w[shard.sample_ids], shard)
+    return {"hessians": hessians, "counts": counts}
 
 
 def main(model_dir: str, out_dir: str, jobs_json: str) -> None:

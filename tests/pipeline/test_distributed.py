@@ -21,7 +21,7 @@ from transformers import AutoModel
 
 from optimum_fair.distributed import DataShard, World, batch_seed, is_main_process, shard_batches
 from tests.conftest import char_tokenizer, tiny_llada
-from tests.pipeline.distributed_worker import run_job, toy_hessian
+from tests.pipeline.distributed_worker import run_job, toy_expert_hessians, toy_hessian
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 # 40 probes: probe batches of 16, 16, 8; 12 samples: batches of 4, rank 0 holds two of three (uneven)
@@ -156,6 +156,16 @@ def test_gptq_hessian_is_bit_identical_to_one_process(torchrun):
     one = toy_hessian(World())
     for r in range(2):
         assert torch.equal(torch.load(torchrun / f"hessian{r}.pt"), one)
+
+
+def test_expert_hessians_and_token_counts_are_summed_across_ranks(torchrun):
+    # each expert's routed tokens are split over the ranks; the sums and the counts must add up exactly
+    one = toy_expert_hessians(World())
+    assert sum(one["counts"]) == 12 * 8 * 2 and min(one["counts"]) > 0
+    for r in range(2):
+        two = torch.load(torchrun / f"expert_hessians{r}.pt")
+        assert two["counts"] == one["counts"]
+        assert all(torch.equal(a, b) for a, b in zip(two["hessians"], one["hessians"], strict=True))
 
 
 def test_accelerate_launch_gives_the_single_process_model(model_dir, single, tmp_path):

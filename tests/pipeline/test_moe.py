@@ -1,0 +1,156 @@
+"""Mixture-of-experts calibration on a tiny LLaDA-MoE: expert Hessians from routed tokens, the fallback for
+experts that see too few tokens, float routers, every expert tensor accounted for, exact reload."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+
+from optimum_fair import FairCalibConfig
+from optimum_fair.arch import LLADA_MOE, get_adapter
+from optimum_fair.calib import CalibLinear, TransformParams
+from optimum_fair.distributed import DataShard, World
+from optimum_fair.modeling import register_native_models
+from optimum_fair.nn import FairLinear
+from optimum_fair.pipeline.calibration import calibrate
+from optimum_fair.pipeline.stats import counted_hessians
+from optimum_fair.scoring.sampler import llada_decode
+from tests.conftest import char_tokenizer, tiny_lladamoe
+
+TEXTS = [f"a tiny mixture of experts reads line {i} of the calibration text, then stops." for i in range(64)]
+SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4,
+             compute_dtype="float32", w_bits=4, a_bits=16, transform="none")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def _model(tok, **kw):
+    return tiny_lladamoe(len(tok), tok.mask_token_id, **kw)
+
+
+def _plain(d: int) -> TransformParams:
+    return TransformParams(d, kron="none", act_clip=False, trainable=False)
+
+
+def test_adapter_groups_cover_every_linear_of_each_block_but_the_router(tok):
+    model = _model(tok)
+    assert get_adapter(model) is LLADA_MOE
+    for l, block in enumerate(LLADA_MOE.block_list(model)):
+        grouped = [n for g in LLADA_MOE.block_groups(block) for n in g]
+        linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        assert len(grouped) == len(set(grouped))
+        assert linears - set(grouped) == (set() if l == 0 else {"mlp.gate"})
+    assert len(LLADA_MOE.block_groups(LLADA_MOE.block_list(model)[1])) == 2 + 8 * 2 + 2  # attn, experts, shared
+
+
+def test_expert_hessians_use_exactly_the_routed_tokens_and_their_weights(tok):
+    block = LLADA_MOE.block_list(_model(tok))[1]
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 16, 64, generator=g), torch.rand(4, 16, generator=g)  # (n, seq, d), (n, seq)
+    firsts = [f"mlp.experts.{e}.{n}" for e in range(8) for n in ("gate_proj", "down_proj")]
+    calibs = [CalibLinear(block.get_submodule(n), _plain(block.get_submodule(n).in_features), 4, 16) for n in firsts]
+    with torch.no_grad():
+        H, counts = counted_hessians(block, firsts, calibs, block, x, w, DataShard(World(), 4, 2))
+        seen = {}
+        hook = block.mlp.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+        block(x)
+        hook.remove()
+        xf, wf = seen["x"].reshape(-1, 64), w.reshape(-1)  # (T, d), (T,)
+        _, index = block.mlp.route(xf)
+    for e in range(8):
+        rows = (index == e).any(-1)  # brute force: the tokens whose top-k holds e
+        expert = block.mlp.experts[e]
+        x_e = xf[rows].double()
+        inner = (F.silu(expert.gate_proj(xf[rows])) * expert.up_proj(xf[rows])).double()
+        for i, inp in ((2 * e, x_e), (2 * e + 1, inner)):
+            ref = (inp * wf[rows].double()[:, None]).T @ inp / int(rows.sum())
+            assert counts[i] == int(rows.sum())
+            torch.testing.assert_close(H[i], ref, rtol=1e-5, atol=1e-7)
+    assert sum(counts[::2]) == 4 * 16 * 2  # every token reaches k = 2 experts
+
+
+def test_an_expert_without_tokens_falls_back_to_rtn_and_the_count_is_logged(tok, caplog):
+    model = _model(tok, moe_router_enable_expert_bias=True)
+    with torch.no_grad():
+        model.model.layers[1].mlp.expert_bias[7] = -1.0  # probabilities are <= 1: expert 7 never wins
+    floats = {n: model.get_submodule(f"model.layers.1.mlp.experts.{n}").weight.clone()
+              for n in ("7.up_proj", "7.down_proj", "3.up_proj")}
+    cfg = FairCalibConfig(rounding="gptq", weighting="uniform", **SMALL)
+    with caplog.at_level(logging.INFO, logger="optimum_fair"):
+        calibrate(model, cfg, texts=TEXTS, tokenizer=tok)
+    assert "mlp.experts.7.gate_proj: 0 calibration tokens for 64 inputs: round-to-nearest" in caplog.text
+    assert "mlp.experts.7.down_proj: 0 calibration tokens for 32 inputs: round-to-nearest" in caplog.text
+    for name, weight in floats.items():
+        packed = model.get_submodule(f"model.layers.1.mlp.experts.{name}")
+        rtn = FairLinear.from_linear(_linear(weight), 4, 16, -1)
+        # the unrouted expert holds round-to-nearest codes; a routed one GPTQ's, which differ from them
+        assert torch.equal(packed.codes(), rtn.codes()) == name.startswith("7.")
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight)
+    return linear
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tok):
+    """A tiny LLaDA-MoE on disk, and it quantized through from_pretrained with FAIR weighting and GPTQ."""
+    register_native_models()
+    src = tmp_path_factory.mktemp("lladamoe")
+    _model(tok).save_pretrained(src)
+    tok.save_pretrained(src)
+    cfg = FairCalibConfig(rounding="gptq", weighting="fair", dataset=TEXTS, **SMALL)
+    return src, AutoModel.from_pretrained(src, quantization_config=cfg)
+
+
+def test_from_pretrained_quantizes_every_expert_and_keeps_routers_float(quantized):
+    _, model = quantized
+    fair = {n for n, m in model.named_modules() if isinstance(m, FairLinear)}
+    floats = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert floats == {"lm_head", "model.layers.1.mlp.gate", "model.layers.2.mlp.gate"}
+    assert len(fair) == 7 + 2 * (4 + 8 * 3 + 3)  # dense layer; MoE layers: attention, 8 experts, shared expert
+    # every weight tensor of two or more dimensions is packed or one of the float modules listed above
+    for name, t in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if t.dim() >= 2 and not name.endswith(("weight_scale", "weight_packed")):
+            assert owner in floats | {"model.embed_tokens"}, name
+    assert model.config.quantization_config.modules_to_not_convert == ["lm_head", "mlp.gate"]
+
+
+def test_quantized_moe_forward_equals_the_dequantized_reference(quantized, tok):
+    src, model = quantized
+    ref = AutoModel.from_pretrained(src)  # float model; every converted linear gets its dequantized weight
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, FairLinear):
+                ref.get_submodule(name).weight.copy_(module.dequantized_weight().float())
+        ids = torch.randint(4, len(tok), (2, 24), generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_experts_save_and_reload_exactly(quantized, tmp_path, tok):
+    _, model = quantized
+    model.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path)
+    a, b = model.state_dict(), again.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(4, len(tok), (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_lladamoe_decodes_with_commit_traces(quantized, tok):
+    _, model = quantized
+    prompt = torch.tensor([tok.encode("experts ")])
+    with torch.no_grad():
+        trace = llada_decode(lambda x: model(x).logits, prompt, gen_length=8, block_length=4, steps=4,
+                             mask_id=tok.mask_token_id)
+    assert not (trace.sequences == tok.mask_token_id).any()
+    assert sorted(trace.commit_step[0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 commits per step
