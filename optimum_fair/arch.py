@@ -46,6 +46,8 @@ class ModelAdapter:
     sampler: the release's diffusion sampler (the lm-eval backend's default for generation).
     experts: the routed experts of a mixture-of-experts family (None: dense). A block then holds the
         `groups` it has (a dense layer its MLP, an MoE layer none of it), every expert's groups and `after`.
+    block_diffusion: the family decodes with block-causal attention (LLaDA2): every teacher forward of
+        Stage I and II passes `scoring.forward.block_diffusion_mask` over blocks of the run's block_length.
     """
 
     name: str
@@ -58,6 +60,7 @@ class ModelAdapter:
     likelihood: LikelihoodEstimator = LikelihoodEstimator.LLADA
     sampler: Algorithm = Algorithm.LLADA
     experts: ExpertLayout | None = None
+    block_diffusion: bool = False
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -163,6 +166,20 @@ LLADA_MOE = ModelAdapter(
                          after=tuple(tuple(f"shared_expert.{n}" for n in g) for g in _GATED_MLP)),
 )
 
+LLADA2 = ModelAdapter(
+    name="llada2",
+    model_types=("llada2_moe",),
+    blocks="model.layers",
+    groups=(("attention.query_key_value",), ("attention.dense",), ("mlp.gate_proj", "mlp.up_proj"),
+            ("mlp.down_proj",)),  # mlp.* only in the first_k_dense_replace dense layers
+    mask_token_id=156895,
+    logit_shift=0,
+    experts=ExpertLayout(path="mlp.experts", groups=_GATED_MLP, router="mlp.gate",
+                         after=tuple(tuple(f"mlp.shared_experts.{n}" for n in g) for g in _GATED_MLP)),
+    block_diffusion=True,
+    sampler=Algorithm.LLADA2,
+)
+
 # Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
 # the masked-diffusion parts (Stage I, metrics) needing a mask_token_id on the config.
 LLAMA_LIKE = ModelAdapter(
@@ -175,7 +192,7 @@ LLAMA_LIKE = ModelAdapter(
     sampler=Algorithm.DREAM,
 )
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, LLADA_MOE, DREAM, LLAMA_LIKE)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, LLADA_MOE, LLADA2, DREAM, LLAMA_LIKE)
 
 
 def find_adapter(model_or_config) -> ModelAdapter | None:

@@ -94,6 +94,7 @@ class Algorithm(str, Enum):
 
     LLADA = "llada"  # semi-autoregressive blocks, fixed commits per step
     DREAM = "dream"  # Dream's diffusion_generate schedule
+    LLADA2 = "llada2"  # block-causal attention, threshold commits (LLaDA2's generate)
 
 
 class LikelihoodEstimator(str, Enum):

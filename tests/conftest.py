@@ -88,3 +88,16 @@ def tiny_lladamoe(vocab_size: int, mask_token_id: int, seed: int = 0, **override
               pad_token_id=2, eos_token_id=1, mask_token_id=mask_token_id)
     kw.update(overrides)
     return LLaDAMoEModelLM(LLaDAMoEConfig(**kw)).eval()
+
+
+def tiny_llada2(vocab_size: int, mask_token_id: int, seed: int = 0, **overrides):
+    """3 layers (the first dense), 8 experts in 4 groups (2 groups, then 2 experts per token), one shared expert."""
+    from optimum_fair.modeling import LLaDA2MoeConfig, LLaDA2MoeModelLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_shared_experts=1,
+              num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=64,
+              pad_token_id=2, eos_token_id=1, mask_token_id=mask_token_id)
+    kw.update(overrides)
+    return LLaDA2MoeModelLM(LLaDA2MoeConfig(**kw)).eval()

@@ -6,7 +6,7 @@
     optimum-fair eval     MODEL --tasks fair_offline [--include-path DIR] [--mc-num 128] [--limit K]
     optimum-fair push     out/w4a4 me/llada-w4a4 [--overwrite]
     optimum-fair export   out/w4a16 --format gguf --output out/w4a16.gguf
-    optimum-fair generate [MODEL] "The history of" [--algorithm llada|dream]
+    optimum-fair generate [MODEL] "The history of" [--algorithm llada|dream|llada2]
 
 MODEL is a local folder or a Hub repo id; left out, the small LLaDA teacher bundled with the package
 (`optimum_fair.DEFAULT_MODEL`). Every `FairCalibConfig` field is a flag of `quantize` and `prior`,
@@ -131,8 +131,9 @@ def _add_generate(sub) -> None:
     p.add_argument("model", nargs="?", default=None, help="local folder or Hub repo id (default: DEFAULT_MODEL)")
     p.add_argument("prompt", help="the prompt text")
     _model_flags(p, positional=False)
-    p.add_argument("--algorithm", choices=["llada", "dream"], default="llada",
-                   help="llada: semi-autoregressive low-confidence blocks; dream: Dream's schedule (default: llada)")
+    p.add_argument("--algorithm", choices=["llada", "dream", "llada2"], default="llada",
+                   help="llada: semi-autoregressive low-confidence blocks; dream: Dream's schedule; llada2: "
+                        "block-causal attention, threshold commits (default: llada)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
     p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: min(32, gen-length))")

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..arch import get_adapter
 from ..devices import execution_device
 from ..enums import Algorithm, DreamAlg, Remasking, coerce_enum
+from ..scoring.block_sampler import llada2_decode
 from ..scoring.checks import check_positive_int
 from ..scoring.sampler import dream_decode, llada_decode
 from ..scoring.trace import DecodeTrace
@@ -83,7 +84,9 @@ def generate(
             its architecture adapter (`optimum_fair.arch`) gives the mask id (override with
             ``mask_id``) and the logit shift.
         steps: forward passes; default ``gen_length`` (one token per step).
-        block_length: LLaDA block length; default min(32, gen_length). Ignored by Dream.
+        block_length: LLaDA / LLaDA2 block length; default min(32, gen_length). Ignored by Dream.
+        algorithm: "llada", "dream" or "llada2" (block-causal attention; ``steps`` is then the budget per
+            block, default block_length; the prompts must share one length, a multiple of block_length).
         remasking: LLaDA's commit rule; alg: Dream's (default ``entropy``, as in Dream's examples).
         sampler_kwargs: passed on to `llada_decode` (``cfg_scale``, ``generator``, ``record_topk``,
             ...) or `dream_decode` (``top_p``, ``top_k``, ``alg_temp``, ``eps``, ``generator``, ...).
@@ -94,6 +97,7 @@ def generate(
     check_positive_int(gen_length, "gen_length")
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     mask_id, logit_shift = _decode_facts(model, mask_id)
+    steps_given = steps
     steps = gen_length if steps is None else steps
     ids, attention_mask = encode_prompts(tokenizer, prompts, execution_device(model))
 
@@ -107,8 +111,20 @@ def generate(
         if algorithm is Algorithm.LLADA:
             block = min(32, gen_length) if block_length is None else block_length
             trace = llada_decode(logits_fn, ids, gen_length, block, steps, remasking=remasking, **common)
+        elif algorithm is Algorithm.LLADA2:
+            trace = _llada2(logits_fn, ids, attention_mask, gen_length, steps_given, block_length, mask_id,
+                            temperature, sampler_kwargs)
         else:
             trace = dream_decode(logits_fn, ids, gen_length, steps, alg=alg, **common)
     texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in trace.generated.cpu()]
     answer: str | list[str] = texts[0] if isinstance(prompt, str) else texts
     return (answer, trace) if return_trace else answer
+
+
+def _llada2(logits_fn, ids, attention_mask, gen_length, steps, block_length, mask_id, temperature, kw):
+    """`llada2_decode` for `generate`: prompts without padding, steps per block (default block_length)."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("algorithm='llada2' decodes prompts without padding: pass prompts of one token length")
+    block = min(32, gen_length) if block_length is None else block_length
+    return llada2_decode(logits_fn, ids, gen_length, block, block if steps is None else steps, mask_id,
+                         temperature=temperature, **kw)

@@ -123,9 +123,12 @@ def generate_batch(lm: Any, contexts: list[str], plan: GenPlan) -> list[str]:
         if plan.algorithm is Algorithm.LLADA:
             trace = llada_decode(logits_fn, ids, plan.gen_length, plan.block_length, plan.steps,
                                  remasking=plan.remasking, cfg_scale=plan.cfg, **common)
-        else:
+        elif plan.algorithm is Algorithm.DREAM:
             trace = dream_decode(logits_fn, ids, plan.gen_length, plan.steps, alg=plan.alg, top_p=plan.top_p,
                                  top_k=plan.top_k, **common)
+        else:  # left-padded batches need a padding-aware block mask
+            raise ValueError(f"algorithm={plan.algorithm.value!r} is not available through the lm-eval backend "
+                             "yet: use algorithm='llada' in model_args, or optimum_fair.generate")
     specials = list(getattr(lm.tokenizer, "all_special_tokens", []))
     return [cut_at_stops(lm.tokenizer.decode(row, skip_special_tokens=False), plan.until, specials)
             for row in trace.generated.cpu().tolist()]

@@ -1,4 +1,4 @@
-"""Registration of the native LLaDA, LLaDA-MoE and Dream classes with the transformers Auto API."""
+"""Registration of the native LLaDA, LLaDA-MoE, LLaDA2 and Dream classes with the transformers Auto API."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from transformers import (
 
 from .configuration_dream import DreamConfig
 from .configuration_llada import LLaDAConfig
+from .configuration_llada2 import LLaDA2MoeConfig
 from .configuration_lladamoe import LLaDAMoEConfig
 from .modeling_dream import DreamModel
 from .modeling_llada import LLaDAModelLM
+from .modeling_llada2 import LLaDA2MoeModelLM
 from .modeling_lladamoe import LLaDAMoEModelLM
 
 __all__ = ["register_native_models"]
@@ -24,11 +26,12 @@ _AUTO_MODEL_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM)
 
 
 def _native_pairs() -> list[tuple[type[PretrainedConfig], type[PreTrainedModel]]]:
-    return [(LLaDAConfig, LLaDAModelLM), (LLaDAMoEConfig, LLaDAMoEModelLM), (DreamConfig, DreamModel)]
+    return [(LLaDAConfig, LLaDAModelLM), (LLaDAMoEConfig, LLaDAMoEModelLM), (LLaDA2MoeConfig, LLaDA2MoeModelLM),
+            (DreamConfig, DreamModel)]
 
 
 def register_native_models() -> None:
-    """Map ``model_type`` "llada", "lladamoe" and "Dream" to the native classes. Idempotent.
+    """Map ``model_type`` "llada", "lladamoe", "llada2_moe" and "Dream" to the native classes. Idempotent.
 
     After this, a released ``config.json`` whose ``auto_map`` points at remote code
     loads with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForCausalLM`` /

@@ -1,4 +1,4 @@
-"""Building blocks shared by the native LLaDA and Dream models.
+"""Building blocks shared by the native LLaDA, LLaDA-MoE, LLaDA2 and Dream models.
 
 Pure tensor code: RMS normalisation, rotate-half rotary embeddings, the
 padding-mask conversion and bidirectional (non-causal) scaled dot-product
@@ -13,6 +13,7 @@ from torch import nn
 
 __all__ = [
     "RMSNorm",
+    "apply_partial_rotary",
     "apply_rotary",
     "bidirectional_attention",
     "default_position_ids",
@@ -110,6 +111,15 @@ def apply_rotary(
         return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x (batch, heads, seq, head_dim), tables cast to x's
+    dtype (LLaDA-MoE, LLaDA2); the other channels pass unchanged."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return apply_rotary(x, cos, sin, full_precision=False)
+    return torch.cat((apply_rotary(x[..., :rd], cos, sin, full_precision=False), x[..., rd:]), dim=-1)
 
 
 def prepare_attention_mask(

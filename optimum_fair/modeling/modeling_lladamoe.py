@@ -33,7 +33,7 @@ from ..nn.moe import RoutedExperts
 from .configuration_lladamoe import LLaDAMoEConfig
 from .layers import (
     RMSNorm,
-    apply_rotary,
+    apply_partial_rotary,
     bidirectional_attention,
     default_position_ids,
     prepare_attention_mask,
@@ -43,14 +43,6 @@ from .layers import (
 
 __all__ = ["LLaDAMoEDecoderLayer", "LLaDAMoEModel", "LLaDAMoEModelLM", "LLaDAMoEPreTrainedModel",
            "LLaDAMoESparseMoeBlock"]
-
-
-def _partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x (batch, heads, seq, head_dim); pass the rest."""
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return apply_rotary(x, cos, sin, full_precision=False)
-    return torch.cat((apply_rotary(x[..., :rd], cos, sin, full_precision=False), x[..., rd:]), dim=-1)
 
 
 class LLaDAMoEAttention(nn.Module):
@@ -87,7 +79,7 @@ class LLaDAMoEAttention(nn.Module):
         q = self._heads(self.q_proj(x), self.n_heads, getattr(self, "q_norm", None))
         k = self._heads(self.k_proj(x), self.n_kv_heads, getattr(self, "k_norm", None))
         v = self._heads(self.v_proj(x), self.n_kv_heads, None)
-        q, k = _partial_rotary(q, cos, sin), _partial_rotary(k, cos, sin)
+        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
         p = self.dropout if self.training else 0.0
         return self.o_proj(bidirectional_attention(q, k, v, attn_mask, dropout_p=p))
 

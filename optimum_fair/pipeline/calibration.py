@@ -18,18 +18,20 @@ import logging
 import torch
 from torch import nn
 
-from ..arch import get_adapter
+from ..arch import find_adapter, get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
 from ..distributed import DataShard, World, get_world
 from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
+from ..scoring.forward import block_diffusion_mask
 from ..scoring.states import decoding_states
 from .cache import BlockCache, run_fingerprint
 from .plan import (
     block_groups,
     decode_setup,
+    float_by_design,
     layer_format,
     needs_calibration,
     resolve_skip,
@@ -54,7 +56,8 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     skip = resolve_skip(model, config)
     # only the user's list keeps such weights float: transformers' default skip list names fused expert
     # parameters of some MoE models (DiffusionGemma), which would leave them float unasked
-    check_convertible(model, list(config.modules_to_not_convert or []))
+    user = config.modules_to_not_convert
+    check_convertible(model, list(user) if user is not None else float_by_design(find_adapter(model)))
     linears = linears_to_convert(model, skip)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
@@ -96,7 +99,8 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
         generator = torch.Generator().manual_seed(config.seed + 1)
         ids, weights = decoding_states(ids, setup.window, setup.block_length, setup.steps, setup.mask_id,
                                        generator, weights, config.floor)
-    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size)
+    mask = block_diffusion_mask(ids.shape[1], setup.block_length) if adapter.block_diffusion else None
+    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size, mask)
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, stage_two_settings(config),

@@ -64,6 +64,9 @@ def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfi
     steps = config.steps or window
     if steps % (window // block):
         raise ValueError(f"steps ({steps}) must be a multiple of window // block_length = {window // block}")
+    if adapter.block_diffusion and (seq_len - window) % block:
+        raise ValueError(f"{adapter.name} attends in blocks of block_length ({block}) from position 0: the probe "
+                         f"prompt seq_len - window = {seq_len - window} must be a multiple of it")
     return DecodeSetup(seq_len, window, block, steps, _mask_id(adapter, model, config), adapter.logit_shift)
 
 
@@ -113,9 +116,13 @@ def block_groups(adapter: ModelAdapter, index: int, block: nn.Module, skip: list
     return tuple(g for g in groups if g)
 
 
+def float_by_design(adapter: ModelAdapter | None) -> list[str]:
+    """Modules kept in floating point unless the user's own modules_to_not_convert leaves them out: the
+    routers of a mixture-of-experts family."""
+    return [adapter.experts.router] if adapter is not None and adapter.experts is not None else []
+
+
 def default_skip(model: nn.Module, adapter: ModelAdapter | None) -> list[str]:
     """transformers' default (LM head, tied embeddings) plus the adapter's routers (kept float)."""
     skip = set(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else set()
-    if adapter is not None and adapter.experts is not None:
-        skip.add(adapter.experts.router)
-    return sorted(skip)
+    return sorted(skip | set(float_by_design(adapter)))

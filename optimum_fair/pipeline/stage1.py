@@ -20,6 +20,7 @@ from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import computing_in, execution_device, resolve_compute_dtype
 from ..distributed import DataShard, World, batch_seed, get_world
 from ..naming import public_name, source_name
+from ..scoring.forward import block_diffusion_mask
 from ..scoring.prior import (
     PositionPrior,
     prior_from_stats,
@@ -78,8 +79,11 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
     device = execution_device(model)
     dtype = resolve_compute_dtype(config.compute_dtype, device)
+    block_diffusion = get_adapter(model).block_diffusion
 
     def logits_fn(x, **kw):
+        if block_diffusion:  # block-causal attention over blocks of block_length from position 0
+            kw["attention_mask"] = block_diffusion_mask(x.shape[1], setup.block_length, device)
         return model(x.to(device), **kw).logits.float().cpu()
 
     logger.info("Stage I: teacher forwards in %s", dtype)

@@ -71,19 +71,22 @@ def recording_inputs(block: nn.Module, store: list) -> Iterator[None]:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
-                         batch_size: int) -> tuple[torch.Tensor, Callable[[int], tuple[tuple, dict]]]:
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                         attention_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, Callable[[int], tuple[tuple, dict]]]:
     """Inputs of blocks[0] for every calibration sequence, and a maker of the blocks' other arguments.
 
     input_ids: (n, seq) with no padding, so every sample shares the same positions and attention mask;
     the extra arguments (rotary tables, masks) captured for the first batch are re-sliced per batch.
+    attention_mask: passed to every model forward (a block-diffusion family's block-causal mask).
     Returns hidden (n, seq, d) float32 on CPU and `extras(b) -> (args, kwargs)` for a batch of b.
     """
     store: list = []
     device = execution_device(model)
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
     with first_block_only(blocks), recording_inputs(blocks[0], store):
         for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids[start:start + batch_size].to(device))
+            model(input_ids[start:start + batch_size].to(device), **kwargs)
     hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
     _, kwargs0, args0 = store[0]
     b0 = store[0][0].shape[0]

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 LogitsFn = Callable[..., Tensor]
 """``logits_fn(x) -> (batch, seq, vocab)``; called as ``logits_fn(x, attention_mask=m)`` when a
 padding mask m (batch, seq) is in use."""
+
+
+def block_diffusion_mask(seq_len: int, block_length: int, device=None) -> Tensor:
+    """(1, 1, seq, seq) bool attention mask of block diffusion (LLaDA2): position i sees position j when
+    j's block (blocks of ``block_length`` from position 0) is not after i's. True = attend."""
+    if block_length < 1:
+        raise ValueError(f"block_length must be a positive int, got {block_length}")
+    block = torch.arange(seq_len, device=device) // block_length  # (seq,)
+    return (block[None, :] <= block[:, None])[None, None]
 
 
 def call_logits(logits_fn: LogitsFn, x: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -30,7 +30,7 @@ from .policies import (
 from .trace import DecodeTrace
 
 
-class _Recorder:
+class Recorder:
     """Accumulates commit steps, commit margins and the optional per-step records."""
 
     def __init__(self, x: Tensor, gen_len: int, record_topk: bool, record_states: bool) -> None:
@@ -75,7 +75,7 @@ class _Recorder:
         )
 
 
-def _canvas(prompt_ids: Tensor, gen_length: int, mask_id: int, attention_mask: Tensor | None):
+def canvas(prompt_ids: Tensor, gen_length: int, mask_id: int, attention_mask: Tensor | None):
     """Prompt followed by masks, and the padding mask extended over the answer (ones)."""
     batch = prompt_ids.shape[0]
     tail = torch.full((batch, gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
@@ -170,11 +170,11 @@ def llada_decode(
     check_nonneg(cfg_scale, "cfg_scale")
     remasking = coerce_enum(Remasking, remasking, "remasking")
     prompt_len = prompt_ids.shape[1]
-    x, mask = _canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
+    x, mask = canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
     gen = x[:, prompt_len:]  # view: writes land in x
     num_blocks = gen_length // block_length
     per_block = steps // num_blocks
-    rec = _Recorder(x, gen_length, record_topk, record_states)
+    rec = Recorder(x, gen_length, record_topk, record_states)
     for block in range(num_blocks):
         lo, hi = block * block_length, (block + 1) * block_length
         counts = llada_transfer_counts(gen[:, lo:hi].eq(mask_id).sum(-1), per_block)  # (batch, per_block)
@@ -277,10 +277,10 @@ def dream_decode(
     check_dream_sampling(top_p, top_k, alg_temp, eps)
     alg = coerce_enum(DreamAlg, alg, "alg")
     prompt_len = prompt_ids.shape[1]
-    x, mask = _canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
+    x, mask = canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
     gen = x[:, prompt_len:]
     times = dream_timesteps(steps, eps, device=x.device)  # (steps + 1,)
-    rec = _Recorder(x, gen_length, record_topk, record_states)
+    rec = Recorder(x, gen_length, record_topk, record_states)
     for step in range(steps):
         logits = forbid_mask(predict_window(logits_fn, x, mask, prompt_len, logit_shift), mask_id)
         rec.observe(x, logits)

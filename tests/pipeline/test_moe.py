@@ -17,8 +17,9 @@ from optimum_fair.modeling import register_native_models
 from optimum_fair.nn import FairLinear
 from optimum_fair.pipeline.calibration import calibrate
 from optimum_fair.pipeline.stats import counted_hessians
+from optimum_fair.scoring.forward import block_diffusion_mask
 from optimum_fair.scoring.sampler import llada_decode
-from tests.conftest import char_tokenizer, tiny_lladamoe
+from tests.conftest import char_tokenizer, tiny_llada2, tiny_lladamoe
 
 TEXTS = [f"a tiny mixture of experts reads line {i} of the calibration text, then stops." for i in range(64)]
 SMALL = dict(num_probes=8, num_samples=8, seq_len=32, window=16, block_length=8, batch_size=4,
@@ -99,33 +100,42 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory, tok):
-    """A tiny LLaDA-MoE on disk, and it quantized through from_pretrained with FAIR weighting and GPTQ."""
+FAMILIES = {  # family: (tiny model, FairLinears expected, nn.Linear kept float, 2-D float params outside Linear)
+    "lladamoe": (tiny_lladamoe, 7 + 2 * (4 + 8 * 3 + 3), {"lm_head", "model.layers.1.mlp.gate",
+                                                          "model.layers.2.mlp.gate"}, set()),
+    "llada2": (tiny_llada2, 5 + 2 * (2 + 8 * 3 + 3), {"lm_head"}, {"model.layers.1.mlp.gate.weight",
+                                                                 "model.layers.2.mlp.gate.weight"}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def quantized(request, tmp_path_factory, tok):
+    """A tiny MoE model on disk, and it quantized through from_pretrained with FAIR weighting and GPTQ."""
     register_native_models()
-    src = tmp_path_factory.mktemp("lladamoe")
-    _model(tok).save_pretrained(src)
+    src = tmp_path_factory.mktemp(request.param)
+    FAMILIES[request.param][0](len(tok), tok.mask_token_id).save_pretrained(src)
     tok.save_pretrained(src)
     cfg = FairCalibConfig(rounding="gptq", weighting="fair", dataset=TEXTS, **SMALL)
-    return src, AutoModel.from_pretrained(src, quantization_config=cfg)
+    return request.param, src, AutoModel.from_pretrained(src, quantization_config=cfg)
 
 
 def test_from_pretrained_quantizes_every_expert_and_keeps_routers_float(quantized):
-    _, model = quantized
+    family, _, model = quantized
+    _, n_fair, float_linears, float_params = FAMILIES[family]
     fair = {n for n, m in model.named_modules() if isinstance(m, FairLinear)}
-    floats = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert floats == {"lm_head", "model.layers.1.mlp.gate", "model.layers.2.mlp.gate"}
-    assert len(fair) == 7 + 2 * (4 + 8 * 3 + 3)  # dense layer; MoE layers: attention, 8 experts, shared expert
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} == float_linears
+    assert len(fair) == n_fair  # dense layer; MoE layers: attention, 8 experts, shared expert
     # every weight tensor of two or more dimensions is packed or one of the float modules listed above
     for name, t in model.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
         if t.dim() >= 2 and not name.endswith(("weight_scale", "weight_packed")):
-            assert owner in floats | {"model.embed_tokens"}, name
+            owner = name.rsplit(".", 1)[0]
+            assert owner in float_linears | {"model.embed_tokens", "model.word_embeddings"} or name in float_params
     assert model.config.quantization_config.modules_to_not_convert == ["lm_head", "mlp.gate"]
+    assert model.config.quantization_config.weighting.value == "fair"
 
 
 def test_quantized_moe_forward_equals_the_dequantized_reference(quantized, tok):
-    src, model = quantized
+    _, src, model = quantized
     ref = AutoModel.from_pretrained(src)  # float model; every converted linear gets its dequantized weight
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -136,7 +146,7 @@ def test_quantized_moe_forward_equals_the_dequantized_reference(quantized, tok):
 
 
 def test_packed_experts_save_and_reload_exactly(quantized, tmp_path, tok):
-    _, model = quantized
+    _, _, model = quantized
     model.save_pretrained(tmp_path)
     again = AutoModel.from_pretrained(tmp_path)
     a, b = model.state_dict(), again.state_dict()
@@ -146,8 +156,29 @@ def test_packed_experts_save_and_reload_exactly(quantized, tmp_path, tok):
         assert torch.equal(model(ids).logits, again(ids).logits)
 
 
-def test_lladamoe_decodes_with_commit_traces(quantized, tok):
-    _, model = quantized
+def test_llada2_teacher_forwards_use_the_block_causal_mask(tok):
+    # Stage I rollouts and Stage II's captured block inputs both attend under blocks of block_length (8)
+    model = tiny_llada2(len(tok), tok.mask_token_id)
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    calibrate(model, FairCalibConfig(rounding="rtn", weighting="fair", **dict(SMALL, transform="hadamard")),
+              texts=TEXTS, tokenizer=tok)
+    hook.remove()
+    assert len(seen) > 8 and all(m is not None and m.dtype == torch.bool for m in seen)
+    assert all(torch.equal(m, block_diffusion_mask(m.shape[-1], 8)) for m in seen)
+    assert {m.shape[-1] for m in seen} == {32}
+
+
+def test_llada2_probe_prompt_must_fill_whole_blocks(tok):
+    model = tiny_llada2(len(tok), tok.mask_token_id)
+    with pytest.raises(ValueError, match="probe prompt seq_len - window = 20 must be a multiple of it"):
+        calibrate(model, FairCalibConfig(rounding="gptq", weighting="fair", **dict(SMALL, window=12, block_length=6)),
+                  texts=TEXTS, tokenizer=tok)
+
+
+def test_moe_models_decode_with_commit_traces(quantized, tok):
+    _, _, model = quantized
     prompt = torch.tensor([tok.encode("experts ")])
     with torch.no_grad():
         trace = llada_decode(lambda x: model(x).logits, prompt, gen_length=8, block_length=4, steps=4,
