@@ -185,3 +185,27 @@ def test_moe_models_decode_with_commit_traces(quantized, tok):
                              mask_id=tok.mask_token_id)
     assert not (trace.sequences == tok.mask_token_id).any()
     assert sorted(trace.commit_step[0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 commits per step
+
+
+def test_compressed_tensors_export_holds_every_expert(quantized, tmp_path, tok):
+    # the consumer reads it: transformers + compressed-tensors, no optimum-fair layer inside
+    from transformers import CompressedTensorsConfig
+
+    from optimum_fair.export import export
+
+    family, _, model = quantized
+    model.save_pretrained(tmp_path / "saved")
+    out = export(tmp_path / "saved", tmp_path / "ct", "compressed-tensors")
+    loaded = AutoModel.from_pretrained(out, dtype=torch.float32,
+                                       quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    assert not any(isinstance(m, FairLinear) for m in loaded.modules())
+    fair = {n: m for n, m in model.named_modules() if isinstance(m, FairLinear)}
+    assert any(".experts.7." in n for n in fair)
+    for name, layer in fair.items():
+        assert torch.equal(loaded.get_submodule(name).weight.float(), layer.dequantized_weight().float()), name
+    router = "model.layers.1.mlp.gate"
+    assert torch.equal(loaded.get_submodule(router).weight, model.get_submodule(router).weight)  # float
+    compressed = AutoModel.from_pretrained(out, dtype=torch.float32).eval()  # runs the compressed layers
+    ids = torch.randint(4, len(tok), (1, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
