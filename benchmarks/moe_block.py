@@ -70,7 +70,7 @@ def one_block(tokens: int, seed: int) -> dict:
                          input_mode=InputMode.QUANTIZED, seed=0)
     start = time.perf_counter()
     calibrate_blocks(torch.nn.ModuleList([block]), lambda l, b: LLADA_MOE.block_groups(b), hidden,
-                     lambda b: ((), {}), None, s, torch.float32, torch.device("cpu"),
+                     lambda b, l=0: ((), {}), None, s, torch.float32, torch.device("cpu"),
                      shard=DataShard(World(), n, s.batch_size))
     log.removeHandler(fallbacks)
     return {"tokens": tokens, "seconds": time.perf_counter() - start, "expert_groups": 64 * 2,

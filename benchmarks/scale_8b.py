@@ -305,7 +305,11 @@ def stage_two(model, weights, args, mon: RssMonitor) -> dict:
     adapter = get_adapter(model)
     blocks = adapter.block_list(model)
     cfg, settings = stage_two_settings(args)
-    groups = block_groups(adapter, resolve_skip(model, cfg))  # as calibrate(): the LM head stays float
+    skip = resolve_skip(model, cfg)  # as calibrate(): the LM head stays float
+
+    def groups(l, block):
+        return block_groups(adapter, l, block, skip)
+
     ids = random_ids(args.samples, args.seq_len, seed=2)
     device = execution_device(model)
     with mon.phase("capture_inputs"):

@@ -23,12 +23,16 @@ class ExpertLayout:
     router: the router linear, relative to the block; it stays in floating point unless the user's own
         modules_to_not_convert leaves it out.
     after: groups that run after the experts (a shared expert), relative to the block.
+    fused: the model stores its experts as transformers 5's fused 3-D `gate_up_proj` (E, 2 inter, d) and
+        `down_proj` (E, d, inter) at `path`; they become a `RoutedExperts` of `GatedExpert` linears
+        (`gate_up_proj`, `down_proj`) before calibration or loading.
     """
 
     path: str
     groups: tuple[tuple[str, ...], ...]
     router: str
     after: tuple[tuple[str, ...], ...] = ()
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,13 @@ class ModelAdapter:
         `groups` it has (a dense layer its MLP, an MoE layer none of it), every expert's groups and `after`.
     block_diffusion: the family decodes with block-causal attention (LLaDA2): every teacher forward of
         Stage I and II passes `scoring.forward.block_diffusion_mask` over blocks of the run's block_length.
+    tied_blocks: dotted path of blocks that share every weight with `blocks` (DiffusionGemma's encoder
+        text layers): they end up holding the very same packed modules as the calibrated blocks.
+    canvas: the family denoises a canvas of uniformly random tokens after an encoded prompt
+        (DiffusionGemma): calibration text is fed as noisy canvases after a one-token prompt, and there
+        is no masked commit order for Stage I (the run uses uniform weighting, saying why).
+    float_modules: the default modules_to_not_convert (routers are added); None = transformers' own list
+        (the LM head and tied embeddings), which for a family with tied blocks names every block.
     """
 
     name: str
@@ -61,6 +72,9 @@ class ModelAdapter:
     sampler: Algorithm = Algorithm.LLADA
     experts: ExpertLayout | None = None
     block_diffusion: bool = False
+    tied_blocks: str | None = None
+    canvas: bool = False
+    float_modules: tuple[str, ...] | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -80,7 +94,8 @@ class ModelAdapter:
         if self.experts is None:
             return self.groups
         lay = self.experts
-        found = [g for g in self.groups if _has(block, g[0])]
+        found = [tuple(n for n in g if _has(block, n)) for g in self.groups]  # layers differ (v_proj, mlp)
+        found = [g for g in found if g]
         if _has(block, lay.path):
             for e in range(len(block.get_submodule(lay.path))):
                 found += [tuple(f"{lay.path}.{e}.{n}" for n in g) for g in lay.groups]
@@ -180,6 +195,21 @@ LLADA2 = ModelAdapter(
     sampler=Algorithm.LLADA2,
 )
 
+DIFFUSION_GEMMA = ModelAdapter(
+    name="diffusion-gemma",
+    model_types=("diffusion_gemma",),
+    blocks="model.decoder.layers",
+    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),  # full-attention layers have no v_proj
+    experts=ExpertLayout(path="experts", groups=(("gate_up_proj",), ("down_proj",)), router="router.proj",
+                         fused=True),
+    tied_blocks="model.encoder.language_model.layers",
+    canvas=True,
+    float_modules=("lm_head", "model.encoder.vision_tower", "model.encoder.embed_vision",
+                   "model.decoder.self_conditioning"),
+    max_length_attrs=(),
+)
+
 # Autoregressive families with the same layout: quantizable (round-to-nearest, GPTQ, transforms) with
 # the masked-diffusion parts (Stage I, metrics) needing a mask_token_id on the config.
 LLAMA_LIKE = ModelAdapter(
@@ -192,7 +222,7 @@ LLAMA_LIKE = ModelAdapter(
     sampler=Algorithm.DREAM,
 )
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, LLADA_MOE, LLADA2, DREAM, LLAMA_LIKE)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLADA, LLADA_MOE, LLADA2, DIFFUSION_GEMMA, DREAM, LLAMA_LIKE)
 
 
 def find_adapter(model_or_config) -> ModelAdapter | None:

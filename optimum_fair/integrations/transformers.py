@@ -29,6 +29,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from ..arch import find_adapter
 from ..config import FairCalibConfig
 from ..distributed import is_main_process
 from ..export.folder import load_saved_prior
@@ -37,6 +38,7 @@ from ..modeling import register_native_models
 from ..nn import use_kernels
 from ..pipeline import CalibrationResult, calibrate
 from ..pipeline.checkpoint import check_packed_tensors, check_scales, digest_metadata, format_metadata
+from ..pipeline.moe import prepare_tied_load, tie_blocks, unfuse_experts
 from ..pipeline.plan import layer_format, resolve_skip
 from ..pipeline.surgery import replace_with_skeletons
 from .publishing import bind_publishing
@@ -69,18 +71,27 @@ class FairCalibHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
+            adapter = find_adapter(model)
+            unfuse_experts(model, adapter, with_tied=True)  # fused experts were saved as linears
             skip = resolve_skip(model, self.quantization_config)
             dtype = _dtype(kwargs.get("dtype") or model.config.dtype)
             names = replace_with_skeletons(model, skip, layer_format(self.quantization_config), dtype)
+            tied = adapter.tied_blocks if adapter is not None else None
+            if tied:  # written once, under the calibrated blocks: shared again after loading
+                prepare_tied_load(model, adapter)
             logger.info("fair_calib: %d packed linears expected in the checkpoint", len(names))
             self._checkpoint_files = kwargs.get("checkpoint_files")
-            check_packed_tensors(model, self._checkpoint_files, a_bits=self.quantization_config.a_bits)
+            check_packed_tensors(model, self._checkpoint_files, a_bits=self.quantization_config.a_bits,
+                                 shared_from=tied)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:  # a saved checkpoint: keep its prior so a re-save or push writes it again
             config = self.quantization_config
             skip = list(config.modules_to_not_convert or [])
+            adapter = find_adapter(model)
+            if adapter is not None:
+                tie_blocks(model, adapter)
             check_scales(model)
             self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
                                             reloaded=True)

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from ..arch import find_adapter, get_adapter
+from ..arch import ModelAdapter, find_adapter, get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
@@ -26,8 +26,9 @@ from ..distributed import DataShard, World, get_world
 from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
-from ..scoring.states import decoding_states
+from ..scoring.states import decoding_states, noisy_canvases
 from .cache import BlockCache, run_fingerprint
+from .moe import check_tied, tie_blocks, unfuse_experts
 from .plan import (
     block_groups,
     decode_setup,
@@ -53,12 +54,14 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     """
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
+    adapter, config = _prepare(model, config)
     skip = resolve_skip(model, config)
+    tied = [adapter.tied_blocks] if adapter is not None and adapter.tied_blocks else []  # shared at the end
     # only the user's list keeps such weights float: transformers' default skip list names fused expert
     # parameters of some MoE models (DiffusionGemma), which would leave them float unasked
     user = config.modules_to_not_convert
-    check_convertible(model, list(user) if user is not None else float_by_design(find_adapter(model)))
-    linears = linears_to_convert(model, skip)
+    check_convertible(model, (list(user) if user is not None else float_by_design(adapter)) + tied)
+    linears = linears_to_convert(model, skip + tied)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
     check_group_size(linears, config.group_size)
@@ -68,11 +71,31 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
         texts = texts if texts is not None else config.dataset
         tokenizer = tokenizer if tokenizer is not None else config.tokenizer
         result.prior, result.blocks = _stages(model, config, skip, texts, tokenizer)
-    rest = linears_to_convert(model, skip)  # everything with RTN, or the linears outside the blocks
+    rest = linears_to_convert(model, skip + tied)  # everything with RTN, or the linears outside the blocks
     if rest:
         logger.info("round-to-nearest for %d linears: %s", len(rest), list(rest)[:4])
         convert_rtn(model, rest, layer_format(config))
+    if adapter is not None and tie_blocks(model, adapter):
+        logger.info("%s now holds the packed modules of %s", adapter.tied_blocks, adapter.blocks)
     return result
+
+
+def _prepare(model: nn.Module, config: FairCalibConfig) -> tuple[ModelAdapter | None, FairCalibConfig]:
+    """Before anything is quantized: the tying checked, fused experts as linears; a canvas family's
+    weighting made uniform (saying why). Returns the adapter and the config the run uses."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        return None, config
+    check_tied(model, adapter)
+    unfuse_experts(model, adapter)
+    if adapter.canvas and config.calib_inputs is CalibInputs.MASKED:
+        raise ValueError(f"calib_inputs='masked' needs masked decoding states; {adapter.name} denoises a canvas of "
+                         "random tokens: use calib_inputs='text' (fed as noisy canvases)")
+    if adapter.canvas and config.weighting is Weighting.FAIR:
+        logger.warning("%s starts from uniformly random tokens, not masks: there is no masked commit order for "
+                       "Stage I's frontier prior, so this run calibrates with weighting='uniform'", adapter.name)
+        config = dataclasses.replace(config, weighting=Weighting.UNIFORM)
+    return adapter, config
 
 
 def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, tokenizer):
@@ -100,7 +123,14 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
         ids, weights = decoding_states(ids, setup.window, setup.block_length, setup.steps, setup.mask_id,
                                        generator, weights, config.floor)
     mask = block_diffusion_mask(ids.shape[1], setup.block_length) if adapter.block_diffusion else None
-    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size, mask)
+    inputs = None
+    if adapter.canvas:  # noisy canvases of the text after one shared prompt token (one encoder cache for all)
+        ids = noisy_canvases(ids, model.get_input_embeddings().num_embeddings,
+                             torch.Generator().manual_seed(config.seed + 2))
+        prompt = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else int(ids[0, 0])]])
+        inputs = functools.partial(_canvas_inputs, prompt)
+    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size, mask,
+                                          inputs=inputs, keep_cache=adapter.canvas)
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, stage_two_settings(config),
@@ -117,3 +147,8 @@ def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, wor
     cache = make() if world.is_main else None
     world.barrier("cache manifest written by rank 0")
     return cache if cache is not None else make()
+
+
+def _canvas_inputs(prompt: torch.Tensor, canvas: torch.Tensor) -> dict:
+    """A canvas family's forward arguments: the prompt (1, p) for every row, the canvases (b, seq)."""
+    return {"input_ids": prompt.expand(canvas.shape[0], -1), "decoder_input_ids": canvas}

@@ -27,7 +27,7 @@ _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16
 def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """name -> (shape, dtype) for every persistent buffer of every FairLinear. dtype None = any float."""
     out = {}
-    for prefix, module in model.named_modules():
+    for prefix, module in model.named_modules(remove_duplicate=False):  # a shared layer under each name
         if not isinstance(module, FairLinear):
             continue
         for name, buf in module.named_buffers(recurse=False):
@@ -38,11 +38,13 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return out
 
 
-def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None, a_bits: int | None = None) -> None:
+def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | None, a_bits: int | None = None,
+                         shared_from: str | None = None) -> None:
     """Raise ValueError naming the first tensor that is missing from the checkpoint (a packed one, or any
     other the model holds: embeddings, norms, the LM head unless tied) or a packed one of the wrong shape
     or dtype, and the file(s) read; or naming the file when it was saved with other activation bits than
-    `a_bits` (the one format field no tensor shape shows)."""
+    `a_bits` (the one format field no tensor shape shows). Names under `shared_from` (tied blocks, which
+    take the calibrated blocks' modules after loading) need not be in the checkpoint."""
     files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
     if not files:
         return
@@ -58,12 +60,16 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # written once, under their source
-    missing = [n for n in model.state_dict() if n not in found and n not in tied]
+    shared = (shared_from + ".") if shared_from else None
+    missing = [n for n in model.state_dict() if n not in found and n not in tied
+               and not (shared and n.startswith(shared))]
     if missing:
         raise ValueError(f"{missing[0]}: missing from the fair_calib checkpoint ({', '.join(files)})"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                          + "; loading it would leave random weights")
     for name, (shape, dtype) in expected_tensors(model).items():
+        if name not in found:  # another name of a shared tensor (a tied block's), checked under that one
+            continue
         got_shape, got_dtype = found[name]
         torch_dtype = _SAFETENSORS_DTYPES.get(got_dtype)
         if got_shape != shape:

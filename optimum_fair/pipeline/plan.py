@@ -118,11 +118,17 @@ def block_groups(adapter: ModelAdapter, index: int, block: nn.Module, skip: list
 
 def float_by_design(adapter: ModelAdapter | None) -> list[str]:
     """Modules kept in floating point unless the user's own modules_to_not_convert leaves them out: the
-    routers of a mixture-of-experts family."""
-    return [adapter.experts.router] if adapter is not None and adapter.experts is not None else []
+    routers of a mixture-of-experts family and the adapter's `float_modules`."""
+    if adapter is None:
+        return []
+    routers = [adapter.experts.router] if adapter.experts is not None else []
+    return routers + list(adapter.float_modules or ())
 
 
 def default_skip(model: nn.Module, adapter: ModelAdapter | None) -> list[str]:
-    """transformers' default (LM head, tied embeddings) plus the adapter's routers (kept float)."""
-    skip = set(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else set()
+    """The adapter's float modules, else transformers' default (LM head, tied embeddings), plus the
+    adapter's routers (kept float)."""
+    skip = set()
+    if adapter is None or adapter.float_modules is None:
+        skip = set(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else set()
     return sorted(skip | set(float_by_design(adapter)))

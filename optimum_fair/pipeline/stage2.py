@@ -15,6 +15,8 @@ rank 0 writes the cache.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 from collections.abc import Callable, Iterator
 
@@ -72,36 +74,62 @@ def recording_inputs(block: nn.Module, store: list) -> Iterator[None]:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         attention_mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, Callable[[int], tuple[tuple, dict]]]:
-    """Inputs of blocks[0] for every calibration sequence, and a maker of the blocks' other arguments.
+                         attention_mask: torch.Tensor | None = None, inputs: Callable | None = None,
+                         keep_cache: bool = False) -> tuple[torch.Tensor, Callable[..., tuple[tuple, dict]]]:
+    """Inputs of blocks[0] for every calibration sequence, and a maker of each block's other arguments.
 
     input_ids: (n, seq) with no padding, so every sample shares the same positions and attention mask;
-    the extra arguments (rotary tables, masks) captured for the first batch are re-sliced per batch.
+    the extra arguments (rotary tables, masks) each block gets for the first batch are re-sliced per batch
+    (blocks may get different ones: sliding / full attention layers).
     attention_mask: passed to every model forward (a block-diffusion family's block-causal mask).
-    Returns hidden (n, seq, d) float32 on CPU and `extras(b) -> (args, kwargs)` for a batch of b.
+    inputs(ids) -> the model's keyword arguments for a batch of ids (default {"input_ids": ids}).
+    keep_cache: keep a KV cache argument (a decoder that reads its encoder's cache, the same for every
+    sample); otherwise it is dropped.
+    Returns hidden (n, seq, d) float32 on CPU and `extras(b, l=0) -> (args, kwargs)` for block l, batch b.
     """
-    store: list = []
     device = execution_device(model)
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+    fixed = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+
+    def forward(ids: torch.Tensor) -> None:
+        kwargs = inputs(ids) if inputs is not None else {"input_ids": ids}
+        model(**{k: v.to(device) for k, v in kwargs.items()}, **fixed)
+
+    per_block: list[list] = [[] for _ in blocks]
+    with contextlib.ExitStack() as stack:  # every block's arguments, from one full forward of the first batch
+        for block, store in zip(blocks, per_block, strict=True):
+            stack.enter_context(recording_inputs(block, store))
+        forward(input_ids[:batch_size])
+    store: list = []
     with first_block_only(blocks), recording_inputs(blocks[0], store):
         for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids[start:start + batch_size].to(device), **kwargs)
+            forward(input_ids[start:start + batch_size])
     hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
-    _, kwargs0, args0 = store[0]
-    b0 = store[0][0].shape[0]
-    # no KV cache: a cache object (Llama passes it as `cache` in transformers 5) would grow across the
-    # calibration batches, so later batches attended to earlier ones and gradients reached old graphs
-    kwargs0 = {k: v for k, v in kwargs0.items() if k not in _CACHE_KWARGS and not isinstance(v, Cache)}
+    b0 = per_block[0][0][0].shape[0]
+    # no KV cache unless asked: a cache object (Llama passes it as `cache` in transformers 5) would grow
+    # across the calibration batches, so later batches attended to earlier ones and gradients reached old graphs
+    captured = [(_keep(rec[0][1], keep_cache), rec[0][2]) for rec in per_block]
 
-    def extras(b: int) -> tuple[tuple, dict]:
+    def extras(b: int, l: int = 0) -> tuple[tuple, dict]:
+        kwargs0, args0 = captured[l]
         return _rebatch(args0, b0, b), _rebatch(kwargs0, b0, b)
 
     return hidden, extras
 
 
+def _keep(kwargs: dict, keep_cache: bool) -> dict:
+    if keep_cache:
+        return {k: v for k, v in kwargs.items() if k != "use_cache"}
+    return {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS and not isinstance(v, Cache)}
+
+
 def _rebatch(value, b0: int, b: int):
     """Re-slice tensors whose leading dim is the capture batch b0 to batch b (samples are identical)."""
+    if isinstance(value, Cache):  # a read-only encoder cache: a shallow copy whose layers hold re-sliced tensors
+        out = copy.copy(value)
+        out.layers = [copy.copy(layer) for layer in value.layers]
+        for layer in out.layers:
+            layer.keys, layer.values = _rebatch(layer.keys, b0, b), _rebatch(layer.values, b0, b)
+        return out
     if torch.is_tensor(value):
         if value.dim() and value.shape[0] == b0 and b0 > 0:
             return value[:1].expand(b, *value.shape[1:])
@@ -279,7 +307,8 @@ def calibrate_blocks(
 
     groups_of(l, block): block l's linear groups in forward order (`plan.block_groups`).
 
-    hidden: inputs of blocks[0], (n, seq, d) float32 on CPU. `cache` (optional) has
+    hidden: inputs of blocks[0], (n, seq, d) float32 on CPU; extras(b, l): block l's other arguments for a
+    batch of b (`capture_block_inputs`). `cache` (optional) has
     `load(l, block, teacher) -> bool` and `save(l, block, teacher)` (teacher: the FP block's digest); a
     cached block is loaded instead of calibrated.
     shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
@@ -306,6 +335,7 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
                device, cache, shard: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record."""
     block.float()
+    extras = functools.partial(extras, l=l)  # block l's own captured arguments
     call = block_caller(block, extras, device)
     targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_local, seq, d)
     x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream

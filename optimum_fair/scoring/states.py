@@ -65,3 +65,14 @@ def decoding_states(
         weights = prior.float()[None] * mark
         weights = weights / weights.mean(-1, keepdim=True)
     return states, weights
+
+
+def noisy_canvases(ids: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """States of a uniform-noise diffusion model (DiffusionGemma denoises a canvas of random tokens):
+    sample i keeps each token with probability 1 - r_i and replaces it by a uniformly random token
+    otherwise, noise levels r_i ~ U(0, 1) per sample. ids: (n, seq) -> (n, seq)."""
+    n, seq = ids.shape
+    level = torch.rand(n, 1, generator=generator)  # (n, 1)
+    noise = torch.rand(n, seq, generator=generator) < level  # (n, seq)
+    random = torch.randint(0, vocab_size, (n, seq), generator=generator)
+    return torch.where(noise, random, ids)

@@ -71,23 +71,18 @@ def test_dense_families_have_nothing_unconvertible(tiny_llama):
     assert unconvertible_weights(tiny_llama, []) == {}
 
 
-def test_diffusion_gemma_fused_experts_are_not_left_float_silently():
+def test_diffusion_gemma_fused_experts_are_quantized_not_left_float():
     # transformers' own MoE diffusion model: its default skip list names the expert parameters, which
-    # used to leave them float without a word; now the run is refused, naming them
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    # used to leave them float without a word; its adapter now turns them into linears and packs them
+    from optimum_fair.arch import DIFFUSION_GEMMA
+    from tests.pipeline.test_diffusion_gemma import tiny_gemma
 
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=16, global_head_dim=16, num_experts=4, top_k_experts=2,
-                moe_intermediate_size=16, max_position_embeddings=64, sliding_window=16,
-                layer_types=["sliding_attention", "full_attention"])
-    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, position_embedding_size=64)
-    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=vision,
-                                                                 canvas_length=8)).eval()
+    model = tiny_gemma()
     found = unconvertible_weights(model, [])
     experts = [m for m in found if m.endswith(".experts")]
     assert len(experts) == 4  # 2 encoder + 2 decoder layers
     assert all(found[m] == ["gate_up_proj (4, 32, 32)", "down_proj (4, 32, 16)"] for m in experts)
-    with pytest.raises(ValueError, match=r"DiffusionGemmaTextExperts.*model\.decoder\.layers\.0\.experts"):
-        quantize(model, FairCalibConfig(**RTN))
-    assert not any(isinstance(m, FairLinear) for m in model.modules())
+    quantize(model, FairCalibConfig(**RTN))
+    assert unconvertible_weights(model, list(DIFFUSION_GEMMA.float_modules)) == {}
+    assert not any(type(m).__name__ == "DiffusionGemmaTextExperts" for m in model.modules())
+    assert sum(isinstance(m, FairLinear) for m in model.modules()) > 0
