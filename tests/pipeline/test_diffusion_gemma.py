@@ -164,3 +164,11 @@ def test_noisy_canvases_replace_a_per_sample_fraction_by_uniform_tokens():
     changed = (out != 7).float().mean(1)
     torch.testing.assert_close(changed, level * (1 - 1 / 1000), atol=0.03, rtol=0)  # a random token may be 7
     assert int(out.max()) < 1000 and torch.equal(noisy_canvases(ids, 1000, torch.Generator().manual_seed(0)), out)
+
+
+def test_its_own_generate_runs_on_the_quantized_model(gptq):
+    ids = torch.randint(4, 100, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = gptq.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert out.sequences.shape == (1, 6 + 8) and torch.equal(out.sequences[:, :6], ids)
+    assert int(out.sequences.max()) < 128
