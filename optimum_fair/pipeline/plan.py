@@ -47,7 +47,7 @@ class StageTwoSettings:
     act_order: bool
     input_mode: InputMode
     seed: int
-    true_sequential: bool = False
+    true_sequential: bool
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:

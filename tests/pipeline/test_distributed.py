@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from optimum_fair.distributed import DataShard, World, batch_seed, is_main_process, shard_batches
-from tests.conftest import char_tokenizer, tiny_llada
+from tests.conftest import char_tokenizer, tiny_llada, tiny_lladamoe
 from tests.pipeline.distributed_worker import run_job, toy_expert_hessians, toy_hessian
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
@@ -156,6 +156,25 @@ def test_gptq_hessian_is_bit_identical_to_one_process(torchrun):
     one = toy_hessian(World())
     for r in range(2):
         assert torch.equal(torch.load(torchrun / f"hessian{r}.pt"), one)
+
+
+def test_moe_checkpoint_is_bit_identical_to_one_process(tmp_path_factory):
+    # a tiny LLaDA-MoE through the from_pretrained hook: every expert's Hessian over routed tokens of
+    # both ranks' batches, the prior's probes split too
+    src = tmp_path_factory.mktemp("lladamoe")
+    tok = char_tokenizer()
+    tiny_lladamoe(len(tok), tok.mask_token_id).save_pretrained(src)
+    tok.save_pretrained(src)
+    config = dict(SMALL, rounding="gptq", transform="hadamard", w_bits=4, a_bits=16)
+    one, two = tmp_path_factory.mktemp("moe_single"), tmp_path_factory.mktemp("moe_torchrun")
+    run_job(str(src), one / "moe", "from_pretrained", config)
+    jobs = json.dumps([{"name": "moe", "entry": "from_pretrained", "config": config}])
+    _launch(["torchrun", "--standalone", "--nproc_per_node", "2", WORKER, str(src), str(two), jobs])
+    ref, par = _tensors(one / "moe"), _tensors(two / "moe")
+    assert sorted(ref) == sorted(par) and any(".experts.7." in k for k in ref)
+    assert [k for k in ref if not torch.equal(ref[k], par[k])] == []
+    r0, r1 = _ranks(two / "moe")
+    assert r0["records"] == r1["records"] == json.loads((one / "moe" / "rank0.json").read_text())["records"]
 
 
 def test_expert_hessians_and_token_counts_are_summed_across_ranks(torchrun):
