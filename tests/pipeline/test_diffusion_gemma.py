@@ -172,3 +172,18 @@ def test_its_own_generate_runs_on_the_quantized_model(gptq):
         out = gptq.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert out.sequences.shape == (1, 6 + 8) and torch.equal(out.sequences[:, :6], ids)
     assert int(out.sequences.max()) < 128
+
+
+def test_from_pretrained_with_a_quantization_config_calibrates_and_reloads(tmp_path):
+    src = tmp_path / "gemma"
+    tiny_gemma().save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    config = FairCalibConfig(rounding="gptq", dataset=TEXTS, **QUICK)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(src, quantization_config=config)
+    layers = model.model.decoder.layers
+    assert isinstance(layers[0].experts[3].down_proj, FairLinear)
+    assert model.model.encoder.language_model.layers[0].experts is layers[0].experts
+    assert [r["block"] for r in calibration_result(model).blocks] == [0, 1]
+    model.save_pretrained(tmp_path / "q")
+    again = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(model), _logits(again))
