@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp: a calibrated LLaDA or Dream as one `.gguf` file, written with the `gguf` package.
+"""GGUF for llama.cpp: a calibrated LLaDA, LLaDA-MoE or Dream as one `.gguf` file, written with `gguf`.
 
 The calibrated codes go in as they are, never re-quantized: a symmetric int4 code c in [-8, 7] with
 scale s is GGUF `Q4_0` (blocks of 32: one fp16 `d`, 16 bytes of nibbles q, value (q - 8) d) with
@@ -11,12 +11,16 @@ is logged. What GGUF cannot express is refused before anything is written: onlin
 
 Tensor names come from `gguf`'s own name map for the architecture. For LLaDA the q / k rows are
 permuted from transformers' rotate-half rotary layout to llama.cpp's interleaved one, as llama.cpp's
-converter does; Dream (Qwen2 layout) runs rotate-half rotary in llama.cpp and keeps its rows.
+converter does; Dream (Qwen2 layout) and LLaDA-MoE run rotate-half rotary in llama.cpp and keep their
+rows. LLaDA-MoE's experts are stacked per layer into llama.cpp's 3-D `ffn_{gate,up,down}_exps` tensors
+(expert-major, each expert's Q4_0 / Q8_0 rows as they are); llama.cpp's `llada-moe` has no shared expert,
+no dense layer and no router bias, so such configs are refused.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,8 @@ from .requires import require
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
-ARCHS = {"llada": "LLADA", "Dream": "DREAM"}  # our model_type -> gguf.MODEL_ARCH member
+ARCHS = {"llada": "LLADA", "Dream": "DREAM", "lladamoe": "LLADA_MOE"}  # our model_type -> gguf.MODEL_ARCH
+EXPERT = re.compile(r"(?P<layer>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the prompt as it is
 
 
@@ -40,6 +45,8 @@ def check_exportable(model: nn.Module) -> None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ARCHS:
         raise ValueError(f"GGUF export supports model_type {sorted(ARCHS)}, got {model_type!r}")
+    if model_type == "lladamoe":
+        _check_llada_moe(model.config)
     for name, module in model.named_modules():
         if not isinstance(module, FairLinear):
             continue
@@ -49,6 +56,18 @@ def check_exportable(model: nn.Module) -> None:
         if module.in_features % BLOCK or (module.group_size != -1 and module.group_size % BLOCK):
             raise ValueError(f"{name}: GGUF blocks hold {BLOCK} weights; in_features ({module.in_features}) and "
                              f"group_size ({module.group_size}) must be multiples of {BLOCK} (or per channel)")
+
+
+def _check_llada_moe(cfg) -> None:
+    """llama.cpp's llada-moe: every layer MoE, no shared expert, no router bias."""
+    if not all(cfg.moe_layer_freq):
+        raise ValueError(f"LLaDAMoEConfig.moe_layer_freq: GGUF (llama.cpp's llada-moe) needs every layer MoE, got "
+                         f"{cfg.moe_layer_freq}")
+    if cfg.shared_expert_intermediate_size:
+        raise ValueError("LLaDAMoEConfig.shared_expert_intermediate_size: llama.cpp's llada-moe has no shared "
+                         f"expert, got {cfg.shared_expert_intermediate_size}")
+    if cfg.moe_router_enable_expert_bias:
+        raise ValueError("LLaDAMoEConfig.moe_router_enable_expert_bias: llama.cpp's llada-moe has no router bias")
 
 
 def check_tokenizer(tokenizer: Any) -> None:
@@ -104,7 +123,13 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
 
 
 def hparams(cfg) -> dict:
-    """The hyperparameters llama.cpp reads, from a LLaDA or a Dream (Qwen2 names) config."""
+    """The hyperparameters llama.cpp reads, from a LLaDA, LLaDA-MoE or Dream (Qwen2 names) config."""
+    if cfg.model_type == "lladamoe":
+        return dict(blocks=cfg.num_hidden_layers, width=cfg.hidden_size, ffn=cfg.dense_intermediate_size,
+                    heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                    context=cfg.max_position_embeddings, rope_theta=cfg.rope_theta_value, shift_logits=False,
+                    rope_dims=cfg.rotary_dim, experts=cfg.num_experts, experts_used=cfg.num_experts_per_tok,
+                    expert_ffn=cfg.expert_intermediate_size)
     if cfg.model_type == "llada":
         return dict(blocks=cfg.n_layers, width=cfg.d_model, ffn=cfg.mlp_hidden_size, heads=cfg.n_heads,
                     kv_heads=cfg.n_kv_heads or cfg.n_heads, context=cfg.max_sequence_length,
@@ -126,8 +151,12 @@ def _write_hparams(writer, cfg) -> int:
     writer.add_head_count(h["heads"])
     writer.add_head_count_kv(h["kv_heads"])
     writer.add_rope_freq_base(h["rope_theta"])
-    writer.add_rope_dimension_count(h["width"] // h["heads"])
+    writer.add_rope_dimension_count(h.get("rope_dims", h["width"] // h["heads"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if "experts" in h:
+        writer.add_expert_count(h["experts"])
+        writer.add_expert_used_count(h["experts_used"])
+        writer.add_expert_feed_forward_length(h["expert_ffn"])
     writer.add_vocab_size(_vocab_size(cfg))
     writer.add_causal_attention(False)  # diffusion: every position attends to every other
     writer.add_diffusion_shift_logits(h["shift_logits"])
@@ -174,10 +203,14 @@ def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
     cfg = model.config
     heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads or cfg.n_heads} if cfg.model_type == "llada" else {}
     fair = {name: m for name, m in model.named_modules() if isinstance(m, FairLinear)}
+    stacks: dict[str, dict[int, np.ndarray | torch.Tensor]] = {}  # "<layer>.<w>" -> expert -> its data
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
         if module_name in fair and leaf not in ("weight", "bias"):
             continue  # the scales travel inside the Q4_0 / Q8_0 blocks
+        if match := EXPERT.match(name):  # stacked once every expert of the layer is seen
+            _add_expert(writer, stacks, match, fair.get(module_name), tensor, cfg.num_experts, names, gguf)
+            continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"{name}: no GGUF name for this tensor in the {cfg.model_type} layout")
@@ -197,3 +230,27 @@ def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
         if n_head:
             t = rotary_permute(t, n_head)
         writer.add_tensor(gguf_name, t.numpy())
+
+
+def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None, tensor: torch.Tensor,
+                n_experts: int, names, gguf) -> None:
+    """Collect one expert's weight; with all `n_experts` of its layer, write them as one 3-D tensor."""
+    key = f"{match['layer']}.{match['w']}"
+    if layer is not None:
+        _warn_if_rounded(match.string, layer.weight_scale)
+        data = q_blocks(layer.codes(), layer.weight_scale, layer.group_size, layer.w_bits)  # (N, bytes)
+        qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    else:
+        data, qtype = tensor.detach().float().numpy(), None
+    stacks.setdefault(key, {})[int(match["e"])] = (data, qtype)
+    if len(stacks[key]) < n_experts:
+        return
+    parts = stacks.pop(key)
+    if len({q for _, q in parts.values()}) != 1:
+        raise ValueError(f"{key}: GGUF stacks a layer's experts in one type; they are quantized differently")
+    stacked = np.stack([parts[e][0] for e in range(n_experts)])  # (E, N, bytes) or (E, N, K)
+    merged = names.get_name(f"{key}.weight", try_suffixes=(".weight",))
+    if parts[0][1] is None:
+        writer.add_tensor(merged, stacked)
+    else:
+        writer.add_tensor(merged, stacked, raw_dtype=parts[0][1])

@@ -1,8 +1,8 @@
 """llama.cpp itself reads the GGUF export: one non-causal forward through its C API (the ctypes bindings
 of llama-cpp-python, over the libraries `scripts/build_llama_cpp.py` builds) against our model on the same
-weights (the shipped LLaDA and a tiny Dream), and a 32-token decode with `llama-diffusion-cli`. Slow: the
-first run builds llama.cpp (~13 minutes on one core); later runs reuse the build folder
-(OPTIMUM_FAIR_LLAMA_CPP)."""
+weights (the shipped LLaDA, a tiny Dream and a tiny LLaDA-MoE), and a 32-token decode with
+`llama-diffusion-cli`. Slow: the first run builds llama.cpp (~13 minutes on one core); later runs reuse
+the build folder (OPTIMUM_FAIR_LLAMA_CPP)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,28 @@ def test_llama_cpp_runs_a_dream_export(llama_cpp, tmp_path):
     ids = [tok.bos_token_id, *tok("The city of", add_special_tokens=False).input_ids] + [tok.mask_token_id] * 8
     theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
     ours_model = AutoModel.from_pretrained(tmp_path / "dream", dtype=torch.float32).eval()
+    with torch.no_grad(), reference_kernels(ours_model):
+        ours = ours_model(torch.tensor([ids])).logits[0]
+    assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()  # Q8_0 activation rounding, as above
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+def test_llama_cpp_runs_a_llada_moe_export(llama_cpp, tmp_path):
+    # llama.cpp's llada-moe: experts stacked into 3-D Q4_0 tensors, routed by its own top-k
+    from optimum_fair import quantize
+    from tests.conftest import tiny_lladamoe
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    model = tiny_lladamoe(len(tok), tok.mask_token_id, moe_layer_freq=[1, 1, 1],  # fp16 scales: an exact GGUF
+                          shared_expert_intermediate_size=None, expert_intermediate_size=64).half()
+    quantize(model, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", w_bits=4, a_bits=16,
+                                    group_size=32), tokenizer=tok)
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    gguf_path = export(tmp_path / "moe", tmp_path / "moe.gguf", "gguf")
+    ids = [tok.bos_token_id, *tok("The city of", add_special_tokens=False).input_ids] + [tok.mask_token_id] * 8
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
+    ours_model = AutoModel.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
     with torch.no_grad(), reference_kernels(ours_model):
         ours = ours_model(torch.tensor([ids])).logits[0]
     assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()  # Q8_0 activation rounding, as above

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 
-from optimum_fair import FairCalibConfig
+from optimum_fair import FairCalibConfig, quantize
 from optimum_fair.arch import LLADA_MOE, get_adapter
 from optimum_fair.calib import CalibLinear, TransformParams
 from optimum_fair.distributed import DataShard, World
@@ -209,3 +209,45 @@ def test_compressed_tensors_export_holds_every_expert(quantized, tmp_path, tok):
     ids = torch.randint(4, len(tok), (1, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(compressed(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_gguf_of_llada_moe_stacks_each_layers_experts_and_dequantizes_to_our_weights(tmp_path):
+    # the consumer reads it: gguf's reader and dequantizer; experts as llama.cpp's 3-D ffn_*_exps
+    import gguf
+    from transformers import AutoTokenizer
+
+    import optimum_fair
+    from optimum_fair.export import export
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)  # byte-level BPE, as GGUF needs
+    model = tiny_lladamoe(len(tok), tok.mask_token_id, moe_layer_freq=[1, 1, 1],
+                          shared_expert_intermediate_size=None, expert_intermediate_size=64).half()
+    quantize(model, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", w_bits=4, a_bits=16,
+                                    group_size=32), tokenizer=tok)
+    model.save_pretrained(tmp_path / "q")
+    tok.save_pretrained(tmp_path / "q")
+    out = export(tmp_path / "q", tmp_path / "m.gguf", "gguf")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == "llada-moe"
+    assert reader.fields["llada-moe.expert_count"].contents() == 8
+    assert reader.fields["llada-moe.expert_used_count"].contents() == 2
+    for l in range(3):
+        experts = model.model.layers[l].mlp.experts
+        for w, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            t = tensors[f"blk.{l}.{gname}.weight"]
+            assert t.tensor_type.name == "Q4_0"
+            layers = [getattr(experts[e], w) for e in range(8)]
+            ours = torch.stack([x.codes().float() * x.weight_scale.float().repeat_interleave(32, dim=1)
+                                for x in layers])  # (E, out, in), exact in fp32
+            assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(ours.shape),
+                               ours)
+        router = tensors[f"blk.{l}.ffn_gate_inp.weight"]
+        assert torch.equal(torch.from_numpy(router.data.copy()).float(), model.model.layers[l].mlp.gate.weight.float())
+    assert not any(".experts." in n for n in tensors)  # nothing per expert
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size: llama.cpp's llada-moe has no shared"):
+        shared = tiny_lladamoe(len(tok), tok.mask_token_id, moe_layer_freq=[1, 1, 1], expert_intermediate_size=64,
+                               shared_expert_intermediate_size=64)
+        quantize(shared, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", w_bits=4, a_bits=16,
+                                         group_size=32), tokenizer=tok)
+        export(shared, tmp_path / "s.gguf", "gguf", tokenizer=tok)
