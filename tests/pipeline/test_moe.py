@@ -251,3 +251,22 @@ def test_gguf_of_llada_moe_stacks_each_layers_experts_and_dequantizes_to_our_wei
         quantize(shared, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", w_bits=4, a_bits=16,
                                          group_size=32), tokenizer=tok)
         export(shared, tmp_path / "s.gguf", "gguf", tokenizer=tok)
+
+
+def test_flatquant_learns_a_transform_per_expert_and_reloads(tok, tmp_path):
+    register_native_models()
+    src = tmp_path / "src"
+    tiny_lladamoe(len(tok), tok.mask_token_id).save_pretrained(src)
+    tok.save_pretrained(src)
+    cfg = FairCalibConfig(rounding="rtn", weighting="uniform", dataset=TEXTS, epochs=1,
+                          **dict(SMALL, transform="flatquant", a_bits=4))
+    model = AutoModel.from_pretrained(src, quantization_config=cfg)
+    experts = model.model.layers[1].mlp.experts
+    a, b = experts[0].gate_proj, experts[1].gate_proj
+    assert a.has_online_transform and not torch.equal(a.transform_a, b.transform_a)  # each expert its own
+    assert torch.equal(a.transform_a, experts[0].up_proj.transform_a)  # shared inside the expert's group
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModel.from_pretrained(tmp_path / "q")
+    ids = torch.randint(4, len(tok), (1, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
