@@ -86,11 +86,11 @@ def _prepare(model: nn.Module, config: FairCalibConfig) -> tuple[ModelAdapter | 
     adapter = find_adapter(model)
     if adapter is None:
         return None, config
-    check_tied(model, adapter)
-    unfuse_experts(model, adapter)
     if adapter.canvas and config.calib_inputs is CalibInputs.MASKED:
         raise ValueError(f"calib_inputs='masked' needs masked decoding states; {adapter.name} denoises a canvas of "
                          "random tokens: use calib_inputs='text' (fed as noisy canvases)")
+    check_tied(model, adapter)
+    unfuse_experts(model, adapter)
     if adapter.canvas and config.weighting is Weighting.FAIR:
         logger.warning("%s starts from uniformly random tokens, not masks: there is no masked commit order for "
                        "Stage I's frontier prior, so this run calibrates with weighting='uniform'", adapter.name)
