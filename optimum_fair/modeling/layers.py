@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 __all__ = [
     "RMSNorm",
@@ -17,9 +18,11 @@ __all__ = [
     "apply_rotary",
     "bidirectional_attention",
     "default_position_ids",
+    "init_dense_weights",
     "prepare_attention_mask",
     "resolve_position_ids",
     "rotary_cos_sin",
+    "run_layers",
 ]
 
 
@@ -178,3 +181,34 @@ def bidirectional_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=False)
     batch, _, seq, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, seq, n_heads * head_dim)
+
+
+def run_layers(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None,
+               rope: tuple[torch.Tensor, torch.Tensor], output_hidden_states: bool
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """x (batch, seq, hidden) through every layer, then `norm`; with output_hidden_states also the input
+    of every layer and the final normalised state (len(layers) + 1 tensors)."""
+    states: list[torch.Tensor] = []
+    for layer in layers:
+        if output_hidden_states:
+            states.append(x)  # input of each layer
+        x = layer(x, attention_mask=attn_mask, position_embeddings=rope)
+    x = norm(x)
+    if output_hidden_states:
+        states.append(x)  # final, after norm
+    return x, (tuple(states) if output_hidden_states else None)
+
+
+@torch.no_grad()
+def init_dense_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear and embedding weights, zero biases and padding row, unit RMSNorm gains."""
+    if isinstance(module, nn.Linear):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            init.zeros_(module.weight[module.padding_idx])
+    elif isinstance(module, RMSNorm):
+        init.ones_(module.weight)

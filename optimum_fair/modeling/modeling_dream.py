@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_dream import DreamConfig
@@ -32,9 +31,11 @@ from .layers import (
     apply_rotary,
     bidirectional_attention,
     default_position_ids,
+    init_dense_weights,
     prepare_attention_mask,
     resolve_position_ids,
     rotary_cos_sin,
+    run_layers,
 )
 
 __all__ = ["DreamAttention", "DreamBaseModel", "DreamDecoderLayer", "DreamMLP", "DreamModel", "DreamPreTrainedModel"]
@@ -149,16 +150,7 @@ class DreamBaseModel(nn.Module):
         x = inputs_embeds
         batch, seq, _ = x.shape
         attn_mask = prepare_attention_mask(attention_mask, batch, seq)
-        rope = self.rotary(position_ids)
-        states: list[torch.Tensor] = []
-        for layer in self.layers:
-            if output_hidden_states:
-                states.append(x)  # input of each layer
-            x = layer(x, attention_mask=attn_mask, position_embeddings=rope)
-        x = self.norm(x)
-        if output_hidden_states:
-            states.append(x)  # final, after norm
-        return x, (tuple(states) if output_hidden_states else None)
+        return run_layers(self.layers, self.norm, x, attn_mask, self.rotary(position_ids), output_hidden_states)
 
 
 class DreamPreTrainedModel(PreTrainedModel):
@@ -174,17 +166,7 @@ class DreamPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights, zero biases and padding row, unit norm gains."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
+        init_dense_weights(module, self.config.initializer_range)
 
 
 class DreamModel(DreamPreTrainedModel):

@@ -36,9 +36,11 @@ from .layers import (
     apply_partial_rotary,
     bidirectional_attention,
     default_position_ids,
+    init_dense_weights,
     prepare_attention_mask,
     resolve_position_ids,
     rotary_cos_sin,
+    run_layers,
 )
 
 __all__ = ["LLaDAMoEDecoderLayer", "LLaDAMoEModel", "LLaDAMoEModelLM", "LLaDAMoEPreTrainedModel",
@@ -179,15 +181,7 @@ class LLaDAMoEModel(nn.Module):
         batch, seq, _ = x.shape
         attn_mask = prepare_attention_mask(attention_mask, batch, seq)
         rope = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta_value)
-        states: list[torch.Tensor] = []
-        for layer in self.layers:
-            if output_hidden_states:
-                states.append(x)
-            x = layer(x, attention_mask=attn_mask, position_embeddings=rope)
-        x = self.norm(x)
-        if output_hidden_states:
-            states.append(x)
-        return x, (tuple(states) if output_hidden_states else None)
+        return run_layers(self.layers, self.norm, x, attn_mask, rope, output_hidden_states)
 
 
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
@@ -201,18 +195,8 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights, zero biases and padding row, unit norm gains."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, LLaDAMoESparseMoeBlock) and module.expert_bias is not None:
+        init_dense_weights(module, self.config.initializer_range)
+        if isinstance(module, LLaDAMoESparseMoeBlock) and module.expert_bias is not None:
             init.zeros_(module.expert_bias)
 
 

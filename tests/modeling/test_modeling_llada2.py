@@ -14,21 +14,9 @@ import torch.nn.functional as F
 
 from optimum_fair.modeling import LLaDA2MoeModelLM, block_diffusion_mask, register_native_models
 from tests.conftest import tiny_llada2
+from tests.modeling.released_ops import mlp, rms, rotate_half
 
 VOCAB, MASK = 96, 95
-
-
-def _rms(x, w, eps):
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
-def _mlp(sd, p, x):
-    return F.silu(x @ sd[p + "gate_proj.weight"].T) * (x @ sd[p + "up_proj.weight"].T) @ sd[p + "down_proj.weight"].T
 
 
 def _router(sd, p, cfg, x):
@@ -56,7 +44,7 @@ def _released_moe(sd, p, cfg, x):
     outs, start = [], 0
     for e, n in enumerate(cnts.sum(dim=0).tolist()):
         if n:
-            outs.append(_mlp(sd, f"{p}experts.{e}.", sorted_tokens[start:start + n]))
+            outs.append(mlp(sd, f"{p}experts.{e}.", sorted_tokens[start:start + n]))
             start += n
     outs = torch.cat(outs)
     new_x = torch.empty_like(outs)
@@ -64,7 +52,7 @@ def _released_moe(sd, p, cfg, x):
     y = (new_x.view(*topk_ids.shape, -1).type(topk_weight.dtype) * topk_weight.unsqueeze(-1)).sum(dim=1)
     y = y.view(b, s, h)
     if p + "shared_experts.gate_proj.weight" in sd:
-        y = y + _mlp(sd, p + "shared_experts.", x)
+        y = y + mlp(sd, p + "shared_experts.", x)
     return y
 
 
@@ -77,12 +65,12 @@ def _released_attention(sd, p, cfg, x, cos, sin, additive):
     q, k, v = qkv.view(b, s, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=-2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cfg.use_qk_norm:
-        q = _rms(q, sd[p + "query_layernorm.weight"], cfg.rms_norm_eps)
-        k = _rms(k, sd[p + "key_layernorm.weight"], cfg.rms_norm_eps)
+        q = rms(q, sd[p + "query_layernorm.weight"], cfg.rms_norm_eps)
+        k = rms(k, sd[p + "key_layernorm.weight"], cfg.rms_norm_eps)
     c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
     rd = c.shape[-1]
-    q = torch.cat([q[..., :rd] * c + _rotate_half(q[..., :rd]) * sn, q[..., rd:]], dim=-1)
-    k = torch.cat([k[..., :rd] * c + _rotate_half(k[..., :rd]) * sn, k[..., rd:]], dim=-1)
+    q = torch.cat([q[..., :rd] * c + rotate_half(q[..., :rd]) * sn, q[..., rd:]], dim=-1)
+    k = torch.cat([k[..., :rd] * c + rotate_half(k[..., :rd]) * sn, k[..., rd:]], dim=-1)
     k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
     scores = q @ k.transpose(2, 3) * hd ** -0.5
     if additive is not None:
@@ -109,11 +97,11 @@ def released_forward(model, ids, block_length=None):
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         states.append(h)
-        h = h + _released_attention(sd, p + "attention.", cfg, _rms(h, sd[p + "input_layernorm.weight"],
+        h = h + _released_attention(sd, p + "attention.", cfg, rms(h, sd[p + "input_layernorm.weight"],
                                                                      cfg.rms_norm_eps), cos, sin, additive)
-        x = _rms(h, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        h = h + (_released_moe(sd, p + "mlp.", cfg, x) if i >= cfg.first_k_dense_replace else _mlp(sd, p + "mlp.", x))
-    h = _rms(h, sd["model.norm.weight"], cfg.rms_norm_eps)
+        x = rms(h, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        h = h + (_released_moe(sd, p + "mlp.", cfg, x) if i >= cfg.first_k_dense_replace else mlp(sd, p + "mlp.", x))
+    h = rms(h, sd["model.norm.weight"], cfg.rms_norm_eps)
     return h @ sd["lm_head.weight"].T, states
 
 

@@ -18,21 +18,9 @@ from transformers import AutoConfig, AutoModel
 from optimum_fair.modeling import LLaDAMoEConfig, LLaDAMoEModelLM, register_native_models
 from optimum_fair.nn.moe import RoutedExperts
 from tests.conftest import tiny_lladamoe
+from tests.modeling.released_ops import mlp, rms, rotate_half
 
 VOCAB, MASK = 96, 95
-
-
-def _rms(x, w, eps):
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
-def _mlp(sd, p, x):
-    return F.silu(x @ sd[p + "gate_proj.weight"].T) * (x @ sd[p + "up_proj.weight"].T) @ sd[p + "down_proj.weight"].T
 
 
 def _released_moe(sd, p, cfg, x):
@@ -48,7 +36,7 @@ def _released_moe(sd, p, cfg, x):
     for e in range(cfg.num_experts):
         idx, top_x = torch.where(expert_mask[e])
         cur = xf[None, top_x].reshape(-1, h)
-        out.index_add_(0, top_x, _mlp(sd, f"{p}experts.{e}.", cur) * weights[top_x, idx, None])
+        out.index_add_(0, top_x, mlp(sd, f"{p}experts.{e}.", cur) * weights[top_x, idx, None])
     return out.view(b, s, h)
 
 
@@ -58,8 +46,8 @@ def _released_attention(sd, p, cfg, x, cos, sin, mask2d):
     hd, eps = cfg.hidden_size // nh, cfg.rms_norm_eps
     q, k, v = (x @ sd[p + f"{n}_proj.weight"].T for n in "qkv")
     if cfg.qk_layernorm:
-        q = _rms(q.reshape(-1, hd), sd[p + "q_norm.weight"], eps).reshape(b, s, -1)
-        k = _rms(k.reshape(-1, hd), sd[p + "k_norm.weight"], eps).reshape(b, s, -1)
+        q = rms(q.reshape(-1, hd), sd[p + "q_norm.weight"], eps).reshape(b, s, -1)
+        k = rms(k.reshape(-1, hd), sd[p + "k_norm.weight"], eps).reshape(b, s, -1)
     if cfg.clip_qkv is not None:
         q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     q = q.view(b, s, nh, hd).transpose(1, 2)
@@ -67,8 +55,8 @@ def _released_attention(sd, p, cfg, x, cos, sin, mask2d):
     v = v.view(b, s, nkv, hd).transpose(1, 2)
     c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
     rd = c.shape[-1]
-    q = torch.cat((q[..., :rd] * c + _rotate_half(q[..., :rd]) * sn, q[..., rd:]), dim=-1)
-    k = torch.cat((k[..., :rd] * c + _rotate_half(k[..., :rd]) * sn, k[..., rd:]), dim=-1)
+    q = torch.cat((q[..., :rd] * c + rotate_half(q[..., :rd]) * sn, q[..., rd:]), dim=-1)
+    k = torch.cat((k[..., :rd] * c + rotate_half(k[..., :rd]) * sn, k[..., rd:]), dim=-1)
     k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.repeat_interleave(nh // nkv, dim=1)
     scores = q @ k.transpose(2, 3) / math.sqrt(hd)
@@ -93,17 +81,17 @@ def released_forward(model, ids, mask2d=None):
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         states.append(h)
-        x = _rms(h, sd[p + "input_layernorm.weight"], eps)
+        x = rms(h, sd[p + "input_layernorm.weight"], eps)
         h = h + _released_attention(sd, p + "self_attn.", cfg, x, cos, sin, mask2d)
-        x = _rms(h, sd[p + "post_attention_layernorm.weight"], eps)
+        x = rms(h, sd[p + "post_attention_layernorm.weight"], eps)
         if cfg.moe_layer_freq[i]:
             out = _released_moe(sd, p + "mlp.", cfg, x)
             if p + "shared_expert.gate_proj.weight" in sd:
-                out = out + _mlp(sd, p + "shared_expert.", x)
+                out = out + mlp(sd, p + "shared_expert.", x)
         else:
-            out = _mlp(sd, p + "mlp.", x)
+            out = mlp(sd, p + "mlp.", x)
         h = h + out
-    h = _rms(h, sd["model.norm.weight"], eps)
+    h = rms(h, sd["model.norm.weight"], eps)
     return h @ sd["lm_head.weight"].T, states
 
 
