@@ -26,12 +26,11 @@ held-out windows `calibration_sequences("wiki-val", tok, 32, 128, seed=1)` with 
 of every row (chosen with a fixed seed) replaced by the mask token (id 3): relative logit error
 ||logits_q - logits_fp|| / ||logits_fp|| over all positions, and the mean NLL of the original tokens at
 the masked positions; plus the relative weight error ||W_q - W||_F / ||W||_F averaged over the 28
-linears. Two round-to-nearest references on each side's grid are added (no calibration): ours stores
-scale = max|w| / 7, compressed-tensors' min-max observer scale = max|w| / 7.5 (codes clamped to [-8, 7]).
-A diagnostic run (one process per N, quality only; `--no-diagnostic` skips it) repeats ours with the GPTQ
-scale patched to max|w| / 7.5 (a wrapper around `optimum_fair.calib.gptq.weight_scale`, in the worker
-process only), to separate the grid from the algorithm: it reports per linear the fraction of codes that
-differ from llm-compressor's.
+linears. Two round-to-nearest references are added (no calibration): on the full grid both sides use
+(scale = max|w| / 7.5, codes in [-8, 7]: ours since format version 2, compressed-tensors' min-max
+observer) and on version 1's symmetric grid (max|w| / 7). Per linear the fraction of our codes that
+differ from llm-compressor's is reported. A diagnostic run (one process per N, quality only;
+`--no-diagnostic` skips it) repeats ours with `weight_grid="symmetric"`, to show what the grid alone does.
 
 llm-compressor pins transformers<=5.17, so this runs in a separate virtualenv (see the commands in
 benchmarks/results/llmcompressor_gptq.md); llm-compressor is not a dependency of optimum-fair.
@@ -107,7 +106,7 @@ def block_linear_names(n_blocks: int) -> list[str]:
 
 
 # -- workers (one fresh process per side and repeat) --------------------------------------------
-def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequential: bool = True) -> dict:
+def worker_ours(data: dict, num_samples: int, weight_grid: str = "full", true_sequential: bool = True) -> dict:
     import torch
 
     import optimum_fair
@@ -115,24 +114,13 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequen
     import optimum_fair.pipeline.calibration as fcalib  # where quantize looks the function up
     from optimum_fair import FairCalibConfig, FairLinear, quantize
 
-    if ct_grid:  # diagnostic only: GPTQ's per-channel scale max|w| / 7.5 (compressed-tensors' grid)
-        import optimum_fair.calib.gptq as gptq_module
-        from optimum_fair.ops import qmax
-
-        plain_scale = gptq_module.weight_scale
-
-        def ct_scale(w, bits, group_size=-1, clip=1.0):
-            return plain_scale(w, bits, group_size, clip) * (qmax(bits) / (qmax(bits) + 0.5))
-
-        gptq_module.weight_scale = ct_scale
-
     model, tok = load_fp(optimum_fair.DEFAULT_MODEL)
     head_before = model.get_submodule(HEAD).weight.detach().clone()
     texts = fdata.load_texts("wiki")  # the text is loaded before the timed call, as llm-compressor's ids
     config = FairCalibConfig(w_bits=4, a_bits=16, rounding="gptq", transform="none", weighting="uniform",
                              group_size=-1, num_samples=num_samples, seq_len=SEQ_LEN, dataset="wiki",
                              batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0,
-                             true_sequential=true_sequential)
+                             true_sequential=true_sequential, weight_grid=weight_grid)
     drawn: list = []
     original = fcalib.calibration_sequences
 
@@ -167,7 +155,7 @@ def worker_ours(data: dict, num_samples: int, ct_grid: bool = False, true_sequen
             "ids_match": ids_match, "mem_before": mem_before, "mem_after": mem_after,
             "head_untouched": head_untouched, "codes_range": codes_range, "weights": weights, "logits": logits,
             "threads": torch.get_num_threads(),
-            "pipeline": "optimum_fair.quantize" + (" (GPTQ scale patched to max|w|/7.5)" if ct_grid else "")}
+            "pipeline": f"optimum_fair.quantize (weight_grid={weight_grid})"}
 
 
 def worker_llmc(data: dict, num_samples: int, pipeline: str) -> dict:
@@ -232,8 +220,8 @@ def run_worker(args) -> None:
 
     torch_threads(args.threads)
     data = torch.load(args.data)
-    if args.worker in ("ours", "ours-ctgrid"):
-        result = worker_ours(data, args.worker_samples, ct_grid=args.worker == "ours-ctgrid",
+    if args.worker in ("ours", "ours-v1grid"):
+        result = worker_ours(data, args.worker_samples, "symmetric" if args.worker == "ours-v1grid" else "full",
                              true_sequential=args.true_sequential == "yes")
     else:
         result = worker_llmc(data, args.worker_samples, args.pipeline)
@@ -291,14 +279,14 @@ def weight_error(weights: dict, fp: dict) -> dict:
 
 
 def rtn_references(fp: dict) -> dict:
-    """Round-to-nearest (no data) on each side's per-channel grid: ours max|w|/7, compressed-tensors max|w|/7.5."""
+    """Round-to-nearest (no data) per channel on the full grid max|w|/7.5 (both sides) and on version 1's max|w|/7."""
     import torch
 
     from optimum_fair.ops import dequantize_weight, quantize_weight, weight_scale
 
     ours, ct = {}, {}
     for name, w in fp.items():
-        scale = weight_scale(w, 4)  # (out, 1) = max|w| / 7
+        scale = weight_scale(w, 4, grid="symmetric")  # (out, 1) = max|w| / 7
         ours[name] = dequantize_weight(quantize_weight(w, scale, 4), scale)
         s75 = w.abs().amax(dim=1, keepdim=True) / 7.5  # compressed-tensors: max|w| / ((7 - (-8)) / 2)
         ct[name] = torch.round(w / s75).clamp(-8, 7) * s75
@@ -395,26 +383,19 @@ def run_parent(args) -> None:
                     print(f"   wall {res['wall_s']:.2f} s, peak RSS {res['mem_after']['VmHWM']:.3f} GiB", flush=True)
                     results[side].append(res)
             run = summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held_ids, held_mask)
-            if not args.no_diagnostic:  # quality only: ours' GPTQ on compressed-tensors' grid, one process
-                print(f"N={n}: ours-ctgrid (diagnostic) ...", flush=True)
-                diag = spawn("ours-ctgrid", data_path, tmp / f"ours-ctgrid_{n}.pt", n, args)
+            ours_w, llmc_w = results["ours"][0]["weights"], results["llmcompressor"][0]["weights"]
+            run["frac_codes_differing_from_llmc"] = {  # codes on the shared grid max|w| / 7.5
+                k: float((torch.round(ours_w[k] / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))
+                          != torch.round(llmc_w[k] / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))).float().mean())
+                for k in fp_w}
+            run["max_abs_weight_diff_to_llmc"] = max(float((ours_w[k] - llmc_w[k]).abs().max()) for k in fp_w)
+            if not args.no_diagnostic:  # quality only: ours' GPTQ on version 1's grid, one process
+                print(f"N={n}: ours-v1grid (diagnostic) ...", flush=True)
+                diag = spawn("ours-v1grid", data_path, tmp / f"ours-v1grid_{n}.pt", n, args)
                 swapped = logits_with(model_fp, diag["weights"], held_input)
-                err = weight_error(diag["weights"], fp_w)
-                run["diagnostic_ours_ct_grid"] = {
+                run["diagnostic_ours_v1_grid"] = {
                     "pipeline": diag["pipeline"], "wall_s": diag["wall_s"],
-                    **logit_metrics(swapped, fp_logits, held_ids, held_mask), **err,
-                    "linears_with_identical_weights_to_llmc": int(sum(
-                        bool(torch.equal(diag["weights"][k], results["llmcompressor"][0]["weights"][k]))
-                        for k in fp_w)),
-                    "frac_codes_differing_from_llmc": {  # codes on the shared grid max|w| / 7.5
-                        k: float((torch.round(diag["weights"][k] / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))
-                                  != torch.round(results["llmcompressor"][0]["weights"][k]
-                                                 / (fp_w[k].abs().amax(1, keepdim=True) / 7.5))).float().mean())
-                        for k in fp_w},
-                    "max_abs_weight_diff_to_llmc": max(
-                        float((diag["weights"][k] - results["llmcompressor"][0]["weights"][k]).abs().max())
-                        for k in fp_w),
-                }
+                    **logit_metrics(swapped, fp_logits, held_ids, held_mask), **weight_error(diag["weights"], fp_w)}
             report["runs"][str(n)] = run
     report["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     report["loadavg_at_end"] = list(os.getloadavg())
@@ -528,17 +509,17 @@ def markdown(report: dict) -> str:
             f"| {n} | llm-compressor GPTQ | {lc['wall_s_median']:.2f} | 1 | {lc['peak_rss_gib_median']:.3f} | 1 "
             f"| {lc['rel_logit_err']:.4f} | {lc['masked_nll']:.4f} | {lc['mean_rel_weight_err']:.4f} |")
     for n, run in report["runs"].items():
-        d = run.get("diagnostic_ours_ct_grid")
+        d = run.get("diagnostic_ours_v1_grid")
         if d:
             lines.append(
-                f"| {n} | diagnostic: optimum-fair GPTQ with scale max\\|w\\|/7.5 (patched) | - | - | - | - "
+                f"| {n} | diagnostic: optimum-fair GPTQ, `weight_grid=\"symmetric\"` (max\\|w\\|/7) | - | - | - | - "
                 f"| {d['rel_logit_err']:.4f} | {d['masked_nll']:.4f} | {d['mean_rel_weight_err']:.4f} |")
     refs = report["rtn_references"]
     lines += [
         f"| - | FP (reference) | - | - | - | - | 0 | {report['fp']['masked_nll']:.4f} | 0 |",
-        (f"| - | RTN, ours' grid max\\|w\\|/7 | - | - | - | - | {refs['rtn_ours_grid']['rel_logit_err']:.4f} "
+        (f"| - | RTN, version 1's grid max\\|w\\|/7 | - | - | - | - | {refs['rtn_ours_grid']['rel_logit_err']:.4f} "
         f"| {refs['rtn_ours_grid']['masked_nll']:.4f} | {refs['rtn_ours_grid']['mean_rel_weight_err']:.4f} |"),
-        (f"| - | RTN, compressed-tensors' grid max\\|w\\|/7.5 | - | - | - | - "
+        (f"| - | RTN, the full grid max\\|w\\|/7.5 (both sides) | - | - | - | - "
         f"| {refs['rtn_ct_grid']['rel_logit_err']:.4f} | {refs['rtn_ct_grid']['masked_nll']:.4f} "
         f"| {refs['rtn_ct_grid']['mean_rel_weight_err']:.4f} |"),
         "",
@@ -557,12 +538,11 @@ def markdown(report: dict) -> str:
             f"{run['linears_where_ours_has_lower_weight_err']}/28 linears; identical weights on "
             f"{run['linears_with_identical_weights']}/28.")
     for n, run in report["runs"].items():
-        d = run.get("diagnostic_ours_ct_grid")
-        if d:
-            fracs = d["frac_codes_differing_from_llmc"]
+        fracs = run.get("frac_codes_differing_from_llmc")
+        if fracs:
             same = [k.replace("model.transformer.", "") for k, f in fracs.items() if f == 0]
             lines.append(
-                f"N={n} diagnostic (ours with the scale patched to max|w|/7.5): codes identical to llm-compressor's "
+                f"N={n}: our codes identical to llm-compressor's "
                 f"on {len(same)}/28 linears ({', '.join(same) or 'none'}); mean fraction of differing codes on the "
                 f"others {statistics.fmean([f for f in fracs.values() if f > 0] or [0]):.3f}.")
     lines += [
@@ -593,8 +573,8 @@ def main() -> None:
     parser.add_argument("--out-json", default=str(RESULTS / "llmcompressor_gptq.json"))
     parser.add_argument("--out-md", default=str(RESULTS / "llmcompressor_gptq.md"))
     parser.add_argument("--no-diagnostic", action="store_true",
-                        help="skip the extra run of ours with compressed-tensors' grid (max|w|/7.5)")
-    parser.add_argument("--worker", choices=("ours", "ours-ctgrid", "llmcompressor"), help=argparse.SUPPRESS)
+                        help="skip the extra run of ours on version 1's symmetric grid (max|w|/7)")
+    parser.add_argument("--worker", choices=("ours", "ours-v1grid", "llmcompressor"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-samples", type=int, help=argparse.SUPPRESS)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import machine  # noqa: E402
 from optimum_fair.arch import LLADA_MOE  # noqa: E402
 from optimum_fair.distributed import DataShard, World  # noqa: E402
-from optimum_fair.enums import InputMode, Rounding, Transform  # noqa: E402
+from optimum_fair.enums import InputMode, Rounding, Transform, WeightGrid  # noqa: E402
 from optimum_fair.modeling import LLaDAMoEConfig  # noqa: E402
 from optimum_fair.modeling.modeling_lladamoe import LLaDAMoEDecoderLayer  # noqa: E402
 from optimum_fair.pipeline.plan import StageTwoSettings  # noqa: E402
@@ -67,7 +67,8 @@ def one_block(tokens: int, seed: int) -> dict:
     hidden = torch.randn(n, SEQ, config.hidden_size)  # (n, seq, d)
     s = StageTwoSettings(w_bits=4, a_bits=16, group_size=-1, rounding=Rounding.GPTQ, transform=Transform.NONE,
                          epochs=0, lr=0.0, clip_lr=0.0, batch_size=4, damp=0.01, act_order=False,
-                         input_mode=InputMode.QUANTIZED, seed=0, true_sequential=False)
+                         input_mode=InputMode.QUANTIZED, seed=0, true_sequential=False,
+                         weight_grid=WeightGrid.FULL)
     start = time.perf_counter()
     calibrate_blocks(torch.nn.ModuleList([block]), lambda l, b: LLADA_MOE.block_groups(b), hidden,
                      lambda b, l=0: ((), {}), None, s, torch.float32, torch.device("cpu"),

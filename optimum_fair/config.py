@@ -25,11 +25,12 @@ from .enums import (
     Reliability,
     Rounding,
     Transform,
+    WeightGrid,
     Weighting,
     coerce_enum,
 )
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: weight_grid (version-1 checkpoints were written on the symmetric grid)
 
 
 _ENUM_FIELDS = {
@@ -40,6 +41,7 @@ _ENUM_FIELDS = {
     "boost_schedule": BoostSchedule,
     "input_mode": InputMode,
     "calib_inputs": CalibInputs,
+    "weight_grid": WeightGrid,
 }
 
 # Fields whose non-default values name a capability that is not built yet. Each maps to the
@@ -60,6 +62,10 @@ class FairCalibConfig(QuantizationConfigMixin):
         group_size: -1 for one scale per output channel, else a positive divisor of every converted
             layer's input size.
         sym: symmetric quantization (the only scheme built).
+        weight_grid: "full" (default): a row's scale is max|w| / 7.5 (int4; / 127.5 for int8), so its codes
+            use all of [-8, 7] as GGUF and compressed-tensors do; "symmetric": max|w| / 7, codes in
+            [-7, 7], the grid of format version 1 (a version-1 config reads as "symmetric"). Checkpoints
+            store their scales, so either loads exactly; the field says how they were made.
         rounding: "rtn" (default, as FlatQuant) or "gptq" (weighted GPTQ, H = sum_i w_i x_i x_i^T).
         transform: "flatquant" (default, the paper's base quantizer: learned Kronecker transforms,
             smoothing and clipping), "hadamard" (fixed random rotation) or "none".
@@ -129,6 +135,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     a_bits: int = 4
     group_size: int = -1
     sym: bool = True
+    weight_grid: WeightGrid = WeightGrid.FULL
     rounding: Rounding = Rounding.RTN
     transform: Transform = Transform.FLATQUANT
     weighting: Weighting = Weighting.FAIR
@@ -313,6 +320,8 @@ class FairCalibConfig(QuantizationConfigMixin):
         unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ValueError(f"Unknown FairCalibConfig field(s) {unknown}; accepted fields: {sorted(known)}")
+        if config_dict.get("version") == 1 and "weight_grid" not in config_dict:  # written before the field
+            config_dict = {**config_dict, "weight_grid": WeightGrid.SYMMETRIC}
         config = cls(**config_dict)
         unused = {k: v for k, v in kwargs.items() if k not in known}
         for key, value in kwargs.items():

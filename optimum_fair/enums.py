@@ -29,6 +29,13 @@ class Transform(str, Enum):
     FLATQUANT = "flatquant"  # learned Kronecker-factored affine + diagonal scale + clipping
 
 
+class WeightGrid(str, Enum):
+    """Which codes of the signed b-bit grid a weight row uses, i.e. what its scale divides max|w| by."""
+
+    FULL = "full"  # scale = max|w| / (2^(b-1) - 1/2): all of [-2^(b-1), 2^(b-1) - 1] (GGUF, compressed-tensors)
+    SYMMETRIC = "symmetric"  # scale = max|w| / (2^(b-1) - 1): [-(2^(b-1) - 1), 2^(b-1) - 1] (format version 1)
+
+
 class Weighting(str, Enum):
     """Token weights w_i in the Stage II loss."""
 

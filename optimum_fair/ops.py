@@ -2,8 +2,12 @@
 
 Conventions
     * Signed symmetric grid with `bits` bits: codes in [-2^(b-1), 2^(b-1) - 1], value = code * scale.
-      The scale maps the largest magnitude of a row (or group) to the top code 2^(b-1) - 1, so the
+    * Weights: the scale maps the largest magnitude of a row (or group) to `grid_top`: 2^(b-1) - 1/2 on
+      the full grid (the default since format version 2; 7.5 for int4, as compressed-tensors), so
+      -max|w| lands on the code -2^(b-1) and +max|w| rounds to 2^(b-1) - 1 (error scale / 2); or
+      2^(b-1) - 1 on the symmetric grid of version 1 (codes in [-7, 7] for int4). Either way the
       round-off of any value inside the clipping range is at most scale / 2.
+    * Activations: the scale maps a token's largest magnitude to 2^(b-1) - 1.
     * Weights (out, in) get one scale per output row, or per `group_size` consecutive inputs.
     * Activations (..., d) get one scale per token (per row of the last dimension).
 """
@@ -12,11 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from .enums import WeightGrid
+
 __all__ = [
     "act_scale",
     "dequantize_weight",
     "fake_quant_act",
     "fake_quant_weight",
+    "grid_top",
     "kron_apply",
     "pack_int4",
     "qmax",
@@ -35,6 +42,11 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def grid_top(bits: int, grid: WeightGrid = WeightGrid.FULL) -> float:
+    """What a weight row's max|w| maps to: 7.5 (full) or 7 (symmetric) for int4, 127.5 or 127 for int8."""
+    return qmax(bits) + (0.5 if WeightGrid(grid) is WeightGrid.FULL else 0.0)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round with a straight-through gradient (identity in backward)."""
     return x + (torch.round(x) - x).detach()
@@ -49,11 +61,12 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out_f, in_f // g, g)
 
 
-def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Per-row (or per-group) scale: clip * max|w| / qmax.  Returns (out, n_groups) float32."""
+def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0,
+                 grid: WeightGrid = WeightGrid.FULL) -> torch.Tensor:
+    """Per-row (or per-group) scale: clip * max|w| / grid_top.  Returns (out, n_groups) float32."""
     # w: (out, in); clip: scalar or broadcastable to (out, n_groups)
     amax = _grouped(w.float(), group_size).abs().amax(dim=-1)  # (out, n_groups)
-    scale = amax * clip / qmax(bits)
+    scale = amax * clip / grid_top(bits, grid)
     return scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3)
 
 
@@ -73,13 +86,14 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group_size: int 
 
 
 def fake_quant_weight(
-    w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0
+    w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0,
+    grid: WeightGrid = WeightGrid.FULL,
 ) -> torch.Tensor:
     """Quantize-dequantize `w` (differentiable through the rounding by straight-through)."""
     # w: (out, in) -> (out, in), same dtype
     wg = _grouped(w, group_size)  # (out, n_groups, g)
     amax = wg.abs().amax(dim=-1, keepdim=True)
-    scale = (amax * (clip.unsqueeze(-1) if torch.is_tensor(clip) and clip.dim() else clip) / qmax(bits))
+    scale = (amax * (clip.unsqueeze(-1) if torch.is_tensor(clip) and clip.dim() else clip) / grid_top(bits, grid))
     scale = scale.clamp(min=1e-8)
     q = round_ste(wg / scale).clamp(-qmax(bits) - 1, qmax(bits))
     return (q * scale).reshape(w.shape).to(w.dtype)

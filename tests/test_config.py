@@ -75,6 +75,7 @@ BAD = [
     ("modules_to_not_convert", dict(modules_to_not_convert="lm_head")),
     ("push_to_hub", dict(push_to_hub=1)),
     ("version", dict(version=99)),
+    ("weight_grid", dict(weight_grid="asymmetric")),
     ("quant_method", dict(quant_method="gptq")),
 ]
 
@@ -118,3 +119,13 @@ def test_in_memory_data_not_serialised():
 def test_values_of_the_wrong_type_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         FairCalibConfig(**{field: value})
+
+
+def test_weight_grid_defaults_to_full_and_version_one_reads_symmetric():
+    """Format version 2 added weight_grid; a version-1 config (no such key) was made on max|w| / 7."""
+    assert FairCalibConfig().weight_grid == "full" and FairCalibConfig().version == 2
+    old = {k: v for k, v in FairCalibConfig().to_dict().items() if k != "weight_grid"}
+    assert FairCalibConfig.from_dict({**old, "version": 1}).weight_grid == "symmetric"
+    assert FairCalibConfig.from_dict({**old, "version": 2}).weight_grid == "full"  # v2 without it: default
+    kept = FairCalibConfig.from_dict({**old, "version": 1, "weight_grid": "full"})
+    assert kept.weight_grid == "full" and kept.to_dict()["version"] == 1

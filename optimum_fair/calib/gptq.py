@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..enums import WeightGrid
 from ..ops import qmax, weight_scale
 from .objective import expand_token_weights
 
@@ -102,6 +103,7 @@ def gptq_quantize(
     max_damp_tries: int = 4,
     scale_dtype: torch.dtype = torch.float32,
     factor: GPTQFactor | None = None,
+    grid: WeightGrid = WeightGrid.FULL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ rounding of W (out, in) for inputs with second moment H (in, in).
 
@@ -111,7 +113,8 @@ def gptq_quantize(
     Returns (codes, scale): int8 codes (out, in) in [-2^(b-1), 2^(b-1) - 1] and float32 scales
     (out, n_groups), so that `ops.dequantize_weight(codes, scale, group_size)` is Ŵ.
 
-    Scales. Per channel (group_size = -1) they come from the W passed in (clip · max|w| / qmax), so with
+    Scales. Per channel (group_size = -1) they come from the W passed in (clip · max|w| / grid_top, `grid`
+    as in `ops.grid_top`), so with
     H = I (no error feedback) the codes equal `ops.quantize_weight(W, ops.weight_scale(W, ...))`
     bit for bit. Per group they are computed when the loop reaches the group's first column, from the
     columns as updated by the error feedback so far (GPTQ's choice); the block size is rounded to a
@@ -123,7 +126,7 @@ def gptq_quantize(
     their codes are 0. H is damped by damp · mean(diag(H)) before the inverse; if the damped H is still
     not positive definite, damping is retried ×10 (warning each time), up to `max_damp_tries` tries.
 
-    Worked 2×2 example (bits 4, damp 0): W = [[0.325, 1.4]], H = [[4, 1.8], [1.8, 1]].
+    Worked 2×2 example (bits 4, damp 0, grid "symmetric"): W = [[0.325, 1.4]], H = [[4, 1.8], [1.8, 1]].
     scale = 1.4 / 7 = 0.2. Column 0: 0.325 / 0.2 = 1.625 → code 2 (0.4), error −0.075. The error is fed
     to column 1 in proportion H_01 / H_11 = 1.8: 1.4 − 0.075 · 1.8 = 1.265 → code 6 (RTN says 7).
     Output error eᵀHe: RTN e = [−0.075, 0] gives 0.0225; GPTQ e = [−0.075, 0.2] gives 0.0085.
@@ -143,11 +146,12 @@ def gptq_quantize(
     W[:, factor.dead] = 0.0
     static = None  # scales fixed before the loop: (out, n_groups)
     if group_size == -1 or factor.act_order:
-        static = weight_scale(W, bits, group_size, clip).to(scale_dtype).float()  # on the stored grid
+        static = weight_scale(W, bits, group_size, clip, grid).to(scale_dtype).float()  # on the stored grid
     if factor.act_order:
         W = W[:, factor.perm]
     perm = factor.perm.tolist()
-    codes, scale = _column_loop(W, factor.hinv, perm, static, bits, group_size, block_size, clip, scale_dtype)
+    codes, scale = _column_loop(W, factor.hinv, perm, static, bits, group_size, block_size, clip, scale_dtype,
+                                grid)
     codes = codes[:, torch.argsort(factor.perm)]  # back to the original column order
     return codes.to(torch.int8), scale
 
@@ -247,6 +251,7 @@ def _column_loop(
     block_size: int,
     clip: torch.Tensor | float,
     scale_dtype: torch.dtype = torch.float32,
+    grid: WeightGrid = WeightGrid.FULL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop with lazy block updates, on columns already in processing order.
 
@@ -272,7 +277,7 @@ def _column_loop(
         for i in range(i2 - i1):
             j = i1 + i
             if static is None and j % g == 0:
-                scale[:, j // g] = weight_scale(W1[:, i : i + g], bits, -1, clip)[:, 0].to(scale_dtype).float()
+                scale[:, j // g] = weight_scale(W1[:, i : i + g], bits, -1, clip, grid)[:, 0].to(scale_dtype).float()
             s = scale[:, col_group[j]]  # (out,)
             w = W1[:, i]  # (out,)
             q = torch.round(w / s).clamp(lo, hi)

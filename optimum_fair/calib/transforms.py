@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..enums import Rounding, coerce_enum
+from ..enums import Rounding, WeightGrid, coerce_enum
 from ..ops import fake_quant_act, fake_quant_weight, kron_apply, quantize_weight, weight_scale
 from .gptq import GPTQFactor, gptq_quantize
 from .objective import weighted_sq_error
@@ -154,15 +154,17 @@ class CalibLinear(nn.Module):
         group_size: int = -1,
         weight_clip: bool = True,
         clip_init_logit: float = 4.0,
+        grid: WeightGrid = WeightGrid.FULL,
     ) -> None:
         """`weight_clip` learns a per-output-row ratio sigmoid(logit) (init clip_init_logit); the FP weight
-        is frozen (a buffer sharing the linear's storage)."""
+        is frozen (a buffer sharing the linear's storage). `grid`: the weight grid (`ops.grid_top`)."""
         super().__init__()
         if linear.in_features != params.d:
             raise ValueError(f"params is for d={params.d}, linear has in_features={linear.in_features}")
         if group_size != -1 and (group_size <= 0 or linear.in_features % group_size):
             raise ValueError(f"group_size {group_size} must be -1 or divide in_features {linear.in_features}")
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
+        self.grid = coerce_enum(WeightGrid, grid, "grid")
         self.register_buffer("weight", linear.weight.detach())  # (out, d)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())  # (out,)
         self.params = params
@@ -188,7 +190,7 @@ class CalibLinear(nn.Module):
         xt = self.transformed_input(x, quantize_act=self.quantize)
         Wt = self.transformed_weight()  # (out, d)
         if self.quantize:
-            Wt = fake_quant_weight(Wt, self.w_bits, self.group_size, self.weight_clip())
+            Wt = fake_quant_weight(Wt, self.w_bits, self.group_size, self.weight_clip(), self.grid)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(xt, Wt.to(x.dtype), bias)
 
@@ -215,14 +217,15 @@ class CalibLinear(nn.Module):
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
         if rounding is Rounding.RTN:
-            scale = weight_scale(Wt, self.w_bits, self.group_size, clip).to(scale_dtype).float()  # (out, n_groups)
+            scale = weight_scale(Wt, self.w_bits, self.group_size, clip, self.grid)
+            scale = scale.to(scale_dtype).float()  # (out, n_groups)
             codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
         else:  # Rounding.GPTQ
             if H is None and factor is None:
                 raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
             codes, scale = gptq_quantize(Wt, H, self.w_bits, self.group_size, damp=damp,
                                          act_order=act_order, block_size=block_size, clip=clip,
-                                         scale_dtype=scale_dtype, factor=factor)
+                                         scale_dtype=scale_dtype, factor=factor, grid=self.grid)
         p = self.params
         return {
             "codes": codes,

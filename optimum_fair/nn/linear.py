@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..enums import WeightGrid
 from ..ops import (
     dequantize_weight,
     fake_quant_act,
@@ -137,11 +138,12 @@ class FairLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, group_size: int = -1
+        cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, group_size: int = -1,
+        grid: WeightGrid = WeightGrid.FULL,
     ) -> FairLinear:
-        """Round-to-nearest quantization of a plain `nn.Linear` (no transform)."""
+        """Round-to-nearest quantization of a plain `nn.Linear` (no transform) on `grid` (`ops.grid_top`)."""
         w = linear.weight.detach()
-        scale = weight_scale(w, w_bits, group_size)  # (out, n_groups) float32
+        scale = weight_scale(w, w_bits, group_size, grid=grid)  # (out, n_groups) float32
         # Round the scale to the storage dtype first, so codes are computed on the grid actually stored.
         scale = scale.to(w.dtype if w.dtype.is_floating_point else torch.float16)
         codes = quantize_weight(w, scale, w_bits, group_size)

@@ -14,7 +14,7 @@ from transformers.quantizers.base import get_keys_to_not_convert
 
 from ..arch import ModelAdapter, find_adapter
 from ..config import FairCalibConfig
-from ..enums import CalibInputs, InputMode, Rounding, Transform, Weighting
+from ..enums import CalibInputs, InputMode, Rounding, Transform, WeightGrid, Weighting
 from .surgery import LayerFormat, check_skip_names, matches
 
 
@@ -48,6 +48,7 @@ class StageTwoSettings:
     input_mode: InputMode
     seed: int
     true_sequential: bool
+    weight_grid: WeightGrid
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
@@ -87,12 +88,12 @@ def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:
     return StageTwoSettings(
         config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
         config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
-        config.seed, config.true_sequential)
+        config.seed, config.true_sequential, config.weight_grid)
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:
     """What every converted linear of this config stores."""
-    return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform)
+    return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid)
 
 
 def needs_calibration(config: FairCalibConfig) -> bool:

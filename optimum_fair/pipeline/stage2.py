@@ -193,7 +193,7 @@ def calibrate_block(
     linears = {name: block.get_submodule(name) for group in groups for name in group}
     params = _make_transforms(block, groups, linears, call, x_in, s, generator, shard)
     calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
-                               weight_clip=s.transform is Transform.FLATQUANT)
+                               weight_clip=s.transform is Transform.FLATQUANT, grid=s.weight_grid)
              for gi, group in enumerate(groups) for name in group}
     if s.transform is Transform.FLATQUANT:
         for name, module in calib.items():
@@ -282,7 +282,8 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
     floats = {name: block.get_submodule(name) for name in names}
     try:
         for name in names:
-            set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size))
+            set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size,
+                                                               s.weight_grid))
         out = run_batched(block_caller(block, extras, device), x_in, s.batch_size)
     finally:
         for name in names:

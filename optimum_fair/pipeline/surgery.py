@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.rotation import kron_factors
-from ..enums import Transform
+from ..enums import Transform, WeightGrid
 from ..nn import FairLinear
 
 
@@ -26,6 +26,7 @@ class LayerFormat:
     a_bits: int
     group_size: int
     transform: Transform
+    weight_grid: WeightGrid
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -128,5 +129,5 @@ def replace_with_skeletons(model: nn.Module, skip: list[str], fmt: LayerFormat, 
 def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerFormat) -> None:
     """Round-to-nearest: each linear is replaced independently, no data needed."""
     for name, linear in tqdm(linears.items(), desc="RTN", leave=False):
-        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size)
+        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid)
         set_module(model, name, fair.to(linear.weight.device))

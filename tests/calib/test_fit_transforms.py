@@ -83,19 +83,30 @@ def test_block_loss_is_the_weighted_mse_of_all_samples():
 
 
 def test_weights_decide_which_positions_are_fitted():
+    """Only weighted positions steer the fit: targets at zero-weight positions can be anything (the learned
+    transforms and clips come out bit-identical), while moving one weighted target changes them.
+
+    (An earlier version asserted weighted fitting beats uniform fitting on the weighted positions; over 6
+    seeds of this toy that held 2 to 4 times, a coin flip, so it could not tell a broken weighting.)"""
     lin1, lin2 = toy_block()
     x = toy_data()
     with torch.no_grad():
-        y = lin2(nn.functional.silu(lin1(x)))
+        y = lin2(nn.functional.silu(lin1(x)))  # (16, 8, 32): the toy block is per token
     w = torch.zeros(8)
     w[:2] = 1.0  # only the first two positions count
-    results = {}
-    for name, weights in (("weighted", w), ("uniform", None)):
+    junk, moved = y.clone(), y.clone()
+    junk[:, 2:] = torch.randn(16, 6, 32, generator=torch.Generator().manual_seed(9)) * 100
+    moved[0, 1] += 1.0
+
+    def fitted(targets):
         c1, c2, block = calib_block(lin1, lin2, x)
-        fit_transforms(block, x, y, weights, [c1, c2], epochs=6, batch_size=4,
+        fit_transforms(block, x, targets, w, [c1, c2], epochs=3, batch_size=4,
                        generator=torch.Generator().manual_seed(4))
-        results[name] = block_loss(block, x, y, w)
-    assert results["weighted"] < results["uniform"]
+        return [t.detach().clone() for c in (c1, c2) for t in c.parameters()]
+
+    base = fitted(y)
+    assert all(torch.equal(a, b) for a, b in zip(base, fitted(junk), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(base, fitted(moved), strict=True))
 
 
 def test_bad_arguments_raise():

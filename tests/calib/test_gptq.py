@@ -11,19 +11,20 @@ from optimum_fair.ops import dequantize_weight, quantize_weight, weight_scale
 
 
 def plain_gptq(W, H, bits, group_size=-1, damp=0.01, perm=None):
-    """GPTQ as in the paper, one column at a time, float64, no lazy blocks.
+    """GPTQ as in the paper, one column at a time, float64, no lazy blocks, on the full signed grid.
 
     Per-channel scales from W; per-group scales from the updated W at the group's first column, or, with
-    a column order `perm`, fixed up front per original group.
+    a column order `perm`, fixed up front per original group. A scale maps max|w| to 2^(b-1) - 1/2.
     """
     top = 2 ** (bits - 1) - 1
+    grid_top = top + 0.5
     W, H = W.double().clone(), H.double().clone()
     n = W.shape[1]
     perm = torch.arange(n) if perm is None else perm
     g = n if group_size == -1 else group_size
     static = None
     if group_size == -1 or not torch.equal(perm, torch.arange(n)):
-        static = W.reshape(W.shape[0], n // g, g).abs().amax(-1) / top  # (out, n_groups)
+        static = W.reshape(W.shape[0], n // g, g).abs().amax(-1) / grid_top  # (out, n_groups)
     H = H + damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
     W, H = W[:, perm], H[perm][:, perm]
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
@@ -32,7 +33,7 @@ def plain_gptq(W, H, bits, group_size=-1, damp=0.01, perm=None):
     for j in range(n):
         group = int(perm[j]) // g
         if static is None and j % g == 0:
-            scale[:, group] = W[:, j : j + g].abs().amax(1) / top
+            scale[:, group] = W[:, j : j + g].abs().amax(1) / grid_top
         s = scale[:, group]
         q = torch.clamp(torch.round(W[:, j] / s), -top - 1, top)
         Q[:, j] = q
@@ -66,9 +67,12 @@ def test_identity_hessian_is_rtn_bit_for_bit():
 
 def test_docstring_example():
     W, H = torch.tensor([[0.325, 1.4]]), torch.tensor([[4.0, 1.8], [1.8, 1.0]])
-    codes, scale = gptq_quantize(W, H, 4, damp=0.0)
+    codes, scale = gptq_quantize(W, H, 4, damp=0.0, grid="symmetric")
     assert codes.tolist() == [[2, 6]]
     assert scale.item() == pytest.approx(0.2)
+    codes, scale = gptq_quantize(W, H, 4, damp=0.0)  # full grid: 1.4 / 7.5; column 1 -> 7.97 -> 7, as RTN
+    assert codes.tolist() == [[2, 7]]
+    assert scale.item() == pytest.approx(1.4 / 7.5)
 
 
 def test_uniform_weights_reproduce_plain_gptq():

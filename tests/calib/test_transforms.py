@@ -38,10 +38,11 @@ def perturb_(params, seed):
             params.s.mul_(torch.rand(params.s.shape, generator=g) + 0.5)
 
 
-def fake_quant_rows(t, bits, clip):
-    """Plain symmetric fake quantization of each row of t (2-d) with ratio `clip` (scalar or (rows, 1))."""
+def fake_quant_rows(t, bits, clip, weights=False):
+    """Plain symmetric fake quantization of each row of t (2-d) with ratio `clip` (scalar or (rows, 1)):
+    max|row| maps to 2^(b-1) - 1 for activations, to 2^(b-1) - 1/2 for weights (the full grid)."""
     top = 2 ** (bits - 1) - 1
-    scale = (t.abs().amax(-1, keepdim=True) * clip / top).clamp(min=1e-8)
+    scale = (t.abs().amax(-1, keepdim=True) * clip / (top + 0.5 * weights)).clamp(min=1e-8)
     return torch.clamp(torch.round(t / scale), -top - 1, top) * scale
 
 
@@ -100,7 +101,7 @@ def test_quantized_forward_matches_plain_fake_quant():
         P = torch.kron(p.A, p.B)
         xq = fake_quant_rows((x / p.s) @ P, 4, torch.sigmoid(p.act_clip_logit))
         Wt = (lin.weight * p.s) @ torch.linalg.inv(P).t()
-        Wq = fake_quant_rows(Wt, 4, torch.sigmoid(cl.weight_clip_logit))
+        Wq = fake_quant_rows(Wt, 4, torch.sigmoid(cl.weight_clip_logit), weights=True)
         assert torch.allclose(cl(x), xq @ Wq.t() + lin.bias, atol=1e-4)
 
 

@@ -70,6 +70,19 @@ def test_v1_fixtures_are_what_the_test_expects():
         assert not torch.equal(model(ids).logits, expected["logits"])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_v1_checkpoint_says_it_was_made_on_the_symmetric_grid(name):
+    """Version-1 configs carry no weight_grid: they read as "symmetric", and their RTN scales are max / 7."""
+    model = AutoModel.from_pretrained(FIXTURES / name)
+    assert model.config.quantization_config.weight_grid == "symmetric"
+    assert model.config.quantization_config.version == 1
+    if name == "v1_w8a8_rtn":  # plain RTN: every scale is max|w| / 127 of the float weight it came from
+        layer = next(m for m in model.modules() if isinstance(m, FairLinear))
+        deq = layer.dequantized_weight().float()
+        amax = deq.abs().amax(dim=1)  # the top code holds the row's max exactly: 127 * s
+        assert torch.allclose(amax, 127 * layer.weight_scale.float()[:, 0], rtol=1e-6)
+
+
 def test_a_checkpoint_missing_a_float_tensor_is_refused_naming_it(tmp_path):
     import shutil
 

@@ -7,6 +7,7 @@ from optimum_fair.ops import (
     dequantize_weight,
     fake_quant_act,
     fake_quant_weight,
+    grid_top,
     pack_int4,
     qmax,
     quantize_weight,
@@ -42,20 +43,44 @@ def test_pack_rejects_out_of_range():
         unpack_int4(torch.zeros(3, dtype=torch.uint8), 8)
 
 
+@pytest.mark.parametrize("grid", ["full", "symmetric"])
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 16), (8, -1), (8, 32)])
-def test_quantize_error_at_most_half_step(bits, group_size):
+def test_quantize_error_at_most_half_step(bits, group_size, grid):
     w = torch.randn(12, 64) * torch.logspace(-2, 1, 12).unsqueeze(1)
-    scale = weight_scale(w, bits, group_size)
+    scale = weight_scale(w, bits, group_size, grid=grid)
     codes = quantize_weight(w, scale, bits, group_size)
     assert codes.min() >= -qmax(bits) - 1 and codes.max() <= qmax(bits)
     deq = dequantize_weight(codes, scale, group_size)
     step = scale.repeat_interleave(64 if group_size == -1 else group_size, dim=1)
-    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
-    # the largest magnitude of each group maps to the top code (closed form of the scale)
+    # at most half a step; the full grid's +max|w| sits exactly half a step above the top code, so there
+    # the bound holds up to float32 rounding of |w| ~ 127.5 steps: 2 * 127.5 * 2^-24 ~ 1.5e-5 of a half step
+    assert ((deq - w).abs() <= step / 2 * (1 + 1e-4)).all()
+    # the largest magnitude of each group maps to grid_top: 2^(b-1) - 1/2 (full) or 2^(b-1) - 1 (symmetric)
     groups = w.reshape(12, -1, 64 if group_size == -1 else group_size)
-    torch.testing.assert_close(scale, groups.abs().amax(-1) / qmax(bits))
+    top = qmax(bits) + (0.5 if grid == "full" else 0.0)
+    torch.testing.assert_close(scale, groups.abs().amax(-1) / top)
     # fake quant == dequant(quant)
-    torch.testing.assert_close(fake_quant_weight(w, bits, group_size), deq, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fake_quant_weight(w, bits, group_size, grid=grid), deq, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_grid_reaches_both_ends(bits):
+    """A row holding +m and -m: the full grid codes them 2^(b-1) - 1 and -2^(b-1); the symmetric one ±qmax."""
+    m = 0.37
+    w = torch.tensor([[m, -m, 0.0, m / 3]])
+    full = quantize_weight(w, weight_scale(w, bits, grid="full"), bits)
+    sym = quantize_weight(w, weight_scale(w, bits, grid="symmetric"), bits)
+    assert full[0, :2].tolist() == [qmax(bits), -qmax(bits) - 1]
+    assert sym[0, :2].tolist() == [qmax(bits), -qmax(bits)]
+    assert grid_top(bits) == qmax(bits) + 0.5 and grid_top(bits, "symmetric") == qmax(bits)
+
+
+def test_full_grid_rounds_no_worse_on_average():
+    """On Gaussian rows the full grid's finer step gives a smaller mean squared round-off than max / 7."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    err = {g: (dequantize_weight(quantize_weight(w, s := weight_scale(w, 4, grid=g), 4), s) - w).pow(2).mean()
+           for g in ("full", "symmetric")}
+    assert err["full"] < 0.9 * err["symmetric"]
 
 
 def test_group_size_must_divide():
