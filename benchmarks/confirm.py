@@ -1,6 +1,7 @@
 """A confirmatory run: ONE comparison, stated before it runs, on text no study has used.
 
     python benchmarks/confirm.py benchmarks/confirm/beta3_vs_uniform.json
+    python benchmarks/confirm.py benchmarks/confirm/*.json --threads 1   # issue 23's three, ~2.5 h
     python benchmarks/confirm.py SPEC.json --quick          # a smoke run: tiny settings, one seed
 
 The spec (a small JSON file, written and committed before the run) names the comparison and its design:
@@ -141,23 +142,28 @@ def report(out: dict) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="the comparison, as a JSON file written before the run")
+    p.add_argument("specs", nargs="+", metavar="spec",
+                   help="the comparison(s), as JSON files written before the run; each runs on its own")
     p.add_argument("--model", default=optimum_fair.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny settings")
-    p.add_argument("--out", default=None, help="JSON result file (default: benchmarks/results/confirm_<name>.json)")
+    p.add_argument("--out", default=None, help="JSON result file, with one spec only "
+                   "(default: benchmarks/results/confirm_<name>.json)")
     args = p.parse_args(argv)
-    spec = load_spec(args.spec)
-    if args.quick:
-        small = {"seq_len": 64, "window": 32, "block_length": 16, "num_samples": 8, "num_probes": 8}
-        spec = {**spec, "seeds": spec["seeds"][:1], "num_prompts": 8, "gen_length": 16, "epochs": 1,
-                "settings": [{**spec["settings"][0], **small}]}
-    out = run(spec, args.model, args.threads, args.quick)
-    print(report(out))
-    path = Path(args.out or f"benchmarks/results/confirm_{spec['name']}{'-quick' if args.quick else ''}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    if args.out and len(args.specs) > 1:
+        p.error(f"--out names one file; {len(args.specs)} specs were given")
+    specs = [load_spec(path) for path in args.specs]  # every spec checked before the first run
+    for spec in specs:
+        if args.quick:
+            small = {"seq_len": 64, "window": 32, "block_length": 16, "num_samples": 8, "num_probes": 8}
+            spec = {**spec, "seeds": spec["seeds"][:1], "num_prompts": 8, "gen_length": 16, "epochs": 1,
+                    "settings": [{**spec["settings"][0], **small}]}
+        out = run(spec, args.model, args.threads, args.quick)
+        print(report(out))
+        path = Path(args.out or f"benchmarks/results/confirm_{spec['name']}{'-quick' if args.quick else ''}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,30 @@ def test_a_setting_longer_than_the_model_is_refused_before_work():
     too_long = dict(spec, settings=[dict(spec["settings"][0], seq_len=256, window=128)])
     with pytest.raises(ValueError, match="seq_len \\(256\\) exceeds the model's maximum length \\(128\\)"):
         check_fits(too_long, optimum_fair.DEFAULT_MODEL)
+
+
+def test_several_specs_are_all_checked_before_the_first_run(tmp_path, monkeypatch):
+    from benchmarks.confirm import main
+
+    good = str(Path("benchmarks/confirm/beta1_vs_uniform.json").resolve())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x"}))
+    monkeypatch.chdir(tmp_path)  # a run would write benchmarks/results/ here
+    with pytest.raises(ValueError, match="missing keys"):
+        main([good, str(bad), "--quick"])
+    assert not (tmp_path / "benchmarks").exists()
+    with pytest.raises(SystemExit):  # --out names one file
+        main([good, good, "--out", str(tmp_path / "o.json")])
+
+
+def test_the_model_card_quotes_the_committed_confirmatory_results():
+    """The card's evidence table is the numbers in benchmarks/results/confirm_*.json, to two decimals."""
+    from optimum_fair.export.card import EVIDENCE
+
+    rows = {"beta1-vs-uniform": "prior, beta = 1 - uniform", "beta3-vs-uniform": "prior, beta = 3 - uniform",
+            "masked-vs-text": "masked (decode-like) Stage II inputs - text"}
+    for name, label in rows.items():
+        res = json.loads(Path(f"benchmarks/results/confirm_{name}.json").read_text())["result"]["all"]
+        lo, hi = res["ci"]
+        assert f"| {label} | {res['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] |" in EVIDENCE
+        assert lo < 0 < hi  # "resolved none" is what the card says
