@@ -1,6 +1,6 @@
 """Quantize the shipped diffusion LM to W4A4 with FAIR-Calib and print a before/after table.
 
-    python examples/quickstart.py            # fully offline; 132 s on a quiet 2-core AMD EPYC
+    python examples/quickstart.py            # fully offline; 79 s on a quiet 2-core AMD EPYC (2 threads)
 
 The full-precision model is the teacher: Stage I rolls it out to build the position prior, Stage II
 calibrates its blocks against its own hidden states. The table compares FP, plain round-to-nearest
