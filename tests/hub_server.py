@@ -22,6 +22,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -90,6 +91,7 @@ class LoopbackHub:
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
         self._faults: dict[str, int] = {}
+        self.hang_s = 2.0  # how long a "timeout" fault holds its connection
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -129,7 +131,8 @@ class LoopbackHub:
 
     def fail_nth(self, n: int, mode: str = "500") -> None:
         """Fail the n-th request from now (1-based): "500" answers a server error, "reset" closes the
-        connection without an answer."""
+        connection without an answer, "timeout" holds it `hang_s` seconds before closing it unanswered
+        (a client with a shorter timeout gives up first)."""
         with self._lock:
             self._nth = (len(self.requests) + n, mode)
 
@@ -160,6 +163,8 @@ class LoopbackHub:
                         self._nth = None
                         if nth[1] == "reset":
                             raise ConnectionResetByHub(name)
+                        if nth[1] == "timeout":
+                            raise HangByHub(name)
                         raise HubError(500, f"injected server error on request {nth[0]} ({name})")
                     if self._faults.get(name, 0) > 0:
                         self._faults[name] -= 1
@@ -298,6 +303,10 @@ class ConnectionResetByHub(Exception):
     """Raised by `dispatch` to drop the connection without an answer (fault injection)."""
 
 
+class HangByHub(Exception):
+    """Raised by `dispatch` to hold the connection unanswered for `LoopbackHub.hang_s`, then drop it."""
+
+
 def _json(status: int, payload) -> tuple[int, dict, bytes]:
     data = json.dumps(payload).encode()
     return status, {"Content-Type": "application/json", "Content-Length": str(len(data))}, data
@@ -315,7 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             status, headers, data = self.hub.dispatch(self.command, url.path, parse_qs(url.query), self.headers, body)
-        except ConnectionResetByHub:
+        except (ConnectionResetByHub, HangByHub) as fault:
+            if isinstance(fault, HangByHub):
+                time.sleep(self.hub.hang_s)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)  # the client sees its connection reset, no answer
             return

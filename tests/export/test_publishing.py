@@ -231,8 +231,27 @@ def _push_requests(hub, saved) -> int:
     return len(hub.requests) - before
 
 
-@pytest.mark.parametrize("mode", ["500", "reset"])
-def test_a_fault_at_every_request_of_a_push(hub, saved, mode):
+@pytest.fixture
+def client_timeout():
+    """A request timeout for huggingface_hub's client (it sets none: a Hub that stops answering would
+    block a push forever), configured the way huggingface_hub documents, restored afterwards."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    def short_timeout():
+        client = default_client_factory()
+        client.timeout = 0.5  # seconds, below the loopback hub's hang of 2 s
+        return client
+
+    set_client_factory(short_timeout)
+    yield 0.5
+    set_client_factory(default_client_factory)
+
+
+@pytest.mark.parametrize("mode", ["500", "reset", "timeout"])
+def test_a_fault_at_every_request_of_a_push(hub, saved, mode, request):
+    if mode == "timeout":
+        request.getfixturevalue("client_timeout")
     n_requests = _push_requests(hub, saved)
     assert n_requests >= 3
     before, failed = _digest(saved), 0
@@ -244,6 +263,7 @@ def test_a_fault_at_every_request_of_a_push(hub, saved, mode):
         except HubPushError as err:
             failed += 1
             assert repo in str(err) and "nothing local was changed" in str(err), str(err)
+            assert mode != "timeout" or "Timeout" in str(err), str(err)  # says what failed
         assert not hub.fault_pending(), f"request {n}: the fault never fired"
         assert _digest(saved) == before, f"request {n}: the local folder changed"
         push_quantized(saved, repo, update=True)  # the retry succeeds

@@ -1,9 +1,11 @@
 """Stage II under accelerate's disk offload, and resuming a killed run from its block cache."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -42,11 +44,12 @@ def test_disk_offloaded_calibration_equals_in_memory(tmp_path):
     assert torch.equal(_logits(off), _logits(ref))
 
 
-def _spawn(path, cache):
+def _spawn(path, cache, config=None):
+    config = config or dict(SMALL, transform="flatquant", epochs=30)
     code = ("import optimum_fair, torch\n"
             "torch.set_num_threads(1)\n"
             "from transformers import AutoModel\n"
-            f"cfg = optimum_fair.FairCalibConfig(**{dict(SMALL, transform='flatquant', epochs=30)!r}, "
+            f"cfg = optimum_fair.FairCalibConfig(**{config!r}, "
             f"cache_dir={str(cache)!r})\n"
             f"AutoModel.from_pretrained({str(path)!r}, quantization_config=cfg)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -73,6 +76,60 @@ def test_killed_run_resumes_to_the_same_model(tmp_path):
     fresh = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**cfg))
     assert torch.equal(_logits(resumed), _logits(fresh))
     assert len(list(cache.glob("block_*.safetensors"))) == 4
+
+
+def _stderr_of(proc) -> bytearray:
+    """The child's stderr as it arrives (read by a thread, so the pipe never fills)."""
+    buf = bytearray()
+
+    def pump():
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            buf.extend(chunk)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return buf
+
+
+def _kill_when(proc, ready, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"{what} never happened"
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it was killed at {what}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_runs_killed_at_seeded_points_resume_to_the_same_model(tmp_path):
+    """SIGKILL during Stage I, after a seeded block, and a seeded delay into a later block (inside its
+    calibration or its cache write), each restart continuing the same cache; a half-written cache file
+    (what a kill inside `save_file` leaves) is ignored; the last run equals an uninterrupted one."""
+    rng = random.Random(20)
+    cfg = dict(SMALL, transform="flatquant", epochs=30, num_probes=32)
+    path, cache = _save(tmp_path / "m", n_layers=4), tmp_path / "cache"
+    blocks = lambda: sorted(p.name for p in cache.glob("block_*.safetensors"))  # noqa: E731
+
+    proc = _spawn(path, cache, cfg)
+    err = _stderr_of(proc)
+    _kill_when(proc, lambda: b"Stage I: probe rollouts" in err, "Stage I")
+    assert blocks() == []  # killed before any block was calibrated
+    k = rng.randrange(1, 3)  # after block k (0-based) landed
+    proc = _spawn(path, cache, cfg)
+    _kill_when(proc, lambda: (cache / f"block_{k:04d}.safetensors").exists(), f"block {k}")
+    assert f"block_{k:04d}.safetensors" in blocks() and "block_0003.safetensors" not in blocks()
+    delay = rng.uniform(0.0, 0.5)
+    proc = _spawn(path, cache, cfg)
+    landed = len(blocks())
+    _kill_when(proc, lambda: len(blocks()) > landed and not time.sleep(delay), f"{delay:.2f} s after a block")
+    stale = cache / ".block_0003.safetensors.killed.tmp"
+    stale.write_bytes((cache / "block_0000.safetensors").read_bytes()[:100])  # cut inside save_file
+    resumed = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**cfg, cache_dir=str(cache)))
+    fresh = AutoModel.from_pretrained(path, quantization_config=FairCalibConfig(**cfg))
+    assert torch.equal(_logits(resumed), _logits(fresh))
+    assert blocks() == [f"block_{i:04d}.safetensors" for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values(),
+                                                 strict=True))
 
 
 def test_cache_of_another_run_is_refused(tmp_path):
