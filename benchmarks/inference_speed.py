@@ -11,7 +11,8 @@ Parts (each side on the same inputs):
   block    one LLaDA-8B-shaped block (a 1-layer native LLaDA, d_model 4096, 32 heads, MLP 12288, vocab
            128, random weights, 256 tokens), float vs its linears swapped for round-to-nearest FairLinears;
   shipped  the shipped model: one forward of 128 tokens and a full 64-token diffusion decode (block 32,
-           64 steps), fp32 / bf16 teacher vs quantized (RTN + Hadamard, uniform weighting).
+           64 steps), fp32 / bf16 teacher vs quantized (RTN + Hadamard, uniform weighting); W4A4 also
+           saved and reloaded from its checkpoint, as a user runs it.
 Prints a markdown table: ms per call (median; the sides of a case are timed round-robin), the ratio
 to bf16 and to fp32 nn.Linear (or teacher) of
 the same part, and the weight bytes resident per fp16 weight byte.
@@ -22,12 +23,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 from torch import nn
 
 LAYER_SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
@@ -167,6 +169,9 @@ def shipped_part(repeats: int) -> list[dict]:
         w, a = FORMATS[name]
         sides[f"{name} ({str(dtype)[6:]})"] = AutoModel.from_pretrained(
             path, dtype=dtype, quantization_config=FairCalibConfig(w_bits=w, a_bits=a, **quick)).eval()
+    with tempfile.TemporaryDirectory() as saved:  # what a user runs: the checkpoint, reloaded
+        sides["W4A4 (float32)"].save_pretrained(saved)
+        sides["W4A4 (float32) reloaded"] = AutoModel.from_pretrained(saved, dtype=torch.float32).eval()
     sides["W4A4 (float32) reference"] = copy.deepcopy(sides["W4A4 (float32)"])
     optimum_fair.use_kernels(sides["W4A4 (float32) reference"], "reference")
     ids = torch.randint(4, 1000, (1, 128), generator=torch.Generator().manual_seed(2))
@@ -189,16 +194,9 @@ def _kernels(model: nn.Module) -> str:
     return "+".join(found) or "float"
 
 
-def machine() -> dict:
-    flags = ""
-    if Path("/proc/cpuinfo").is_file():
-        text = Path("/proc/cpuinfo").read_text()
-        name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-                         if f" {f}" in text)
-    else:
-        name = platform.processor()
-    return {"cpu": name, "cpu_flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
+def machine_info() -> dict:
+    """benchmarks/machine.py's CPU name, cores and flags, plus torch's threads, version and CPU capability."""
+    return {**machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -220,7 +218,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine()
+    info = machine_info()
     print(json.dumps(info), flush=True)
     parts = {"layers": layers_part, "block": block_part, "shipped": shipped_part}
     rows = [r for p in args.parts for r in parts[p](args.repeats)]

@@ -86,6 +86,28 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         os.replace(entry, dest)
 
 
+def other_model_in(folder: str | os.PathLike, model: Any) -> str | None:
+    """Why `folder` holds a model other than a FAIR-Calib checkpoint of `model`'s type (None: it does not).
+
+    A folder with no config.json holds no model; one whose config.json is not JSON, names another
+    model_type or has no fair_calib quantization_config (a full-precision model, another quantizer's
+    checkpoint) does."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        there = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{config_file} is not a JSON config"
+    mine = getattr(model.config, "model_type", None)
+    if not isinstance(there, dict) or there.get("model_type") != mine:
+        kind = there.get("model_type") if isinstance(there, dict) else None
+        return f"{config_file} is a {kind!r} model, this one is {mine!r}"
+    if (there.get("quantization_config") or {}).get("quant_method") != "fair_calib":
+        return f"{config_file} is not a FAIR-Calib checkpoint (a full-precision model or another quantizer's)"
+    return None
+
+
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """A folder written by `save_quantized`: config.json with a fair_calib quantization_config and weights."""
     path = Path(output_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MethodType
 from typing import Any
 
-from ..export.folder import save_quantized
+from ..export.folder import other_model_in, save_quantized
 from ..export.hub import push_model, push_quantized
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,17 @@ def _tokenizer(model: Any) -> Any:
 
 def _save_pretrained(self: Any, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
                      repo_id: str | None = None, token: str | None = None, commit_message: str | None = None,
-                     private: bool | None = None, **kwargs: Any) -> None:
-    """``save_pretrained`` plus the tokenizer, ``prior/`` and README.md (other files in the folder are kept)."""
+                     private: bool | None = None, overwrite: bool = False, **kwargs: Any) -> None:
+    """``save_pretrained`` plus the tokenizer, ``prior/`` and README.md (other files in the folder are kept).
+
+    As transformers' own it writes over an earlier save of a FAIR-Calib model of this type; a folder that
+    holds another model (a full-precision teacher, another architecture or quantizer) is refused before
+    anything is written unless ``overwrite=True``."""
     kwargs.pop("create_pr", None)
+    other = None if overwrite else other_model_in(save_directory, self)
+    if other:
+        raise FileExistsError(f"save_pretrained({str(save_directory)!r}): {other}; refusing to write over it "
+                              "(pass overwrite=True, or save to another folder)")
     save_quantized(self, save_directory, _tokenizer(self), overwrite=True, repo_id=repo_id, **kwargs)
     if push_to_hub:
         push_quantized(save_directory, repo_id or Path(save_directory).name, token=token, private=bool(private),

@@ -186,6 +186,28 @@ def test_model_save_pretrained_writes_prior_and_keeps_other_files(qmodel, tmp_pa
     assert "fair-calib" in ModelCard.load(tmp_path / "again" / "README.md").data.tags
 
 
+def test_model_save_pretrained_refuses_a_folder_holding_another_model(qmodel, tok, tmp_path):
+    """Saving over the FP teacher's folder (a classic slip) or another model is refused, the folder kept;
+    overwrite=True does it; an earlier save of a FAIR-Calib model of this type is written over as usual."""
+    fp_dir = tmp_path / "teacher"
+    tiny_llada(len(tok), tok.mask_token_id).save_pretrained(fp_dir)
+    before = _digest(fp_dir)
+    with pytest.raises(FileExistsError, match="not a FAIR-Calib checkpoint.*overwrite=True"):
+        qmodel.save_pretrained(fp_dir)
+    assert _digest(fp_dir) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FileExistsError, match="'llama' model, this one is 'llada'"):
+        qmodel.save_pretrained(tmp_path / "other")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(FileExistsError, match="not a JSON config"):
+        qmodel.save_pretrained(tmp_path / "broken")
+    qmodel.save_pretrained(fp_dir, overwrite=True)
+    assert torch.equal(_logits(AutoModel.from_pretrained(fp_dir)), _logits(qmodel))
+    qmodel.save_pretrained(fp_dir)  # now a FAIR-Calib llada folder: saved over without a flag
+
+
 def test_config_push_to_hub_pushes_after_calibration(hub, tok, monkeypatch):
     model = tiny_llada(len(tok), tok.mask_token_id)
     quantize(model, FairCalibConfig(**SMALL, push_to_hub="tester/from-config"), tokenizer=tok)
