@@ -113,6 +113,11 @@ class FairCalibConfig(QuantizationConfigMixin):
             groups already quantized (True, AutoGPTQ's `true_sequential`), or every group's from one pass
             of the float block (False, the default, as llm-compressor: fewer block passes, more Hessians in
             memory at once; on the shipped model 13.3 s against 21.3 s at equal quality, docs/results.md).
+        loss_samples: how many calibration samples (the first ones) score each block's logged loss
+            before (RTN) and after calibration, for the log and the card. Where nothing else needs the
+            full-precision targets (GPTQ or fixed transforms, quantized inputs) only these go through
+            the FP block and the RTN block, which saves two of GPTQ's four passes over the samples;
+            FlatQuant-style fits and input_mode="fp" use every sample anyway. None = all (default 16).
         input_mode: "quantized" (block input from the quantized prefix) or "fp".
         calib_inputs: "text" (fully observed calibration text, the paper) or "masked": each sample is
             put in a decode state at a random step of the Stage I commit policy (earlier blocks
@@ -164,6 +169,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     damp: float = 0.01
     act_order: bool = False
     true_sequential: bool = False
+    loss_samples: int | None = 16
     input_mode: InputMode = InputMode.QUANTIZED
     calib_inputs: CalibInputs = CalibInputs.TEXT
     tokenizer: Any = None
@@ -234,6 +240,7 @@ class FairCalibConfig(QuantizationConfigMixin):
             _check_nonneg_float(name, getattr(self, name))
         _check_type("act_order", self.act_order, bool)
         _check_type("true_sequential", self.true_sequential, bool)
+        _check_positive_int("loss_samples", self.loss_samples, optional=True)
         _check_type("seed", self.seed, int)
         _check_type("cache_dir", self.cache_dir, str, optional=True)
         if self.batch_size > self.num_samples:

@@ -49,6 +49,7 @@ class StageTwoSettings:
     seed: int
     true_sequential: bool
     weight_grid: WeightGrid
+    loss_samples: int | None
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
@@ -88,7 +89,7 @@ def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:
     return StageTwoSettings(
         config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
         config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
-        config.seed, config.true_sequential, config.weight_grid)
+        config.seed, config.true_sequential, config.weight_grid, config.loss_samples)
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:

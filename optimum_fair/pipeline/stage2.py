@@ -322,26 +322,40 @@ def calibrate_blocks(
     if weights is not None and weights.dim() == 2:
         weights = weights[shard.sample_ids]  # (n_local, seq)
     generator = torch.Generator().manual_seed(s.seed)
-    fp_stream = q_stream = hidden
+    logged = loss_shard(shard, s)
+    fp_stream, q_stream = hidden[:len(logged.sample_ids)], hidden  # the FP stream: the logged samples only
     records = []
     for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
         with onloaded(block, device):
             fp_stream, q_stream, record = _one_block(l, block, groups_of(l, block), extras, fp_stream, q_stream,
-                                                     weights, s, generator, dtype, device, cache, shard)
+                                                     weights, s, generator, dtype, device, cache, shard, logged)
         records.append(record)
     return records
 
 
+def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
+    """The samples that score the logged losses: the first `loss_samples` when nothing else needs the FP
+    targets (GPTQ or fixed transforms on quantized inputs), else all. Its batches are the first batches of
+    `shard`, on the same ranks, so each rank's logged rows are a prefix of its rows."""
+    if s.loss_samples is None or s.transform is Transform.FLATQUANT or s.input_mode is InputMode.FP:
+        return shard
+    return DataShard(shard.world, min(s.loss_samples, shard.num_samples), shard.batch_size)
+
+
 def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
-               device, cache, shard: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record."""
+               device, cache, shard: DataShard, logged: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record.
+
+    fp_stream holds the `logged` samples (a prefix of this rank's rows), q_stream all of them."""
     block.float()
     extras = functools.partial(extras, l=l)  # block l's own captured arguments
     call = block_caller(block, extras, device)
-    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_local, seq, d)
+    targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_logged_local, seq, d)
     x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream
+    m = targets.shape[0]
+    w_log = weights if weights is None or weights.dim() == 1 else weights[:m]
     generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
-    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s, shard)
+    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in[:m], targets, w_log, s, logged)
     teacher = state_digest(block.state_dict()) if cache is not None else ""  # the FP block, before any swap
     loaded = cache is not None and cache.load(l, block, teacher)
     if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
@@ -356,7 +370,7 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
             cache.save(l, block, teacher)
     shard.world.check_identical(module_checksum(block), f"block {l} after calibration")
     out_q = run_batched(call, x_in, s.batch_size)
-    loss = stream_loss(targets, out_q, weights, shard)
+    loss = stream_loss(targets, out_q[:m], w_log, logged)
     logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
     block.to(dtype)
     return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss}

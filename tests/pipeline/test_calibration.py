@@ -186,3 +186,35 @@ def test_one_pass_schedule_calibrates_and_differs_from_true_sequential(llada_dir
     assert all(r["loss"] < r["loss_rtn"] for r in log), log
     assert log[0]["loss_rtn"] == calibration_result(seq).blocks[0]["loss_rtn"]  # same block, same baseline
     assert not torch.equal(_logits(one), _logits(seq))  # later groups saw float inputs, not quantized ones
+
+
+def test_logged_losses_on_a_prefix_of_the_samples_leave_the_model_unchanged(llada_dir, tok):
+    """loss_samples only decides which samples score the logged losses: GPTQ's codes are the same, the
+    logged losses differ; FlatQuant-style fits score every sample (they train on the targets)."""
+    cfg = dict(SMALL, num_samples=12, rounding="gptq", transform="hadamard", weighting="uniform")
+    runs = {k: quantize(AutoModel.from_pretrained(llada_dir), FairCalibConfig(**cfg, loss_samples=k), tokenizer=tok)
+            for k in (4, None)}
+    a, b = (m.state_dict() for m in runs.values())
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    logs = {k: calibration_result(m).blocks for k, m in runs.items()}
+    assert logs[4] != logs[None] and all(r["loss"] < r["loss_rtn"] for r in logs[4])
+    from optimum_fair.distributed import DataShard, World
+    from optimum_fair.pipeline.plan import stage_two_settings
+    from optimum_fair.pipeline.stage2 import loss_shard
+
+    s = stage_two_settings(FairCalibConfig(**cfg, loss_samples=4))
+    assert loss_shard(DataShard(World(), 12, 4), s).num_samples == 4
+    s_all = stage_two_settings(FairCalibConfig(**dict(cfg, transform="flatquant"), loss_samples=4))
+    assert loss_shard(DataShard(World(), 12, 4), s_all).num_samples == 12  # FlatQuant trains on targets
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_the_logged_samples_are_a_prefix_of_every_ranks_rows(size):
+    from optimum_fair.distributed import DataShard, World
+
+    for n, k, bs in [(12, 4, 4), (12, 6, 4), (13, 9, 3), (8, 8, 2)]:
+        for rank in range(size):
+            full, part = DataShard(World(rank, size), n, bs), DataShard(World(rank, size), k, bs)
+            ids, sub = full.sample_ids, part.sample_ids
+            assert torch.equal(ids[:len(sub)], sub) and bool((sub < k).all())
+            assert int((ids < k).sum()) == len(sub)  # every logged sample of this rank, none other

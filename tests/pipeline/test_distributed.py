@@ -35,7 +35,7 @@ WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 SMALL = dict(num_probes=40, num_samples=12, seq_len=32, window=16, block_length=8, batch_size=4, epochs=2,
              dataset="lee", early_boost=1.0, compute_dtype="float32")
 JOBS = {
-    "gptq": ("from_pretrained", dict(SMALL, rounding="gptq", transform="hadamard")),
+    "gptq": ("from_pretrained", dict(SMALL, rounding="gptq", transform="hadamard", loss_samples=8)),  # 2 of 3 batches
     "flat_fp": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant", input_mode="fp",
                                  weight_grid="symmetric")),
     "flat": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant", weight_grid="symmetric")),
