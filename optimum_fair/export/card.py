@@ -78,7 +78,8 @@ def _calibration_section(log: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for r in log for k in r))
     rows = [[f"{r.get(k):.4g}" if isinstance(r.get(k), float) else r.get(k, "-") for k in keys] for r in log]
     return ("## Calibration\n\nPer-block weighted output MSE after calibration (`loss`) and with "
-            f"round-to-nearest (`loss_rtn`):\n\n{_md_table(keys, rows)}\n")
+            "round-to-nearest (`loss_rtn`), over the first `samples` calibration samples:\n\n"
+            f"{_md_table(keys, rows)}\n")
 
 
 def _config_section(config: Any) -> str:

@@ -2,7 +2,7 @@
 
     result = calibration_result(model)     # after quantize(...) or from_pretrained(quantized_folder)
     result.prior                           # PositionPrior or None (uniform weighting, RTN)
-    result.blocks                          # [{"block": 0, "loss_rtn": ..., "loss": ...}, ...]
+    result.blocks                          # [{"block": 0, "loss_rtn": ..., "loss": ..., "samples": 16}, ...]
 
 The result travels with the model on its transformers quantizer (`model.hf_quantizer.result`), the
 object transformers itself attaches to every quantized model; nothing else is set on the model.
@@ -24,7 +24,7 @@ class CalibrationResult:
     config: the config as run, `modules_to_not_convert` resolved (a copy: the caller's is untouched).
     skip: module names kept in floating point.
     prior: the Stage I position prior (None with uniform weighting or without calibration).
-    blocks: per-block records {"block", "loss_rtn", "loss"} of Stage II (empty for RTN or a reload).
+    blocks: per-block records {"block", "loss_rtn", "loss", "samples"} of Stage II (empty for RTN or a reload).
     base_model: the full-precision model's public name (Hub id, or folder name for a local model).
     reloaded: True for a checkpoint loaded back from disk (its name is the quantized repo, not the base).
     """

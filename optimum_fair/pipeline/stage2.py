@@ -304,7 +304,8 @@ def calibrate_blocks(
     cache=None,
     shard: DataShard | None = None,
 ) -> list[dict]:
-    """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss'} records.
+    """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss', 'samples'} records
+    ('samples': how many samples scored the two losses, `loss_shard`).
 
     groups_of(l, block): block l's linear groups in forward order (`plan.block_groups`).
 
@@ -373,4 +374,4 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
     loss = stream_loss(targets, out_q[:m], w_log, logged)
     logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
     block.to(dtype)
-    return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss}
+    return targets, out_q, {"block": l, "loss_rtn": loss_rtn, "loss": loss, "samples": logged.num_samples}
