@@ -103,7 +103,8 @@ def other_model_in(folder: str | os.PathLike, model: Any) -> str | None:
     if not isinstance(there, dict) or there.get("model_type") != mine:
         kind = there.get("model_type") if isinstance(there, dict) else None
         return f"{config_file} is a {kind!r} model, this one is {mine!r}"
-    if (there.get("quantization_config") or {}).get("quant_method") != "fair_calib":
+    quant = there.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fair_calib":
         return f"{config_file} is not a FAIR-Calib checkpoint (a full-precision model or another quantizer's)"
     return None
 
