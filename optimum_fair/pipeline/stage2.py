@@ -43,27 +43,22 @@ _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
 
 
 # -- block inputs -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def first_block_only(blocks: nn.ModuleList) -> Iterator[None]:
-    """Temporarily leave only blocks[0] in the list, so a model forward stops paying for the rest."""
-    saved = dict(blocks._modules)
-    try:
-        for key in list(blocks._modules)[1:]:
-            del blocks._modules[key]
-        yield
-    finally:
-        blocks._modules.clear()
-        blocks._modules.update(saved)
+class _InputsRecorded(Exception):
+    """Raised by `recording_inputs(..., stop=True)` once the block's inputs are stored: nothing after them
+    is needed, so the forward ends there (GPTQ's usual early exit)."""
 
 
 @contextlib.contextmanager
-def recording_inputs(block: nn.Module, store: list) -> Iterator[None]:
-    """Append (hidden_states, other kwargs) of every call of `block` to `store`."""
+def recording_inputs(block: nn.Module, store: list, stop: bool = False) -> Iterator[None]:
+    """Append (hidden_states, other kwargs, other args) of every call of `block` to `store`; with `stop`
+    the call then raises `_InputsRecorded` instead of running the block (callers catch exactly that)."""
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         store.append((hidden.detach(), rest, args[1:]))
+        if stop:
+            raise _InputsRecorded
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -100,9 +95,13 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             stack.enter_context(recording_inputs(block, store))
         forward(input_ids[:batch_size])
     store: list = []
-    with first_block_only(blocks), recording_inputs(blocks[0], store):
+    with recording_inputs(blocks[0], store, stop=True):  # every batch stops at blocks[0]'s input
         for start in range(0, input_ids.shape[0], batch_size):
-            forward(input_ids[start:start + batch_size])
+            with contextlib.suppress(_InputsRecorded):
+                forward(input_ids[start:start + batch_size])
+    if len(store) != -(-input_ids.shape[0] // batch_size):
+        raise RuntimeError(f"blocks[0] saw {len(store)} of the {-(-input_ids.shape[0] // batch_size)} "
+                           "calibration batches: the model's forward does not reach its first block")
     hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
     b0 = per_block[0][0][0].shape[0]
     # no KV cache unless asked: a cache object (Llama passes it as `cache` in transformers 5) would grow
