@@ -28,6 +28,7 @@ _LAZY = {
     "BoostSchedule": "enums",
     "InputMode": "enums",
     "CalibInputs": "enums",
+    "WeightGrid": "enums",
     "FairLinear": "nn",
     "use_kernels": "nn",
     "reference_kernels": "nn",
