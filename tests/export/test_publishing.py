@@ -64,7 +64,7 @@ def test_folder_is_complete_and_card_has_metadata(saved):
     assert "| block | loss_rtn | loss |" in card.text and "\n| 1 | " in card.text
     assert 'AutoModel.from_pretrained("<this-repo-id>")' in card.text
     # fair weighting: the card says the prior's gain is not established, with the confirmatory numbers
-    assert "**not established**" in card.text and "| prior, beta = 1 - uniform | -0.24 |" in card.text
+    assert "**not established**" in card.text and "| prior, beta = 1 - uniform | -0.24 [" in card.text
 
 
 def test_save_refuses_a_non_empty_folder_and_bad_models(saved, tmp_path, qmodel, tok):
