@@ -81,8 +81,9 @@ class FairCalibConfig(QuantizationConfigMixin):
         steps: T, denoising steps over the window. None = window (one token per step).
         early_boost: beta in lambda_0(t) = 1 + beta * (1 - (t-1)/(T-1)). The paper boosts early steps
             without giving beta; default 1. beta = 3 was the best of an exploratory study
-            (docs/results.md) and did not replicate on held-out data, so it is not the default:
-            nothing becomes a default on an exploratory result.
+            (docs/results.md), did not replicate on held-out data and raised the flip rate against
+            uniform weighting in a pre-stated confirmatory run, so it is not the default: nothing
+            becomes a default on an exploratory result.
         boost_schedule: "early" (default), "flat" or "late" (ablations).
         reliability: c_{t,i}: "prob" (max probability, default), "neg_entropy" or "margin".
         reliability_weight: lambda_1. None = 1/T. 0 = the frontier-only ablation.
