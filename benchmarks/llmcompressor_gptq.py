@@ -54,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1024**3
@@ -349,7 +351,7 @@ def run_parent(args) -> None:
         "git_commit": git_commit(),
         "versions": versions(),
         "threads": args.threads,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "loadavg_at_start": list(os.getloadavg()),
         "model": {"path": "optimum_fair/assets/teacher", "dtype_run": "float32 (stored fp16)",
                   "n_params": sum(p.numel() for p in model_fp.parameters()),
@@ -459,16 +461,6 @@ def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held
                for k in fp_w)
     out["linears_with_identical_weights"] = int(same)
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(report: dict) -> str:

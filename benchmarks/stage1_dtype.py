@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine
 
 
 def forward_ms(model, batch: int, seq_len: int, dtype, repeats: int = 5) -> float:
@@ -78,7 +79,7 @@ def run(args) -> dict:
                       "nll": metrics["nll"], "flip_rate": metrics["flip_rate"],
                       "flip_rate_m0.1": metrics["flip_rate_m0.1"]}
     ref = priors["float32"].weights
-    out = {"rows": rows, "settings": vars(args), "cpu": platform.processor() or platform.machine(),
+    out = {"rows": rows, "settings": vars(args), "machine": machine(),
            "torch": torch.__version__, "fast_dtype": fast}
     if fast != "float32":
         out["prior_max_rel_diff"] = float(((priors[fast].weights - ref).abs() / ref).max())
