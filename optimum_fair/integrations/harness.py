@@ -64,8 +64,10 @@ def load(args: LoadArgs) -> tuple[Any, Any, str]:
         model = AutoModel.from_pretrained(args.pretrained, dtype=dtype, revision=args.revision,
                                           trust_remote_code=args.trust_remote_code)
         model = model.to(resolve_device(args.device))
+        # a tokenizer path gets the model's revision and trust_remote_code, as lm-eval's HFLM gives them
         tokenizer = args.tokenizer if args.tokenizer is not None and not isinstance(args.tokenizer, str) else \
-            AutoTokenizer.from_pretrained(args.tokenizer or args.pretrained, revision=args.revision)
+            AutoTokenizer.from_pretrained(args.tokenizer or args.pretrained, revision=args.revision,
+                                          trust_remote_code=args.trust_remote_code)
         return model.eval(), tokenizer, args.pretrained
     model = args.pretrained
     if args.device is not None:
