@@ -95,18 +95,29 @@ def other_model_in(folder: str | os.PathLike, model: Any) -> str | None:
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         return None
+    there = _config_dict(config_file)
+    if there is None:
+        return f"{config_file} is not a JSON config"
+    mine = getattr(model.config, "model_type", None)
+    if there.get("model_type") != mine:
+        return f"{config_file} is a {there.get('model_type')!r} model, this one is {mine!r}"
+    if not _is_fair_calib(there):
+        return f"{config_file} is not a FAIR-Calib checkpoint (a full-precision model or another quantizer's)"
+    return None
+
+
+def _config_dict(config_file: Path) -> dict | None:
+    """The JSON object in `config_file`, or None when the file is not one."""
     try:
         there = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{config_file} is not a JSON config"
-    mine = getattr(model.config, "model_type", None)
-    if not isinstance(there, dict) or there.get("model_type") != mine:
-        kind = there.get("model_type") if isinstance(there, dict) else None
-        return f"{config_file} is a {kind!r} model, this one is {mine!r}"
-    quant = there.get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != "fair_calib":
-        return f"{config_file} is not a FAIR-Calib checkpoint (a full-precision model or another quantizer's)"
-    return None
+        return None
+    return there if isinstance(there, dict) else None
+
+
+def _is_fair_calib(config: dict) -> bool:
+    quant = config.get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == "fair_calib"
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
@@ -115,8 +126,10 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: expected a folder written by save_quantized")
-    quant = json.loads(config_file.read_text()).get("quantization_config") or {}
-    if quant.get("quant_method") != "fair_calib":
+    config = _config_dict(config_file)
+    if config is None:
+        raise ValueError(f"{config_file} is not a JSON config: expected a folder written by save_quantized")
+    if not _is_fair_calib(config):
         raise ValueError(f"{config_file} has no fair_calib quantization_config: not an optimum-fair model")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has no .safetensors weights")

@@ -95,13 +95,14 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
             stack.enter_context(recording_inputs(block, store))
         forward(input_ids[:batch_size])
     store: list = []
+    starts = range(0, input_ids.shape[0], batch_size)
     with recording_inputs(blocks[0], store, stop=True):  # every batch stops at blocks[0]'s input
-        for start in range(0, input_ids.shape[0], batch_size):
+        for start in starts:
             with contextlib.suppress(_InputsRecorded):
                 forward(input_ids[start:start + batch_size])
-    if len(store) != -(-input_ids.shape[0] // batch_size):
-        raise RuntimeError(f"blocks[0] saw {len(store)} of the {-(-input_ids.shape[0] // batch_size)} "
-                           "calibration batches: the model's forward does not reach its first block")
+    if len(store) != len(starts):
+        raise RuntimeError(f"blocks[0] saw {len(store)} of the {len(starts)} calibration batches: the model's "
+                           "forward does not reach its first block")
     hidden = torch.cat([h.float().cpu() for h, _, _ in store])  # (n, seq, d)
     b0 = per_block[0][0][0].shape[0]
     # no KV cache unless asked: a cache object (Llama passes it as `cache` in transformers 5) would grow
