@@ -218,3 +218,29 @@ def test_the_logged_samples_are_a_prefix_of_every_ranks_rows(size):
             ids, sub = full.sample_ids, part.sample_ids
             assert torch.equal(ids[:len(sub)], sub) and bool((sub < k).all())
             assert int((ids < k).sum()) == len(sub)  # every logged sample of this rank, none other
+
+
+def test_block_inputs_are_captured_once_per_batch_and_equal_the_embeddings(llada):
+    """Each batch's forward stops at blocks[0]'s input (the early exit): the captured rows are the model's own
+    block-0 inputs; blocks the forward never reaches are an error, not an empty capture."""
+    from optimum_fair.pipeline.stage2 import capture_block_inputs
+
+    blocks = llada.model.transformer.blocks
+    ids = torch.randint(4, 90, (6, 16), generator=torch.Generator().manual_seed(1))
+    started, finished = [], []
+    pre = blocks[0].register_forward_pre_hook(lambda m, args: started.append(1))
+    post = blocks[0].register_forward_hook(lambda m, args, out: finished.append(1))
+    hidden, _ = capture_block_inputs(llada, blocks, ids, batch_size=4)
+    pre.remove(), post.remove()
+    assert len(started) == 1 + 2  # the full forward of batch 0, then one call per batch (6 rows in batches of 4)
+    assert len(finished) == 1  # only the full forward ran the block: the per-batch calls stopped at its input
+    expected = []
+    handle = blocks[0].register_forward_pre_hook(lambda m, args, kwargs: expected.append(args[0] if args else
+                                                                                        kwargs["hidden_states"]),
+                                                 with_kwargs=True)
+    with torch.no_grad():
+        llada(ids)
+    handle.remove()
+    assert torch.equal(hidden, expected[0].float())
+    with pytest.raises(RuntimeError, match="does not reach its first block"):
+        capture_block_inputs(llada, torch.nn.ModuleList([torch.nn.Linear(2, 2)]), ids, batch_size=4)
