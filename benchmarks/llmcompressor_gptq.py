@@ -6,10 +6,12 @@ in float, GPTQ with damping 0.01 of the mean Hessian diagonal, lazy-update block
 on the same calibration token windows `calibration_sequences("wiki", tok, N, 128, seed=0)`, batch size 4:
 
 * ours: `optimum_fair.quantize(model, FairCalibConfig(rounding="gptq", transform="none",
-  weighting="uniform", w_bits=4, a_bits=16, ...), texts=<the "wiki" Dataset>, tokenizer=tok)`. `quantize`
-  takes text, not ids: it is given the loaded "wiki" Dataset with the same seed, and a pass-through wrapper
-  around `optimum_fair.data.calibration_sequences` records the ids it draws (and the time it takes), which
-  must equal the ids given to llm-compressor.
+  weighting="uniform", w_bits=4, a_bits=16, ..., compute_dtype=...), texts=<ids>, tokenizer=tok)`, where
+  <ids> is a Dataset with an "input_ids" column, one row per "wiki" document, tokenized before the timed
+  call (as llm-compressor's ids are). `quantize` draws its windows from it with the same seed; a
+  pass-through wrapper around `optimum_fair.data.calibration_sequences` records the ids it draws (and the
+  time it takes), which must equal the ids given to llm-compressor. Two timed sides: `compute_dtype="auto"`
+  (the blocks' forwards in bfloat16 on a CPU with avx512_bf16 / AMX, float32 elsewhere) and "float32".
 * llm-compressor: `oneshot(model=..., dataset=Dataset({"input_ids": ids}), recipe=GPTQModifier(
   config_groups={int4 symmetric, strategy "channel"}, ignore=["model.transformer.ff_out"], actorder=None,
   dampening_frac=0.01, block_size=128), pipeline="sequential", sequential_targets=["LLaDABlock"],
@@ -17,8 +19,7 @@ on the same calibration token windows `calibration_sequences("wiki", tok, N, 128
 
 Each side runs in its own fresh subprocess (`--repeats` times, alternating), so that its peak RSS
 (`VmHWM` of /proc/self/status, read right after the calibration call) is its own. The wall time is the
-calibration call only (model and tokenizer already loaded; for ours the "wiki" text is loaded
-beforehand, and its tokenization inside `quantize` is reported separately).
+calibration call only (model, tokenizer and token ids ready).
 
 Quality (computed in the parent from the dequantized weights each side hands back, swapped into a copy
 of the FP model; each side's own quantized model gives the same logits, checked):
@@ -67,6 +68,8 @@ HELDOUT_SAMPLES, HELDOUT_SEED = 32, 1
 MASK_FRACTION, MASK_SEED = 0.5, 1234
 HEAD = "model.transformer.ff_out"
 LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+SIDES_OURS = ("ours", "ours-fp32", "ours-v1grid")  # compute_dtype "auto" / "float32"; the grid diagnostic
+TIMED = ("ours", "ours-fp32", "llmcompressor")
 
 
 def set_threads(n: int) -> None:
@@ -108,8 +111,10 @@ def block_linear_names(n_blocks: int) -> list[str]:
 
 
 # -- workers (one fresh process per side and repeat) --------------------------------------------
-def worker_ours(data: dict, num_samples: int, weight_grid: str = "full", true_sequential: bool = True) -> dict:
+def worker_ours(data: dict, num_samples: int, weight_grid: str = "full", true_sequential: bool = True,
+                compute_dtype: str = "auto") -> dict:
     import torch
+    from datasets import Dataset
 
     import optimum_fair
     import optimum_fair.data as fdata
@@ -118,11 +123,15 @@ def worker_ours(data: dict, num_samples: int, weight_grid: str = "full", true_se
 
     model, tok = load_fp(optimum_fair.DEFAULT_MODEL)
     head_before = model.get_submodule(HEAD).weight.detach().clone()
-    texts = fdata.load_texts("wiki")  # the text is loaded before the timed call, as llm-compressor's ids
+    # tokenized before the timed call, as llm-compressor's ids are: one row of ids per "wiki" document
+    start = time.perf_counter()
+    docs = [t for t in fdata.load_texts("wiki")["text"] if t.strip()]
+    texts = Dataset.from_dict({"input_ids": tok(docs, add_special_tokens=False, verbose=False)["input_ids"]})
+    pretokenize_s = time.perf_counter() - start
     config = FairCalibConfig(w_bits=4, a_bits=16, rounding="gptq", transform="none", weighting="uniform",
                              group_size=-1, num_samples=num_samples, seq_len=SEQ_LEN, dataset="wiki",
                              batch_size=BATCH_SIZE, damp=DAMP, act_order=False, seed=0,
-                             true_sequential=true_sequential, weight_grid=weight_grid)
+                             true_sequential=true_sequential, weight_grid=weight_grid, compute_dtype=compute_dtype)
     drawn: list = []
     original = fcalib.calibration_sequences
 
@@ -154,10 +163,19 @@ def worker_ours(data: dict, num_samples: int, weight_grid: str = "full", true_se
     codes_range = [min(int(m.codes().min()) for m in fair.values()), max(int(m.codes().max()) for m in fair.values())]
     logits = own_logits(model, data["heldout_input"])
     return {"side": "ours", "wall_s": wall, "tokenize_s": drawn[0][1], "mem_after_tokenize": drawn[0][2],
+            "pretokenize_s": pretokenize_s, "compute_dtype": str(_resolved(compute_dtype)),
             "ids_match": ids_match, "mem_before": mem_before, "mem_after": mem_after,
             "head_untouched": head_untouched, "codes_range": codes_range, "weights": weights, "logits": logits,
             "threads": torch.get_num_threads(),
-            "pipeline": f"optimum_fair.quantize (weight_grid={weight_grid})"}
+            "pipeline": f"optimum_fair.quantize (weight_grid={weight_grid}, compute_dtype={compute_dtype})"}
+
+
+def _resolved(compute_dtype: str):
+    import torch
+
+    from optimum_fair.devices import resolve_compute_dtype
+
+    return resolve_compute_dtype(compute_dtype, torch.device("cpu"))
 
 
 def worker_llmc(data: dict, num_samples: int, pipeline: str) -> dict:
@@ -222,9 +240,10 @@ def run_worker(args) -> None:
 
     torch_threads(args.threads)
     data = torch.load(args.data)
-    if args.worker in ("ours", "ours-v1grid"):
+    if args.worker in SIDES_OURS:
         result = worker_ours(data, args.worker_samples, "symmetric" if args.worker == "ours-v1grid" else "full",
-                             true_sequential=args.true_sequential == "yes")
+                             true_sequential=args.true_sequential == "yes",
+                             compute_dtype="float32" if args.worker == "ours-fp32" else "auto")
     else:
         result = worker_llmc(data, args.worker_samples, args.pipeline)
     torch.save(result, args.worker_out)
@@ -377,9 +396,9 @@ def run_parent(args) -> None:
             calib_ids = calibration_sequences("wiki", tok, n, SEQ_LEN, seed=0)
             data_path = tmp / f"data_{n}.pt"
             torch.save({"calib_ids": calib_ids, "heldout_input": held_input}, data_path)
-            results = {"ours": [], "llmcompressor": []}
+            results = {side: [] for side in TIMED}
             for r in range(args.repeats):
-                for side in ("ours", "llmcompressor"):
+                for side in TIMED:
                     print(f"N={n} repeat {r + 1}/{args.repeats}: {side} ...", flush=True)
                     res = spawn(side, data_path, tmp / f"{side}_{n}_{r}.pt", n, args)
                     print(f"   wall {res['wall_s']:.2f} s, peak RSS {res['mem_after']['VmHWM']:.3f} GiB", flush=True)
@@ -429,7 +448,8 @@ def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held
             "pipeline": first["pipeline"],
             "wall_s": walls,
             "wall_s_median": statistics.median(walls),
-            "tokenize_in_call_s_median": statistics.median(r["tokenize_s"] for r in runs),
+            "windows_in_call_s_median": statistics.median(r["tokenize_s"] for r in runs),
+            "compute_dtype": first.get("compute_dtype", "model's (float32)"),
             "peak_rss_gib": peaks,
             "peak_rss_gib_median": statistics.median(peaks),
             "rss_before_calib_gib_median": statistics.median(r["mem_before"]["VmRSS"] for r in runs),
@@ -451,8 +471,8 @@ def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held
         out["sides"][side] = entry
     ours, lc = out["sides"]["ours"], out["sides"]["llmcompressor"]
     out["ratio_wall_ours_over_llmc"] = ours["wall_s_median"] / lc["wall_s_median"]
-    out["ratio_wall_ours_minus_tokenize_over_llmc"] = (
-        (ours["wall_s_median"] - ours["tokenize_in_call_s_median"]) / lc["wall_s_median"])
+    out["ratio_wall_ours_fp32_over_llmc"] = out["sides"]["ours-fp32"]["wall_s_median"] / lc["wall_s_median"]
+    out["ratio_wall_ours_min_over_llmc_min"] = min(ours["wall_s"]) / min(lc["wall_s"])
     out["ratio_peak_rss_ours_over_llmc"] = ours["peak_rss_gib_median"] / lc["peak_rss_gib_median"]
     both = [ours["per_linear_rel_weight_err"][k] < lc["per_linear_rel_weight_err"][k]
             for k in ours["per_linear_rel_weight_err"]]
@@ -475,7 +495,8 @@ def markdown(report: dict) -> str:
         f"llm-compressor pipeline: `{report['settings']['llmcompressor_pipeline']}` "
         f"(sequential_targets LLaDABlock). CPU, {report['threads']} thread ({report['cpu']}), "
         f"load average at start {report['loadavg_at_start'][0]:.2f} (another job shared the machine). "
-        f"Medians of {report['settings']['repeats']} fresh processes per side."),
+        f"Medians of {report['settings']['repeats']} fresh processes per side; both sides are handed token ids, "
+        f"ours a Dataset of one row of ids per document, from which it draws the windows inside the timed call."),
         "",
         (f"Versions: torch {v['torch']}, transformers {v['transformers']}, llmcompressor {v['llmcompressor']}, "
         f"compressed-tensors {v['compressed-tensors']}, optimum-fair {v['optimum-fair']} "
@@ -490,13 +511,15 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for n, run in report["runs"].items():
-        ours, lc = run["sides"]["ours"], run["sides"]["llmcompressor"]
-        tok = ours["tokenize_in_call_s_median"]
-        lines.append(
-            f"| {n} | optimum-fair GPTQ | {ours['wall_s_median']:.2f} (incl. {tok:.2f} tokenizing) "
-            f"| {run['ratio_wall_ours_over_llmc']:.2f} ({run['ratio_wall_ours_minus_tokenize_over_llmc']:.2f} "
-            f"w/o tokenizing) | {ours['peak_rss_gib_median']:.3f} | {run['ratio_peak_rss_ours_over_llmc']:.2f} "
-            f"| {ours['rel_logit_err']:.4f} | {ours['masked_nll']:.4f} | {ours['mean_rel_weight_err']:.4f} |")
+        lc = run["sides"]["llmcompressor"]
+        for side in ("ours", "ours-fp32"):
+            ours = run["sides"][side]
+            ratio = ours["wall_s_median"] / lc["wall_s_median"]
+            lines.append(
+                f"| {n} | optimum-fair GPTQ, forwards in {ours['compute_dtype'].removeprefix('torch.')} "
+                f"| {ours['wall_s_median']:.2f} | {ratio:.2f} | {ours['peak_rss_gib_median']:.3f} "
+                f"| {ours['peak_rss_gib_median'] / lc['peak_rss_gib_median']:.2f} "
+                f"| {ours['rel_logit_err']:.4f} | {ours['masked_nll']:.4f} | {ours['mean_rel_weight_err']:.4f} |")
         lines.append(
             f"| {n} | llm-compressor GPTQ | {lc['wall_s_median']:.2f} | 1 | {lc['peak_rss_gib_median']:.3f} | 1 "
             f"| {lc['rel_logit_err']:.4f} | {lc['masked_nll']:.4f} | {lc['mean_rel_weight_err']:.4f} |")
@@ -522,7 +545,7 @@ def markdown(report: dict) -> str:
         ours, lc = run["sides"]["ours"], run["sides"]["llmcompressor"]
         lines.append(
             f"N={n}: ours {ours['rss_before_calib_gib_median']:.3f} -> peak {ours['peak_rss_gib_median']:.3f} GiB "
-            f"(peak already {ours['hwm_after_tokenize_gib_median']:.3f} GiB right after its tokenization); "
+            f"(peak already {ours['hwm_after_tokenize_gib_median']:.3f} GiB right after drawing its windows); "
             f"llm-compressor {lc['rss_before_calib_gib_median']:.3f} -> peak {lc['peak_rss_gib_median']:.3f} GiB. "
             f"Wall times ours {[round(x, 2) for x in ours['wall_s']]}, llmc {[round(x, 2) for x in lc['wall_s']]}. "
             f"Same calibration ids: {ours['calib_ids_match']}; heads untouched: "
@@ -566,7 +589,7 @@ def main() -> None:
     parser.add_argument("--out-md", default=str(RESULTS / "llmcompressor_gptq.md"))
     parser.add_argument("--no-diagnostic", action="store_true",
                         help="skip the extra run of ours on version 1's symmetric grid (max|w|/7)")
-    parser.add_argument("--worker", choices=("ours", "ours-v1grid", "llmcompressor"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*SIDES_OURS, "llmcompressor"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--worker-samples", type=int, help=argparse.SUPPRESS)

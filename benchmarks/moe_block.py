@@ -68,7 +68,8 @@ def one_block(tokens: int, seed: int) -> dict:
     s = StageTwoSettings(w_bits=4, a_bits=16, group_size=-1, rounding=Rounding.GPTQ, transform=Transform.NONE,
                          epochs=0, lr=0.0, clip_lr=0.0, batch_size=4, damp=0.01, act_order=False,
                          input_mode=InputMode.QUANTIZED, seed=0, true_sequential=False,
-                         weight_grid=WeightGrid.FULL, loss_samples=16)
+                         weight_grid=WeightGrid.FULL, loss_samples=16,
+                         compute_dtype=torch.float32)
     start = time.perf_counter()
     calibrate_blocks(torch.nn.ModuleList([block]), lambda l, b: LLADA_MOE.block_groups(b), hidden,
                      lambda b, l=0: ((), {}), None, s, torch.float32, torch.device("cpu"),

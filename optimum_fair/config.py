@@ -101,7 +101,8 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     Stage II (block-wise calibration; the paper's section 3)
         dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of
-            strings or a `datasets.Dataset`. Only names are written to config.json.
+            strings or a `datasets.Dataset` with a "text" column, or one with an "input_ids" column
+            (already tokenized, one document per row). Only names are written to config.json.
         num_samples: calibration sequences (FlatQuant: 128).
         seq_len: tokens per calibration sequence (paper: 1024). None = min(1024, model maximum).
         epochs: optimisation epochs per block for learned transforms (FlatQuant: 15).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import bz2
 import html
 import importlib.util
+import itertools
 import logging
 import re
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
@@ -205,7 +208,8 @@ def load_texts(name_or_obj: str | Sequence[str] | Dataset, split: str | None = N
     Args:
         name_or_obj: ``"wiki"`` (train split; ``split="validation"`` for the held-out articles),
             ``"wiki-val"``, ``"lee"``, a hub name from ``HUB_NAMES`` (needs network), a list of
-            strings, or a ``datasets.Dataset`` with a ``"text"`` column (returned unchanged).
+            strings, or a ``datasets.Dataset`` with a ``"text"`` column or an ``"input_ids"`` column of
+            token ids (returned unchanged).
         split: dataset split; ``None`` picks the name's default.
 
     Raises:
@@ -213,9 +217,10 @@ def load_texts(name_or_obj: str | Sequence[str] | Dataset, split: str | None = N
         RuntimeError: a hub dataset could not be loaded (the message lists the offline names).
     """
     if isinstance(name_or_obj, Dataset):
-        if "text" not in name_or_obj.column_names:
+        if not {"text", "input_ids"} & set(name_or_obj.column_names):
             raise ValueError(
-                f"load_texts: the datasets.Dataset needs a 'text' column; it has {name_or_obj.column_names}"
+                "load_texts: the datasets.Dataset needs a 'text' column (or 'input_ids', already tokenized); "
+                f"it has {name_or_obj.column_names}"
             )
         return name_or_obj
     if isinstance(name_or_obj, str):
@@ -253,21 +258,52 @@ def _separator_id(tokenizer: Any) -> int | None:
 def token_stream(texts: str | Sequence[str] | Dataset, tokenizer: Any) -> torch.Tensor:
     """Tokenize every document (no special tokens) and concatenate them, each followed by EOS.
 
+    A Dataset with an ``"input_ids"`` column is already tokenized (as llm-compressor's datasets are): each
+    row is one document's ids, used as they are (the tokenizer gives only the EOS id), so the stream
+    equals that of the text the ids were made from with ``add_special_tokens=False``.
+
     Returns:
         ids: (total_tokens,) LongTensor.
     """
     ds = load_texts(texts)
+    values, lengths = _pretokenized(ds, tokenizer) if "input_ids" in ds.column_names else _encoded(ds, tokenizer)
+    sep = _separator_id(tokenizer)
+    if sep is not None:  # EOS after each non-empty document
+        values = np.insert(values, np.cumsum(lengths)[lengths > 0], sep)
+    return torch.from_numpy(values)
+
+
+def _encoded(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (total,) int64, tokens per document (n_docs,)) of the non-empty documents of the "text" column."""
     docs = [t for t in ds["text"] if t and t.strip()]
     if not docs:
         raise ValueError("token_stream: the texts contain no non-empty document")
     encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
-    sep = _separator_id(tokenizer)
-    flat: list[int] = []
-    for ids in encoded:
-        flat.extend(ids)
-        if sep is not None:
-            flat.append(sep)
-    return torch.tensor(flat, dtype=torch.long)
+    lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+    values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+    return values, lengths
+
+
+def _pretokenized(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (total,) int64, tokens per row (n_rows,)) of the "input_ids" column, checked to be integer ids of
+    the tokenizer's vocabulary (read through Arrow: no Python int per token)."""
+    col = ds.with_format("arrow")["input_ids"]
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type) or \
+            not pa.types.is_integer(col.type.value_type):
+        raise ValueError(f"token_stream: the dataset's 'input_ids' column must hold lists of integer token ids, "
+                         f"it holds {col.type}")
+    lengths = np.diff(col.offsets.to_numpy()).astype(np.int64)  # null rows: length 0
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if values.size == 0:
+        raise ValueError("token_stream: the dataset's 'input_ids' column holds no non-empty row")
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    bad = np.flatnonzero((values < 0) | (values >= (vocab if vocab is not None else np.iinfo(np.int64).max)))
+    if bad.size:
+        row = int(np.searchsorted(np.cumsum(lengths), bad[0], side="right"))
+        raise ValueError(f"token_stream: 'input_ids' row {row} holds {int(values[bad[0]])}; expected token ids "
+                         f"in [0, {vocab if vocab is not None else 'vocab size'})")
+    return values, lengths
 
 
 def calibration_sequences(

@@ -94,7 +94,7 @@ def test_list_and_dataset_inputs():
     "bad, match",
     [
         ("no-such-corpus", "accepted names are .*wiki.*lee"),
-        (Dataset.from_dict({"sentence": ["x"]}), "needs a 'text' column"),
+        (Dataset.from_dict({"sentence": ["x"]}), "needs a 'text' column \\(or 'input_ids'"),
         ([], "non-empty list of strings"),
         (["ok", 3], "non-empty list of strings"),
         (42, "expected a dataset name"),
@@ -134,6 +134,32 @@ def test_token_stream_joins_documents_with_eos(tokenizer):
     assert (stream == eos).sum().item() == 2 and stream[-1].item() == eos
     first = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     assert stream[: len(first)].tolist() == first
+
+
+def test_pretokenized_rows_give_the_stream_and_windows_of_their_text(tokenizer, lee):
+    texts = lee.select(range(40))
+    docs = [t for t in texts["text"] if t.strip()]
+    rows = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    expected = [t for row in rows for t in [*row, eos]]  # brute force: each document, then EOS
+    # an empty and a null row add nothing; rows after a select keep their order
+    ids = Dataset.from_dict({"input_ids": [[], *rows[:5], None, *rows[5:]], "n": list(range(len(rows) + 2))})
+    assert token_stream(ids, tokenizer).tolist() == expected == token_stream(texts, tokenizer).tolist()
+    shuffled = ids.select(list(reversed(range(len(ids)))))
+    assert token_stream(shuffled, tokenizer).tolist() == [t for row in reversed(rows) for t in [*row, eos]]
+    assert torch.equal(calibration_sequences(ids, tokenizer, 6, 32, seed=3),
+                       calibration_sequences(texts, tokenizer, 6, 32, seed=3))
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([[1, 2], [3, -1]], r"row 1 holds -1; expected token ids in \[0, 300\)"),
+    ([[1, 2], [], [3, 300]], r"row 2 holds 300"),
+    ([[1.5, 2.0]], r"lists of integer token ids, it holds list<item: double>"),
+    ([["a"]], r"lists of integer token ids"),
+])
+def test_pretokenized_rows_outside_the_vocabulary_are_refused(tokenizer, rows, match):
+    with pytest.raises(ValueError, match=match):
+        token_stream(Dataset.from_dict({"input_ids": rows}), tokenizer)
 
 
 def test_calibration_sequences_shape_determinism_and_source(tokenizer, lee):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FairCalibConfig
+from ..devices import execution_device, resolve_compute_dtype
 from ..files import atomic_path, atomic_write_text
 from .surgery import LayerFormat, set_module, skeleton
 
@@ -120,8 +121,11 @@ class BlockCache:
 
 
 def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:
-    """What must match for a cached block to be reused (the prior follows from these, or from its file)."""
+    """What must match for a cached block to be reused (the prior follows from these, or from its file).
+
+    compute_dtype counts as resolved on this machine ("auto" is bfloat16 on one CPU, float32 on another)."""
     cfg = {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
+    cfg["compute_dtype"] = str(resolve_compute_dtype(config.compute_dtype, execution_device(model)))
     model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
     first = next(p for p in model.parameters())
     return {

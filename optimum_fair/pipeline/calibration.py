@@ -133,8 +133,11 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
                                           inputs=inputs, keep_cache=adapter.canvas)
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
-    records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, stage_two_settings(config),
-                               model_float_dtype(model), execution_device(model), cache=cache, shard=shard)
+    device = execution_device(model)
+    settings = stage_two_settings(config, device)
+    logger.info("Stage II: block forwards in %s", settings.compute_dtype)
+    records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, settings, model_float_dtype(model),
+                               device, cache=cache, shard=shard)
     return prior, records
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from ..arch import ModelAdapter, find_adapter
 from ..config import FairCalibConfig
+from ..devices import resolve_compute_dtype
 from ..enums import CalibInputs, InputMode, Rounding, Transform, WeightGrid, Weighting
 from .surgery import LayerFormat, check_skip_names, matches
 
@@ -50,6 +52,7 @@ class StageTwoSettings:
     true_sequential: bool
     weight_grid: WeightGrid
     loss_samples: int | None
+    compute_dtype: torch.dtype  # the blocks' forwards (`devices.resolve_compute_dtype`)
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
@@ -85,11 +88,13 @@ def _mask_id(adapter: ModelAdapter, model: nn.Module, config: FairCalibConfig) -
                          f"{err}. Use weighting='uniform', or set config.mask_token_id") from None
 
 
-def stage_two_settings(config: FairCalibConfig) -> StageTwoSettings:
+def stage_two_settings(config: FairCalibConfig, device: torch.device | None = None) -> StageTwoSettings:
+    """config's Stage II values; `compute_dtype` resolved for `device` (default CPU)."""
     return StageTwoSettings(
         config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
         config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
-        config.seed, config.true_sequential, config.weight_grid, config.loss_samples)
+        config.seed, config.true_sequential, config.weight_grid, config.loss_samples,
+        resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")))
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 
 from ..calib.gptq import gptq_factor
 from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
-from ..devices import execution_device
+from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World
 from ..enums import InputMode, Rounding, Transform
 from ..nn import FairLinear
@@ -143,13 +143,18 @@ def _rebatch(value, b0: int, b: int):
     return value
 
 
-def block_caller(block: nn.Module, extras: Callable[[int], tuple[tuple, dict]], device) -> Callable:
-    """x (b, seq, d) -> block output (b, seq, d) float32, with the block's captured extra arguments."""
+def block_caller(block: nn.Module, extras: Callable[[int], tuple[tuple, dict]], device,
+                 compute_dtype: torch.dtype = torch.float32) -> Callable:
+    """x (b, seq, d) -> block output (b, seq, d) float32, with the block's captured extra arguments.
+
+    The block (float32) computes in `compute_dtype` (a narrower one: autocast, so its matrix products run
+    in it while its weights stay float32)."""
 
     def call(x: torch.Tensor) -> torch.Tensor:
         args, kwargs = extras(x.shape[0])
         args, kwargs = _to_device((args, kwargs), device)
-        out = block(x.to(device), *args, **kwargs)
+        with computing_in(block, compute_dtype):
+            out = block(x.to(device), *args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         return out.float()
 
@@ -284,7 +289,7 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
         for name in names:
             set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size,
                                                                s.weight_grid))
-        out = run_batched(block_caller(block, extras, device), x_in, s.batch_size)
+        out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
     finally:
         for name in names:
             set_module(block, name, floats[name])
@@ -345,12 +350,13 @@ def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
 
 def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
                device, cache, shard: DataShard, logged: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Calibrate block l in float32 on `device`; returns the next FP and quantized streams and a record.
+    """Calibrate block l (float32 weights, forwards in `s.compute_dtype`) on `device`; returns the next FP
+    and quantized streams and a record.
 
     fp_stream holds the `logged` samples (a prefix of this rank's rows), q_stream all of them."""
     block.float()
     extras = functools.partial(extras, l=l)  # block l's own captured arguments
-    call = block_caller(block, extras, device)
+    call = block_caller(block, extras, device, s.compute_dtype)
     targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_logged_local, seq, d)
     x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream
     m = targets.shape[0]

@@ -244,3 +244,37 @@ def test_block_inputs_are_captured_once_per_batch_and_equal_the_embeddings(llada
     assert torch.equal(hidden, expected[0].float())
     with pytest.raises(RuntimeError, match="does not reach its first block"):
         capture_block_inputs(llada, torch.nn.ModuleList([torch.nn.Linear(2, 2)]), ids, batch_size=4)
+
+
+@pytest.mark.parametrize("rounding,transform", [("gptq", "hadamard"), ("rtn", "flatquant")])
+def test_stage_two_computes_in_compute_dtype_and_lands_near_float32(llada_dir, tok, rounding, transform):
+    """compute_dtype="bfloat16": the blocks' linears run in bf16 (autocast; their weights stay float32),
+    and the calibrated model is about as far from the FP model as the float32 run's."""
+    cfg = dict(SMALL, rounding=rounding, transform=transform, weighting="uniform")
+    fp = _logits(AutoModel.from_pretrained(llada_dir))
+    seen, error = {}, {}
+    for name in ("float32", "bfloat16"):
+        model = AutoModel.from_pretrained(llada_dir)
+        linear = model.model.transformer.blocks[1].ff_out  # a float linear of block 1, before it is swapped
+        handle = linear.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(
+            (out.dtype, m.weight.dtype)))
+        quantize(model, FairCalibConfig(**cfg, compute_dtype=name), tokenizer=tok)
+        handle.remove()
+        error[name] = float((_logits(model) - fp).norm() / fp.norm())
+    f32, bf16 = (torch.float32, torch.float32), (torch.bfloat16, torch.float32)
+    assert set(seen["float32"]) == {f32}
+    # the first call: the one float32 forward that records every block's arguments (rotary tables, masks)
+    assert seen["bfloat16"][0] == f32 and set(seen["bfloat16"][1:]) == {bf16} and len(seen["bfloat16"]) > 2
+    assert error["bfloat16"] != error["float32"]
+    assert error["bfloat16"] < 1.2 * error["float32"], error
+
+
+def test_the_block_cache_keys_on_the_resolved_compute_dtype(llada):
+    from optimum_fair.devices import fast_dtype
+    from optimum_fair.pipeline.cache import run_fingerprint
+
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    fast = str(fast_dtype(torch.device("cpu"))).removeprefix("torch.")
+    prints = {name: run_fingerprint(llada, FairCalibConfig(compute_dtype=name), ids)
+              for name in ("auto", fast, "float16")}
+    assert prints["auto"] == prints[fast] != prints["float16"]  # "auto" is what it runs in here
