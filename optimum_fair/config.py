@@ -95,9 +95,12 @@ class FairCalibConfig(QuantizationConfigMixin):
             (`early_boost`, `boost_schedule`, `reliability_weight`, `floor`, `frontier_weight`) is
             re-weighted from its rollouts, without new probes.
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
-        compute_dtype: the dtype of the teacher's probe forwards: "auto" (default: bfloat16 where the
-            CPU or GPU computes it natively, else float32; see `optimum_fair.devices.fast_dtype`),
-            "float32", "bfloat16" or "float16". The model's weights are left as they are.
+        compute_dtype: the dtype of the forwards of both stages (Stage I's probe rollouts; Stage II's
+            block forwards: targets, Hessian and statistics inputs, the quantized stream, the learned
+            transforms' steps): "auto" (default: bfloat16 where the CPU or GPU computes it natively, else
+            float32; see `optimum_fair.devices.fast_dtype`), "float32" (forces full precision),
+            "bfloat16" or "float16". The weights are left as they are (autocast); Hessians, GPTQ and the
+            rounding are float32 / float64 either way.
 
     Stage II (block-wise calibration; the paper's section 3)
         dataset: calibration text: "wiki", "wiki-val", "lee", a Hub dataset name, a list of

@@ -93,7 +93,8 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
 
     firsts[g] is group g's first linear, calibs[g] its CalibLinear (whose transform gives x̃). A hook on
     each first linear turns each batch's input into that batch's Hessian sum (float32 products, added in
-    float64), and the sums are added in global batch order over all processes. The block runs as it is:
+    float64, also inside a forward under bfloat16 autocast: `compute_dtype`), and the sums are added in
+    global batch order over all processes. The block runs as it is:
     with earlier groups already quantized (one group per call, true-sequential) or none (all groups at
     once, as llm-compressor collects them). A linear inside a routed expert (`nn.moe.RoutedExperts`)
     reads only the tokens routed to it: its rows get those tokens' weights, and n_g counts them; such a
@@ -113,8 +114,9 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
                 path, e = experts[g]
                 rows, _ = routed_tokens(state["routes"][path], e)
                 w = state["flat_w"].to(rows.device)[rows]
-            xt = calibs[g].transformed_input(x)  # (b, seq, d_g) or (n_e, d_g)
-            sums[g] = hessian_sum(xt, w, dtype=torch.float32)[0].double()
+            with torch.autocast(x.device.type, enabled=False):  # float32 products inside a bf16 forward
+                xt = calibs[g].transformed_input(x)  # (b, seq, d_g) or (n_e, d_g)
+                sums[g] = hessian_sum(xt, w, dtype=torch.float32)[0].double()
             counts[g] += xt.shape[:-1].numel()
 
         return hook

@@ -207,6 +207,15 @@ def test_hessian_sums_of_batches_give_the_running_mean():
         hessian_sum(x, -w)
 
 
+@pytest.mark.parametrize("d, rows", [(7, 4), (8, 4), (9, 4), (5, 8), (300, 256)])
+def test_gram_from_the_block_triangle_equals_the_full_product(d, rows):
+    from optimum_fair.calib.gptq import gram
+
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    brute = torch.stack([torch.outer(r, r) for r in x]).sum(0)  # Σ_i x_i x_iᵀ, token by token
+    assert torch.allclose(gram(x, rows), brute, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_shared_factor_equals_per_linear_gptq(act_order):
     """q/k/v share one gptq_factor(H): each gives the codes of its own gptq_quantize(W, H) call, and the

@@ -143,8 +143,12 @@ def test_a_prior_with_broken_rollout_statistics_is_refused_on_load(tmp_path):
         PositionPrior.load(tmp_path / "p")
 
 
-def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada):
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada, compute):
+    """Also when the block computes in bfloat16 (autocast): the Hessians of the inputs the linears get are
+    float32 products (a bf16 product would be off by ~1e-3)."""
     from optimum_fair.calib.transforms import CalibLinear, TransformParams
+    from optimum_fair.devices import computing_in
     from optimum_fair.distributed import DataShard, World
     from optimum_fair.pipeline.stats import group_hessian, group_hessians
 
@@ -158,7 +162,8 @@ def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada):
     hidden = {}
 
     def call(h):
-        return block(h)
+        with computing_in(block, compute):
+            return block(h)
 
     def record(name):
         return lambda m, args: hidden.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
