@@ -590,7 +590,8 @@ def breakdown_lines(report: dict) -> list[str]:
     lines = ["Where the time goes (medians, s):"]
     for side, e in report["sides"].items():
         parts = ", ".join(f"{k} {t:.2f}" for k, t in e["timers_median_s"].items())
-        extra = f"; gptqmodel import before the call {e['import_s']:.2f}" if "import_s" in e else ""
+        package = "optimum_fair" if side.startswith("ours") else "optimum.gptq (gptqmodel)"
+        extra = f"; import {package} before the call {e['import_s']:.2f}" if "import_s" in e else ""
         extra += f"; stage II computes in {e['stage2_compute_dtype']}" if "stage2_compute_dtype" in e else ""
         extra += f"; kernels {e['kernels']}" if "kernels" in e else ""
         lines.append(f"- {side}: call {e['wall_s_median']:.2f} = {parts}{extra}")

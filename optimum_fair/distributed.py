@@ -200,6 +200,9 @@ class World:
              what: str = "fold") -> torch.Tensor | None:
         """acc + part_0 + part_1 + ... added left to right in rank order, skipping ranks with present=False.
 
+        `acc` (None to start) is updated in place and returned; its dtype is kept (float32 parts fold exactly
+        into a float64 acc).
+
         Every rank passes a `part` of the same shape and dtype (zeros where it has nothing). With batch b on
         rank b % size, calling this once per round of batches adds the batches in global order, so a float
         sum is bit-identical to one process adding them one by one.
@@ -213,7 +216,7 @@ class World:
             parts = self.all_gather(part, what)
         for p, f in zip(parts, flags, strict=True):
             if f:
-                acc = p.clone() if acc is None else acc + p
+                acc = p.clone() if acc is None else acc.add_(p)  # acc is this fold's own: updated in place
         return acc
 
     def barrier(self, what: str = "barrier") -> None:

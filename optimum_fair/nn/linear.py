@@ -27,6 +27,9 @@ silently returning a model with random or raw-code weights.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +56,7 @@ from .kernels import (
     quantized_input,
 )
 
-__all__ = ["FairLinear", "kron_apply"]
+__all__ = ["FairLinear", "float_weights_kept", "kron_apply"]
 
 
 class FairLinear(nn.Module):
@@ -95,6 +98,7 @@ class FairLinear(nn.Module):
         # the active kernel's resident weight, when it is not the checkpoint's `weight` (nn.kernels)
         self.kernel, self.kernel_packed, self.kernel_device, self._kernel_group = REFERENCE, False, None, 0
         self.shared_input = None  # a kernels.SharedInput when siblings read the same input (use_kernels)
+        self.float_weight = None  # the reference path's dequantized weight, inside `float_weights_kept`
         self.register_buffer("_kernel_weight", None, persistent=False)
         self.register_buffer("_kernel_sz", None, persistent=False)
         self.register_state_dict_post_hook(_checkpoint_weight_into_state_dict)
@@ -212,7 +216,7 @@ class FairLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         if self.kernel == REFERENCE:
-            w = self.dequantized_weight().to(x.dtype)
+            w = (self.float_weight if self.float_weight is not None else self.dequantized_weight()).to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(self.transform_input(x), w, bias)
         if x.device.type != self.kernel_device:
@@ -271,3 +275,17 @@ def _back_to_checkpoint_format(module: FairLinear, state_dict, prefix, *args) ->
 
 def _eye(n: int, device) -> torch.Tensor:
     return torch.eye(n, device=device)
+
+
+@contextlib.contextmanager
+def float_weights_kept(module: nn.Module) -> Iterator[None]:
+    """Inside, every FairLinear of `module` on the reference path dequantizes its weight once, not on every
+    call (calibration runs a block over many batches); the float copies are dropped on exit."""
+    layers = [m for m in module.modules() if isinstance(m, FairLinear) and m.kernel == REFERENCE]
+    try:
+        for m in layers:
+            m.float_weight = m.dequantized_weight()
+        yield
+    finally:
+        for m in layers:
+            m.float_weight = None

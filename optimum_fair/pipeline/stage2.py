@@ -31,6 +31,7 @@ from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World
 from ..enums import InputMode, Rounding, Transform
 from ..nn import FairLinear
+from ..nn.linear import float_weights_kept
 from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
@@ -289,7 +290,8 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
         for name in names:
             set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size,
                                                                s.weight_grid))
-        out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
+        with float_weights_kept(block):
+            out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
     finally:
         for name in names:
             set_module(block, name, floats[name])
@@ -376,7 +378,8 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
         if cache is not None and shard.world.is_main:
             cache.save(l, block, teacher)
     shard.world.check_identical(module_checksum(block), f"block {l} after calibration")
-    out_q = run_batched(call, x_in, s.batch_size)
+    with float_weights_kept(block):
+        out_q = run_batched(call, x_in, s.batch_size)
     loss = stream_loss(targets, out_q[:m], w_log, logged)
     logger.info("block %d: weighted block-output MSE %.5g before calibration (RTN), %.5g after", l, loss_rtn, loss)
     block.to(dtype)

@@ -12,6 +12,7 @@ three statistics Stage II needs are reduced so that N processes reproduce one pr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,10 @@ def group_input_absmax(block: nn.Module, groups: tuple[tuple[str, ...], ...], ca
     return out
 
 
+class _HessiansTaken(Exception):
+    """Raised by the last group's hook: the rest of the block's forward is not needed for its Hessians."""
+
+
 @torch.no_grad()
 def group_hessian(block: nn.Module, first: str, calib_linear: CalibLinear, call: Callable, x_in: torch.Tensor,
                   weights: torch.Tensor | None, shard: DataShard) -> torch.Tensor:
@@ -96,7 +101,8 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
     float64, also inside a forward under bfloat16 autocast: `compute_dtype`), and the sums are added in
     global batch order over all processes. The block runs as it is:
     with earlier groups already quantized (one group per call, true-sequential) or none (all groups at
-    once, as llm-compressor collects them). A linear inside a routed expert (`nn.moe.RoutedExperts`)
+    once, as llm-compressor collects them); without routed experts each batch's forward stops at the last
+    group's input (nothing after it is needed). A linear inside a routed expert (`nn.moe.RoutedExperts`)
     reads only the tokens routed to it: its rows get those tokens' weights, and n_g counts them; such a
     group may see no token of a batch (or of the whole run, n_g = 0, H = 0).
     """
@@ -105,6 +111,9 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
     B = shard.batch_size
     state: dict = {"routes": {}}
     experts = [expert_of(block, name) for name in firsts]
+    # without routed experts the groups' inputs arrive in list (forward) order: each batch's forward
+    # stops at the last group's input (a dense LLaDA block skips its down projection)
+    last = len(firsts) - 1 if all(e is None for e in experts) else None
 
     def hook_for(g: int):
         def hook(module, args):
@@ -116,14 +125,17 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
                 w = state["flat_w"].to(rows.device)[rows]
             with torch.autocast(x.device.type, enabled=False):  # float32 products inside a bf16 forward
                 xt = calibs[g].transformed_input(x)  # (b, seq, d_g) or (n_e, d_g)
-                sums[g] = hessian_sum(xt, w, dtype=torch.float32)[0].double()
+                sums[g] = hessian_sum(xt, w, dtype=torch.float32)[0]  # folded into float64 totals below
             counts[g] += xt.shape[:-1].numel()
+            if g == last:
+                raise _HessiansTaken
 
         return hook
 
     handles = [block.get_submodule(name).register_forward_pre_hook(hook_for(g)) for g, name in enumerate(firsts)]
     handles += recording_routes(block, state["routes"])
-    totals: list = [None] * len(firsts)
+    totals = [torch.zeros(c.weight.shape[1], c.weight.shape[1], dtype=torch.float64, device=c.weight.device)
+              for c in calibs]  # (d_g, d_g) each
     try:
         for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
             present = r * B < x_in.shape[0]
@@ -132,13 +144,14 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
                 xb = x_in[r * B:(r + 1) * B]
                 state["w"] = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
                 state["flat_w"] = expand_token_weights(state["w"], xb.shape[0], xb.shape[1], xb.device).reshape(-1)
-                call(xb)
+                with contextlib.suppress(_HessiansTaken):
+                    call(xb)
             for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
                 if present and sums[g] is None and experts[g] is None:
-                    raise RuntimeError(f"the block's forward never reached {name}: no Hessian for its group")
+                    raise RuntimeError(f"the block's forward did not reach {name} before {firsts[-1]}: no Hessian "
+                                       "for its group (the groups must be listed in forward order)")
                 d = c.weight.shape[1]  # a rank without this batch (or an expert without tokens) adds zeros
-                part = sums[g] if sums[g] is not None else torch.zeros(d, d, dtype=torch.float64,
-                                                                       device=c.weight.device)
+                part = sums[g] if sums[g] is not None else torch.zeros(d, d, device=c.weight.device)
                 totals[g] = shard.world.fold(totals[g], part, present, what=f"Hessian of {name}")
     finally:
         for h in handles:

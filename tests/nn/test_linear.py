@@ -68,3 +68,23 @@ def test_transform_cancels_in_float():
     x = torch.randn(7, 12)
     err = (fair(x) - lin(x)).abs().max()
     assert err < 0.05
+
+
+def test_kept_float_weights_give_the_same_outputs_dequantized_once(monkeypatch):
+    from optimum_fair.nn.linear import float_weights_kept
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(FairLinear.from_linear(torch.nn.Linear(32, 16), 4, 16),
+                                FairLinear.from_linear(torch.nn.Linear(16, 8), 4, 4, 8))
+    x = torch.randn(3, 32)
+    expected = block(x)
+    calls = []
+    original = FairLinear.dequantized_weight
+    monkeypatch.setattr(FairLinear, "dequantized_weight", lambda self: calls.append(self) or original(self))
+    with float_weights_kept(block):
+        outs = [block(x) for _ in range(3)]
+    assert all(torch.equal(o, expected) for o in outs)
+    assert len(calls) == 2  # once per layer, not once per call
+    assert all(m.float_weight is None for m in block) and "float_weight" not in str(block.state_dict().keys())
+    block(x)
+    assert len(calls) == 4  # outside, every call dequantizes again

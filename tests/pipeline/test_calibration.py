@@ -173,13 +173,20 @@ def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada, co
         call(x)
     for h in handles:
         h.remove()
+    ran = []
+    handle = block.ff_out.register_forward_hook(lambda *a: ran.append(1))
     together = group_hessians(block, firsts, calibs, call, x, None, shard)
+    handle.remove()
+    assert ran == []  # each batch stopped at ff_out's input: the last group's Hessian needs nothing more
     for name, calib, H in zip(firsts, calibs, together, strict=True):
         inputs = torch.cat(hidden[name]).double()  # (n * seq, d_g): brute force, every token once
         closed = inputs.t() @ inputs / inputs.shape[0]
         assert torch.allclose(H, closed, rtol=1e-5, atol=1e-7)
         one = group_hessian(block, name, calib, call, x, None, shard)
         assert torch.allclose(one, H, rtol=1e-6, atol=1e-9)
+    with pytest.raises(RuntimeError, match="did not reach ff_out before attn_out.*forward order"):
+        group_hessians(block, ["q_proj", "ff_out", "attn_out"], [calibs[0], calibs[3], calibs[1]], call, x, None,
+                       shard)
 
 
 def test_one_pass_schedule_calibrates_and_differs_from_true_sequential(llada_dir, tok):
