@@ -517,8 +517,10 @@ def run_parent(args) -> None:
     out = Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
-    print(f"wrote {out}")
+    table = markdown(report)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def make_report(args, started, ref, summary, warm) -> dict:
