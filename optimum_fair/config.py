@@ -347,6 +347,14 @@ class FairCalibConfig(QuantizationConfigMixin):
         return {}
 
 
+def is_fair_calib(quantization_config: Any) -> bool:
+    """Whether a model config's `quantization_config` (a dict from config.json, a config object or None)
+    names this method."""
+    if isinstance(quantization_config, dict):
+        return quantization_config.get("quant_method") == "fair_calib"
+    return getattr(quantization_config, "quant_method", None) == "fair_calib"
+
+
 def _check_type(name: str, value: Any, typ: type, optional: bool = False) -> None:
     if optional and value is None:
         return

@@ -2,14 +2,14 @@
 
 Conventions
     * Signed symmetric grid with `bits` bits: codes in [-2^(b-1), 2^(b-1) - 1], value = code * scale.
-    * Weights: the scale maps the largest magnitude of a row (or group) to `grid_top`: 2^(b-1) - 1/2 on
-      the full grid (the default since format version 2; 7.5 for int4, as compressed-tensors), so
-      -max|w| lands on the code -2^(b-1) and +max|w| rounds to 2^(b-1) - 1 (error scale / 2); or
-      2^(b-1) - 1 on the symmetric grid of version 1 (codes in [-7, 7] for int4). Either way the
-      round-off of any value inside the clipping range is at most scale / 2.
-    * Activations: the scale maps a token's largest magnitude to 2^(b-1) - 1.
-    * Weights (out, in) get one scale per output row, or per `group_size` consecutive inputs.
-    * Activations (..., d) get one scale per token (per row of the last dimension).
+    * Weights (out, in) get one scale per output row, or per `group_size` consecutive inputs; it maps
+      the largest magnitude of the row (or group) to `grid_top`: 2^(b-1) - 1/2 on the full grid (the
+      default since format version 2; 7.5 for int4, as compressed-tensors), so -max|w| lands on the code
+      -2^(b-1) and +max|w| rounds to 2^(b-1) - 1 (error scale / 2); or 2^(b-1) - 1 on the symmetric grid
+      of version 1 (codes in [-7, 7] for int4). Either way the round-off of any value inside the
+      clipping range is at most scale / 2.
+    * Activations (..., d) get one scale per token (per row of the last dimension), mapping its largest
+      magnitude to 2^(b-1) - 1.
 """
 
 from __future__ import annotations

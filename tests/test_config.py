@@ -129,3 +129,13 @@ def test_weight_grid_defaults_to_full_and_version_one_reads_symmetric():
     assert FairCalibConfig.from_dict({**old, "version": 2}).weight_grid == "full"  # v2 without it: default
     kept = FairCalibConfig.from_dict({**old, "version": 1, "weight_grid": "full"})
     assert kept.weight_grid == "full" and kept.to_dict()["version"] == 1
+
+
+def test_is_fair_calib_reads_dicts_and_config_objects():
+    from transformers import GPTQConfig
+
+    from optimum_fair.config import is_fair_calib
+
+    assert is_fair_calib(FairCalibConfig()) and is_fair_calib(FairCalibConfig().to_dict())
+    assert not is_fair_calib({"quant_method": "gptq"}) and not is_fair_calib(None) and not is_fair_calib({})
+    assert not is_fair_calib(GPTQConfig(bits=4))

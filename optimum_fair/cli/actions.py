@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .. import DEFAULT_MODEL
+from ..config import is_fair_calib
 from ..devices import default_device, execution_device
 from ..enums import Weighting
 from ..eval.evaluate import HEADLINE, evaluate, table
@@ -57,9 +58,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None) -> 
 
 def is_quantized(name: str) -> bool:
     """True when the checkpoint's config has a fair_calib quantization_config (reads config.json only)."""
-    quant = getattr(AutoConfig.from_pretrained(name), "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    return method == "fair_calib"
+    return is_fair_calib(getattr(AutoConfig.from_pretrained(name), "quantization_config", None))
 
 
 def _hub_id(name: str) -> str | None:

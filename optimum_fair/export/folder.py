@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..config import is_fair_calib
 from ..data import resolve_tokenizer
 from ..distributed import is_main_process
 from ..files import atomic_dir
@@ -101,7 +102,7 @@ def other_model_in(folder: str | os.PathLike, model: Any) -> str | None:
     mine = getattr(model.config, "model_type", None)
     if there.get("model_type") != mine:
         return f"{config_file} is a {there.get('model_type')!r} model, this one is {mine!r}"
-    if not _is_fair_calib(there):
+    if not is_fair_calib(there.get("quantization_config")):
         return f"{config_file} is not a FAIR-Calib checkpoint (a full-precision model or another quantizer's)"
     return None
 
@@ -115,11 +116,6 @@ def _config_dict(config_file: Path) -> dict | None:
     return there if isinstance(there, dict) else None
 
 
-def _is_fair_calib(config: dict) -> bool:
-    quant = config.get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") == "fair_calib"
-
-
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """A folder written by `save_quantized`: config.json with a fair_calib quantization_config and weights."""
     path = Path(output_dir)
@@ -129,7 +125,7 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     config = _config_dict(config_file)
     if config is None:
         raise ValueError(f"{config_file} is not a JSON config: expected a folder written by save_quantized")
-    if not _is_fair_calib(config):
+    if not is_fair_calib(config.get("quantization_config")):
         raise ValueError(f"{config_file} has no fair_calib quantization_config: not an optimum-fair model")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} has no .safetensors weights")
