@@ -169,8 +169,8 @@ def test_one_pass_hessians_equal_per_group_hessians_of_the_float_block(llada, co
         return lambda m, args: hidden.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
 
     handles = [block.get_submodule(n).register_forward_pre_hook(record(n)) for n in firsts]
-    with torch.no_grad():
-        call(x)
+    with torch.no_grad():  # in the shard's batches: a bf16 product may round differently in another batch shape
+        call(x[:4]), call(x[4:])
     for h in handles:
         h.remove()
     ran = []
