@@ -47,7 +47,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,10 +55,19 @@ import time
 from pathlib import Path
 
 from machine import cpu_name
+from workers import (
+    ROOT,
+    git_commit,
+    logits_with,
+    own_logits,
+    proc_mem,
+    set_threads,
+    torch_threads,
+    versions,
+    weight_error,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-GiB = 1024**3
 SEQ_LEN = 128
 BATCH_SIZE = 4
 DAMP = 0.01
@@ -70,33 +78,7 @@ HEAD = "model.transformer.ff_out"
 LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 SIDES_OURS = ("ours", "ours-fp32", "ours-v1grid")  # compute_dtype "auto" / "float32"; the grid diagnostic
 TIMED = ("ours", "ours-fp32", "llmcompressor")
-
-
-def set_threads(n: int) -> None:
-    """Before torch is imported: every thread pool to n (the env is inherited by the workers)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        os.environ[var] = str(n)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:  # already set (only possible once per process)
-        pass
-
-
-def proc_mem() -> dict:
-    """VmRSS / VmHWM / RssAnon of this process in GiB (/proc/self/status)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon"):
-            out[key] = int(value.split()[0]) * 1024 / GiB
-    return out
+PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "optimum-fair", "accelerate", "datasets")
 
 
 def load_fp(path: str):
@@ -228,13 +210,6 @@ def worker_llmc(data: dict, num_samples: int, pipeline: str) -> dict:
             "threads": torch.get_num_threads(), "pipeline": pipeline}
 
 
-def own_logits(model, input_ids):
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([model(input_ids[i:i + 8]).logits.float() for i in range(0, input_ids.shape[0], 8)])
-
-
 def run_worker(args) -> None:
     import torch
 
@@ -250,27 +225,6 @@ def run_worker(args) -> None:
 
 
 # -- parent ---------------------------------------------------------------------------------------
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "optimum-fair", "accelerate",
-                "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def masked_heldout(tok, mask_id: int):
     """(32, 128) held-out windows, the same with 50 % of each row's positions masked, and the mask."""
     import torch
@@ -294,11 +248,6 @@ def logit_metrics(logits, fp_logits, ids, mask) -> dict:
     return {"rel_logit_err": rel, "masked_nll": nll}
 
 
-def weight_error(weights: dict, fp: dict) -> dict:
-    per = {n: float((weights[n].float() - fp[n]).norm() / fp[n].norm()) for n in fp}
-    return {"mean_rel_weight_err": statistics.fmean(per.values()), "per_linear_rel_weight_err": per}
-
-
 def rtn_references(fp: dict) -> dict:
     """Round-to-nearest (no data) per channel on the full grid max|w|/7.5 (both sides) and on version 1's max|w|/7."""
     import torch
@@ -312,18 +261,6 @@ def rtn_references(fp: dict) -> dict:
         s75 = w.abs().amax(dim=1, keepdim=True) / 7.5  # compressed-tensors: max|w| / ((7 - (-8)) / 2)
         ct[name] = torch.round(w / s75).clamp(-8, 7) * s75
     return {"rtn_ours_grid": ours, "rtn_ct_grid": ct}
-
-
-def logits_with(model_fp, weights: dict, input_ids):
-    import copy
-
-    import torch
-
-    model = copy.deepcopy(model_fp)
-    with torch.no_grad():
-        for name, w in weights.items():
-            model.get_submodule(name).weight.copy_(w)
-    return own_logits(model, input_ids)
 
 
 def spawn(side: str, data_path: Path, out_path: Path, num_samples: int, args) -> dict:
@@ -368,7 +305,7 @@ def run_parent(args) -> None:
         "benchmark": "optimum-fair GPTQ vs llm-compressor GPTQ oneshot (W4A16, per channel, symmetric)",
         "date_utc": started.isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "versions": versions(),
+        "versions": versions(PACKAGES),
         "threads": args.threads,
         "cpu": cpu_name(),
         "loadavg_at_start": list(os.getloadavg()),

@@ -71,7 +71,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -80,10 +79,19 @@ import time
 from pathlib import Path
 
 from machine import cpu_name, machine
+from workers import (
+    ROOT,
+    git_commit,
+    logits_with,
+    own_logits,
+    proc_mem,
+    set_threads,
+    torch_threads,
+    versions,
+    weight_error,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-GiB = 1024**3
 LLAMA = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
 MODEL_SEED = 0
@@ -93,34 +101,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 GROUPS = [list(LINEARS[:3]), [LINEARS[3]], list(LINEARS[4:6]), [LINEARS[6]]]
 SIDES = ("ours", "ours-fp32", "gptqconfig")
-
-
-def set_threads(n: int) -> None:
-    """Before torch is imported: every thread pool to n (the env is inherited by the workers)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                "GPTQMODEL_CPU_WORKERS", "GPTQMODEL_PACK_THREADS"):
-        os.environ[var] = str(n)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:  # already set (only possible once per process)
-        pass
-
-
-def proc_mem() -> dict:
-    """VmRSS / VmHWM of this process in GiB (/proc/self/status)."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024 / GiB
-    return out
+PACKAGES = ("torch", "transformers", "gptqmodel", "optimum", "optimum-fair", "accelerate", "tokenizers")
 
 
 def cpu_seconds() -> float:
@@ -294,13 +275,6 @@ def check_names(found: dict, model) -> None:
         raise RuntimeError(f"unexpected quantized modules: {sorted(found)}")
 
 
-def own_logits(model, ids):
-    import torch
-
-    with torch.no_grad():
-        return torch.cat([model(ids[i:i + 8]).logits.float() for i in range(0, ids.shape[0], 8)])
-
-
 def run_worker(args) -> None:
     import torch
 
@@ -314,26 +288,6 @@ def run_worker(args) -> None:
 
 
 # -- parent ---------------------------------------------------------------------------------------
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "gptqmodel", "optimum", "optimum-fair", "accelerate", "tokenizers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def git_dirty() -> list[str]:
     """Tracked files of the package with uncommitted changes (the run used them)."""
     try:
@@ -365,23 +319,6 @@ def logit_metrics(logits, fp_logits, ids) -> dict:
     rel = float((logits - fp_logits).norm() / fp_logits.norm())
     nll = float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
     return {"rel_logit_err": rel, "nll": nll}
-
-
-def weight_error(weights: dict, fp: dict) -> dict:
-    per = {n: float((weights[n] - fp[n]).norm() / fp[n].norm()) for n in fp}
-    return {"mean_rel_weight_err": statistics.fmean(per.values()), "per_linear_rel_weight_err": per}
-
-
-def logits_with(model_fp, weights: dict, ids):
-    import copy
-
-    import torch
-
-    model = copy.deepcopy(model_fp)
-    with torch.no_grad():
-        for name, w in weights.items():
-            model.get_submodule(name).weight.copy_(w)
-    return own_logits(model, ids)
 
 
 def rtn_weights(fp: dict) -> dict:
@@ -532,7 +469,7 @@ def make_report(args, started, ref, summary, warm) -> dict:
         "date_utc": started.isoformat(timespec="seconds"),
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "git_commit_at_start": args.commit_at_start, "git_dirty": git_dirty(),
-        "versions": versions(), "machine": machine(), "cpu": cpu_name(),
+        "versions": versions(PACKAGES), "machine": machine(), "cpu": cpu_name(),
         "threads": args.threads, "loadavg_at_end": list(os.getloadavg()),
         "model": {"llama_config": LLAMA, "vocab_size": model.config.vocab_size, "seed": MODEL_SEED,
                   "n_params": sum(p.numel() for p in model.parameters()), "quantized_linears": len(ref["fp_w"])},
@@ -627,7 +564,7 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, extra=("GPTQMODEL_CPU_WORKERS", "GPTQMODEL_PACK_THREADS"))
     if args.worker:
         run_worker(args)
     else:
