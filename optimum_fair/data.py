@@ -289,8 +289,8 @@ def _pretokenized(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     the tokenizer's vocabulary (read through Arrow: no Python int per token)."""
     col = ds.with_format("arrow")["input_ids"]
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if not pa.types.is_list(col.type) and not pa.types.is_large_list(col.type) or \
-            not pa.types.is_integer(col.type.value_type):
+    is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    if not (is_list and pa.types.is_integer(col.type.value_type)):
         raise ValueError(f"token_stream: the dataset's 'input_ids' column must hold lists of integer token ids, "
                          f"it holds {col.type}")
     lengths = np.diff(col.offsets.to_numpy()).astype(np.int64)  # null rows: length 0
