@@ -248,6 +248,8 @@ class FairCalibConfig(QuantizationConfigMixin):
         _check_positive_int("loss_samples", self.loss_samples, optional=True)
         _check_type("seed", self.seed, int)
         _check_type("cache_dir", self.cache_dir, str, optional=True)
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            raise ValueError("cache_dir must be a folder path or None (no cache), got an empty string")
         if self.batch_size > self.num_samples:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must not exceed num_samples ({self.num_samples})"
@@ -271,6 +273,8 @@ class FairCalibConfig(QuantizationConfigMixin):
                 )
         _check_type("push_to_hub", self.push_to_hub, str, optional=True)
         _check_type("version", self.version, int)
+        if self.version < 1:
+            raise ValueError(f"version must be a format version >= 1, got {self.version}")
         if self.version > CONFIG_VERSION:
             raise ValueError(
                 f"version {self.version} is newer than this optimum-fair understands ({CONFIG_VERSION}); upgrade"

@@ -75,6 +75,10 @@ BAD = [
     ("modules_to_not_convert", dict(modules_to_not_convert="lm_head")),
     ("push_to_hub", dict(push_to_hub=1)),
     ("version", dict(version=99)),
+    ("version", dict(version=0)),
+    ("version", dict(version=-5)),
+    ("cache_dir", dict(cache_dir="")),
+    ("cache_dir", dict(cache_dir="  ")),
     ("weight_grid", dict(weight_grid="asymmetric")),
     ("quant_method", dict(quant_method="gptq")),
 ]
