@@ -3,8 +3,8 @@
     python scripts/build_llama_cpp.py                    # into ~/.cache/optimum-fair/llama.cpp-<version>
     python scripts/build_llama_cpp.py --cache-dir DIR --jobs 2
 
-Builds the shared libraries and `llama-diffusion-cli` (CPU, native flags) and keeps the sdist's Python
-bindings beside them. A finished build (the binaries present) is reused. Prints the folder; in it
+Builds the shared libraries, `llama-diffusion-cli`, `llama-quantize` and `llama-imatrix` (CPU, native
+flags) and keeps the sdist's Python bindings beside them. A finished build (the binaries present) is reused. Prints the folder; in it
 `bin/` holds the libraries and the CLI, `python/` the `llama_cpp` package (point
 LLAMA_CPP_LIB_PATH at `bin/`). Needs pip, cmake, ninja and a C++ compiler; about 30 minutes on one
 core of the 2-core machine.
@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendored llama.cpp has the llada / dream models and examples/diffusion
-TARGETS = ["llama", "llama-diffusion-cli"]
+TARGETS = ["llama", "llama-diffusion-cli", "llama-quantize", "llama-imatrix"]
+TOOLS = TARGETS[1:]  # the executables in bin/
 
 
 def default_cache() -> Path:
@@ -31,7 +32,7 @@ def default_cache() -> Path:
 
 
 def is_built(cache: Path) -> bool:
-    return (cache / "bin" / "llama-diffusion-cli").is_file() and (cache / "bin" / "libllama.so").is_file() \
+    return all((cache / "bin" / tool).is_file() for tool in (*TOOLS, "libllama.so")) \
         and (cache / "python" / "llama_cpp" / "__init__.py").is_file()
 
 
