@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from .. import DEFAULT_MODEL
 from ..config import is_fair_calib
@@ -23,6 +23,7 @@ from ..eval.evaluate import HEADLINE, evaluate, table
 from ..eval.generation import generate
 from ..export import export, push_quantized, require_token, save_quantized
 from ..files import atomic_dir
+from ..integrations.loading import load_pretrained
 from ..integrations.transformers import quantize
 from ..naming import check_repo_id, is_repo_id
 from ..pipeline import build_prior
@@ -49,10 +50,11 @@ def resolve_model(name: str | None) -> str:
 
 
 def load_model(name: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode on ``device`` (default: cuda when available, else cpu)."""
+    """(model, tokenizer) in eval mode on ``device`` (default: cuda when available, else cpu); the model in
+    the class its checkpoint names, so it keeps its LM head (`integrations.loading`)."""
     device = device or default_device()
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModel.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model = load_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     return model.to(device).eval(), tokenizer
 
 

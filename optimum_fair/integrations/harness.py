@@ -55,14 +55,15 @@ def resolve_device(device: str | None) -> torch.device:
 
 def load(args: LoadArgs) -> tuple[Any, Any, str]:
     """(model in eval mode, tokenizer, a name for the results) from `LoadArgs`."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..data import resolve_tokenizer
+    from .loading import load_pretrained
 
     if isinstance(args.pretrained, str):
         dtype = DTYPES[args.dtype] if isinstance(args.dtype, str) else args.dtype
-        model = AutoModel.from_pretrained(args.pretrained, dtype=dtype, revision=args.revision,
-                                          trust_remote_code=args.trust_remote_code)
+        model = load_pretrained(args.pretrained, dtype=dtype, revision=args.revision,
+                                trust_remote_code=args.trust_remote_code)
         model = model.to(resolve_device(args.device))
         # a tokenizer path gets the model's revision and trust_remote_code, as lm-eval's HFLM gives them
         tokenizer = args.tokenizer if args.tokenizer is not None and not isinstance(args.tokenizer, str) else \

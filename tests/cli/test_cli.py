@@ -165,3 +165,17 @@ def test_optimum_cli_discovers_the_plugin(monkeypatch, capsys):
     plugin = sys.modules["optimum.commands.register.optimum_fair"]
     for name, text in COMMANDS.items():  # the plugin's static help lists the same commands
         assert f"  {name:<9} {text}" in plugin._USAGE
+
+
+def test_quantize_keeps_the_lm_head_of_a_transformers_family(tmp_path, tiny_llama):
+    """A LlamaForCausalLM folder loads as LlamaForCausalLM (not the headless LlamaModel): the saved checkpoint
+    keeps lm_head.weight and its architectures (issue 32 S3)."""
+    src, out = tmp_path / "llama", tmp_path / "q"
+    tiny_llama.save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    assert main(["quantize", str(src), "--output-dir", str(out), "--rounding", "rtn", "--transform", "none",
+                 "--a-bits", "16", "--weighting", "uniform", "--dataset", "lee"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    saved = safetensors.torch.load_file(out / "model.safetensors")
+    assert torch.equal(saved["lm_head.weight"], tiny_llama.lm_head.weight)

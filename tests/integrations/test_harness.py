@@ -69,6 +69,7 @@ def test_bad_model_args_name_the_argument(llada_dir, monkeypatch, bad, field):
         raise AssertionError("loaded a model before checking model_args")
 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_loading)
+    monkeypatch.setattr("optimum_fair.integrations.loading.load_pretrained", no_loading)
     with pytest.raises(ValueError, match=field):
         DiffusionLM.create_from_arg_string(f"pretrained={llada_dir},{bad}")
 
@@ -83,6 +84,18 @@ def test_cli_batch_size_does_not_override_model_args(llada_dir):
 def test_a_model_without_mask_token_is_refused(tiny_llama_dir, tok):
     with pytest.raises(ValueError, match="cannot be scored as a masked diffusion LM.*mask_token_id"):
         DiffusionLM(pretrained=str(tiny_llama_dir), tokenizer=tok)
+
+
+def test_a_causal_lm_folder_loads_with_its_lm_head_and_scores(tmp_path, tiny_llama, tok):
+    """A LlamaForCausalLM folder (mask_token_id on its config) scores through its head, not the headless
+    LlamaModel that AutoModel gives (issue 32 S3)."""
+    tiny_llama.config.mask_token_id = 3
+    tiny_llama.save_pretrained(tmp_path / "llama")
+    harness = DiffusionLM(pretrained=str(tmp_path / "llama"), tokenizer=tok, mc_num=4, batch_size=4)
+    assert type(harness.model).__name__ == "LlamaForCausalLM"
+    assert torch.equal(harness.model.lm_head.weight, tiny_llama.lm_head.weight)
+    [(value, greedy)] = harness.loglikelihood(requests("loglikelihood", ("ab", " cd")), disable_tqdm=True)
+    assert math.isfinite(value) and value < 0 and greedy is False
 
 
 def test_loglikelihood_is_unbiased_against_enumeration(llada, tok):
