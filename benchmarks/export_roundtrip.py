@@ -18,15 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CompressedTensorsConfig
+from gguf_readback import gguf_readback  # benchmarks/ is this script's directory
+from transformers import AutoModel, AutoTokenizer, CompressedTensorsConfig
 
 import optimum_fair
 from optimum_fair import FairCalibConfig
 from optimum_fair.eval.evaluate import build_teacher_traces, evaluate
 from optimum_fair.export import export
-from optimum_fair.export.gguf_file import rotary_permute
 
 EVAL = dict(texts=("wiki-val",), num_prompts=8, prompt_len=64, gen_length=32, block_length=32, nll_samples=16,
             seq_len=128, post_commit_prompts=0)
@@ -36,34 +35,6 @@ FORMATS = {"W4A16": (4, 16), "W8A8": (8, 8)}
 def size_mb(path: Path) -> float:
     files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
     return round(sum(f.stat().st_size for f in files) / 2**20, 3)
-
-
-def gguf_readback(gguf_path: Path, folder: Path):
-    """A float LLaDA holding the GGUF file's tensors as the gguf package dequantizes them."""
-    config = AutoConfig.from_pretrained(folder)
-    del config.quantization_config  # a float LLaDA of the same shape
-    model = AutoModel.from_config(config, dtype=torch.float32).eval()
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLADA, config.n_layers)
-    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
-    heads = {"q_proj": config.n_heads, "k_proj": config.n_kv_heads or config.n_heads}
-    state = {}
-    for name, param in model.state_dict().items():
-        t = tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))]
-        value = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(param.shape)
-        n_head = heads.get(name.rpartition(".")[0].rpartition(".")[2])
-        if n_head:  # undo the interleaving: applying the permutation's inverse
-            value = _inverse_rotary(value, n_head)
-        state[name] = value
-    model.load_state_dict(state)
-    assert torch.equal(rotary_permute(state["model.transformer.blocks.0.q_proj.weight"], config.n_heads),
-                       torch.from_numpy(gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data,
-                                                               tensors["blk.0.attn_q.weight"].tensor_type)))
-    return model
-
-
-def _inverse_rotary(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    out = rows.shape[0]
-    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def main(argv=None) -> None:
