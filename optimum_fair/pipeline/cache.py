@@ -1,10 +1,11 @@
 """Resumable Stage II: each finished block is written to a cache directory.
 
 `cache_dir/manifest.json` records a fingerprint of the run (config, model, calibration tokens, prior);
-`cache_dir/block_XXXX.safetensors` holds one quantized block. A run with the same fingerprint loads
-the finished blocks instead of recalibrating them; a different fingerprint refuses to resume, naming
-what changed, so a cache can never leak into another run. Files are written to a temporary name and
-renamed, so a kill leaves either the old file or the complete new one.
+`cache_dir/block_XXXX.safetensors` holds one quantized block, with the same fingerprint in its metadata.
+A run with the same fingerprint loads the finished blocks instead of recalibrating them; a different
+fingerprint refuses to resume, naming what changed, so a cache can never leak into another run (also
+when the manifest was lost: each block carries the fingerprint itself). Files are written to a temporary
+name and renamed, so a kill leaves either the old file or the complete new one.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class BlockCache:
         self.fmt = fmt
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / "manifest.json"
+        self.key = _json_digest(fingerprint)  # written into every block's metadata
+        self.vouched = manifest.exists()  # blocks of an older version (no fingerprint) count only under it
         if manifest.exists():
-            old = json.loads(manifest.read_text()).get("fingerprint", {})
+            old = _read_manifest(manifest)
             changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             if changed:
                 raise ValueError(
@@ -60,6 +63,9 @@ class BlockCache:
                 )
             logger.info("resuming from %s", self.root)
         else:
+            if self.finished():
+                logger.warning("cache_dir %s has blocks but no manifest.json: only blocks written under this run's "
+                               "fingerprint will be reused", self.root)
             atomic_write_text(manifest, json.dumps({"fingerprint": fingerprint}, indent=2, sort_keys=True))
 
     def path(self, index: int) -> Path:
@@ -78,9 +84,23 @@ class BlockCache:
         state, meta = self._read(path)
         if state is None:
             return False
+        if meta.get("fingerprint") != self.key and not (self.vouched and "fingerprint" not in meta):
+            raise ValueError(f"{path}: block {index} was written by a run with another config, model, calibration "
+                             "data or prior (its fingerprint differs from this run's); refusing to resume from it "
+                             f"(use another cache_dir or delete {self.root})")
         if meta.get("teacher") != teacher:
             raise ValueError(f"{path}: block {index} was calibrated from other full-precision weights than this "
                              f"model's; refusing to resume (use another cache_dir or delete this one)")
+        try:
+            self._swap_in(block, state)
+        except (KeyError, IndexError, AttributeError, RuntimeError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{path}: block {index} does not fit this model's block ({first}); the file was made "
+                             f"by another version or edited: delete {self.root} (or this file) and rerun") from None
+        return True
+
+    def _swap_in(self, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Swap the block's linears named in `state` for FairLinear skeletons and load `state` into it."""
         device = next(block.parameters()).device
         names = [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]  # its FairLinears
         dtype = state[f"{names[0]}.weight_scale"].dtype
@@ -88,13 +108,13 @@ class BlockCache:
             linear = block.get_submodule(name)
             set_module(block, name, skeleton(linear, self.fmt, dtype).to(device))
         block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
-        return True
 
     def save(self, index: int, block: nn.Module, teacher: str) -> None:
         """Write calibrated block `index` with the digests `load` checks (teacher: see `load`)."""
         state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         with atomic_path(self.path(index)) as tmp:
-            save_file(state, str(tmp), metadata={"teacher": teacher, "state": state_digest(state)})
+            save_file(state, str(tmp), metadata={"teacher": teacher, "state": state_digest(state),
+                                                 "fingerprint": self.key})
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
@@ -134,6 +154,19 @@ def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor
         "data": tensor_digest(ids),
         "prior": _file_digest(config.prior) if config.prior else "computed",
     }
+
+
+def _read_manifest(path: Path) -> dict:
+    """The fingerprint recorded in manifest.json; a file that is not such JSON raises, naming it."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as the cache manifest ({err}); delete {path.parent} (or use "
+                         "another cache_dir) to calibrate from scratch") from None
+    if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), dict):
+        raise ValueError(f"{path} holds no fingerprint of a run; delete {path.parent} (or use another cache_dir) "
+                         "to calibrate from scratch")
+    return old["fingerprint"]
 
 
 def _json_digest(value: dict) -> str:

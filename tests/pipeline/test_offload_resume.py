@@ -204,3 +204,41 @@ def test_cache_of_a_model_with_other_weights_is_refused(tmp_path):
     other.save_pretrained(path)  # same folder, same config: only the weights of block 1 differ
     with pytest.raises(ValueError, match="block 1 was calibrated from other full-precision weights"):
         _cached_run(path, cache)
+
+
+def test_blocks_of_another_run_are_refused_when_the_manifest_is_gone(tmp_path):
+    """Each block carries the run's fingerprint: deleting manifest.json does not let another config reuse it,
+    while the same config still resumes (issue 32 S4)."""
+    path, cache = _save(tmp_path / "m"), tmp_path / "cache"
+    ref = _logits(_cached_run(path, cache))
+    (cache / "manifest.json").unlink()
+    other = FairCalibConfig(**dict(SMALL, seed=7, damp=0.5), cache_dir=str(cache))
+    with pytest.raises(ValueError, match="block_0000.safetensors: block 0 was written by a run with another config"):
+        AutoModel.from_pretrained(path, quantization_config=other)
+    (cache / "manifest.json").unlink()
+    assert torch.equal(_logits(_cached_run(path, cache)), ref)  # same run: the blocks are its own
+
+
+def test_unreadable_manifest_and_forged_blocks_name_the_file_and_the_fix(tmp_path):
+    """Invalid manifest JSON, and a block whose digest was forged to match edited tensors (issue 32 W3)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from optimum_fair.pipeline.cache import state_digest
+
+    path, cache = _save(tmp_path / "m"), tmp_path / "cache"
+    _cached_run(path, cache)
+    manifest = cache / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text('{"fingerprint": ')
+    with pytest.raises(ValueError, match=f"{manifest} cannot be read as the cache manifest.*delete {cache}"):
+        _cached_run(path, cache)
+    manifest.write_text(good)
+    block = cache / "block_0001.safetensors"
+    state = load_file(str(block))
+    state.pop(next(k for k in state if k.endswith("q_proj.weight_scale")))
+    with safe_open(str(block), framework="pt") as f:
+        meta = dict(f.metadata(), state=state_digest(state))
+    save_file(state, str(block), metadata=meta)
+    with pytest.raises(ValueError, match=f"{block}: block 1 does not fit this model's block.*delete {cache}"):
+        _cached_run(path, cache)
