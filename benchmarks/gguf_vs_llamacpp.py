@@ -247,6 +247,29 @@ def pairs(rows: list[dict]) -> list[dict]:
     return out
 
 
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 31's targets for each of our files: against the better (lower flip rate) of llama-quantize with
+    and without the imatrix at the same type and embedding / head storage, flip rate <= 0.8x, NLL no higher
+    on either text, the paired flip interval below zero, file size within 2 %."""
+    out = []
+    for row in rows:
+        theirs = [r for r in rows if r["source"] == "llama-quantize" and r["type"] == row["type"]
+                  and r["float_ends"] == row["float_ends"]]
+        if row["source"] != "optimum-fair" or not theirs:
+            continue
+        best = min(theirs, key=lambda r: r["flip_rate"])
+        d = paired_difference({0: row}, {0: best})
+        out.append({"file": row["file"], "better_llama": best["file"],
+                    "flip_ratio": row["flip_rate"] / best["flip_rate"] if best["flip_rate"] else float("inf"),
+                    "flip_rate_diff": d["flip_rate_diff"], "flip_rate_ci": d["flip_rate_ci"],
+                    "nll_diff": {t: row[f"{t}/nll"] - best[f"{t}/nll"] for t in EVAL["texts"]},
+                    "size_ratio": row["bpw_file"] / best["bpw_file"]})
+        t = out[-1]
+        t["met"] = (t["flip_ratio"] <= 0.8 and max(t["nll_diff"].values()) <= 0 and t["flip_rate_ci"][1] < 0
+                    and abs(t["size_ratio"] - 1) <= 0.02)
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     head = ["file", "types (linears / emb / head)", "bpw file", "bpw data", "bpw linears", "flip rate",
             "flip m≥0.1", "wiki-val NLL", "lee NLL", "Δ flip vs ref [95 % CI]", "rel err lin / emb / head",
@@ -305,10 +328,16 @@ def main(argv=None) -> None:
               "calibration": {"dataset": "wiki", "num_samples": args.num_samples, "seq_len": args.seq_len,
                               "tokens": ids.numel(), "seed": args.seed, "num_probes": args.num_probes},
               "imatrix": imatrix, "params": num_params, "not_supported": not_supported,
-              "pairs": pairs(rows), "rows": rows, "seconds": round(time.time() - started)}
+              "pairs": pairs(rows), "targets": targets(rows), "rows": rows, "seconds": round(time.time() - started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(markdown(rows))
+    for t in result["targets"]:
+        nll = ", ".join(f"{k} {v:+.4f}" for k, v in t["nll_diff"].items())
+        print(f"{t['file']} vs {t['better_llama']}: flip x{t['flip_ratio']:.2f} "
+              f"({100 * t['flip_rate_diff']:+.2f} pts [{100 * t['flip_rate_ci'][0]:+.2f}, "
+              f"{100 * t['flip_rate_ci'][1]:+.2f}]), NLL {nll}, size x{t['size_ratio']:.3f}: "
+              f"{'met' if t['met'] else 'missed'}")
     for key, why in not_supported.items():
         print(f"optimum-fair {key}: {why}")
 

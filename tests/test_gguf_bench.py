@@ -131,3 +131,30 @@ def test_median_time_parses_the_diffusion_cli_log(bench):
     log = "step 64/64\ntotal time: 123.45ms, time per step: 1.93ms, sampling time per step: 0.10ms\n\nThe city"
     assert script.reported_ms(log) == pytest.approx(123.45)
     assert script.reported_ms("cut off mid-progress") is None
+
+
+def _row(file, source, imatrix, flips, nll, bpw=4.5, float_ends=True):
+    """A scored row: 8 prompts per text, 64 decisions per prompt, `flips` flips on each prompt."""
+    row = {"file": file, "type": "Q4_0", "source": source, "imatrix": imatrix, "float_ends": float_ends,
+           "bpw_file": bpw, "flip_rate": flips / 64}
+    for text in ("wiki-val", "lee"):
+        row.update({f"{text}/flips_per_prompt": [flips + (i % 3) for i in range(8)],
+                    f"{text}/confident_flips_per_prompt": [flips // 2] * 8, f"{text}/confident_per_prompt": [32] * 8,
+                    f"{text}/decisions": 8 * 64, f"{text}/nll": nll})
+    return row
+
+
+def test_targets_compare_ours_with_the_better_llama_file(bench):
+    _, script = bench
+    rows = [_row("lq", "llama-quantize", False, 12, 3.50), _row("lq-imat", "llama-quantize", True, 10, 3.45),
+            _row("lq-imat-mix", "llama-quantize", True, 2, 3.40, bpw=4.7, float_ends=False),
+            _row("ours", "optimum-fair", False, 7, 3.44, bpw=4.52)]
+    (t,) = script.targets(rows)
+    assert t["better_llama"] == "lq-imat"  # the lower flip rate among the same storage of embedding / head
+    assert t["flip_ratio"] == pytest.approx(0.7)
+    assert t["flip_rate_diff"] == pytest.approx(-3 / 64)
+    assert t["flip_rate_ci"][1] < 0  # every prompt has 3 flips fewer
+    assert t["nll_diff"]["lee"] == pytest.approx(-0.01)
+    assert t["met"]
+    rows[3]["bpw_file"] = 4.7  # 4.4 % larger: not the same size
+    assert not script.targets(rows)[0]["met"]
