@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from ..arch import get_adapter
 from ..devices import default_device, execution_device
 from ..eval.likelihood import greedy_matches, mc_loglikelihood
-from .harness_args import DTYPES, LoadArgs, merge_model_args, parse_model_args
+from .harness_args import DTYPES, HarnessSettings, LoadArgs, merge_model_args, parse_model_args
 from .harness_generate import generate_batch, generation_plan
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,46 @@ def load(args: LoadArgs) -> tuple[Any, Any, str]:
     return model.eval(), tokenizer, type(model).__name__
 
 
+def check_source(args: LoadArgs, settings: HarnessSettings) -> None:
+    """pretrained= (and a tokenizer= path) exist as a folder or look like a Hub id, and the model's config gives
+    a mask id inside its vocabulary: checked from config.json alone, before weights or tasks load."""
+    from transformers import AutoConfig
+
+    from ..naming import is_repo_id
+
+    for arg, name in (("pretrained", args.pretrained), ("tokenizer", args.tokenizer)):
+        if isinstance(name, str) and not os.path.exists(name) and not is_repo_id(name):
+            raise ValueError(f"model_args {arg}={name}: no such folder, and not a Hub repo id ('namespace/name')")
+    if os.path.isdir(args.pretrained) and not os.path.isfile(os.path.join(args.pretrained, "config.json")):
+        raise ValueError(f"model_args pretrained={args.pretrained}: the folder has no config.json")
+    config = AutoConfig.from_pretrained(args.pretrained, revision=args.revision,
+                                        trust_remote_code=args.trust_remote_code)
+    vocab = getattr(config, "vocab_size", None)
+    resolve_mask_id(config, settings, args.pretrained, vocab if isinstance(vocab, int) else None)
+
+
+def resolve_mask_id(config: Any, settings: HarnessSettings, name: str, vocab: int | None) -> int:
+    """model_args mask_id, else the adapter's (config.mask_token_id or the release's), inside [0, vocab)."""
+    try:
+        mask_id = settings.mask_id if settings.mask_id is not None else get_adapter(config).mask_id(config)
+    except ValueError as err:
+        raise ValueError(f"pretrained={name} cannot be scored as a masked diffusion LM: {err} "
+                         "(or pass model_args mask_id=...)") from None
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise ValueError(f"model_args mask_id={mask_id} is outside the vocabulary of pretrained={name} "
+                         f"({vocab} token ids): give the id of its mask token")
+    return mask_id
+
+
+def max_length(config: Any, settings: HarnessSettings, name: str) -> int:
+    """model_args max_length, else the model's maximum length, else 2048; warns beyond the model's maximum."""
+    model_max = get_adapter(config).max_length(config)
+    if settings.max_length is not None and model_max is not None and settings.max_length > model_max:
+        logger.warning("model_args max_length=%d exceeds the maximum length of pretrained=%s (%d): windows longer "
+                       "than the model was trained on are scored", settings.max_length, name, model_max)
+    return settings.max_length or model_max or 2048
+
+
 def request_seed(seed: int, context: list[int], target_len: int) -> int:
     """A 63-bit seed from the base seed, the context tokens and the target length (stable across runs)."""
     digest = hashlib.blake2b(repr((seed, context, target_len)).encode(), digest_size=8).digest()
@@ -90,17 +131,15 @@ class DiffusionLM(LM):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         load_args, self.settings = parse_model_args(model_args)
+        if isinstance(load_args.pretrained, str):  # what the config.json tells, before any weights load
+            check_source(load_args, self.settings)
         self.model, self.tokenizer, self.name = load(load_args)
         adapter = get_adapter(self.model)
-        try:
-            self.mask_id = self.settings.mask_id if self.settings.mask_id is not None else adapter.mask_id(
-                self.model.config)
-        except ValueError as err:
-            raise ValueError(f"pretrained={self.name} cannot be scored as a masked diffusion LM: {err} "
-                             "(or pass model_args mask_id=...)") from None
+        vocab = self.model.get_input_embeddings().num_embeddings
+        self.mask_id = resolve_mask_id(self.model.config, self.settings, self.name, vocab)
         self.adapter = adapter
         self.estimator = self.settings.estimator or adapter.likelihood
-        self.max_length = self.settings.max_length or adapter.max_length(self.model.config) or 2048
+        self.max_length = max_length(self.model.config, self.settings, self.name)
         self._device = execution_device(self.model)
         self._truncated = 0
 
@@ -132,7 +171,9 @@ class DiffusionLM(LM):
                                                   add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        # verbose=False: no "sequence length is longer than the specified maximum" warning, the requests are
+        # cut to max_length (`fit`) or into windows (`loglikelihood_rolling`) before any forward
+        return list(self.tokenizer(text, verbose=False)["input_ids"])
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's
@@ -259,10 +300,14 @@ def evaluate_tasks(pretrained: Any, tasks: list[str], *, include_path: str | Non
 
     from ..eval.tasks import write_tasks
 
+    check_limit(limit)
+    args = {"pretrained": pretrained, **{k: v for k, v in model_args.items() if v is not None}}
+    load_args, settings = parse_model_args(args)  # every model_arg, before lm-eval indexes its tasks
+    if isinstance(pretrained, str):
+        check_source(load_args, settings)
     tracker = EvaluationTracker(output_path=output_path) if output_path else None
     with tempfile.TemporaryDirectory(prefix="optimum-fair-tasks-") as tmp:
         paths = [str(write_tasks(tmp))] + ([include_path] if include_path else [])
-        args = {"pretrained": pretrained, **{k: v for k, v in model_args.items() if v is not None}}
         results = simple_evaluate(model=MODEL_NAME, model_args=args, tasks=tasks, limit=limit,
                                   task_manager=TaskManager(include_path=paths), evaluation_tracker=tracker)
     if tracker is not None:
@@ -270,13 +315,32 @@ def evaluate_tasks(pretrained: Any, tasks: list[str], *, include_path: str | Non
     return results
 
 
+def check_limit(limit: float | None) -> None:
+    """lm-eval's --limit: None, a fraction in (0, 1) or a whole number of items >= 1."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (
+            0 < limit < 1 or (limit >= 1 and float(limit).is_integer())):
+        raise ValueError(f"limit must be a fraction in (0, 1) or a whole number of items >= 1, got {limit!r}")
+
+
+_BATCH_FLAGS = ("--batch_size", "-b", "--config", "-C")
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's own CLI with the ``optimum-fair`` model registered: ``python -m optimum_fair.integrations.harness
-    --model optimum-fair --model_args pretrained=... --tasks ...``."""
+    --model optimum-fair --model_args pretrained=... --tasks ...``.
+
+    Without --batch_size (nor a --config file), lm-eval's CLI would pass its own default, 1, as the Monte-Carlo
+    batch; this backend's default (`HarnessSettings.batch_size`, 32) is passed instead, as from Python."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours = any(a == MODEL_NAME and i and argv[i - 1] == "--model" for i, a in enumerate(argv)) or \
+        f"--model={MODEL_NAME}" in argv
+    if ours and not any(a.split("=", 1)[0] in _BATCH_FLAGS for a in argv):
+        argv += ["--batch_size", str(HarnessSettings.batch_size)]
+    sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
 
 

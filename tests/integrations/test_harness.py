@@ -277,3 +277,92 @@ def test_quantized_model_object_scores_and_its_card_shows_task_rows(tok, tmp_pat
     assert {line.split("|")[1].strip() for line in lines[2:]} == {"nll", "fair_lee_cloze/acc",
                                                                  "fair_lee_cloze/acc_norm"}
     assert f"| fair_lee_cloze/acc | {rows['fair_lee_cloze/acc']:.4f} |" in quality and "lm-eval task" in quality
+
+
+def _no_tasks(monkeypatch):
+    """lm-eval's task index must not be built: the check comes first."""
+    def no_tasks(*_, **__):
+        raise AssertionError("indexed lm-eval's tasks before checking the model")
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", no_tasks)
+
+
+def test_mask_id_outside_the_vocabulary_is_refused_before_tasks_load(llada_dir, llada, tok, monkeypatch):
+    """issue 32 L1: mask_id=999999 raised IndexError at the first request, after the tasks loaded."""
+    _no_tasks(monkeypatch)
+    with pytest.raises(ValueError, match="mask_id=999999 is outside the vocabulary .* token ids"):
+        evaluate_tasks(str(llada_dir), ["fair_lee_cloze"], limit=2, mc_num=4, batch_size=4, mask_id=999999)
+    with pytest.raises(ValueError, match=f"mask_id={len(tok)} is outside the vocabulary"):
+        lm(llada, tok, mask_id=len(tok))  # a model object: its embedding's size
+
+
+@pytest.mark.parametrize("arg", ["pretrained", "tokenizer"])
+def test_a_missing_pretrained_or_tokenizer_path_is_named(llada_dir, tmp_path, monkeypatch, arg):
+    """issue 32 W14: transformers' "Repo id must be in the form ..." for a path that does not exist."""
+    _no_tasks(monkeypatch)
+    missing = str(tmp_path / "nonexistent" / "model")
+    args = {"pretrained": str(llada_dir), arg: missing}
+    with pytest.raises(ValueError, match=f"{arg}={missing}: no such folder, and not a Hub repo id"):
+        evaluate_tasks(args.pop("pretrained"), ["fair_lee_cloze"], limit=2, mc_num=4, batch_size=4, **args)
+
+
+def test_a_causal_folder_without_tokenizer_is_refused_for_its_mask_first(tiny_llama_dir):
+    """issue 32 W15: the tokenizer error came before the intended "cannot be scored" one."""
+    with pytest.raises(ValueError, match="cannot be scored as a masked diffusion LM"):
+        DiffusionLM(pretrained=str(tiny_llama_dir))
+
+
+def test_max_length_beyond_the_model_warns(llada, tok, caplog):
+    """issue 32 W16: max_length=100000 on a 64-token model was accepted without a word."""
+    with caplog.at_level(logging.WARNING, logger="optimum_fair.integrations.harness"):
+        harness = lm(llada, tok, max_length=100000)
+    assert harness.max_length == 100000 and "exceeds the maximum length" in caplog.text and "(64)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_fair.integrations.harness"):
+        assert lm(llada, tok, max_length=32).max_length == 32
+    assert not caplog.text
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2.5])
+def test_a_limit_that_is_not_a_count_or_fraction_is_refused(llada_dir, monkeypatch, limit):
+    """issue 32 W17: --limit -1 / 0 failed inside lm-eval (islice, "did not find any docs")."""
+    _no_tasks(monkeypatch)
+    with pytest.raises(ValueError, match=f"limit must be .*got {limit}"):
+        evaluate_tasks(str(llada_dir), ["fair_lee_cloze"], limit=limit, mc_num=4, batch_size=4)
+
+
+def test_lm_eval_cli_gets_the_documented_batch_size_unless_given(monkeypatch):
+    """issue 32 N4: lm-eval's CLI default batch size (1) became the Monte-Carlo batch; 32 is documented."""
+    import lm_eval.__main__
+
+    from optimum_fair.integrations import harness
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv[1:])))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    base = ["--model", "optimum-fair", "--model_args", "pretrained=x", "--tasks", "t"]
+    harness.main(base)
+    harness.main([*base, "--batch_size", "1"])
+    harness.main([*base, "-b", "8"])
+    harness.main(["--model", "hf", "--tasks", "t"])
+    assert seen == [[*base, "--batch_size", "32"], [*base, "--batch_size", "1"], [*base, "-b", "8"],
+                    ["--model", "hf", "--tasks", "t"]]
+
+
+def test_long_texts_do_not_warn_about_the_tokenizer_maximum(llada, caplog):
+    """issue 32 N12: the backend windows the text, so the tokenizer's length warning is noise."""
+    from transformers.utils import logging as hf_logging
+
+    tok, other = char_tokenizer(), char_tokenizer()  # a tokenizer gives this warning once: two of them
+    tok.model_max_length = other.model_max_length = 8
+    harness = lm(llada, tok, mc_num=4, batch_size=4, max_length=8)
+    warning = "sequence length is longer than the specified maximum"
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            harness.loglikelihood_rolling(requests("loglikelihood_rolling", ("abcdefghiklmnop",)), disable_tqdm=True)
+            assert warning not in caplog.text
+            other("abcdefghiklmnop")  # the tokenizer itself still warns: the check above could see it
+            assert warning in caplog.text
+    finally:
+        hf_logging.disable_propagation()
