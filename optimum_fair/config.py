@@ -10,6 +10,7 @@ paper's and which are ours.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +30,7 @@ from .enums import (
     Weighting,
     coerce_enum,
 )
+from .naming import is_repo_id
 
 CONFIG_VERSION = 2  # 2: weight_grid (version-1 checkpoints were written on the symmetric grid)
 
@@ -43,6 +45,9 @@ _ENUM_FIELDS = {
     "calib_inputs": CalibInputs,
     "weight_grid": WeightGrid,
 }
+
+logger = logging.getLogger(__name__)
+_LOCAL_FIELDS = ("cache_dir", "prior")  # this machine's folders: never serialised, never read back
 
 # Fields whose non-default values name a capability that is not built yet. Each maps to the
 # values that ARE built; anything else raises NotImplementedError (never silently ignored).
@@ -129,9 +134,15 @@ class FairCalibConfig(QuantizationConfigMixin):
             committed, the current one partly, later ones masked), and with fair weighting the
             still-masked positions of the current block keep their prior weight while the others get
             `floor` times theirs (`optimum_fair.scoring.states`).
-        tokenizer: tokenizer (or its path) for `dataset`; only a path is written to config.json.
+        tokenizer: tokenizer (or its path) for `dataset`; only a Hub id is written to config.json (a
+            local path is this machine's, see below).
         seed: seed of probe rollouts, sample selection and Hadamard signs.
         cache_dir: directory where finished blocks are written, to resume an interrupted run.
+
+    Machine-local settings (`cache_dir`, `prior`, a local `tokenizer` path) steer one run on one machine:
+    they are never written into config.json or the model card (written as null), and `from_dict` (a
+    config read from a published config.json) ignores them, so a reused config never reads or writes a
+    folder that its user did not name.
 
     Other
         modules_to_not_convert: module names left in floating point. None = transformers' default
@@ -311,14 +322,18 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict: enums as strings; a tokenizer object as its path; in-memory data dropped."""
+        """JSON-safe dict: enums as strings; a tokenizer as its Hub id; in-memory data and machine-local
+        settings (`cache_dir`, `prior`, a local tokenizer path) as None."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Enum):
                 value = value.value
-            elif f.name == "tokenizer" and value is not None and not isinstance(value, str):
-                value = getattr(value, "name_or_path", None) or None
+            elif f.name in _LOCAL_FIELDS:
+                value = None
+            elif f.name == "tokenizer" and value is not None:
+                name = value if isinstance(value, str) else getattr(value, "name_or_path", None)
+                value = name if is_repo_id(name) else None  # a local path is this machine's
             elif f.name == "dataset" and value is not None and not isinstance(value, str):
                 value = None  # a list of texts or a Dataset is not written into config.json
             elif isinstance(value, list):
@@ -338,6 +353,12 @@ class FairCalibConfig(QuantizationConfigMixin):
             raise ValueError(f"Unknown FairCalibConfig field(s) {unknown}; accepted fields: {sorted(known)}")
         if config_dict.get("version") == 1 and "weight_grid" not in config_dict:  # written before the field
             config_dict = {**config_dict, "weight_grid": WeightGrid.SYMMETRIC}
+        local = sorted(k for k in _LOCAL_FIELDS if config_dict.get(k) is not None)
+        if local:  # written by an older version: the publisher's folders, not this run's
+            logger.warning("FairCalibConfig.from_dict: ignoring the machine-local %s of a saved config (%s); "
+                           "set them on the config to use them", ", ".join(local),
+                           ", ".join(f"{k}={config_dict[k]!r}" for k in local))
+            config_dict = {**config_dict, **dict.fromkeys(local)}
         config = cls(**config_dict)
         unused = {k: v for k, v in kwargs.items() if k not in known}
         for key, value in kwargs.items():

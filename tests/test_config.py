@@ -112,11 +112,29 @@ def test_resolved_lengths():
 
 def test_in_memory_data_not_serialised():
     class Tok:
-        name_or_path = "path/to/tok"
+        name_or_path = "org/tok"
 
     cfg = FairCalibConfig(dataset=["a text", "another"], tokenizer=Tok())
     d = cfg.to_dict()
-    assert d["dataset"] is None and d["tokenizer"] == "path/to/tok"
+    assert d["dataset"] is None and d["tokenizer"] == "org/tok"  # a Hub id is public
+
+
+def test_machine_local_settings_are_never_serialised_nor_read_back(tmp_path, caplog):
+    """cache_dir, prior and a local tokenizer path are this machine's (issue 32, S5 / W27)."""
+    local = tmp_path / "home_alice_secret"
+    (local / "tok").mkdir(parents=True)
+    cfg = FairCalibConfig(cache_dir=str(local / "cache"), prior=str(local / "prior"), tokenizer=str(local / "tok"))
+    d = cfg.to_dict()
+    assert d["cache_dir"] is None and d["prior"] is None and d["tokenizer"] is None
+    assert "home_alice_secret" not in json.dumps(d)
+    assert cfg.cache_dir == str(local / "cache")  # the run itself still uses them
+    for tok in ("path/to/tok", "./tok", "/abs/tok", str(local / "tok")):  # local paths, existing or not
+        assert FairCalibConfig(tokenizer=tok).to_dict()["tokenizer"] is None, tok
+    published = {**FairCalibConfig().to_dict(), "cache_dir": "../escaped_cache", "prior": "/home/alice/prior"}
+    with caplog.at_level("WARNING"):
+        loaded = FairCalibConfig.from_dict(published)  # a config.json written by an older version
+    assert loaded.cache_dir is None and loaded.prior is None
+    assert "ignoring the machine-local cache_dir, prior" in caplog.text
 
 
 @pytest.mark.parametrize("field, value", [("w_bits", 4.0), ("a_bits", 8.0), ("tokenizer", 123)])

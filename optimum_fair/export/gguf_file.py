@@ -19,6 +19,7 @@ no dense layer and no router bias, so such configs are refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_path
+from ..naming import public_name
 from ..nn import FairLinear
 from .requires import require
 
@@ -143,7 +145,7 @@ def hparams(cfg) -> dict:
 def _write_hparams(writer, cfg) -> int:
     """The architecture's hyperparameters, as llama.cpp's converter writes them; returns the block count."""
     h = hparams(cfg)
-    writer.add_name(getattr(cfg, "_name_or_path", "") or "optimum-fair export")
+    writer.add_name(public_name(getattr(cfg, "_name_or_path", None)) or "optimum-fair export")  # never a local path
     writer.add_context_length(h["context"])
     writer.add_embedding_length(h["width"])
     writer.add_block_count(h["blocks"])
@@ -168,7 +170,10 @@ def _vocab_size(cfg) -> int:
 
 
 def _write_vocab(writer, tokenizer, size: int, mask_token_id: int, gguf) -> None:
-    """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, types, merges, special ids."""
+    """Byte-level BPE as llama.cpp's `gpt2` tokenizer model: tokens by id, types, merges, special ids.
+
+    Everything comes from the tokenizer object (its `tokenizers` backend for the merges), never from a
+    folder: a tokenizer loaded by Hub id or built in memory has none, and the current folder is not its."""
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     special = set(tokenizer.all_special_ids)
@@ -180,13 +185,57 @@ def _write_vocab(writer, tokenizer, size: int, mask_token_id: int, gguf) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_add_bos_token(False)
-    folder = Path(tokenizer.name_or_path)
-    special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
-    special_vocab.add_to_gguf(writer)
+    writer.add_token_merges(token_merges(tokenizer))
+    ids = special_token_ids(tokenizer, size)
+    if mask_token_id is not None:  # the model's own mask id (llama.cpp's diffusion example reads it)
+        ids["mask"] = int(mask_token_id)
+    for kind, token_id in ids.items():
+        getattr(writer, f"add_{kind}_token_id")(token_id)
     # a base model has no chat format: llama.cpp's CLIs would wrap the prompt in a default one (chatml)
     writer.add_chat_template(getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE)
-    if "mask" not in special_vocab.special_token_ids:  # llama.cpp's diffusion example reads it
-        writer.add_mask_token_id(int(mask_token_id))
+
+
+def token_merges(tokenizer: Any) -> list[str]:
+    """The BPE merges of `tokenizer`'s `tokenizers` backend as GGUF writes them ("a b"; a space inside a
+    token as U+0120, as llama.cpp's converter does); ValueError when it has none."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = json.loads(backend.to_str()).get("model", {}) if backend is not None else {}
+    merges = model.get("merges") or []
+    if not merges:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) "
+                         "has no BPE merges: llama.cpp cannot load a 'gpt2' vocabulary without them")
+    if isinstance(merges[0], str):
+        return list(merges)
+    return [" ".join(part.replace(" ", chr(ord(" ") + 256)) for part in pair) for pair in merges]
+
+
+def special_token_ids(tokenizer: Any, size: int) -> dict[str, int]:
+    """bos / eos / unk / sep / pad / cls / mask ids that the tokenizer sets and the vocabulary holds."""
+    ids = {}
+    for kind in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < size:
+            ids[kind] = token_id
+    return ids
+
+
+def log_scale_rounding(model: nn.Module) -> None:
+    """One warning for the whole export when GGUF's fp16 block scales round the model's scales."""
+    rounded, worst, dtypes = 0, 0.0, set()
+    layers = [m for m in model.modules() if isinstance(m, FairLinear)]
+    for layer in layers:
+        scale = layer.weight_scale
+        if scale.dtype == torch.float16:
+            continue
+        s = scale.float()
+        change = ((s.half().float() - s).abs() / s.abs().clamp(min=1e-30)).max().item()
+        if change:
+            rounded, worst = rounded + 1, max(worst, change)
+            dtypes.add(str(scale.dtype).removeprefix("torch."))
+    if rounded:
+        logger.warning("GGUF: %d of %d layers have %s scales, rounded to GGUF's fp16 (largest relative change "
+                       "%.2e); quantize the model loaded in fp16 (--dtype float16, or auto for the shipped "
+                       "model) for an exact export", rounded, len(layers), "/".join(sorted(dtypes)), worst)
 
 
 def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
@@ -195,8 +244,8 @@ def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
     s = scale.float()
     change = ((s.half().float() - s).abs() / s.abs().clamp(min=1e-30)).max().item()
     if change:
-        logger.warning("%s: %s scales rounded to GGUF's fp16 (largest relative change %.2e); calibrate in "
-                       "fp16 for an exact export", name, str(scale.dtype).removeprefix("torch."), change)
+        logger.debug("%s: %s scales rounded to GGUF's fp16 (largest relative change %.2e); calibrate in "
+                     "fp16 for an exact export", name, str(scale.dtype).removeprefix("torch."), change)
 
 
 def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
