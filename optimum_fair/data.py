@@ -72,6 +72,11 @@ HUB_NAMES: dict[str, HubTextSource] = {
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_STRING_TYPES = ("string", "large_string")
+_PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces cut at whitespace (see `_encoded`)
+# windows are drawn from at most the first max(_DRAW_FROM * needed, _MIN_DRAW_TOKENS) tokens of the text
+_DRAW_FROM = 64
+_MIN_DRAW_TOKENS = 1 << 20
 _HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$")
 _HTML_TAG = re.compile(r"<[^>\n]{0,200}>")
 _LIST_MARK = re.compile(r"^[*#:;]+\s*")
@@ -222,6 +227,9 @@ def load_texts(name_or_obj: str | Sequence[str] | Dataset, split: str | None = N
                 "load_texts: the datasets.Dataset needs a 'text' column (or 'input_ids', already tokenized); "
                 f"it has {name_or_obj.column_names}"
             )
+        text = name_or_obj.features.get("text")
+        if "input_ids" not in name_or_obj.column_names and getattr(text, "dtype", None) not in _STRING_TYPES:
+            raise ValueError(f"load_texts: the datasets.Dataset's 'text' column must hold strings, it holds {text}")
         return name_or_obj
     if isinstance(name_or_obj, str):
         name = name_or_obj.strip().lower()
@@ -255,8 +263,12 @@ def _separator_id(tokenizer: Any) -> int | None:
     return None
 
 
-def token_stream(texts: str | Sequence[str] | Dataset, tokenizer: Any) -> torch.Tensor:
+def token_stream(texts: str | Sequence[str] | Dataset, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize every document (no special tokens) and concatenate them, each followed by EOS.
+
+    max_tokens: when the text is longer than this many characters, only the first documents are tokenized,
+    until the stream holds about that many tokens (a document of over a million characters is tokenized in
+    pieces cut before whitespace); a shorter text gives the same stream as without it.
 
     A Dataset with an ``"input_ids"`` column is already tokenized (as llm-compressor's datasets are): each
     row is one document's ids, used as they are (the tokenizer gives only the EOS id), so the stream
@@ -266,22 +278,60 @@ def token_stream(texts: str | Sequence[str] | Dataset, tokenizer: Any) -> torch.
         ids: (total_tokens,) LongTensor.
     """
     ds = load_texts(texts)
-    values, lengths = _pretokenized(ds, tokenizer) if "input_ids" in ds.column_names else _encoded(ds, tokenizer)
+    if "input_ids" in ds.column_names:
+        values, lengths = _pretokenized(ds, tokenizer)
+    else:
+        values, lengths = _encoded(ds, tokenizer, max_tokens)
     sep = _separator_id(tokenizer)
     if sep is not None:  # EOS after each non-empty document
         values = np.insert(values, np.cumsum(lengths)[lengths > 0], sep)
     return torch.from_numpy(values)
 
 
-def _encoded(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (total,) int64, tokens per document (n_docs,)) of the non-empty documents of the "text" column."""
+def _encoded(ds: Dataset, tokenizer: Any, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (total,) int64, tokens per document (n_docs,)) of the non-empty documents of the "text" column
+    (with max_tokens, of its first documents only: see `token_stream`)."""
     docs = [t for t in ds["text"] if t and t.strip()]
     if not docs:
         raise ValueError("token_stream: the texts contain no non-empty document")
-    encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_tokens is None or sum(len(d) for d in docs) <= max_tokens:
+        encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    else:
+        encoded = _encoded_prefix(docs, tokenizer, max_tokens)
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
     return values, lengths
+
+
+def _encoded_prefix(docs: list[str], tokenizer: Any, max_tokens: int) -> list[list[int]]:
+    """Token ids of the first documents, until about max_tokens: tokenized about `_PIECE_CHARS` characters
+    per call, a longer document in pieces cut before whitespace (its pieces' ids joined)."""
+    encoded: list[list[int]] = []
+    total = 0
+    for doc in docs:
+        ids: list[int] = []
+        for piece in _pieces(doc):
+            ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+            if total + len(ids) >= max_tokens:
+                break
+        encoded.append(ids)
+        total += len(ids)
+        if total >= max_tokens:
+            logger.info("tokenized the first %d of %d documents (%d tokens): enough to draw the windows from",
+                        len(encoded), len(docs), total)
+            break
+    return encoded
+
+
+def _pieces(doc: str):
+    """`doc` in consecutive pieces of at most `_PIECE_CHARS` characters, each cut before a space if it has one."""
+    start = 0
+    while len(doc) - start > _PIECE_CHARS:
+        cut = doc.rfind(" ", start + 1, start + _PIECE_CHARS)
+        cut = cut if cut > start else start + _PIECE_CHARS
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
 
 
 def _pretokenized(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -290,13 +340,13 @@ def _pretokenized(ds: Dataset, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
     col = ds.with_format("arrow")["input_ids"]
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    if is_list and len(col.flatten()) == 0:  # every row empty (Arrow then types the items as null)
+        raise ValueError("token_stream: the dataset's 'input_ids' column holds no non-empty row")
     if not (is_list and pa.types.is_integer(col.type.value_type)):
         raise ValueError(f"token_stream: the dataset's 'input_ids' column must hold lists of integer token ids, "
                          f"it holds {col.type}")
     lengths = np.diff(col.offsets.to_numpy()).astype(np.int64)  # null rows: length 0
     values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if values.size == 0:
-        raise ValueError("token_stream: the dataset's 'input_ids' column holds no non-empty row")
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     bad = np.flatnonzero((values < 0) | (values >= (vocab if vocab is not None else np.iinfo(np.int64).max)))
     if bad.size:
@@ -320,7 +370,9 @@ def calibration_sequences(
     disjoint: the stream is cut into ``len // seq_len`` chunks after a seeded random offset, and a seeded
     random subset of chunks is returned, so ``num_samples * seq_len`` tokens are required. With
     ``allow_overlap=True`` each window starts at an independent seeded random position (GPTQ style)
-    and only ``seq_len`` tokens are required. The same inputs and seed give the same tensor.
+    and only ``seq_len`` tokens are required. The same inputs and seed give the same tensor. A text of more
+    than max(64 * the tokens required, 2**20) characters is tokenized only until the stream holds that many
+    tokens, and the windows are drawn from them (one 20 MB text no longer costs minutes).
 
     Returns:
         ids: (num_samples, seq_len) LongTensor.
@@ -333,16 +385,16 @@ def calibration_sequences(
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    stream = token_stream(texts, tokenizer)
-    total = stream.numel()
     needed = seq_len if allow_overlap else num_samples * seq_len
+    stream = token_stream(texts, tokenizer, max_tokens=max(_DRAW_FROM * needed, _MIN_DRAW_TOKENS))
+    total = stream.numel()
     if total < needed:
-        how = "overlapping windows need" if allow_overlap else "non-overlapping windows need num_samples*seq_len ="
-        hint = "" if allow_overlap else " (lower num_samples or seq_len, or pass more text)"
-        raise ValueError(
-            f"calibration_sequences: the texts give {total} tokens but {num_samples} windows of {seq_len} "
-            f"{how} {needed} tokens{hint}"
-        )
+        if allow_overlap:
+            need = f"windows of {seq_len} tokens (overlapping) need at least {needed}"
+        else:
+            need = (f"{num_samples} non-overlapping windows of {seq_len} tokens need num_samples*seq_len = "
+                    f"{needed} (lower num_samples or seq_len, or pass more text)")
+        raise ValueError(f"calibration_sequences: the texts give {total} tokens, but {need}")
     gen = torch.Generator().manual_seed(seed)
     if allow_overlap:
         starts = torch.randint(0, total - seq_len + 1, (num_samples,), generator=gen)

@@ -98,6 +98,7 @@ def test_list_and_dataset_inputs():
         ([], "non-empty list of strings"),
         (["ok", 3], "non-empty list of strings"),
         (42, "expected a dataset name"),
+        (Dataset.from_dict({"text": list(range(10))}), "'text' column must hold strings, it holds Value\\('int64'"),
     ],
 )
 def test_bad_inputs_raise(bad, match):
@@ -156,6 +157,7 @@ def test_pretokenized_rows_give_the_stream_and_windows_of_their_text(tokenizer, 
     ([[1, 2], [], [3, 300]], r"row 2 holds 300"),
     ([[1.5, 2.0]], r"lists of integer token ids, it holds list<item: double>"),
     ([["a"]], r"lists of integer token ids"),
+    ([[], [], []], r"holds no non-empty row"),  # all empty: not "list<item: null>" (issue 32 W18)
 ])
 def test_pretokenized_rows_outside_the_vocabulary_are_refused(tokenizer, rows, match):
     with pytest.raises(ValueError, match=match):
@@ -181,11 +183,12 @@ def test_calibration_sequences_shape_determinism_and_source(tokenizer, lee):
 
 def test_too_short_text_raises_with_counts(tokenizer):
     n = token_stream(["a very short text"], tokenizer).numel()
-    with pytest.raises(ValueError, match=rf"give {n} tokens but .* need num_samples\*seq_len = {4 * n}"):
+    with pytest.raises(ValueError, match=rf"the texts give {n} tokens, but 4 non-overlapping windows of {n} tokens "
+                                         rf"need num_samples\*seq_len = {4 * n} \(lower"):
         calibration_sequences(["a very short text"], tokenizer, num_samples=4, seq_len=n)
     out = calibration_sequences(["a very short text"], tokenizer, num_samples=4, seq_len=n, allow_overlap=True)
     assert out.shape == (4, n)
-    with pytest.raises(ValueError, match="overlapping windows need"):
+    with pytest.raises(ValueError, match=rf"give {n} tokens, but windows of {n + 1} tokens \(overlapping\) need"):
         calibration_sequences(["a very short text"], tokenizer, 1, n + 1, allow_overlap=True)
     with pytest.raises(ValueError, match="num_samples"):
         calibration_sequences(["text"], tokenizer, 0, 4)
@@ -204,3 +207,38 @@ def test_require_mask_token(tokenizer):
 def test_missing_gensim_file_raises():
     with pytest.raises(FileNotFoundError, match="no-such-file"):
         data.gensim_data_file("no-such-file.txt")
+
+
+def test_one_huge_text_is_tokenized_only_as_far_as_the_windows_need(tokenizer):
+    """issue 32 W20: a 20 MB text took 111 s to give 8 windows of 32 tokens; now about 2**20 tokens are made."""
+    calls = []
+
+    class Counting:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, texts, **kwargs):
+            calls.append(len(texts) if isinstance(texts, str) else sum(map(len, texts)))
+            return tokenizer(texts, **kwargs)
+
+    huge = "abcdefgh " * 600_000  # 5.4 M characters
+    ids = calibration_sequences([huge, "never reached"], Counting(), num_samples=8, seq_len=32, seed=0)
+    assert ids.shape == (8, 32) and sum(calls) < len(huge) / 2
+    assert all(n <= data._PIECE_CHARS for n in calls)
+    again = calibration_sequences([huge, "never reached"], Counting(), num_samples=8, seq_len=32, seed=0)
+    assert torch.equal(ids, again)
+    short = "abcdefgh " * 1000  # under the budget: the whole text, as before
+    assert token_stream([short], Counting(), max_tokens=1 << 20).tolist() == token_stream([short], tokenizer).tolist()
+
+
+def test_readme_calibration_text_is_enough_for_its_config():
+    """issue 32 N7: the README's texts=["your calibration text", "..."] raised; its texts now fill the config."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    import optimum_fair
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert 'texts=load_texts("lee")' in readme and "your calibration text" not in readme
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    assert calibration_sequences(load_texts("lee"), tok, num_samples=128, seq_len=128).shape == (128, 128)
