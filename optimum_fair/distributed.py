@@ -239,6 +239,18 @@ class World:
             raise DistributedError(f"rank {self.rank} of {self.size}: {what} differs between rank 0 and "
                                    f"rank(s) {differ}; the processes did not compute the same model")
 
+    def check_settings(self, settings: dict[str, int], what: str) -> None:
+        """Raise DistributedError naming each setting (int values) that differs between ranks."""
+        if self.size == 1:
+            return
+        values = torch.tensor(list(settings.values()), dtype=torch.int64)
+        gathered = self.all_gather(values, what)
+        differ = [f"{name} ({', '.join(f'rank {r}: {int(g[i])}' for r, g in enumerate(gathered))})"
+                  for i, name in enumerate(settings) if any(int(g[i]) != int(gathered[0][i]) for g in gathered)]
+        if differ:
+            raise DistributedError(f"rank {self.rank} of {self.size}: {what} differ between the processes: "
+                                   f"{'; '.join(differ)}. Launch every process with the same config and text")
+
     def agree(self, flag: bool, what: str) -> bool:
         """`flag`, after checking that every rank has the same one."""
         self.check_identical(torch.tensor([int(flag)]), what)

@@ -144,7 +144,7 @@ def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor
     """What must match for a cached block to be reused (the prior follows from these, or from its file).
 
     compute_dtype counts as resolved on this machine ("auto" is bfloat16 on one CPU, float32 on another)."""
-    cfg = {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
+    cfg = _run_settings(config)
     cfg["compute_dtype"] = str(resolve_compute_dtype(config.compute_dtype, execution_device(model)))
     model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
     first = next(p for p in model.parameters())
@@ -154,6 +154,15 @@ def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor
         "data": tensor_digest(ids),
         "prior": _file_digest(config.prior) if config.prior else "computed",
     }
+
+
+def run_fingerprint_config(config: FairCalibConfig) -> int:
+    """The config's settings that shape the quantized model, as a 60-bit int (to compare across ranks)."""
+    return int(_json_digest(_run_settings(config))[:15], 16)
+
+
+def _run_settings(config: FairCalibConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
 
 
 def _read_manifest(path: Path) -> dict:

@@ -27,16 +27,18 @@ from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
 from ..scoring.states import decoding_states, noisy_canvases
-from .cache import BlockCache, run_fingerprint
+from .cache import BlockCache, run_fingerprint, run_fingerprint_config, tensor_digest
 from .moe import check_tied, tie_blocks, unfuse_experts
 from .plan import (
     block_groups,
+    check_token_ids,
     decode_setup,
     float_by_design,
     layer_format,
     needs_calibration,
     resolve_skip,
     stage_two_settings,
+    warn_foreign_tokenizer,
 )
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
@@ -105,9 +107,13 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     groups_of = functools.partial(block_groups, adapter, skip=skip)
     setup = decode_setup(model, adapter, config)
     tok = resolve_tokenizer(tokenizer, model)
+    warn_foreign_tokenizer(tok, setup.mask_id)
     dataset = load_texts(texts)
     ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
+    masked = setup.mask_id if config.calib_inputs is CalibInputs.MASKED else -1
+    check_token_ids(ids, model, masked, "calibration windows")
     world = get_world()
+    check_same_run(world, config, ids)
     shard = DataShard(world, ids.shape[0], config.batch_size)
     if len(shard.batches) == 0:
         n_batches = -(-ids.shape[0] // config.batch_size)
@@ -116,7 +122,7 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     cache = make_cache(model, config, ids, world) if config.cache_dir else None  # before Stage I
     prior = weights = None
     if config.weighting is Weighting.FAIR:
-        prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup), world)
+        prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup, model), world)
         weights = prior.weights
     if config.calib_inputs is CalibInputs.MASKED:  # (n, seq) decode states and their (n, seq) weights
         generator = torch.Generator().manual_seed(config.seed + 1)
@@ -139,6 +145,15 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, settings, model_float_dtype(model),
                                device, cache=cache, shard=shard)
     return prior, records
+
+
+def check_same_run(world: World, config: FairCalibConfig, ids: torch.Tensor) -> None:
+    """Every rank has the same settings and calibration windows, compared before any work is split (a rank
+    with other num_samples would otherwise fail later with a shape mismatch, naming nothing)."""
+    settings = {"num_samples": config.num_samples, "batch_size": config.batch_size, "seq_len": ids.shape[1],
+                "seed": config.seed, "config digest": run_fingerprint_config(config),
+                "calibration windows digest": int(tensor_digest(ids)[:15], 16)}
+    world.check_settings(settings, "the run's settings and calibration windows")
 
 
 def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, world: World) -> BlockCache:

@@ -7,6 +7,7 @@ resolved against the model (its maximum length, its mask id, its blocks) before 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from ..config import FairCalibConfig
 from ..devices import resolve_compute_dtype
 from ..enums import CalibInputs, InputMode, Rounding, Transform, WeightGrid, Weighting
 from .surgery import LayerFormat, check_skip_names, matches
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,28 @@ def default_skip(model: nn.Module, adapter: ModelAdapter | None) -> list[str]:
     if adapter is None or adapter.float_modules is None:
         skip = set(get_keys_to_not_convert(model)) if hasattr(model, "all_tied_weights_keys") else set()
     return sorted(skip | set(float_by_design(adapter)))
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module, mask_id: int, what: str) -> None:
+    """ids (n, seq) are ids of the model's vocabulary and, when the run masks (mask_id >= 0), hold no mask
+    token; raised before any forward, naming the data."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None:
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            raise ValueError(f"the {what} hold token id {int(ids[bad].max())}, outside the model's vocabulary "
+                             f"({vocab} ids): the tokenizer is not this model's; pass the model's own tokenizer")
+    if mask_id >= 0 and bool((ids == mask_id).any()):
+        row = int((ids == mask_id).any(dim=1).nonzero()[0])
+        raise ValueError(f"the {what} contain the mask token id {mask_id} (window {row}): the teacher decodes from "
+                         "masked states, so calibration text must not hold the mask token; remove it from the "
+                         "texts (or input_ids)")
+
+
+def warn_foreign_tokenizer(tokenizer, mask_id: int) -> None:
+    """Warn when the tokenizer's mask token is not the model's mask id (mask_id -1: the run needs none)."""
+    own = getattr(tokenizer, "mask_token_id", None)
+    if mask_id >= 0 and isinstance(own, int) and own != mask_id:
+        logger.warning("the tokenizer's mask token id is %d, the model's mask id %d: is the tokenizer this "
+                       "model's? Calibration text is tokenized with it", own, mask_id)

@@ -29,7 +29,7 @@ from ..scoring.prior import (
     saturation,
     settings_dict,
 )
-from .plan import DecodeSetup, decode_setup
+from .plan import DecodeSetup, check_token_ids, decode_setup, warn_foreign_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +43,26 @@ def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup
         reliability_weight=config.reliability_weight, floor=config.floor, frontier_weight=config.frontier_weight)
 
 
-def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup):
-    """The probe sequences (drawn lazily): seed + 1 and overlapping windows, so any text length works."""
-    return lambda: calibration_sequences(dataset, tokenizer, config.num_probes, setup.seq_len,
-                                         seed=config.seed + 1, allow_overlap=True)
+def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup, model: nn.Module):
+    """The probe sequences (drawn lazily): seed + 1 and overlapping windows, so any text length works;
+    checked against the model's vocabulary and mask id."""
+
+    def draw() -> torch.Tensor:
+        ids = calibration_sequences(dataset, tokenizer, config.num_probes, setup.seq_len, seed=config.seed + 1,
+                                    allow_overlap=True)
+        check_token_ids(ids, model, setup.mask_id, "probe windows of the calibration text")
+        return ids
+
+    return draw
 
 
 def build_prior(model: nn.Module, config: FairCalibConfig, tokenizer, texts=None) -> PositionPrior:
     """Stage I alone: the prior `quantize` would build for this model, config and text."""
     setup = decode_setup(model, get_adapter(model), config)
     tok = resolve_tokenizer(tokenizer, model)
+    warn_foreign_tokenizer(tok, setup.mask_id)
     dataset = load_texts(texts if texts is not None else config.dataset)
-    return stage_one(model, config, setup, probe_source(dataset, tok, config, setup), get_world())
+    return stage_one(model, config, setup, probe_source(dataset, tok, config, setup, model), get_world())
 
 
 def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,

@@ -290,3 +290,73 @@ def test_the_block_cache_keys_on_the_resolved_compute_dtype(llada):
     prints = {name: run_fingerprint(llada, FairCalibConfig(compute_dtype=name), ids)
               for name in ("auto", fast, "float16")}
     assert prints["auto"] == prints[fast] != prints["float16"]  # "auto" is what it runs in here
+
+
+def _no_forward(model):
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_before_work(tok):
+    """issue 32 L2: the shipped tokenizer (1024 ids) on a 100-token model gave IndexError inside the embedding."""
+    from transformers import AutoTokenizer
+
+    import optimum_fair
+    from tests.conftest import tiny_llada
+
+    model = tiny_llada(100, 3)
+    calls = _no_forward(model)
+    big = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    with pytest.raises(ValueError, match=r"calibration windows hold token id \d+, outside the model's vocabulary "
+                                         r"\(100 ids\): the tokenizer is not this model's"):
+        quantize(model, FairCalibConfig(**SMALL, rounding="gptq", transform="none"), tokenizer=big)
+    assert calls == []
+
+
+def test_a_tokenizer_with_another_mask_id_warns(tok, caplog):
+    """issue 32 W2: tokenizer mask 3, model mask 50 calibrated without a word (here 99: the char tokenizer's
+    newline, absent from the text)."""
+    from tests.conftest import tiny_llada
+
+    with caplog.at_level("WARNING", logger="optimum_fair.pipeline.plan"):
+        quantize(tiny_llada(100, 99), FairCalibConfig(**SMALL, rounding="rtn", transform="hadamard"), tokenizer=tok)
+    assert "the tokenizer's mask token id is 3, the model's mask id 99" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_fair.pipeline.plan"):
+        quantize(tiny_llada(len(tok), tok.mask_token_id), FairCalibConfig(**SMALL, rounding="rtn",
+                                                                          transform="hadamard"), tokenizer=tok)
+    assert "mask token id" not in caplog.text
+
+
+def test_calibration_text_holding_the_mask_token_is_named(llada, tok):
+    """issue 32 W19: "prompt_ids contains the mask token id" did not say it was the calibration data."""
+    from datasets import Dataset
+
+    row = tok("the calibration text goes on and on, " * 3, add_special_tokens=False)["input_ids"]
+    row[5] = tok.mask_token_id
+    calls = _no_forward(llada)
+    with pytest.raises(ValueError, match=rf"probe windows of the calibration text contain the mask token id "
+                                         rf"{tok.mask_token_id} \(window \d+\).*remove it"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"), texts=Dataset.from_dict({"input_ids": [row] * 8}),
+                 tokenizer=tok)
+    assert calls == []
+
+
+def test_ranks_with_other_num_samples_are_named_before_work(llada, tok, monkeypatch):
+    """issue 32 L4: a rank with num_samples=16 beside one with 8 failed with a shape mismatch in Stage II."""
+    from optimum_fair.distributed import DistributedError, World
+    from optimum_fair.pipeline import calibration
+
+    class TwoRanks(World):  # rank 0 of 2; rank 1 launched with num_samples=16 (the first setting)
+        def all_gather(self, t, what="all_gather"):
+            other = t.clone()
+            other[0] = 16
+            return [t, other]
+
+    monkeypatch.setattr(calibration, "get_world", lambda: TwoRanks(0, 2))
+    calls = _no_forward(llada)
+    with pytest.raises(DistributedError, match=r"settings and calibration windows differ between the processes: "
+                                               r"num_samples \(rank 0: 8, rank 1: 16\)"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
+    assert calls == []
