@@ -4,8 +4,8 @@
     python scripts/build_llama_cpp.py --cache-dir DIR --jobs 2
 
 Builds the shared libraries, `llama-diffusion-cli`, `llama-quantize` and `llama-imatrix` (CPU, native
-flags) and keeps the sdist's Python bindings beside them. A finished build (the binaries present) is reused. Prints the folder; in it
-`bin/` holds the libraries and the CLI, `python/` the `llama_cpp` package (point
+flags) and keeps the sdist's Python bindings beside them. A finished build (the binaries present) is
+reused. Prints the folder; in it `bin/` holds the libraries and the CLI, `python/` the `llama_cpp` package (point
 LLAMA_CPP_LIB_PATH at `bin/`). Needs pip, cmake, ninja and a C++ compiler; about 30 minutes on one
 core of the 2-core machine.
 """
