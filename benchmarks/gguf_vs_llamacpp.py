@@ -215,6 +215,7 @@ def weight_errors(model, teacher) -> dict:
 def score(row: dict, cache: Path, teacher, tok, traces, args, num_params: int) -> dict:
     """Bits, read-back quality against the teacher, weight errors and llama.cpp's decode time of one file."""
     path = Path(row.pop("path"))
+    row["gguf"] = path.name
     model = gguf_readback(path, Path(optimum_fair.DEFAULT_MODEL))
     bits = file_bits(path, num_params)
     bits["float_ends"] = bits["types_embedding"] == {"F32": 1} and bits["types_head"] == {"F32": 1}

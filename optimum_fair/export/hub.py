@@ -15,9 +15,12 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the client's base (transport too)
+from safetensors import SafetensorError
 
+from ..data import _TOKENIZER_FILES
 from ..distributed import is_main_process
 from ..naming import check_repo_id
+from ..pipeline.checkpoint import check_digests
 from .card import REPO_PLACEHOLDER
 from .folder import check_output_dir, save_quantized
 
@@ -36,17 +39,22 @@ def require_token(token: str | None = None, repo_id: str | None = None) -> str:
         check_repo_id(repo_id)
     found = token or get_token()
     if not found:
-        raise ValueError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login` "
-                         "(a write token is needed to push)")
+        raise ValueError("no Hugging Face token: pass token=... (--token at the CLI), set HF_TOKEN, or run "
+                         "`hf auth login` (a write token is needed to push)")
     return found
 
 
 def _operations(folder: Path, repo_id: str) -> list[CommitOperationAdd]:
+    """One upload per file of `folder` (hidden ones stay local); ValueError for a symlink that leaves it."""
     ops = []
+    inside = folder.resolve()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
         if rel.startswith(".") or "/." in rel:
             continue  # hidden files and folders (.git, editor state) stay local
+        if file.is_symlink() and inside not in file.resolve().parents:
+            raise ValueError(f"{file} is a symlink to {file.resolve()}, outside the folder: refusing to upload "
+                             "that file's contents (copy it in if it should be published)")
         if rel == "README.md":  # the card names its own repo
             ops.append(CommitOperationAdd(rel, file.read_bytes().replace(REPO_PLACEHOLDER.encode(), repo_id.encode())))
         else:
@@ -67,13 +75,40 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
     any request; HubPushError when the Hub fails (the local folder is never modified; rerun to retry)."""
     if not is_main_process():  # data-parallel runs: only rank 0 pushes
         return ""
+    return _push(check_pushable(output_dir), repo_id, str(Path(output_dir)), token=token, private=private,
+                 overwrite=overwrite, commit_message=commit_message, revision=revision, endpoint=endpoint,
+                 update=update)
+
+
+def check_pushable(output_dir: str | os.PathLike) -> Path:
+    """`check_output_dir`, plus weights that read back as written (header, recorded digests); a warning
+    when the folder has no model card or no tokenizer (the repo would lack them)."""
     folder = check_output_dir(output_dir)
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            check_digests(str(file))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err}); refusing to push it") from None
+        except ValueError as err:
+            raise ValueError(f"{err}; refusing to push it") from None
+    if not (folder / "README.md").is_file():
+        logger.warning("%s has no README.md: the repo will have no model card (save_quantized writes one)", folder)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        logger.warning("%s has no tokenizer files: AutoTokenizer.from_pretrained on the repo will fail (save the "
+                       "tokenizer into the folder first)", folder)
+    return folder
+
+
+def _push(folder: Path, repo_id: str, label: str, *, token: str | None, private: bool, overwrite: bool,
+          commit_message: str, revision: str | None = None, endpoint: str | None = None, update: bool = False,
+          retry: str = "nothing local was changed, rerun to retry") -> str:
+    """push_quantized's work; `label` names the model in errors (never a temporary folder)."""
+    ops: list = _operations(folder, repo_id)  # refuses an outside symlink before any request
     token = require_token(token, repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         remote = set(api.list_repo_files(repo_id, revision=revision)) - KEPT_REMOTE
-        ops: list = _operations(folder, repo_id)
         if remote and not (overwrite or update):
             raise HubPushError(f"{repo_id} already has files ({sorted(remote)[:5]}...); pass overwrite=True "
                                "(--overwrite) to replace them")
@@ -84,9 +119,9 @@ def push_quantized(output_dir: str | os.PathLike, repo_id: str, token: str | Non
         response = err.response if isinstance(err, HfHubHTTPError) else None
         status = getattr(response, "status_code", None)
         what = f"HTTP {status}" if status else type(err).__name__
-        raise HubPushError(f"pushing {folder} to {repo_id} failed ({what}: {str(err).splitlines()[0]}); "
-                           "nothing local was changed, rerun to retry") from err
-    logger.info("pushed %s to %s: %s", folder, repo_id, info.commit_url)
+        raise HubPushError(f"pushing {label} to {repo_id} failed ({what}: {str(err).splitlines()[0]}); "
+                           f"{retry}") from err
+    logger.info("pushed %s to %s: %s", label, repo_id, info.commit_url)
     return str(info.commit_url)
 
 
@@ -102,9 +137,10 @@ def push_model(model: Any, repo_id: str, tokenizer: Any = None, metrics: dict[st
     token = require_token(token, repo_id)
     with tempfile.TemporaryDirectory(prefix="optimum-fair-push-") as tmp:
         folder = save_quantized(model, Path(tmp) / "model", tokenizer, metrics, repo_id=repo_id, **save_kwargs)
-        try:
-            return push_quantized(folder, repo_id, token=token, private=private, overwrite=overwrite,
-                                  commit_message=commit_message, update=True)
+        try:  # errors name the model, not this temporary folder (gone when they are read)
+            return _push(folder, repo_id, "the model", token=token, private=private, overwrite=overwrite,
+                         commit_message=commit_message, update=True,
+                         retry="the repo is unchanged, rerun push_to_hub to retry")
         except HubPushError as err:
             if not keep_on_failure:
                 raise
