@@ -22,6 +22,7 @@ from .devices import COMPUTE_DTYPES
 from .enums import (
     BoostSchedule,
     CalibInputs,
+    GGUFType,
     InputMode,
     Reliability,
     Rounding,
@@ -32,7 +33,12 @@ from .enums import (
 )
 from .naming import is_repo_id
 
-CONFIG_VERSION = 2  # 2: weight_grid (version-1 checkpoints were written on the symmetric grid)
+# 2: weight_grid (version-1 checkpoints were written on the symmetric grid). gguf_type and the searched grid
+# (negative scales) came later without a new version: a reader that lacks them refuses the field by name.
+CONFIG_VERSION = 2
+
+#: The GGUF types calibration rounds in: (w_bits, weights per scale). The others are written by the export.
+GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32)}
 
 
 _ENUM_FIELDS = {
@@ -70,7 +76,15 @@ class FairCalibConfig(QuantizationConfigMixin):
         weight_grid: "full" (default): a row's scale is max|w| / 7.5 (int4; / 127.5 for int8), so its codes
             use all of [-8, 7] as GGUF and compressed-tensors do; "symmetric": max|w| / 7, codes in
             [-7, 7], the grid of format version 1 (a version-1 config reads as "symmetric"). Checkpoints
-            store their scales, so either loads exactly; the field says how they were made.
+            store their scales, so either loads exactly; the field says how they were made. "search": each
+            group's (signed) scale is the one of least round-off weighted by the Hessian diagonal (GPTQ)
+            among llama.cpp's candidates (`ops.searched_scale`); what `gguf_type` uses.
+        gguf_type: calibrate in the exact grid of this GGUF type ("Q4_0" or "Q8_0"), so that
+            `export(..., "gguf")` writes the codes as they are: sets w_bits (4 / 8), group_size 32 (one
+            fp16 scale per 32 weights), weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
+            quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of
+            those fields other than their defaults and the type's own are refused. None (default): no
+            GGUF target. Pair it with rounding="gptq" for calibrated codes.
         rounding: "rtn" (default, as FlatQuant) or "gptq" (weighted GPTQ, H = sum_i w_i x_i x_i^T).
         transform: "flatquant" (default, the paper's base quantizer: learned Kronecker transforms,
             smoothing and clipping), "hadamard" (fixed random rotation) or "none".
@@ -157,6 +171,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     group_size: int = -1
     sym: bool = True
     weight_grid: WeightGrid = WeightGrid.FULL
+    gguf_type: GGUFType | None = None
     rounding: Rounding = Rounding.RTN
     transform: Transform = Transform.FLATQUANT
     weighting: Weighting = Weighting.FAIR
@@ -220,6 +235,24 @@ class FairCalibConfig(QuantizationConfigMixin):
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
         _check_type("sym", self.sym, bool)
+        if self.gguf_type is not None:
+            self._apply_gguf_type()
+
+    def _apply_gguf_type(self) -> None:
+        """gguf_type fixes the weight format; a conflicting non-default value is refused, naming the field."""
+        self.gguf_type = coerce_enum(GGUFType, self.gguf_type, "gguf_type")
+        if self.gguf_type not in GGUF_GRIDS:
+            raise ValueError(f"gguf_type must be one of {[t.value for t in GGUF_GRIDS]} (the types calibration "
+                             f"rounds in; export writes the others), got {self.gguf_type.value!r}")
+        bits, block = GGUF_GRIDS[self.gguf_type]
+        wanted = {"w_bits": bits, "a_bits": 16, "group_size": block, "weight_grid": WeightGrid.SEARCH,
+                  "transform": Transform.NONE}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in wanted.items():
+            if getattr(self, name) not in (value, defaults[name]):
+                raise ValueError(f"gguf_type={self.gguf_type.value!r} needs {name}={_plain(value)!r}, got "
+                                 f"{_plain(getattr(self, name))!r}")
+            setattr(self, name, value)
 
     def _check_stage_one(self) -> None:
         _check_positive_int("num_probes", self.num_probes)
@@ -378,6 +411,10 @@ def is_fair_calib(quantization_config: Any) -> bool:
     if isinstance(quantization_config, dict):
         return quantization_config.get("quant_method") == "fair_calib"
     return getattr(quantization_config, "quant_method", None) == "fair_calib"
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
 
 
 def _check_type(name: str, value: Any, typ: type, optional: bool = False) -> None:

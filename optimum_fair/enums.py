@@ -34,6 +34,20 @@ class WeightGrid(str, Enum):
 
     FULL = "full"  # scale = max|w| / (2^(b-1) - 1/2): all of [-2^(b-1), 2^(b-1) - 1] (GGUF, compressed-tensors)
     SYMMETRIC = "symmetric"  # scale = max|w| / (2^(b-1) - 1): [-(2^(b-1) - 1), 2^(b-1) - 1] (format version 1)
+    # all of [-2^(b-1), 2^(b-1) - 1], each group's (signed) scale picked by an importance-weighted search of
+    # its round-off, as llama.cpp's quantizers do (GGUF targets): `ops.searched_scale`
+    SEARCH = "search"
+
+
+class GGUFType(str, Enum):
+    """A GGUF tensor type (llama.cpp's names) that optimum-fair calibrates in or writes."""
+
+    F32 = "F32"
+    F16 = "F16"
+    BF16 = "BF16"
+    Q8_0 = "Q8_0"  # blocks of 32: fp16 scale, int8 codes
+    Q4_0 = "Q4_0"  # blocks of 32: fp16 scale, 4-bit codes in [-8, 7]
+    Q6_K = "Q6_K"  # super-blocks of 256: fp16 scale, 16 int8 sub-scales, 6-bit codes in [-32, 31]
 
 
 class Weighting(str, Enum):

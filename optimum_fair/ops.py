@@ -30,6 +30,8 @@ __all__ = [
     "quantize_act",
     "quantize_weight",
     "round_ste",
+    "scale_candidates",
+    "searched_scale",
     "unpack_int4",
     "weight_scale",
 ]
@@ -43,8 +45,11 @@ def qmax(bits: int) -> int:
 
 
 def grid_top(bits: int, grid: WeightGrid = WeightGrid.FULL) -> float:
-    """What a weight row's max|w| maps to: 7.5 (full) or 7 (symmetric) for int4, 127.5 or 127 for int8."""
-    return qmax(bits) + (0.5 if WeightGrid(grid) is WeightGrid.FULL else 0.0)
+    """What a weight row's max|w| maps to: 7.5 (full) or 7 (symmetric) for int4, 127.5 or 127 for int8.
+
+    The searched grid has no fixed map; where one is needed (fake quantization while transforms are
+    trained) it uses the full grid's."""
+    return qmax(bits) + (0.0 if WeightGrid(grid) is WeightGrid.SYMMETRIC else 0.5)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +67,89 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def weight_scale(w: torch.Tensor, bits: int, group_size: int = -1, clip: torch.Tensor | float = 1.0,
-                 grid: WeightGrid = WeightGrid.FULL) -> torch.Tensor:
-    """Per-row (or per-group) scale: clip * max|w| / grid_top.  Returns (out, n_groups) float32."""
+                 grid: WeightGrid = WeightGrid.FULL, importance: torch.Tensor | None = None,
+                 scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row (or per-group) scale: clip * max|w| / grid_top.  Returns (out, n_groups) float32.
+
+    On the searched grid: `searched_scale(w, bits, group_size, importance, clip, scale_dtype)`."""
     # w: (out, in); clip: scalar or broadcastable to (out, n_groups)
+    if WeightGrid(grid) is WeightGrid.SEARCH:
+        return searched_scale(w, bits, group_size, importance, clip, scale_dtype)
     amax = _grouped(w.float(), group_size).abs().amax(dim=-1)  # (out, n_groups)
     scale = amax * clip / grid_top(bits, grid)
     return scale.clamp(min=torch.finfo(torch.float32).tiny * 1e3)
+
+
+#: llama.cpp's candidates (make_qx_quants): the signed extreme of a group mapped to -(2^(b-1) + k / 10)
+SEARCH_STEPS = tuple(k / 10 for k in range(-9, 10))
+
+
+def searched_scale(w: torch.Tensor, bits: int, group_size: int = -1, importance: torch.Tensor | None = None,
+                   clip: torch.Tensor | float = 1.0, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-group scale (out, n_groups) float32 with the least importance-weighted round-off among candidates.
+
+    The round-off of a group with scale s is E(s) = sum_j a_j (w_j - s q_j)^2 with q_j = clamp(round(w_j / s)),
+    a = `importance` (in,) (the Hessian diagonal under GPTQ: an imatrix; None: all ones), over the
+    candidates of `scale_candidates`. The result is stored exactly in `scale_dtype`, and its error is at most
+    that of llama.cpp's reference choice m / -2^(b-1) and of the full grid's scale. A group of zeros gets
+    the smallest normal `scale_dtype` value.
+    """
+    wg = _grouped(w.float(), group_size)  # (out, G, g)
+    out_f, n_groups, g = wg.shape
+    a = _importance(importance, n_groups, g, w.device)  # (G, g)
+    scale = torch.empty(out_f, n_groups, device=w.device)
+    rows = max(1, 2**22 // (n_groups * g * (2 * len(SEARCH_STEPS) + 1)))  # bound the (R, G, g, C) temporaries
+    for r in range(0, out_f, rows):
+        x = wg[r:r + rows]  # (R, G, g)
+        cand = _candidates(x, a, bits, _clip_rows(clip, out_f, n_groups, w.device, r, rows), scale_dtype)
+        q = torch.round(x.unsqueeze(-1) / cand.unsqueeze(-2)).clamp_(-qmax(bits) - 1, qmax(bits))  # (R, G, g, C)
+        err = (a.unsqueeze(-1) * (x.unsqueeze(-1) - q * cand.unsqueeze(-2)) ** 2).sum(-2)  # (R, G, C)
+        scale[r:r + rows] = cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+    return scale
+
+
+def scale_candidates(w: torch.Tensor, bits: int, importance: torch.Tensor | None = None,
+                     clip: torch.Tensor | float = 1.0, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The candidate scales (out, C) of one group of columns w (out, g), as `searched_scale` weighs them.
+
+    As llama.cpp searches them: s = m / -(2^(b-1) + k/10) for the signed extreme m (clip * the value of
+    largest magnitude) and k in `SEARCH_STEPS`; for each, the weighted least-squares scale of its codes
+    sum a w q / sum a q^2; and the full grid's clip * max|w| / (2^(b-1) - 1/2). Each is rounded to
+    `scale_dtype` (what is stored); zeros become the smallest normal value of that dtype.
+    """
+    x = w.float().unsqueeze(1)  # (out, 1, g)
+    a = _importance(importance, 1, w.shape[1], w.device)  # (1, g)
+    return _candidates(x, a, bits, _clip_rows(clip, w.shape[0], 1, w.device, 0, w.shape[0]), scale_dtype)[:, 0]
+
+
+def _candidates(x: torch.Tensor, a: torch.Tensor, bits: int, clip: torch.Tensor,
+                scale_dtype: torch.dtype) -> torch.Tensor:
+    """Candidate scales (R, G, C) of groups x (R, G, g) with importance a (G, g); see `scale_candidates`."""
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    steps = -(hi + 1 + torch.tensor(SEARCH_STEPS, device=x.device))  # (K,)
+    tiny = torch.finfo(scale_dtype).tiny
+    m = x.gather(-1, x.abs().argmax(-1, keepdim=True)) * clip  # (R, G, 1): signed extreme
+    base = m / steps  # (R, G, K)
+    q = torch.round(x.unsqueeze(-1) / base.unsqueeze(-2)).clamp_(lo, hi)  # (R, G, g, K)
+    aq = a.unsqueeze(-1) * q  # (R, G, g, K)
+    num, den = (aq * x.unsqueeze(-1)).sum(-2), (aq * q).sum(-2)  # (R, G, K)
+    fitted = torch.where(den > 0, num / den.clamp(min=tiny), base)
+    full = x.abs().amax(-1, keepdim=True) * clip / (hi + 0.5)  # (R, G, 1)
+    cand = torch.cat((base, fitted, full), -1).to(scale_dtype).float()  # (R, G, C)
+    return torch.where(cand == 0, torch.full_like(cand, tiny), cand)
+
+
+def _importance(importance: torch.Tensor | None, n_groups: int, g: int, device) -> torch.Tensor:
+    """Per-column importance as (G, g); all ones for None."""
+    if importance is None:
+        return torch.ones(n_groups, g, device=device)
+    return importance.float().reshape(n_groups, g)
+
+
+def _clip_rows(clip: torch.Tensor | float, out_f: int, n_groups: int, device, r: int, rows: int) -> torch.Tensor:
+    """Rows r .. r + rows of a clip ratio (scalar, (out, 1) or (out, G)) as (R, G, 1), or a 0-d tensor."""
+    c = torch.as_tensor(clip, dtype=torch.float32, device=device)
+    return c.expand(out_f, n_groups)[r:r + rows].unsqueeze(-1) if c.dim() else c
 
 
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:

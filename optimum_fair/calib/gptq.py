@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import WeightGrid
-from ..ops import qmax, weight_scale
+from ..ops import qmax, scale_candidates, weight_scale
 from .objective import expand_token_weights
 
 __all__ = ["GPTQFactor", "accumulate_hessian", "gptq_factor", "gptq_quantize", "hessian_sum"]
@@ -139,6 +139,10 @@ def gptq_quantize(
     each group keeps its original, contiguous columns (so the codes need no g_idx) and its scale is
     computed up front from W ("static groups"), since the loop visits a group's columns out of order.
 
+    On the searched grid (`ops.searched_scale`) each group's scale is the candidate with the least
+    round-off weighted by diag(H), the same information an importance matrix carries; per channel or
+    with act_order it is searched up front on W.
+
     Dead inputs (diag(H) = 0: the input is always zero) get H_jj = 1 and W[:, j] = 0, as GPTQ does, so
     their codes are 0. H is damped by damp · mean(diag(H)) before the inverse; if the damped H is still
     not positive definite, damping is retried ×10 (warning each time), up to `max_damp_tries` tries.
@@ -163,12 +167,13 @@ def gptq_quantize(
     W[:, factor.dead] = 0.0
     static = None  # scales fixed before the loop: (out, n_groups)
     if group_size == -1 or factor.act_order:
-        static = weight_scale(W, bits, group_size, clip, grid).to(scale_dtype).float()  # on the stored grid
+        static = weight_scale(W, bits, group_size, clip, grid, factor.diag, scale_dtype)
+        static = static.to(scale_dtype).float()  # on the stored grid
     if factor.act_order:
         W = W[:, factor.perm]
     perm = factor.perm.tolist()
     codes, scale = _column_loop(W, factor.hinv, perm, static, bits, group_size, block_size, clip, scale_dtype,
-                                grid)
+                                grid, factor.diag[factor.perm])
     codes = codes[:, torch.argsort(factor.perm)]  # back to the original column order
     return codes.to(torch.int8), scale
 
@@ -181,6 +186,7 @@ class GPTQFactor:
     perm: torch.Tensor  # (in,) processing order (act-order: descending diag(H); else identity)
     dead: torch.Tensor  # (in,) bool: inputs that are always zero (diag(H) = 0)
     act_order: bool
+    diag: torch.Tensor  # (in,) float32 diag(H) before damping, original order: the searched grid's importance
 
 
 def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, max_damp_tries: int = 4,
@@ -209,8 +215,9 @@ def gptq_factor(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, ma
         H = H[perm][:, perm]
     else:
         perm = torch.arange(n, device=H.device)
+    diag = torch.diag(H)[torch.argsort(perm)].float()  # (in,) original order, before damping
     hinv = _inverse_cholesky_upper(H, damp, max_damp_tries)  # (in, in) float32, upper triangular
-    return GPTQFactor(hinv=hinv, perm=perm, dead=dead, act_order=act_order)
+    return GPTQFactor(hinv=hinv, perm=perm, dead=dead, act_order=act_order, diag=diag)
 
 
 def _check_gptq_args(W, bits, group_size, damp, block_size, max_damp_tries) -> None:
@@ -269,11 +276,13 @@ def _column_loop(
     clip: torch.Tensor | float,
     scale_dtype: torch.dtype = torch.float32,
     grid: WeightGrid = WeightGrid.FULL,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop with lazy block updates, on columns already in processing order.
 
     W: (out, in) float32, permuted; Hinv: (in, in) upper Cholesky factor of the damped inverse, permuted;
-    perm[j]: original index of processed column j. Returns codes (out, in) as float in processing order
+    perm[j]: original index of processed column j; importance: (in,) diag(H), permuted (the searched grid
+    weighs each group's round-off by it). Returns codes (out, in) as float in processing order
     and the scales (out, n_groups) indexed by original group.
     """
     out_f, n_cols = W.shape
@@ -294,7 +303,9 @@ def _column_loop(
         for i in range(i2 - i1):
             j = i1 + i
             if static is None and j % g == 0:
-                scale[:, j // g] = weight_scale(W1[:, i : i + g], bits, -1, clip, grid)[:, 0].to(scale_dtype).float()
+                imp = None if importance is None else importance[j:j + g]  # (g,)
+                scale[:, j // g] = _group_scale(W1[:, i:i + g], Hinv1[i:i + g, i:i + g], bits, clip, grid, imp,
+                                                scale_dtype)
             s = scale[:, col_group[j]]  # (out,)
             w = W1[:, i]  # (out,)
             q = torch.round(w / s).clamp(lo, hi)
@@ -304,3 +315,26 @@ def _column_loop(
             Err1[:, i] = err1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, in - i2): lazy update of the later columns
     return Q, scale
+
+
+def _group_scale(W: torch.Tensor, Hinv: torch.Tensor, bits: int, clip: torch.Tensor | float, grid: WeightGrid,
+                 importance: torch.Tensor | None, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The scale (out,) of the group whose columns W (out, g) the loop is about to quantize.
+
+    On the searched grid every candidate of `ops.scale_candidates` (importance: diag(H) of the group) is
+    tried by running the group's own GPTQ steps with it (Hinv: the group's (g, g) block of the factor), and
+    each row keeps the candidate whose error feedback leaves the least loss sum_i ((w_i - q_i s) / Hinv_ii)^2
+    inside the group: the scale is chosen for the codes GPTQ will actually write, not for plain rounding.
+    """
+    if WeightGrid(grid) is not WeightGrid.SEARCH:
+        return weight_scale(W, bits, -1, clip, grid)[:, 0].to(scale_dtype).float()
+    cand = scale_candidates(W, bits, importance, clip, scale_dtype)  # (out, C)
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    Wc = W.unsqueeze(1).repeat(1, cand.shape[1], 1)  # (out, C, g): one copy of the group per candidate
+    loss = torch.zeros_like(cand)  # (out, C)
+    for i in range(W.shape[1]):
+        w = Wc[:, :, i]  # (out, C)
+        err = (w - torch.round(w / cand).clamp(lo, hi) * cand) / Hinv[i, i]  # (out, C)
+        loss += err * err
+        Wc[:, :, i:] -= err.unsqueeze(-1) * Hinv[i, i:]  # (out, C, g - i)
+    return cand.gather(1, loss.argmin(1, keepdim=True))[:, 0]

@@ -217,7 +217,7 @@ class CalibLinear(nn.Module):
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
         if rounding is Rounding.RTN:
-            scale = weight_scale(Wt, self.w_bits, self.group_size, clip, self.grid)
+            scale = weight_scale(Wt, self.w_bits, self.group_size, clip, self.grid, scale_dtype=scale_dtype)
             scale = scale.to(scale_dtype).float()  # (out, n_groups)
             codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
         else:  # Rounding.GPTQ

@@ -32,6 +32,7 @@ from transformers.quantizers.auto import (
 from ..arch import find_adapter
 from ..config import FairCalibConfig
 from ..distributed import is_main_process
+from ..enums import WeightGrid
 from ..export.folder import load_saved_prior
 from ..export.hub import push_model, require_token
 from ..modeling import register_native_models
@@ -92,7 +93,7 @@ class FairCalibHfQuantizer(HfQuantizer):
             adapter = find_adapter(model)
             if adapter is not None:
                 tie_blocks(model, adapter)
-            check_scales(model)
+            check_scales(model, signed=self.quantization_config.weight_grid is WeightGrid.SEARCH)
             self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
                                             reloaded=True)
             bind_publishing(model)

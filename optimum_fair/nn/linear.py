@@ -143,16 +143,20 @@ class FairLinear(nn.Module):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, group_size: int = -1,
-        grid: WeightGrid = WeightGrid.FULL,
+        grid: WeightGrid = WeightGrid.FULL, scale_dtype: torch.dtype | None = None,
     ) -> FairLinear:
-        """Round-to-nearest quantization of a plain `nn.Linear` (no transform) on `grid` (`ops.grid_top`)."""
+        """Round-to-nearest quantization of a plain `nn.Linear` (no transform) on `grid` (`ops.grid_top`).
+
+        The scales are rounded to `scale_dtype` (default: the weight's dtype) and stored in the weight's."""
         w = linear.weight.detach()
-        scale = weight_scale(w, w_bits, group_size, grid=grid)  # (out, n_groups) float32
-        # Round the scale to the storage dtype first, so codes are computed on the grid actually stored.
-        scale = scale.to(w.dtype if w.dtype.is_floating_point else torch.float16)
+        stored = w.dtype if w.dtype.is_floating_point else torch.float16
+        rounded = scale_dtype or stored
+        scale = weight_scale(w, w_bits, group_size, grid=grid, scale_dtype=rounded)  # (out, n_groups) float32
+        # Round the scale to its dtype first, so codes are computed on the grid actually stored.
+        scale = scale.to(rounded).to(stored)
         codes = quantize_weight(w, scale, w_bits, group_size)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls.from_codes(codes, scale, bias, w_bits, a_bits, group_size, dtype=scale.dtype)
+        return cls.from_codes(codes, scale, bias, w_bits, a_bits, group_size, dtype=stored)
 
     # -- use --------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:

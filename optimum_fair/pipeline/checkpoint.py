@@ -102,16 +102,18 @@ def check_a_bits(file: str, metadata: dict[str, str], a_bits: int) -> None:
                          f"a_bits={a_bits} (was the config edited?)")
 
 
-def check_scales(model: nn.Module) -> None:
-    """Raise ValueError naming the first FairLinear whose weight scales are not finite and positive."""
+def check_scales(model: nn.Module, signed: bool = False) -> None:
+    """Raise ValueError naming the first FairLinear whose weight scales are not finite and positive
+    (`signed`: nonzero; the searched grid stores negative ones, the group's extreme on the code -2^(b-1))."""
     for name, module in model.named_modules():
         if isinstance(module, FairLinear):
             scale = module.weight_scale
             if scale.is_meta:  # offloaded by accelerate: its values are not in memory, so not checked
                 continue
-            if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-                raise ValueError(f"{name}.weight_scale: scales must be finite and positive, the checkpoint "
-                                 "holds zero, negative, inf or NaN ones")
+            if not bool(torch.isfinite(scale).all()) or not bool((scale != 0 if signed else scale > 0).all()):
+                want, bad = ("nonzero", "zero") if signed else ("positive", "zero, negative")
+                raise ValueError(f"{name}.weight_scale: scales must be finite and {want}, the checkpoint "
+                                 f"holds {bad}, inf or NaN ones")
 
 
 def tensor_digest(t: torch.Tensor) -> str:

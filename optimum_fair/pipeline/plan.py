@@ -56,6 +56,7 @@ class StageTwoSettings:
     weight_grid: WeightGrid
     loss_samples: int | None
     compute_dtype: torch.dtype  # the blocks' forwards (`devices.resolve_compute_dtype`)
+    scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the model's dtype)
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
@@ -97,12 +98,19 @@ def stage_two_settings(config: FairCalibConfig, device: torch.device | None = No
         config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
         config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
         config.seed, config.true_sequential, config.weight_grid, config.loss_samples,
-        resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")))
+        resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")), scale_dtype(config))
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:
     """What every converted linear of this config stores."""
-    return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid)
+    return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid,
+                       scale_dtype(config))
+
+
+def scale_dtype(config: FairCalibConfig) -> torch.dtype | None:
+    """float16 for a GGUF target (its blocks store fp16 scales, so the export is exact), else None (the
+    model's dtype)."""
+    return torch.float16 if config.gguf_type is not None else None
 
 
 def needs_calibration(config: FairCalibConfig) -> bool:

@@ -228,7 +228,7 @@ def calibrate_block(
                 factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:
-            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=dtype)
+            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=s.scale_dtype or dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
             del calib[name], linears[name]  # the float weight goes as soon as its codes exist
@@ -289,7 +289,7 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
     try:
         for name in names:
             set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size,
-                                                               s.weight_grid))
+                                                               s.weight_grid, s.scale_dtype))
         with float_weights_kept(block):
             out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
     finally:

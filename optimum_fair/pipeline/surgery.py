@@ -27,6 +27,7 @@ class LayerFormat:
     group_size: int
     transform: Transform
     weight_grid: WeightGrid
+    scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the linear's dtype)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -129,5 +130,6 @@ def replace_with_skeletons(model: nn.Module, skip: list[str], fmt: LayerFormat, 
 def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerFormat) -> None:
     """Round-to-nearest: each linear is replaced independently, no data needed."""
     for name, linear in tqdm(linears.items(), desc="RTN", leave=False):
-        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid)
+        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid,
+                                      fmt.scale_dtype)
         set_module(model, name, fair.to(linear.weight.device))
