@@ -67,6 +67,7 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
     check_group_size(linears, config.group_size)
+    check_finite_weights(linears)
     run_config = dataclasses.replace(config, modules_to_not_convert=skip)
     result = CalibrationResult(run_config, skip, base_model=public_name(source_name(model)))
     if needs_calibration(config):
@@ -145,6 +146,17 @@ def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, t
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, settings, model_float_dtype(model),
                                device, cache=cache, shard=shard)
     return prior, records
+
+
+def check_finite_weights(linears: dict[str, nn.Module]) -> None:
+    """ValueError naming the layers whose weight holds NaN or inf, before any work: RTN would pack NaN scales
+    that only a reload refuses, GPTQ / FlatQuant fail later naming no layer (weights offloaded to the meta
+    device are not checked here)."""
+    bad = [name for name, m in linears.items()
+           if m.weight.device.type != "meta" and not bool(torch.isfinite(m.weight).all())]
+    if bad:
+        raise ValueError(f"{len(bad)} layer(s) to quantize hold NaN or inf weights: {bad[:4]}"
+                         f"{' ...' if len(bad) > 4 else ''}; the model's weights are damaged (fix or reload them)")
 
 
 def check_same_run(world: World, config: FairCalibConfig, ids: torch.Tensor) -> None:

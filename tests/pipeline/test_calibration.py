@@ -360,3 +360,18 @@ def test_ranks_with_other_num_samples_are_named_before_work(llada, tok, monkeypa
                                                r"num_samples \(rank 0: 8, rank 1: 16\)"):
         quantize(llada, FairCalibConfig(**SMALL, rounding="gptq"), tokenizer=tok)
     assert calls == []
+
+
+@pytest.mark.parametrize("rounding,transform", [("rtn", "none"), ("gptq", "hadamard"), ("rtn", "flatquant")])
+def test_non_finite_weights_are_named_before_work(llada, tok, rounding, transform):
+    """issue 32 W26 / W28: NaN weights with RTN were packed and saved (only the reload failed); with GPTQ /
+    FlatQuant the error ("H contains NaN or inf", "non-finite loss") named no block or layer."""
+    with torch.no_grad():
+        llada.model.transformer.blocks[1].q_proj.weight[3, 5] = float("nan")
+        llada.model.transformer.blocks[0].ff_out.weight[0, 0] = float("inf")
+    calls = _no_forward(llada)
+    named = r"\['model.transformer.blocks.0.ff_out', 'model.transformer.blocks.1.q_proj'\]"
+    with pytest.raises(ValueError, match=r"2 layer\(s\) to quantize hold NaN or inf weights: " + named):
+        quantize(llada, FairCalibConfig(**SMALL, rounding=rounding, transform=transform), tokenizer=tok)
+    assert calls == []
+    assert not any(isinstance(m, FairLinear) for m in llada.modules())  # nothing was converted
