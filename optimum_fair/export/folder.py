@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from ..config import is_fair_calib
 from ..data import resolve_tokenizer
 from ..distributed import is_main_process
@@ -66,7 +68,15 @@ def load_saved_prior(checkpoint_files: list[str] | None) -> PositionPrior | None
     if not checkpoint_files:
         return None
     folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
-    return PositionPrior.load(folder) if (folder / "prior.json").is_file() else None
+    if not (folder / "prior.json").is_file():
+        return None
+    try:
+        return PositionPrior.load(folder)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logger.warning("%s cannot be read as the Stage I prior (%s): the model loads without it (inference does not "
+                       "use it), and a re-save or push will not include prior/", folder, first)
+        return None
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

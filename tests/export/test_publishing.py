@@ -291,3 +291,18 @@ def test_a_fault_at_every_request_of_a_push(hub, saved, mode, request):
         push_quantized(saved, repo, update=True)  # the retry succeeds
         assert hub.files(repo)["model.safetensors"] == (saved / "model.safetensors").read_bytes()
     assert failed >= 1  # at least one fault reached the caller as an error
+
+
+@pytest.mark.parametrize("damage", ["json", "tensors"])
+def test_a_damaged_prior_is_named_and_the_model_still_loads(qmodel, tmp_path, caplog, damage):
+    """issue 32 W29: a broken prior/prior.json made from_pretrained fail with a bare JSONDecodeError naming no
+    file, although inference does not use the prior."""
+    qmodel.save_pretrained(tmp_path / "q")
+    broken = tmp_path / "q" / "prior" / ("prior.json" if damage == "json" else "prior.safetensors")
+    broken.write_text("{broken")
+    with caplog.at_level("WARNING", logger="optimum_fair.export.folder"):
+        reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert f"{tmp_path / 'q' / 'prior'} cannot be read as the Stage I prior" in caplog.text
+    assert "the model loads without it" in caplog.text
+    assert calibration_result(reloaded).prior is None
