@@ -91,14 +91,14 @@ def searched_scale(w: torch.Tensor, bits: int, group_size: int = -1, importance:
     The round-off of a group with scale s is E(s) = sum_j a_j (w_j - s q_j)^2 with q_j = clamp(round(w_j / s)),
     a = `importance` (in,) (the Hessian diagonal under GPTQ: an imatrix; None: all ones), over the
     candidates of `scale_candidates`. The result is stored exactly in `scale_dtype`, and its error is at most
-    that of llama.cpp's reference choice m / -2^(b-1) and of the full grid's scale. A group of zeros gets
-    the smallest normal `scale_dtype` value.
+    that of llama.cpp's reference choices (Q4_0: m / -8, Q8_0: max|w| / 127) and of the full grid's scale.
+    A group of zeros gets the smallest normal `scale_dtype` value.
     """
     wg = _grouped(w.float(), group_size)  # (out, G, g)
     out_f, n_groups, g = wg.shape
     a = _importance(importance, n_groups, g, w.device)  # (G, g)
     scale = torch.empty(out_f, n_groups, device=w.device)
-    rows = max(1, 2**22 // (n_groups * g * (2 * len(SEARCH_STEPS) + 1)))  # bound the (R, G, g, C) temporaries
+    rows = max(1, 2**22 // (n_groups * g * (2 * len(SEARCH_STEPS) + 2)))  # bound the (R, G, g, C) temporaries
     for r in range(0, out_f, rows):
         x = wg[r:r + rows]  # (R, G, g)
         cand = _candidates(x, a, bits, _clip_rows(clip, out_f, n_groups, w.device, r, rows), scale_dtype)
@@ -114,7 +114,8 @@ def scale_candidates(w: torch.Tensor, bits: int, importance: torch.Tensor | None
 
     As llama.cpp searches them: s = m / -(2^(b-1) + k/10) for the signed extreme m (clip * the value of
     largest magnitude) and k in `SEARCH_STEPS`; for each, the weighted least-squares scale of its codes
-    sum a w q / sum a q^2; and the full grid's clip * max|w| / (2^(b-1) - 1/2). Each is rounded to
+    sum a w q / sum a q^2; the full grid's clip * max|w| / (2^(b-1) - 1/2); and the symmetric one's
+    clip * max|w| / (2^(b-1) - 1) (llama.cpp's Q8_0 reference). Each is rounded to
     `scale_dtype` (what is stored); zeros become the smallest normal value of that dtype.
     """
     x = w.float().unsqueeze(1)  # (out, 1, g)
@@ -134,8 +135,8 @@ def _candidates(x: torch.Tensor, a: torch.Tensor, bits: int, clip: torch.Tensor,
     aq = a.unsqueeze(-1) * q  # (R, G, g, K)
     num, den = (aq * x.unsqueeze(-1)).sum(-2), (aq * q).sum(-2)  # (R, G, K)
     fitted = torch.where(den > 0, num / den.clamp(min=tiny), base)
-    full = x.abs().amax(-1, keepdim=True) * clip / (hi + 0.5)  # (R, G, 1)
-    cand = torch.cat((base, fitted, full), -1).to(scale_dtype).float()  # (R, G, C)
+    amax = x.abs().amax(-1, keepdim=True) * clip  # (R, G, 1)
+    cand = torch.cat((base, fitted, amax / (hi + 0.5), amax / hi), -1).to(scale_dtype).float()  # (R, G, C)
     return torch.where(cand == 0, torch.full_like(cand, tiny), cand)
 
 

@@ -1,8 +1,10 @@
 import json
+import re
 
 import pytest
 
 from optimum_fair import FairCalibConfig, Rounding, Transform, Weighting
+from optimum_fair.enums import WeightGrid
 
 CONFIGS = [
     dict(),
@@ -161,3 +163,29 @@ def test_is_fair_calib_reads_dicts_and_config_objects():
     assert is_fair_calib(FairCalibConfig()) and is_fair_calib(FairCalibConfig().to_dict())
     assert not is_fair_calib({"quant_method": "gptq"}) and not is_fair_calib(None) and not is_fair_calib({})
     assert not is_fair_calib(GPTQConfig(bits=4))
+
+
+def test_gguf_type_sets_the_target_grid_and_round_trips():
+    cfg = FairCalibConfig(gguf_type="Q4_0", rounding="gptq")
+    assert (cfg.w_bits, cfg.a_bits, cfg.group_size) == (4, 16, 32)
+    assert cfg.weight_grid is WeightGrid.SEARCH and cfg.transform is Transform.NONE
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["gguf_type"] == "Q4_0"
+    assert FairCalibConfig.from_dict(d) == cfg
+    q8 = FairCalibConfig(gguf_type="Q8_0", w_bits=8, group_size=32)  # the type's own values are accepted
+    assert (q8.w_bits, q8.group_size) == (8, 32)
+    assert FairCalibConfig().to_dict()["gguf_type"] is None
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(gguf_type="Q4_0", w_bits=8), "w_bits=4"),
+    (dict(gguf_type="Q4_0", group_size=128), "group_size=32"),
+    (dict(gguf_type="Q8_0", a_bits=8), "a_bits=16"),
+    (dict(gguf_type="Q4_0", transform="hadamard"), "transform='none'"),
+    (dict(gguf_type="Q4_0", weight_grid="symmetric"), "weight_grid='search'"),
+    (dict(gguf_type="Q6_K"), "gguf_type must be one of ['Q4_0', 'Q8_0']"),
+    (dict(gguf_type="Q3_X"), "gguf_type"),
+])
+def test_gguf_type_conflicts_are_refused_by_field(kwargs, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        FairCalibConfig(**kwargs)

@@ -182,3 +182,38 @@ def test_gguf_refuses_a_tokenizer_that_is_not_byte_level_bpe(tmp_path):
     with pytest.raises(ValueError, match="byte-level BPE.*this tokenizer is WordLevel"):
         export(model, tmp_path / "dream.gguf", "gguf", tokenizer=tok)
     assert not (tmp_path / "dream.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def q4_0(tmp_path_factory):  # calibrated in Q4_0's own grid, loaded in fp32: the scales are still fp16 values
+    config = FairCalibConfig(**{**QUICK, "rounding": "gptq"}, gguf_type="Q4_0")
+    model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
+    folder = tmp_path_factory.mktemp("exports") / "q4_0"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_gguf_type_model_exports_its_codes_exactly_with_signed_scales(q4_0, tmp_path, caplog):
+    folder, model = q4_0
+    layers = _fair_layers(model)
+    scales = torch.cat([m.weight_scale.flatten() for m in layers.values()])
+    assert (scales < 0).any() and torch.equal(scales.half().float(), scales.float())
+    with caplog.at_level(logging.WARNING):
+        out = export(folder, tmp_path / "q4_0.gguf", "gguf")
+    assert "rounded" not in caplog.text  # nothing re-quantized: the file holds the calibrated grid
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLADA, model.config.n_layers)
+    for name, layer in layers.items():
+        t = tensors[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+        ours = layer.codes().float() * layer.weight_scale.float().repeat_interleave(32, dim=1)  # (out, in)
+        if name.rpartition(".")[2] in ("q_proj", "k_proj"):
+            ours = _interleaved(ours, model.config.n_heads)
+        assert t.tensor_type.name == "Q4_0"
+        assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)), ours), name
+    reloaded = AutoModel.from_pretrained(folder)  # negative scales pass the load checks
+    for name, layer in _fair_layers(reloaded).items():
+        assert torch.equal(layer.dequantized_weight(), layers[name].dequantized_weight()), name
+    ct = AutoModel.from_pretrained(export(folder, tmp_path / "ct", "compressed-tensors"), dtype=torch.float32,
+                                   quantization_config=CompressedTensorsConfig(dequantize=True))
+    for name, layer in layers.items():
+        assert torch.equal(ct.get_submodule(name).weight.float(), layer.dequantized_weight().float()), name
