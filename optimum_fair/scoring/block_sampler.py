@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .checks import check_nonneg, check_positive_int, check_prompt
 from .forward import LogitsFn, block_diffusion_mask, forbid_mask, predict_window
-from .policies import filter_top_k, filter_top_p, llada_transfer_counts, select_top
+from .policies import filter_top_k, filter_top_p, llada_transfer_counts, select_parallel
 from .sampler import Recorder, canvas
 from .trace import DecodeTrace
 
@@ -43,11 +43,10 @@ def _propose(logits: Tensor, temperature: float, top_k: int | None, top_p: float
 
 
 def _threshold_choose(p: Tensor, masked: Tensor, count: int, threshold: float) -> Tensor:
-    """(batch, block) bool: the masked positions above threshold if there are >= count, else the top count."""
+    """(batch, block) bool: the masked positions above threshold if there are >= count, else the top count
+    (`policies.select_parallel` with the release's strict comparison)."""
     conf = p.masked_fill(~masked, float("-inf"))
-    high = conf > threshold
-    n = torch.minimum(torch.full_like(masked.sum(-1), count), masked.sum(-1))  # (batch,)
-    return torch.where((high.sum(-1) >= count).unsqueeze(-1), high, select_top(conf, n))
+    return select_parallel(conf, torch.full_like(masked.sum(-1), count), threshold=threshold, strict=True)
 
 
 def llada2_decode(

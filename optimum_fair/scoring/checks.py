@@ -66,3 +66,26 @@ def check_dream_sampling(top_p: object, top_k: object, alg_temp: object, eps: ob
         check_nonneg(alg_temp, "alg_temp")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ValueError(f"eps must be in (0, 1), got {eps!r}")
+
+
+def check_parallel_rule(threshold: object, factor: object) -> None:
+    """Threshold decoding needs a threshold in (0, 1], the factor rule a factor > 0; not both at once."""
+    if threshold is not None and factor is not None:
+        raise ValueError(f"threshold ({threshold!r}) and factor ({factor!r}) are two commit rules: give one")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 < threshold <= 1):
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
+        raise ValueError(f"factor must be a number > 0, got {factor!r}")
+
+
+def check_cache(cache: object, cfg_scale: float, record_topk: bool) -> None:
+    """An approximate KV cache (`forward.CachedLogits`) runs one conditional pass and reads the block only."""
+    if cache is None:
+        return
+    if getattr(cache, "mode", None) not in ("prefix", "dual"):
+        raise ValueError(f"cache must be a CachedLogits whose mode is 'prefix' or 'dual', got {cache!r}")
+    if cfg_scale > 0:
+        raise ValueError("cache: classifier-free guidance (cfg_scale > 0) is not run through a KV cache")
+    if record_topk:
+        raise ValueError("cache: record_topk reads every position at every step; a cached step reads the block only")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -10,6 +11,37 @@ from torch import Tensor
 LogitsFn = Callable[..., Tensor]
 """``logits_fn(x) -> (batch, seq, vocab)``; called as ``logits_fn(x, attention_mask=m)`` when a
 padding mask m (batch, seq) is in use."""
+
+
+class CachedLogits(Protocol):
+    """A model behind an approximate KV cache (Fast-dLLM); `modeling.kv_cache.ApproximateCache` is one.
+
+    ``mode``: ``"prefix"`` (a step recomputes the current block and everything after it) or ``"dual"``
+    (the current block only; the suffix's keys / values are read from the cache too)."""
+
+    mode: str
+
+    def refresh(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Full forward of x (batch, seq) -> (batch, seq, vocab); caches every position's keys / values."""
+        ...
+
+    def window(self, x: Tensor, attention_mask: Tensor | None, start: int, end: int) -> Tensor:
+        """Forward of x[:, start:end] attending to the cache elsewhere -> (batch, end - start, vocab)."""
+        ...
+
+
+def cached_block_logits(cache: CachedLogits, x: Tensor, attention_mask: Tensor | None, lo: int, hi: int,
+                        logit_shift: int, refresh: bool) -> Tensor:
+    """(batch, hi - lo, vocab) predictions for canvas positions [lo, hi) through an approximate KV cache.
+
+    ``refresh`` (a block's first step) runs the exact full forward and refills the cache. Otherwise the
+    forward covers [lo - shift, seq) (prefix) or [lo - shift, hi) (dual): the shifted reading of position lo
+    needs position lo - 1, and every position of the block is recomputed."""
+    start = lo - logit_shift
+    if refresh:
+        return cache.refresh(x, attention_mask)[:, start:hi - logit_shift]
+    end = x.shape[1] if cache.mode == "prefix" else hi
+    return cache.window(x, attention_mask, start, end)[:, : hi - lo]
 
 
 def block_diffusion_mask(seq_len: int, block_length: int, device=None) -> Tensor:

@@ -103,3 +103,40 @@ def filter_top_p(logits: Tensor, top_p: float | None) -> Tensor:
     drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def rule_counts(conf: Tensor, threshold: float | None = None, factor: float | None = None,
+                strict: bool = False) -> Tensor:
+    """(batch,) how many of the most confident eligible positions a parallel-decoding rule commits.
+
+    Args:
+        conf: (batch, n) probability of each position's proposal; -inf marks ineligible positions.
+        threshold: Fast-dLLM's threshold rule: count the positions with conf >= threshold (> with ``strict``,
+            as LLaDA2's release).
+        factor: Fast-dLLM's factor rule: the n most confident while every k <= n has
+            (k + 1)(1 - c_(k)) <= factor, c_(k) the k-th largest conf; the first always passes.
+    Returns:
+        (batch,) long; 0 when neither rule is given. Example: conf [0.95, 0.7, 0.6], factor 1 ->
+        k=1 passes, k=2: 3 * 0.3 = 0.9 <= 1 passes, k=3: 4 * 0.4 = 1.6 fails -> 2.
+    """
+    if threshold is not None:
+        return (conf > threshold if strict else conf >= threshold).sum(-1)
+    if factor is None:
+        return torch.zeros(conf.shape[0], dtype=torch.long, device=conf.device)
+    top = conf.sort(dim=-1, descending=True).values  # (batch, n)
+    k = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=top.dtype)  # (n,)
+    ok = (k + 1) * (1 - top) <= factor  # -inf confidence never passes
+    ok[:, 0] = top[:, 0] > float("-inf")
+    return ok.long().cumprod(-1).sum(-1)
+
+
+def select_parallel(conf: Tensor, min_count: Tensor, threshold: float | None = None, factor: float | None = None,
+                    strict: bool = False) -> Tensor:
+    """(batch, n) bool: the max(min_count, rule count) most confident eligible positions of each row.
+
+    The rule's positions are the most confident ones, so this is "every position the rule accepts, and at
+    least the ``min_count`` (batch,) most confident". conf: (batch, n), -inf where ineligible; the count is
+    capped by the eligible positions. With neither rule it is `select_top` (the fixed schedule)."""
+    eligible = (conf > float("-inf")).sum(-1)  # (batch,)
+    count = torch.minimum(torch.maximum(min_count.long(), rule_counts(conf, threshold, factor, strict)), eligible)
+    return select_top(conf, count)

@@ -14,8 +14,16 @@ import torch
 from torch import Tensor
 
 from ..enums import Confidence, DreamAlg, Remasking, coerce_enum
-from .checks import check_dream_sampling, check_llada_schedule, check_nonneg, check_positive_int, check_prompt
-from .forward import LogitsFn, forbid_mask, predict_window
+from .checks import (
+    check_cache,
+    check_dream_sampling,
+    check_llada_schedule,
+    check_nonneg,
+    check_parallel_rule,
+    check_positive_int,
+    check_prompt,
+)
+from .forward import CachedLogits, LogitsFn, cached_block_logits, forbid_mask, predict_window
 from .policies import (
     confidence_scores,
     dream_timesteps,
@@ -24,6 +32,7 @@ from .policies import (
     filter_top_p,
     gumbel_like,
     llada_transfer_counts,
+    select_parallel,
     select_sampled,
     select_top,
 )
@@ -41,11 +50,11 @@ class Recorder:
         self.top1_prob: list[Tensor] | None = [] if record_topk else None
         self.states: list[Tensor] | None = [] if record_states else None
 
-    def observe(self, x: Tensor, logits: Tensor) -> None:
-        """Record the state x: (batch, seq) and the top-1 of logits: (batch, gen, vocab)."""
+    def observe(self, x: Tensor, logits: Tensor | None) -> None:
+        """Record the state x: (batch, seq) and the top-1 of logits: (batch, gen, vocab) (None: not recorded)."""
         if self.states is not None:
             self.states.append(x.clone())
-        if self.top1_token is not None and self.top1_prob is not None:
+        if self.top1_token is not None and self.top1_prob is not None and logits is not None:
             flat = logits.float()
             best, token = flat.max(-1)  # (batch, gen)
             self.top1_token.append(token)
@@ -53,9 +62,16 @@ class Recorder:
 
     def commit(self, step: int, chosen: Tensor, logits: Tensor) -> None:
         """Mark chosen: (batch, gen) bool as committed at ``step``; store their margins."""
+        self.commit_block(step, 0, chosen, logits)
+
+    def commit_block(self, step: int, lo: int, chosen_blk: Tensor, logits_blk: Tensor) -> None:
+        """Commit for a block starting at generated position lo: chosen_blk (batch, block) bool, logits_blk
+        (batch, block, vocab). Every commit of the step is recorded (parallel rules commit several)."""
+        chosen = torch.zeros_like(self.commit_step, dtype=torch.bool)  # (batch, gen)
+        chosen[:, lo : lo + chosen_blk.shape[1]] = chosen_blk
         self.commit_step[chosen] = step
-        if bool(chosen.any()):
-            probs = logits[chosen].float().softmax(-1)  # (n_chosen, vocab)
+        if bool(chosen_blk.any()):
+            probs = logits_blk[chosen_blk].float().softmax(-1)  # (n_chosen, vocab), row-major like chosen
             self.commit_margin[chosen] = confidence_scores(probs, Confidence.MARGIN)
 
     def finish(self, x: Tensor, **meta: object) -> DecodeTrace:
@@ -108,13 +124,15 @@ def _guided_logits(
 
 
 def _llada_choose(
-    logits: Tensor, masked: Tensor, count: Tensor, temperature: float, remasking: Remasking, generator
+    logits: Tensor, masked: Tensor, count: Tensor, temperature: float, remasking: Remasking, generator,
+    rule: tuple[float | None, float | None] = (None, None),
 ) -> tuple[Tensor, Tensor]:
     """One LLaDA step inside the current block.
 
     Args:
         logits: (batch, block, vocab) predictions for the block; masked: (batch, block) bool;
-        count: (batch,) tokens to commit.
+        count: (batch,) tokens to commit at least; rule: (threshold, factor), at most one set, adds every
+            position the parallel rule accepts (`policies.select_parallel`).
     Returns:
         chosen: (batch, block) bool, x0: (batch, block) proposed tokens.
     """
@@ -127,7 +145,32 @@ def _llada_choose(
     else:
         conf = torch.rand(masked.shape, dtype=torch.float64, device=masked.device, generator=generator)
     conf = conf.masked_fill(~masked, float("-inf"))
-    return select_top(conf, count), x0
+    return select_parallel(conf, count, *rule), x0
+
+
+def _policy_name(base: str, threshold: float | None, factor: float | None, cache: CachedLogits | None) -> str:
+    """e.g. ``llada/low_confidence+threshold0.9+prefix``: the sampler, its parallel rule and its cache."""
+    rule = "" if threshold is None and factor is None else (
+        f"+threshold{threshold:g}" if threshold is not None else f"+factor{factor:g}")
+    return base + rule + ("" if cache is None else f"+{cache.mode}")
+
+
+def _check_llada_parallel(remasking: Remasking, threshold, factor, cache, cfg_scale, record_topk) -> None:
+    check_parallel_rule(threshold, factor)
+    if (threshold is not None or factor is not None) and remasking is not Remasking.LOW_CONFIDENCE:
+        raise ValueError("remasking: threshold / factor compare the proposal's probability; "
+                         f"remasking={remasking.value!r} ranks at random")
+    check_cache(cache, cfg_scale, record_topk)
+
+
+def _llada_block_logits(logits_fn, cache, x, mask, prompt_len, lo, hi, shift, cfg, first):
+    """Predictions for generated positions [lo, hi): (full (batch, gen, vocab) or None with a cache,
+    block (batch, hi - lo, vocab)), the mask token forbidden."""
+    if cache is None:
+        full = forbid_mask(_guided_logits(logits_fn, x, mask, prompt_len, shift, cfg[0], cfg[1]), cfg[1])
+        return full, full[:, lo:hi]
+    blk = cached_block_logits(cache, x, mask, prompt_len + lo, prompt_len + hi, shift, refresh=first)
+    return None, forbid_mask(blk, cfg[1])
 
 
 def llada_decode(
@@ -145,8 +188,11 @@ def llada_decode(
     logit_shift: int = 0,
     record_topk: bool = False,
     record_states: bool = False,
+    threshold: float | None = None,
+    factor: float | None = None,
+    cache: CachedLogits | None = None,
 ) -> DecodeTrace:
-    """LLaDA's semi-autoregressive sampler.
+    """LLaDA's semi-autoregressive sampler, with Fast-dLLM's parallel rules and approximate KV cache.
 
     The answer is cut into blocks of ``block_length`` decoded left to right, ``steps / num_blocks``
     steps each. At a block's start its masked count is split evenly over its steps (remainder on the
@@ -154,6 +200,16 @@ def llada_decode(
     (argmax, or Gumbel-max at ``temperature`` > 0 with float64 noise) and the ``count`` masked
     positions of the block with the highest p(proposal) (``low_confidence``) or chosen uniformly at
     random (``random``, reproducible through ``generator``) are committed.
+
+    Parallel decoding (``low_confidence`` only): with ``threshold`` in (0, 1], every masked position of the
+    block with p(proposal) >= threshold is committed too; with ``factor`` > 0, the n most confident while
+    (k + 1)(1 - p_(k)) <= factor for every k <= n (Fast-dLLM's factor rule). The schedule's count stays the
+    minimum, so ``steps = gen_length`` gives Fast-dLLM's "at least one per step". A block that fills early
+    ends; its unused step slots stay in the trace with no commit and no forward (as `llada2_decode`).
+
+    ``cache`` (a `forward.CachedLogits`, e.g. `modeling.kv_cache.ApproximateCache`): each block's first
+    step is the exact full forward and refills the cache; later steps recompute only the block and what
+    follows it (``prefix``) or the block alone (``dual``). Not with classifier-free guidance or record_topk.
 
     Args:
         logits_fn: x (batch, seq) -> logits (batch, seq, vocab); receives ``attention_mask=`` when
@@ -169,31 +225,33 @@ def llada_decode(
     check_nonneg(temperature, "temperature")
     check_nonneg(cfg_scale, "cfg_scale")
     remasking = coerce_enum(Remasking, remasking, "remasking")
+    _check_llada_parallel(remasking, threshold, factor, cache, cfg_scale, record_topk)
     prompt_len = prompt_ids.shape[1]
     x, mask = canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
     gen = x[:, prompt_len:]  # view: writes land in x
     num_blocks = gen_length // block_length
     per_block = steps // num_blocks
     rec = Recorder(x, gen_length, record_topk, record_states)
+    full = None
     for block in range(num_blocks):
         lo, hi = block * block_length, (block + 1) * block_length
         counts = llada_transfer_counts(gen[:, lo:hi].eq(mask_id).sum(-1), per_block)  # (batch, per_block)
         for j in range(per_block):
-            step = block * per_block + j
-            logits = _guided_logits(logits_fn, x, mask, prompt_len, logit_shift, cfg_scale, mask_id)
-            logits = forbid_mask(logits, mask_id)  # (batch, gen, vocab)
-            rec.observe(x, logits)
             masked = gen[:, lo:hi].eq(mask_id)  # (batch, block)
-            chosen_blk, x0 = _llada_choose(
-                logits[:, lo:hi], masked, counts[:, j], temperature, remasking, generator
-            )
-            chosen = torch.zeros_like(gen, dtype=torch.bool)
-            chosen[:, lo:hi] = chosen_blk
-            rec.commit(step, chosen, logits)
+            if not bool(masked.any()):  # filled early by a parallel rule: an empty slot, no forward
+                rec.observe(x, full)
+                continue
+            full, blk = _llada_block_logits(logits_fn, cache, x, mask, prompt_len, lo, hi, logit_shift,
+                                            (cfg_scale, mask_id), first=j == 0)
+            rec.observe(x, full)
+            chosen_blk, x0 = _llada_choose(blk, masked, counts[:, j], temperature, remasking, generator,
+                                           (threshold, factor))
+            rec.commit_block(block * per_block + j, lo, chosen_blk, blk)
             gen[:, lo:hi] = torch.where(chosen_blk, x0, gen[:, lo:hi])
     return rec.finish(
         x, prompt_len=prompt_len, gen_len=gen_length, steps=steps, block_length=block_length, mask_id=mask_id,
-        logit_shift=logit_shift, policy=f"llada/{remasking.value}", attention_mask=mask,
+        logit_shift=logit_shift, policy=_policy_name(f"llada/{remasking.value}", threshold, factor, cache),
+        attention_mask=mask,
     )
 
 
@@ -219,8 +277,9 @@ def _dream_confidence(probs: Tensor, x0: Tensor, alg: DreamAlg) -> Tensor:
     return confidence_scores(probs, Confidence.NEG_ENTROPY)
 
 
-def _dream_choose(logits, masked, step, steps, times, alg, sampling, alg_temp, generator):
-    """One Dream step. logits: (batch, gen, vocab), masked: (batch, gen) bool.
+def _dream_choose(logits, masked, step, steps, times, alg, sampling, alg_temp, generator, rule=(None, None)):
+    """One Dream step. logits: (batch, gen, vocab), masked: (batch, gen) bool; rule: (threshold, factor),
+    at most one set: at least max(1, the schedule's count) and every position the rule accepts.
 
     Returns chosen: (batch, gen) bool and x0: (batch, gen) (valid where chosen).
     """
@@ -238,6 +297,8 @@ def _dream_choose(logits, masked, step, steps, times, alg, sampling, alg_temp, g
     counts = dream_transfer_counts(masked.sum(-1), step, steps, times)  # (batch,)
     if alg_temp:
         return select_sampled(conf, counts, alg_temp, generator), x0
+    if rule != (None, None):
+        return select_parallel(conf.double(), counts.clamp_min(1), *rule), x0
     return select_top(conf, counts), x0
 
 
@@ -258,6 +319,9 @@ def dream_decode(
     generator: torch.Generator | None = None,
     record_topk: bool = False,
     record_states: bool = False,
+    threshold: float | None = None,
+    factor: float | None = None,
+    cache: CachedLogits | None = None,
 ) -> DecodeTrace:
     """Dream's ``diffusion_generate`` over one block covering the whole answer.
 
@@ -269,6 +333,11 @@ def dream_decode(
     step): the most confident, or, with ``alg_temp`` > 0, drawn without replacement from
     softmax(confidence / alg_temp). Counts are per row; Dream takes the batch mean, which is the same
     number because rows stay in step. Arguments as in `llada_decode`; ``logit_shift`` defaults to 1.
+
+    ``threshold`` / ``factor`` (``maskgit_plus`` without ``alg_temp``: the rules compare the drawn token's
+    probability) commit at least max(1, the schedule's count) per step plus every position the rule accepts;
+    the steps left once the answer is full run no forward. ``cache``: the prompt's keys / values are
+    reused after the first step (one block, so ``prefix`` and ``dual`` coincide).
     """
     check_prompt(prompt_ids, mask_id, attention_mask, logit_shift)
     check_positive_int(gen_length, "gen_length")
@@ -276,21 +345,40 @@ def dream_decode(
     check_nonneg(temperature, "temperature")
     check_dream_sampling(top_p, top_k, alg_temp, eps)
     alg = coerce_enum(DreamAlg, alg, "alg")
+    _check_dream_parallel(alg, alg_temp, threshold, factor, cache, record_topk)
     prompt_len = prompt_ids.shape[1]
     x, mask = canvas(prompt_ids, gen_length, mask_id, attention_mask)  # x: (batch, prompt + gen)
     gen = x[:, prompt_len:]
     times = dream_timesteps(steps, eps, device=x.device)  # (steps + 1,)
     rec = Recorder(x, gen_length, record_topk, record_states)
+    logits = None
     for step in range(steps):
-        logits = forbid_mask(predict_window(logits_fn, x, mask, prompt_len, logit_shift), mask_id)
-        rec.observe(x, logits)
         masked = gen.eq(mask_id)
+        if not bool(masked.any()):  # finished early under a parallel rule: no forward
+            rec.observe(x, logits)
+            continue
+        if cache is None:
+            logits = forbid_mask(predict_window(logits_fn, x, mask, prompt_len, logit_shift), mask_id)
+        else:
+            blk = cached_block_logits(cache, x, mask, prompt_len, x.shape[1], logit_shift, refresh=step == 0)
+            logits = forbid_mask(blk, mask_id)
+        rec.observe(x, logits)
         chosen, x0 = _dream_choose(
-            logits, masked, step, steps, times, alg, (temperature, top_p, top_k), alg_temp, generator
+            logits, masked, step, steps, times, alg, (temperature, top_p, top_k), alg_temp, generator,
+            (threshold, factor),
         )
         rec.commit(step, chosen, logits)
         gen[chosen] = x0[chosen]
     return rec.finish(
         x, prompt_len=prompt_len, gen_len=gen_length, steps=steps, block_length=gen_length, mask_id=mask_id,
-        logit_shift=logit_shift, policy=f"dream/{alg.value}", attention_mask=mask,
+        logit_shift=logit_shift, policy=_policy_name(f"dream/{alg.value}", threshold, factor, cache),
+        attention_mask=mask,
     )
+
+
+def _check_dream_parallel(alg: DreamAlg, alg_temp, threshold, factor, cache, record_topk) -> None:
+    check_parallel_rule(threshold, factor)
+    if (threshold is not None or factor is not None) and (alg is not DreamAlg.MASKGIT_PLUS or alg_temp):
+        raise ValueError(f"alg: threshold / factor compare the drawn token's probability: they need "
+                         f"alg='maskgit_plus' without alg_temp, got alg={alg.value!r}, alg_temp={alg_temp!r}")
+    check_cache(cache, 0.0, record_topk)
