@@ -58,3 +58,12 @@ def test_readme_install_says_which_torch_build_each_platform_gets():
     assert "CPU build" not in install.split("```bash", 1)[1].split("```", 1)[0]  # no claim inside the command
     assert "Linux x86-64 gets the CUDA build" in install
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in install
+
+
+def test_llama_cpp_build_time_is_one_measured_figure():
+    """issue 32 N9: the build time was given three ways (6.3, 13 and 15 min; the script said 30)."""
+    root = DOCS.parent
+    texts = {name: (root / name).read_text() for name in ("docs/export.md", ".ci/run", "scripts/build_llama_cpp.py")}
+    figures = {name: re.findall(r"(\d+(?:\.\d+)?) min(?:utes)?\s+(?:#\s*)?from scratch", text.replace("\n", " "))
+               for name, text in texts.items()}
+    assert figures == {name: ["17"] for name in texts}, figures
