@@ -173,3 +173,21 @@ def test_details_give_per_prompt_flips_and_lags(teacher, tok, teacher_run):
     assert m["held/post_commit_disagree_per_prompt"] == pytest.approx(
         [float(post.disagree_fraction[0].nanmean())])
     assert m["held/post_commit_disagree_per_prompt"][0] == pytest.approx(m["held/post_commit_mean_disagree"])
+
+
+def test_teacher_trajectories_show_a_bar_over_their_decoding_steps(teacher, tok, teacher_run, capsys):
+    """issue 32 N8: `quantize --eval` and `eval --base` were silent ~50 s while the teacher decoded (the bar
+    only started afterwards); the trajectories now advance a bar per decoding step, same result."""
+    from optimum_fair.eval.evaluate import greedy_trace
+
+    calls = []
+    prompts = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    quiet = greedy_trace(teacher, prompts, 16, 8, 16)
+    counted = greedy_trace(teacher, prompts, 16, 8, 16, progress=lambda: calls.append(1))
+    assert len(calls) == 16 and torch.equal(counted.sequences, quiet.sequences)
+    capsys.readouterr()
+    built = build_teacher_traces(teacher, tok, **{k: SMALL[k] for k in
+                                                  ("texts", "num_prompts", "prompt_len", "gen_length", "block_length")})
+    err = capsys.readouterr().err
+    assert "teacher trajectories" in err and "/16 [" in err  # steps of the one text
+    assert torch.equal(built["held"].sequences, teacher_run[1]["held"].sequences)
