@@ -218,7 +218,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    out = export(args.output_dir, args.output, args.format, overwrite=args.overwrite)
+    out = export(args.output_dir, args.output, args.format, overwrite=args.overwrite, gguf_type=args.gguf_type)
     print(f"wrote {out}")
     return 0
 

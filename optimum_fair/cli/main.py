@@ -22,19 +22,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from optimum_fair_cli import COMMANDS, PROG, subcommands, top_parser  # the console script's light front
+
 from . import actions
 from .flags import add_config_flags, add_eval_flags
-
-PROG = "optimum-fair"
-COMMANDS = {
-    "quantize": "quantize a model with FAIR-Calib and save (and/or push) the folder",
-    "prior": "run Stage I alone: the position prior from the full-precision teacher's rollouts",
-    "eval": "held-out NLL and decoding-stability metrics of one model, or two side by side",
-    "push": "upload a folder written by `quantize` to a Hub repo",
-    "export": "write a folder written by `quantize` as GGUF (llama.cpp) or compressed-tensors (vLLM)",
-    "generate": "decode a prompt with the diffusion sampler",
-}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +114,10 @@ def _add_export(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="gguf: one file; compressed-tensors: a folder")
     p.add_argument("--output", required=True, help="the .gguf file or the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--type", dest="gguf_type", metavar="TYPE", default=None,
+                   help="GGUF file type, as llama-quantize names it: Q4_0 / Q8_0 (the codes' type; embedding and "
+                        "head as llama.cpp's mix) or F32 / F16 / BF16 (an unquantized model); default: the codes "
+                        "as they are, every float tensor F32")
     _common(p)
 
 
@@ -144,8 +139,7 @@ def _add_generate(sub) -> None:
 
 def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the subcommands to ``parser`` (the console script's, or optimum-cli's `fair` parser)."""
-    sub = parser.add_subparsers(dest="fair_command", metavar="{" + ",".join(COMMANDS) + "}")
-    sub.required = True
+    sub = subcommands(parser)
     for add in (_add_quantize, _add_prior, _add_eval, _add_push, _add_export, _add_generate):
         add(sub)
     return parser
@@ -153,10 +147,7 @@ def add_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The `optimum-fair` argument parser (``prog``: the name shown in usage lines)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     epilog="Run `optimum-fair <command> --help` for a command's flags.")
-    parser.add_argument("-V", "--program-version", action="version", version=f"{PROG} {__version__}")
-    return add_commands(parser)
+    return add_commands(top_parser(prog))
 
 
 def run(args: argparse.Namespace) -> int:

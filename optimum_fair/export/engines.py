@@ -25,8 +25,9 @@ from torch import nn
 from ..data import resolve_tokenizer
 from ..files import atomic_dir, new_parents, output_path
 from ..nn import FairLinear
-from . import compressed, gguf_file
+from . import compressed, gguf_file, gguf_types
 from .folder import check_output_dir
+from .gguf_types import mix_for
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +35,30 @@ FORMATS = ("gguf", "compressed-tensors")
 
 
 def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, format: str,
-           tokenizer: Any = None, overwrite: bool = False) -> Path:
+           tokenizer: Any = None, overwrite: bool = False, gguf_type: str | None = None) -> Path:
     """Write the calibrated model (in memory, or a folder saved by optimum-fair) to `out` as `format`.
 
     tokenizer: defaults to the folder's own (or, for a model in memory, the one it was calibrated with,
     else its source folder or Hub repo). GGUF needs one; a compressed-tensors folder is written without
-    one when there is none. Returns the path written (absolute).
+    one when there is none. gguf_type (GGUF only): a file type as `llama-quantize` names it, whose mix
+    sets the embedding's and the head's types ("Q4_0", "Q8_0": the codes' own type; `gguf_types`), or
+    "F32" / "F16" / "BF16" for an unquantized model; None: the codes as they are, every float tensor
+    F32. Returns the path written (absolute).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if gguf_type is not None:
+        if format != "gguf":
+            raise ValueError(f"gguf_type is a GGUF setting; format is {format!r}")
+        gguf_type = mix_for(gguf_type).blocks  # ValueError naming the types, before anything is read
     source = None if isinstance(model_or_dir, nn.Module) else check_output_dir(model_or_dir)
     protected = [p for p in (source, _local_dir(model_or_dir), _local_dir(tokenizer)) if p is not None]
     target = output_path(out, tuple(protected))
     _check_replaceable(target, out, format, overwrite)
-    model, tokenizer = _load(model_or_dir if source is None else source, tokenizer, format)
+    quantized = gguf_type not in gguf_types.FLOATS
+    model, tokenizer = _load(model_or_dir if source is None else source, tokenizer, format, quantized)
     if format == "gguf":
-        gguf_file.check_exportable(model)
+        gguf_file.check_exportable(model, gguf_type)
         gguf_file.check_tokenizer(tokenizer)
         gguf_file.log_scale_rounding(model)
     else:
@@ -57,7 +66,7 @@ def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, 
     with new_parents(target), atomic_dir(target) as tmp:
         staged = tmp / "new"
         if format == "gguf":
-            gguf_file.write_gguf(model, tokenizer, staged)
+            gguf_file.write_gguf(model, tokenizer, staged, gguf_type)
         else:
             compressed.write_compressed(model, tokenizer, staged)
         _check_replaceable(target, out, format, overwrite)  # again: something may have appeared meanwhile
@@ -103,13 +112,15 @@ def _local_dir(thing: Any) -> Path | None:
     return Path(name) if name and os.path.isdir(name) else None
 
 
-def _load(model_or_dir, tokenizer, format: str):
-    """(model, tokenizer): the tokenizer given, the calibration's, else the one beside the model (or None)."""
+def _load(model_or_dir, tokenizer, format: str, quantized: bool = True):
+    """(model, tokenizer): the tokenizer given, the calibration's, else the one beside the model (or None).
+    quantized: the model must hold FairLinear layers (every export but an unquantized GGUF)."""
     from transformers import AutoModel
 
     model = model_or_dir if isinstance(model_or_dir, nn.Module) else AutoModel.from_pretrained(model_or_dir)
-    if not any(isinstance(m, FairLinear) for m in model.modules()):
-        raise ValueError("the model has no FairLinear layers: quantize it with optimum-fair first")
+    if quantized and not any(isinstance(m, FairLinear) for m in model.modules()):
+        raise ValueError("the model has no FairLinear layers: quantize it with optimum-fair first (a float "
+                         "model exports only as an unquantized GGUF: gguf_type F32 / F16 / BF16)")
     if tokenizer is None:
         tokenizer = getattr(getattr(model, "hf_quantizer", None), "tokenizer", None)
     if tokenizer is not None:

@@ -29,29 +29,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..enums import GGUFType
 from ..files import atomic_path
 from ..naming import public_name
 from ..nn import FairLinear
+from .gguf_types import BITS, BLOCK, FILE_TYPES, FLOATS, Mix, encode, mix_for, q_blocks
 from .requires import require
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per Q4_0 / Q8_0 block
 ARCHS = {"llada": "LLADA", "Dream": "DREAM", "lladamoe": "LLADA_MOE"}  # our model_type -> gguf.MODEL_ARCH
 EXPERT = re.compile(r"(?P<layer>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 PLAIN_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the prompt as it is
 
 
-def check_exportable(model: nn.Module) -> None:
-    """Raise ValueError naming the first layer (or the architecture) GGUF cannot hold exactly."""
+def check_exportable(model: nn.Module, gguf_type: GGUFType | str | None = None) -> None:
+    """Raise ValueError naming the first layer (or the architecture) GGUF cannot hold exactly, or that
+    is not in the block type of `gguf_type` (F32 / F16 / BF16: a float model; Q4_0 / Q8_0: codes of that
+    width)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ARCHS:
         raise ValueError(f"GGUF export supports model_type {sorted(ARCHS)}, got {model_type!r}")
     if model_type == "lladamoe":
         _check_llada_moe(model.config)
-    for name, module in model.named_modules():
-        if not isinstance(module, FairLinear):
-            continue
+    mix = None if gguf_type is None else mix_for(gguf_type)
+    fair = [(name, m) for name, m in model.named_modules() if isinstance(m, FairLinear)]
+    if mix is not None and (mix.blocks in FLOATS) != (not fair):
+        raise ValueError(f"gguf_type={mix.blocks.value}: " + (
+            f"a float type writes an unquantized model, but {fair[0][0]} holds codes (export the float model, or "
+            "pass the type the codes are in)" if fair else "the model is not quantized: calibrate it with "
+            f"FairCalibConfig(gguf_type={mix.blocks.value!r}) first, or export F32 / F16 / BF16 and run "
+            "llama-quantize"))
+    for name, module in fair:
+        if mix is not None and module.w_bits != BITS[mix.blocks]:
+            raise ValueError(f"{name}: gguf_type={mix.blocks.value} stores {BITS[mix.blocks]}-bit codes, this layer "
+                             f"has w_bits={module.w_bits}")
         if module.has_online_transform:
             raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing), which GGUF "
                              "cannot express; export configs with transform='none'")
@@ -81,29 +93,18 @@ def check_tokenizer(tokenizer: Any) -> None:
                          f"this tokenizer is {kind}")
 
 
-def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:
-    """Q4_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes) uint8."""
-    n, k = codes.shape
-    d = scale.float().repeat_interleave((k if group_size == -1 else group_size) // BLOCK, dim=1)  # (N, K/32)
-    d = d.to(torch.float16).numpy().view(np.uint8).reshape(n, k // BLOCK, 2)  # little-endian fp16 bytes
-    c = codes.reshape(n, k // BLOCK, BLOCK)
-    if w_bits == 4:
-        q = (c.to(torch.int16) + 8).to(torch.uint8)  # [0, 15]
-        qs = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high nibble
-    else:
-        qs = c.view(torch.uint8)
-    return np.concatenate([d, qs.numpy()], axis=-1).reshape(n, -1)
-
-
 def rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     """Reorder q / k rows (out, ...) from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
     out = rows.shape[0]
     return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
+def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path, gguf_type: GGUFType | str | None = None) -> Path:
     """Write `model` (a calibrated LLaDA or Dream) and `tokenizer` to the GGUF file `out`, atomically.
-    `export.export` has run `check_exportable` and `check_tokenizer` first."""
+
+    gguf_type: the file type whose mix (`gguf_types.MIXES`) sets the embedding's and the head's types, or
+    that of an unquantized model's matrices; None: every float tensor F32 (lossless). `export.export` has
+    run `check_exportable` and `check_tokenizer` first."""
     gguf = require("gguf")
     cfg = model.config
     arch = getattr(gguf.MODEL_ARCH, ARCHS[cfg.model_type])
@@ -115,8 +116,11 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
         n_blocks = _write_hparams(writer, cfg)
+        mix = None if gguf_type is None else mix_for(gguf_type)
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[_block_type(model, mix)]).value)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _write_vocab(writer, tokenizer, _vocab_size(cfg), cfg.mask_token_id, gguf)
-        _write_tensors(writer, model, gguf.get_tensor_name_map(arch, n_blocks), gguf)
+        _write_tensors(writer, model, gguf.get_tensor_name_map(arch, n_blocks), gguf, mix)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -219,6 +223,26 @@ def special_token_ids(tokenizer: Any, size: int) -> dict[str, int]:
     return ids
 
 
+def _block_type(model: nn.Module, mix: Mix | None) -> GGUFType:
+    """The type general.file_type names: the mix's, else that of the narrowest codes (F32 when none)."""
+    if mix is not None:
+        return mix.blocks
+    bits = {m.w_bits for m in model.modules() if isinstance(m, FairLinear)}
+    return GGUFType.F32 if not bits else GGUFType.Q4_0 if min(bits) == 4 else GGUFType.Q8_0
+
+
+def _float_type(gguf_name: str, tensor: torch.Tensor, mix: Mix | None) -> GGUFType:
+    """A float tensor's type: the mix's for the embedding and the head and, in a float file, every matrix;
+    F32 otherwise (norms, biases, and what calibration left in float stay exact)."""
+    if mix is None or tensor.dim() < 2:
+        return GGUFType.F32
+    if gguf_name == "token_embd.weight":
+        return mix.embedding
+    if gguf_name == "output.weight":
+        return mix.head_type(tensor.shape[-1])
+    return mix.blocks if mix.blocks in FLOATS else GGUFType.F32
+
+
 def log_scale_rounding(model: nn.Module) -> None:
     """One warning for the whole export when GGUF's fp16 block scales round the model's scales."""
     rounded, worst, dtypes = 0, 0.0, set()
@@ -248,7 +272,7 @@ def _warn_if_rounded(name: str, scale: torch.Tensor) -> None:
                      "fp16 for an exact export", name, str(scale.dtype).removeprefix("torch."), change)
 
 
-def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
+def _write_tensors(writer, model: nn.Module, names, gguf, mix: Mix | None = None) -> None:
     cfg = model.config
     heads = {"q_proj": cfg.n_heads, "k_proj": cfg.n_kv_heads or cfg.n_heads} if cfg.model_type == "llada" else {}
     fair = {name: m for name, m in model.named_modules() if isinstance(m, FairLinear)}
@@ -258,7 +282,7 @@ def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
         if module_name in fair and leaf not in ("weight", "bias"):
             continue  # the scales travel inside the Q4_0 / Q8_0 blocks
         if match := EXPERT.match(name):  # stacked once every expert of the layer is seen
-            _add_expert(writer, stacks, match, fair.get(module_name), tensor, cfg.num_experts, names, gguf)
+            _add_expert(writer, stacks, match, fair.get(module_name), tensor, cfg.num_experts, names, gguf, mix)
             continue
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -273,16 +297,17 @@ def _write_tensors(writer, model: nn.Module, names, gguf) -> None:
             qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(gguf_name, q_blocks(codes, scale, layer.group_size, layer.w_bits), raw_dtype=qtype)
             continue
-        # float tensors as F32, exact for any source dtype: with F16 matrices llama.cpp would also round
-        # its activations to fp16 for the LM head, which moved a greedy decode here
+        # float tensors F32 unless the mix says otherwise (exact for any source dtype: with an F16 head
+        # llama.cpp would also round its activations to fp16, which moved a greedy decode here)
         t = tensor.detach().float()
         if n_head:
             t = rotary_permute(t, n_head)
-        writer.add_tensor(gguf_name, t.numpy())
+        data, raw = encode(t, _float_type(gguf_name, t, mix))
+        writer.add_tensor(gguf_name, data, raw_dtype=None if raw is None else gguf.GGMLQuantizationType[raw])
 
 
 def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None, tensor: torch.Tensor,
-                n_experts: int, names, gguf) -> None:
+                n_experts: int, names, gguf, mix: Mix | None) -> None:
     """Collect one expert's weight; with all `n_experts` of its layer, write them as one 3-D tensor."""
     key = f"{match['layer']}.{match['w']}"
     if layer is not None:
@@ -290,7 +315,8 @@ def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None,
         data = q_blocks(layer.codes(), layer.weight_scale, layer.group_size, layer.w_bits)  # (N, bytes)
         qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
     else:
-        data, qtype = tensor.detach().float().numpy(), None
+        data, raw = encode(tensor.float(), _float_type("", tensor, mix))
+        qtype = None if raw is None else gguf.GGMLQuantizationType[raw]
     stacks.setdefault(key, {})[int(match["e"])] = (data, qtype)
     if len(stacks[key]) < n_experts:
         return
@@ -299,7 +325,4 @@ def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None,
         raise ValueError(f"{key}: GGUF stacks a layer's experts in one type; they are quantized differently")
     stacked = np.stack([parts[e][0] for e in range(n_experts)])  # (E, N, bytes) or (E, N, K)
     merged = names.get_name(f"{key}.weight", try_suffixes=(".weight",))
-    if parts[0][1] is None:
-        writer.add_tensor(merged, stacked)
-    else:
-        writer.add_tensor(merged, stacked, raw_dtype=parts[0][1])
+    writer.add_tensor(merged, stacked, raw_dtype=parts[0][1])

@@ -184,15 +184,6 @@ def test_gguf_refuses_a_tokenizer_that_is_not_byte_level_bpe(tmp_path):
     assert not (tmp_path / "dream.gguf").exists()
 
 
-@pytest.fixture(scope="module")
-def q4_0(tmp_path_factory):  # calibrated in Q4_0's own grid, loaded in fp32: the scales are still fp16 values
-    config = FairCalibConfig(**{**QUICK, "rounding": "gptq"}, gguf_type="Q4_0")
-    model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
-    folder = tmp_path_factory.mktemp("exports") / "q4_0"
-    model.save_pretrained(folder)
-    return folder, model
-
-
 def test_gguf_type_model_exports_its_codes_exactly_with_signed_scales(q4_0, tmp_path, caplog):
     folder, model = q4_0
     layers = _fair_layers(model)

@@ -1,0 +1,150 @@
+"""GGUF types the export writes itself and llama.cpp's mixes (issue 31), each read back by `gguf`'s own
+dequantizer; the quantized ones compared with `gguf`'s quantizer or a plain-loop reference."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import optimum_fair
+from optimum_fair.enums import GGUFType
+from optimum_fair.export import export
+from optimum_fair.export.gguf_types import encode, mix_for
+from tests.conftest import tiny_llada
+
+T = gguf.GGMLQuantizationType
+
+
+def _weights(out=48, n=512, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, n, generator=g) * torch.rand(out, 1, generator=g)
+
+
+def _decoded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
+    data, raw = encode(w, qtype)
+    back = data.astype(np.float32) if raw is None else gguf.quants.dequantize(data, T[raw])
+    return torch.from_numpy(np.array(back)).reshape(w.shape)
+
+
+def _row_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).sum(-1)  # (rows,)
+
+
+@pytest.mark.parametrize("qtype, cast", [(GGUFType.F32, torch.float32), (GGUFType.F16, torch.float16),
+                                         (GGUFType.BF16, torch.bfloat16)])
+def test_float_types_are_the_plain_casts(qtype, cast):
+    w = _weights()
+    assert torch.equal(_decoded(w, qtype), w.to(cast).float())
+
+
+@pytest.mark.parametrize("qtype", [GGUFType.Q4_0, GGUFType.Q8_0])
+def test_block_types_are_never_worse_than_gguf_reference_rounding(qtype):
+    w = _weights()
+    ref = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), T[qtype.value]), T[qtype.value]))
+    ours = _decoded(w, qtype)
+    assert (_row_err(ours, w) <= _row_err(ref, w) * (1 + 1e-5) + 1e-12).all()
+
+
+def _q6_k_plain(w: torch.Tensor) -> torch.Tensor:
+    """Q6_K by a plain loop, without search: sub-scale = signed max / -32, d = signed largest / -128."""
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for s0 in range(0, w.shape[1], 256):
+            x = w[r, s0:s0 + 256].reshape(16, 16)
+            sub = [float(v[v.abs().argmax()]) / -32 for v in x]
+            m = max(sub, key=abs)
+            d = float(torch.tensor(m / -128).half())
+            for j, v in enumerate(x):
+                step = d * min(max(round(sub[j] / d), -128), 127)
+                q = (v / step).round().clamp(-32, 31) if step else torch.zeros(16)
+                out[r, s0 + 16 * j:s0 + 16 * j + 16] = q * step
+    return out
+
+
+def test_q6_k_reads_back_through_gguf_and_beats_plain_rounding():
+    w = _weights(16, 512)
+    ours = _decoded(w, GGUFType.Q6_K)
+    plain = _q6_k_plain(w)
+    assert ((ours - w).norm() / w.norm()) < 0.02  # six bits: ~1.7 % relative error on Gaussian rows
+    assert _row_err(ours, w).sum() < 0.9 * _row_err(plain, w).sum()
+    assert ((plain - w).norm() / w.norm()) < 0.03  # the reference itself is a sane Q6_K
+    with pytest.raises(ValueError, match="multiple of 256"):
+        encode(_weights(4, 96), GGUFType.Q6_K)
+
+
+def test_mixes_follow_llama_quantize():
+    q4 = mix_for("Q4_0")
+    assert (q4.blocks, q4.embedding, q4.head_type(256), q4.head_type(96)) == (
+        GGUFType.Q4_0, GGUFType.Q4_0, GGUFType.Q6_K, GGUFType.Q8_0)  # Q8_0 where rows are not 256-wide
+    assert mix_for("Q8_0").head_type(256) is GGUFType.Q8_0
+    assert mix_for("F16").head_type(256) is GGUFType.F16
+    with pytest.raises(ValueError, match=r"gguf_type must be one of \['F32', 'F16', 'BF16', 'Q4_0', 'Q8_0'\]"):
+        mix_for("Q4_K_M")
+
+
+def _tensors(path):
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: t for t in reader.tensors}, reader
+
+
+def test_q4_0_mix_quantizes_the_ends_and_keeps_the_codes(q4_0, tmp_path):
+    folder, model = q4_0
+    plain, _ = _tensors(export(folder, tmp_path / "plain.gguf", "gguf"))
+    mixed_path = export(folder, tmp_path / "mix.gguf", "gguf", gguf_type="Q4_0")
+    mixed, reader = _tensors(mixed_path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert reader.fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
+    assert mixed["token_embd.weight"].tensor_type is T.Q4_0 and mixed["output.weight"].tensor_type is T.Q6_K
+    assert mixed["output_norm.weight"].tensor_type is T.F32
+    for name, t in plain.items():
+        if name not in ("token_embd.weight", "output.weight"):
+            assert t.tensor_type is mixed[name].tensor_type and np.array_equal(t.data, mixed[name].data), name
+    emb = model.get_input_embeddings().weight.float()
+    back = torch.from_numpy(gguf.quants.dequantize(mixed["token_embd.weight"].data, T.Q4_0))
+    assert ((back - emb).norm() / emb.norm()) < 0.12  # four bits, blocks of 32
+    assert mixed_path.stat().st_size < 0.62 * (tmp_path / "plain.gguf").stat().st_size
+
+
+def test_unquantized_export_of_a_float_model(tmp_path):
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    tensors, reader = _tensors(export(model, tmp_path / "f16.gguf", "gguf", tokenizer=tok, gguf_type="F16"))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    kinds = {name: t.tensor_type for name, t in tensors.items()}
+    assert {kinds[n] for n in kinds if n.endswith("norm.weight")} == {T.F32}
+    assert kinds["token_embd.weight"] is T.F16 and kinds["output.weight"] is T.F16
+    assert kinds["blk.0.ffn_down.weight"] is T.F16
+    head = torch.from_numpy(np.array(tensors["output.weight"].data)).float()
+    assert torch.equal(head, model.get_output_embeddings().weight.detach().half().float())
+
+
+def test_type_mismatches_are_refused_before_writing(q4_0, tmp_path):
+    folder, _ = q4_0
+    cases = [
+        (folder, dict(gguf_type="F16"), "a float type writes an unquantized model"),
+        (folder, dict(gguf_type="Q8_0"), "stores 8-bit codes, this layer has w_bits=4"),
+        (folder, dict(gguf_type="Q4_K_M"), "gguf_type must be one of"),
+    ]
+    for source, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            export(source, tmp_path / "x.gguf", "gguf", **kwargs)
+    with pytest.raises(ValueError, match="gguf_type is a GGUF setting"):
+        export(folder, tmp_path / "ct", "compressed-tensors", gguf_type="Q4_0")
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    with pytest.raises(ValueError, match="no FairLinear layers.*F32 / F16 / BF16"):
+        export(tiny_llada(len(tok), tok.mask_token_id), tmp_path / "x.gguf", "gguf", tokenizer=tok, gguf_type="Q4_0")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_type(q4_0, tmp_path, capsys):
+    from optimum_fair.cli import main
+
+    folder, _ = q4_0
+    out = str(tmp_path / "m.gguf")
+    assert main(["export", str(folder), "--format", "gguf", "--output", out, "--type", "Q4_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    tensors, _ = _tensors(tmp_path / "m.gguf")
+    assert tensors["output.weight"].tensor_type is T.Q6_K
