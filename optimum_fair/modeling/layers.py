@@ -126,35 +126,37 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 def prepare_attention_mask(
-    attention_mask: torch.Tensor | None, batch: int, seq_len: int
+    attention_mask: torch.Tensor | None, batch: int, seq_len: int, kv_len: int | None = None
 ) -> torch.Tensor | None:
     """Turn a user mask into an SDPA ``attn_mask`` for bidirectional attention.
 
-    Accepts ``None``; a padding mask (batch, seq) of 1 (real) / 0 (pad), which hides
+    Accepts ``None``; a padding mask (batch, keys) of 1 (real) / 0 (pad), which hides
     padded *keys* from every query; or an already prepared 4-D mask
-    (batch or 1, heads or 1, seq or 1, seq), boolean (True = attend) or additive
+    (batch or 1, heads or 1, seq or 1, keys), boolean (True = attend) or additive
     float, which is passed through (so a prepared mask can be handed on to blocks). An all-ones padding
-    mask becomes ``None``.
+    mask becomes ``None``. ``kv_len``: the number of keys (default ``seq_len``; more with a KV cache,
+    where the queries are a window of the cached sequence).
     """
     if attention_mask is None:
         return None
+    keys = seq_len if kv_len is None else kv_len
     if attention_mask.dim() == 4:
         rows, cols = attention_mask.shape[-2:]
-        if cols != seq_len or rows not in (1, seq_len) or attention_mask.shape[0] not in (1, batch):
+        if cols != keys or rows not in (1, seq_len) or attention_mask.shape[0] not in (1, batch):
             raise ValueError(
-                f"attention_mask: expected 4-D shape (batch, heads, {seq_len} or 1, {seq_len}), "
+                f"attention_mask: expected 4-D shape (batch, heads, {seq_len} or 1, {keys}), "
                 f"got {tuple(attention_mask.shape)}"
             )
         return attention_mask
-    if attention_mask.dim() != 2 or attention_mask.shape != (batch, seq_len):
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, keys):
         raise ValueError(
-            f"attention_mask: expected a (batch, seq) = ({batch}, {seq_len}) padding mask of 1/0 "
+            f"attention_mask: expected a (batch, seq) = ({batch}, {keys}) padding mask of 1/0 "
             f"or a 4-D mask, got shape {tuple(attention_mask.shape)}"
         )
-    keep = attention_mask.bool()  # (batch, seq)
+    keep = attention_mask.bool()  # (batch, keys)
     if bool(keep.all()):
         return None
-    return keep[:, None, None, :]  # (batch, 1, 1, seq): key padding, broadcast over queries
+    return keep[:, None, None, :]  # (batch, 1, 1, keys): key padding, broadcast over queries
 
 
 def bidirectional_attention(
@@ -184,15 +186,17 @@ def bidirectional_attention(
 
 
 def run_layers(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None,
-               rope: tuple[torch.Tensor, torch.Tensor], output_hidden_states: bool
+               rope: tuple[torch.Tensor, torch.Tensor], output_hidden_states: bool, **cache: object
                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """x (batch, seq, hidden) through every layer, then `norm`; with output_hidden_states also the input
-    of every layer and the final normalised state (len(layers) + 1 tensors)."""
+    of every layer and the final normalised state (len(layers) + 1 tensors). ``cache``: ``past_key_values``
+    and ``cache_position`` for layers that take them (`kv_cache`), passed only when given."""
     states: list[torch.Tensor] = []
+    cache = {k: v for k, v in cache.items() if v is not None}
     for layer in layers:
         if output_hidden_states:
             states.append(x)  # input of each layer
-        x = layer(x, attention_mask=attn_mask, position_embeddings=rope)
+        x = layer(x, attention_mask=attn_mask, position_embeddings=rope, **cache)
     x = norm(x)
     if output_hidden_states:
         states.append(x)  # final, after norm

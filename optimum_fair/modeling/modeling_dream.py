@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_dream import DreamConfig
+from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
 from .layers import (
     RMSNorm,
     apply_rotary,
@@ -61,13 +62,16 @@ class DreamAttention(nn.Module):
         return x.view(batch, seq, n, self.head_dim).transpose(1, 2)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple = (None, 0, None),
     ) -> torch.Tensor:
-        """x: (batch, seq, hidden), normalised -> (batch, seq, hidden)."""
+        """x: (batch, seq, hidden), normalised -> (batch, seq, hidden); cache: (past_key_values, layer index,
+        cache_position) for `kv_cache.cached_kv`."""
         cos, sin = position_embeddings
         q = apply_rotary(self._heads(self.q_proj(x), self.n_heads), cos, sin, full_precision=False)
         k = apply_rotary(self._heads(self.k_proj(x), self.n_kv_heads), cos, sin, full_precision=False)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
+        k, v = cached_kv(cache[0], cache[1], k, v, cache[2])  # (batch, kv, keys, head_dim)
         p = self.dropout if self.training else 0.0
         return self.o_proj(bidirectional_attention(q, k, v, attn_mask, dropout_p=p))
 
@@ -113,13 +117,17 @@ class DreamDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values=None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
         if position_embeddings is None:
             pos = default_position_ids(batch, seq, hidden_states.device)
             position_embeddings = rotary_cos_sin(pos, self.head_dim, self.rope_theta)
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, position_embeddings)
+        kv_len = key_length(past_key_values, self.layer_idx, seq, cache_position)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, kv_len)
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, position_embeddings,
+                                           (past_key_values, self.layer_idx, cache_position))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -145,12 +153,16 @@ class DreamBaseModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         output_hidden_states: bool,
+        past_key_values=None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Embeddings (batch, seq, hidden) -> final normalised states (batch, seq, hidden)."""
         x = inputs_embeds
         batch, seq, _ = x.shape
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
-        return run_layers(self.layers, self.norm, x, attn_mask, self.rotary(position_ids), output_hidden_states)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, key_length(past_key_values, 0, seq,
+                                                                                  cache_position))
+        return run_layers(self.layers, self.norm, x, attn_mask, self.rotary(position_ids), output_hidden_states,
+                          past_key_values=past_key_values, cache_position=cache_position)
 
 
 class DreamPreTrainedModel(PreTrainedModel):
@@ -175,8 +187,11 @@ class DreamModel(DreamPreTrainedModel):
     ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` whose
     ``logits`` (batch, seq, vocab) are unshifted (see the module docstring).
     ``hidden_states`` (``output_hidden_states=True``): the input of every layer, then the
-    final state after ``norm`` (num_hidden_layers + 1 tensors). No KV cache.
+    final state after ``norm`` (num_hidden_layers + 1 tensors). ``use_cache`` / ``past_key_values`` /
+    ``cache_position``: Fast-dLLM's approximate KV cache (`kv_cache`).
     """
+
+    _supports_approximate_cache = True
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -207,21 +222,22 @@ class DreamModel(DreamPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
+        past_key_values=None,
+        cache_position: torch.LongTensor | None = None,
     ) -> CausalLMOutput | tuple:
-        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1."""
+        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1 (with a
+        cache: ``cache_position``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if use_cache:
-            raise ValueError("use_cache: expected False or None (Dream has no KV cache)")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
         batch, seq, _ = inputs_embeds.shape
+        cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
+                                            inputs_embeds.device)
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         want_states = bool(output_hidden_states)
-        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
+        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)
         logits = self.lm_head(final)  # (batch, seq, vocab)
-        if return_dict is False:
-            return (logits, states) if want_states else (logits,)
-        return CausalLMOutput(logits=logits, hidden_states=states)
+        return lm_output(logits, states, cache, return_dict)

@@ -27,6 +27,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_llada import LLaDAConfig
+from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
 from .layers import (
     RMSNorm,
     apply_rotary,
@@ -82,14 +83,17 @@ class LLaDABlock(nn.Module):
         return x.view(batch, seq, n, self.head_dim).transpose(1, 2)
 
     def attention(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        past_key_values=None, cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Self-attention on already-normalised ``x`` (batch, seq, d_model), before ``attn_out``."""
+        """Self-attention on already-normalised ``x`` (batch, seq, d_model), before ``attn_out``; with a
+        cache the keys / values come from `kv_cache.cached_kv`."""
         q = self._heads(self.q_proj(x), self.n_heads)  # (batch, heads, seq, head_dim)
         k = self._heads(self.k_proj(x), self.n_kv_heads)  # (batch, kv, seq, head_dim)
         v = self._heads(self.v_proj(x), self.n_kv_heads)
         q = apply_rotary(q, cos, sin, self.rope_full_precision)
         k = apply_rotary(k, cos, sin, self.rope_full_precision)
+        k, v = cached_kv(past_key_values, self.layer_idx, k, v, cache_position)  # (batch, kv, keys, head_dim)
         p = self.attention_dropout if self.training else 0.0
         return bidirectional_attention(q, k, v, attn_mask, dropout_p=p)  # (batch, seq, d_model)
 
@@ -98,13 +102,17 @@ class LLaDABlock(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values=None,
+        cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
         if position_embeddings is None:
             pos = default_position_ids(batch, seq, hidden_states.device)
             position_embeddings = rotary_cos_sin(pos, self.head_dim, self.rope_theta)
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
-        att = self.attention(self.attn_norm(hidden_states), attn_mask, *position_embeddings)
+        kv_len = key_length(past_key_values, self.layer_idx, seq, cache_position)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, kv_len)
+        att = self.attention(self.attn_norm(hidden_states), attn_mask, *position_embeddings,
+                             past_key_values=past_key_values, cache_position=cache_position)
         h = hidden_states + self.dropout(self.attn_out(att))
         n = self.ff_norm(h)
         mlp = self.ff_out(F.silu(self.ff_proj(n)) * self.up_proj(n))  # (batch, seq, d_model)
@@ -138,20 +146,25 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         output_hidden_states: bool,
+        past_key_values=None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Embeddings (batch, seq, d_model) -> logits (batch, seq, embedding_size)."""
+        """Embeddings (batch, seq, d_model) -> logits (batch, seq, embedding_size); ``past_key_values`` /
+        ``cache_position``: see `kv_cache`."""
         x = inputs_embeds
         if self.config.input_emb_norm:
             x = x * math.sqrt(self.config.d_model)
         x = self.transformer.emb_drop(x)
         batch, seq, _ = x.shape
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
+        kv_len = key_length(past_key_values, 0, seq, cache_position)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, kv_len)
         rope = self.rotary(position_ids)
         states: list[torch.Tensor] = []
         for block in self.transformer.blocks:
             if output_hidden_states:
                 states.append(x)  # input of each block
-            x = block(x, attention_mask=attn_mask, position_embeddings=rope)
+            x = block(x, attention_mask=attn_mask, position_embeddings=rope, past_key_values=past_key_values,
+                      cache_position=cache_position)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             states.append(x)  # final, after ln_f
@@ -195,8 +208,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` whose
     ``logits`` (batch, seq, embedding_size) at position i score the token at i (no
     shift). ``hidden_states`` (with ``output_hidden_states=True``): the input of
-    every block, then the final state after ``ln_f`` (n_layers + 1 tensors). No KV cache.
+    every block, then the final state after ``ln_f`` (n_layers + 1 tensors).
+    ``use_cache`` / ``past_key_values`` / ``cache_position``: Fast-dLLM's approximate KV cache
+    (`kv_cache`); the output then carries ``past_key_values``.
     """
+
+    _supports_approximate_cache = True
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__(config)
@@ -222,20 +239,21 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
+        past_key_values=None,
+        cache_position: torch.LongTensor | None = None,
     ) -> CausalLMOutput | tuple:
-        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1."""
+        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1 (with a
+        cache: ``cache_position``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if use_cache:
-            raise ValueError("use_cache: expected False or None (LLaDA has no KV cache)")
         if inputs_embeds is None:
             inputs_embeds = self.model.transformer.wte(input_ids)  # (batch, seq, d_model)
         batch, seq, _ = inputs_embeds.shape
+        cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
+                                            inputs_embeds.device)
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         want_states = bool(output_hidden_states)
-        logits, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
-        if return_dict is False:
-            return (logits, states) if want_states else (logits,)
-        return CausalLMOutput(logits=logits, hidden_states=states)
+        logits, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)
+        return lm_output(logits, states, cache, return_dict)

@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from ..nn.moe import RoutedExperts
 from .configuration_lladamoe import LLaDAMoEConfig
+from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
 from .layers import (
     RMSNorm,
     apply_partial_rotary,
@@ -75,13 +76,16 @@ class LLaDAMoEAttention(nn.Module):
         return x.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (batch, seq, hidden), normalised -> (batch, seq, hidden)."""
+                position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: tuple = (None, 0, None)
+                ) -> torch.Tensor:
+        """x: (batch, seq, hidden), normalised -> (batch, seq, hidden); cache: (past_key_values, layer index,
+        cache_position) for `kv_cache.cached_kv`."""
         cos, sin = position_embeddings
         q = self._heads(self.q_proj(x), self.n_heads, getattr(self, "q_norm", None))
         k = self._heads(self.k_proj(x), self.n_kv_heads, getattr(self, "k_norm", None))
         v = self._heads(self.v_proj(x), self.n_kv_heads, None)
         q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        k, v = cached_kv(cache[0], cache[1], k, v, cache[2])  # (batch, kv, keys, head_dim)
         p = self.dropout if self.training else 0.0
         return self.o_proj(bidirectional_attention(q, k, v, attn_mask, dropout_p=p))
 
@@ -148,13 +152,16 @@ class LLaDAMoEDecoderLayer(nn.Module):
             self.shared_expert = LLaDAMoEMLP(h, config.shared_expert_intermediate_size)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, past_key_values=None,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
         if position_embeddings is None:
             pos = default_position_ids(batch, seq, hidden_states.device)
             position_embeddings = rotary_cos_sin(pos, self.rotary_dim, self.rope_theta)
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
-        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, position_embeddings)
+        kv_len = key_length(past_key_values, self.layer_idx, seq, cache_position)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, kv_len)
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attn_mask, position_embeddings,
+                                           (past_key_values, self.layer_idx, cache_position))
         normed = self.post_attention_layernorm(h)
         out = self.mlp(normed)
         if hasattr(self, "shared_expert"):
@@ -175,13 +182,16 @@ class LLaDAMoEModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                output_hidden_states: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+                output_hidden_states: bool, past_key_values=None, cache_position: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Embeddings (batch, seq, hidden) -> final normalised states (batch, seq, hidden)."""
         x = inputs_embeds
         batch, seq, _ = x.shape
-        attn_mask = prepare_attention_mask(attention_mask, batch, seq)
+        kv_len = key_length(past_key_values, 0, seq, cache_position)
+        attn_mask = prepare_attention_mask(attention_mask, batch, seq, kv_len)
         rope = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta_value)
-        return run_layers(self.layers, self.norm, x, attn_mask, rope, output_hidden_states)
+        return run_layers(self.layers, self.norm, x, attn_mask, rope, output_hidden_states,
+                          past_key_values=past_key_values, cache_position=cache_position)
 
 
 class LLaDAMoEPreTrainedModel(PreTrainedModel):
@@ -204,8 +214,11 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     """LLaDA-MoE with its LM head (released architecture name ``LLaDAMoEModelLM``).
 
     ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` with position-aligned
-    ``logits`` (batch, seq, vocab). No KV cache, no loss.
+    ``logits`` (batch, seq, vocab). No loss. ``use_cache`` / ``past_key_values`` / ``cache_position``:
+    Fast-dLLM's approximate KV cache (`kv_cache`).
     """
+
+    _supports_approximate_cache = True
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -230,18 +243,17 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                use_cache: bool | None = None) -> CausalLMOutput | tuple:
+                use_cache: bool | None = None, past_key_values=None,
+                cache_position: torch.LongTensor | None = None) -> CausalLMOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if use_cache:
-            raise ValueError("use_cache: expected False or None (LLaDA-MoE has no KV cache)")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
         batch, seq, _ = inputs_embeds.shape
+        cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
+                                            inputs_embeds.device)
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         want_states = bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
-        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
+        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)
         logits = self.lm_head(final)  # (batch, seq, vocab)
-        if return_dict is False:
-            return (logits, states) if want_states else (logits,)
-        return CausalLMOutput(logits=logits, hidden_states=states)
+        return lm_output(logits, states, cache, return_dict)
