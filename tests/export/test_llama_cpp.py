@@ -145,3 +145,36 @@ def test_llama_diffusion_cli_decodes_32_tokens(llama_cpp, exported):
         texts.append(_decoded_text(done.stderr))
     assert texts[0] == texts[1]
     assert len(texts[0].split()) >= 5 and "<|mask|>" not in texts[0]  # every masked position was decided
+
+
+def _with_gguf_ends(model, gguf_path):
+    """`model` with its embedding and head replaced by what the GGUF file holds (gguf's dequantizer)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    for name, module in (("token_embd.weight", model.get_input_embeddings()),
+                         ("output.weight", model.get_output_embeddings())):
+        t = tensors[name]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(module.weight.shape)
+        module.weight.data = torch.from_numpy(np.array(data, dtype=np.float32))
+    return model
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "F16"])
+def test_llama_cpp_reads_the_mixes(llama_cpp, q4_0, gguf_type, tmp_path):
+    # Q4_0: calibrated codes, embedding Q4_0 and head Q6_K from our own encoders; F16: the float teacher
+    folder, _ = q4_0
+    tok = AutoTokenizer.from_pretrained(folder)
+    source = folder if gguf_type == "Q4_0" else AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    gguf_path = export(source, tmp_path / f"{gguf_type}.gguf", "gguf", tokenizer=tok, gguf_type=gguf_type)
+    ids = [tok.bos_token_id, *tok("The history of the city begins with", add_special_tokens=False).input_ids]
+    ids += [tok.mask_token_id] * 16
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
+    if gguf_type == "Q4_0":
+        ours_model = _with_gguf_ends(AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), gguf_path)
+    else:
+        ours_model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32).eval()
+    with torch.no_grad(), reference_kernels(ours_model):
+        ours = ours_model(torch.tensor([ids])).logits[0]
+    assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()  # llama.cpp's own activation rounding
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
