@@ -299,7 +299,7 @@ def run_parent(args) -> None:
             for k, w in rtn_references(fp_w).items()}
 
     from optimum_fair.data import calibration_sequences
-    from optimum_fair.pipeline.cache import tensor_digest
+    from optimum_fair.digests import tensor_digest
 
     report = {
         "benchmark": "optimum-fair GPTQ vs llm-compressor GPTQ oneshot (W4A16, per channel, symmetric)",
@@ -369,7 +369,7 @@ def run_parent(args) -> None:
 def summarize(n, calib_ids, results, model_fp, fp_w, fp_logits, held_input, held_ids, held_mask) -> dict:
     import torch
 
-    from optimum_fair.pipeline.cache import tensor_digest
+    from optimum_fair.digests import tensor_digest
 
     out = {"calib_ids_digest": tensor_digest(calib_ids), "sides": {}}
     for side, runs in results.items():

@@ -461,7 +461,7 @@ def run_parent(args) -> None:
 
 
 def make_report(args, started, ref, summary, warm) -> dict:
-    from optimum_fair.pipeline.cache import tensor_digest
+    from optimum_fair.digests import tensor_digest
 
     model = ref["model"]
     return {

@@ -14,10 +14,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..config import FairCalibConfig
 from ..eval.evaluate import HEADLINE, table
 from ..naming import check_repo_id, is_repo_id, public_name, source_name
-from ..pipeline.result import CalibrationResult, calibration_result
+from ..pipeline.result import PRIOR_DIR, CalibrationResult, calibration_result
 
 REPO_PLACEHOLDER = "<this-repo-id>"  # replaced by the repo id when the folder is pushed
-PRIOR_DIR = "prior"
 # benchmarks/confirm.py's pre-stated runs (benchmarks/results/confirm_*.json): A - B frontier flip rate, points
 EVIDENCE = (
     "## What is known about the prior\n\n"

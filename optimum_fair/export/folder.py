@@ -17,15 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
 from ..config import is_fair_calib
 from ..data import resolve_tokenizer
 from ..distributed import is_main_process
 from ..files import atomic_dir
-from ..pipeline.result import CalibrationResult, calibration_result
-from ..scoring.prior import PositionPrior
-from .card import PRIOR_DIR, build_card
+from ..pipeline.result import PRIOR_DIR, CalibrationResult, calibration_result
+from .card import build_card
 
 logger = logging.getLogger(__name__)
 
@@ -60,23 +57,6 @@ def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = N
         _move_into_place(tmp, target)
     logger.info("saved quantized model to %s", target)
     return target
-
-
-def load_saved_prior(checkpoint_files: list[str] | None) -> PositionPrior | None:
-    """The prior in the ``prior/`` folder beside a local checkpoint, when there is one (a Hub download
-    fetches only the weights and config, so the prior stays in the repo)."""
-    if not checkpoint_files:
-        return None
-    folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
-    if not (folder / "prior.json").is_file():
-        return None
-    try:
-        return PositionPrior.load(folder)
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # JSONDecodeError is a ValueError
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        logger.warning("%s cannot be read as the Stage I prior (%s): the model loads without it (inference does not "
-                       "use it), and a re-save or push will not include prior/", folder, first)
-        return None
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

@@ -18,9 +18,9 @@ from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the c
 from safetensors import SafetensorError
 
 from ..data import _TOKENIZER_FILES
+from ..digests import check_digests
 from ..distributed import is_main_process
 from ..naming import check_repo_id
-from ..pipeline.checkpoint import check_digests
 from .card import REPO_PLACEHOLDER
 from .folder import check_output_dir, save_quantized
 

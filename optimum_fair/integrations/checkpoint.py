@@ -1,24 +1,27 @@
-"""Checks of an optimum-fair checkpoint against the model expecting it, before transformers loads it.
+"""The load path of an optimum-fair checkpoint: checks against the model expecting it, and its prior.
 
 Every tensor the model holds must be in the checkpoint with the shape and dtype its FairLinear skeleton
-expects; a file that is not readable safetensors is named. Checkpoints written by this version carry a
-digest of every tensor in their safetensors metadata (`tensor_digests`, written through the quantizer's
-`get_state_dict_and_metadata`), and each tensor is checked against it, so a flipped byte in the data
-(which safetensors itself cannot see) fails instead of loading different weights. Older checkpoints
-have no digests and get the header checks only.
+expects; a file that is not readable safetensors is named. Each tensor is checked against the digest
+recorded in the file's metadata (`digests`; older checkpoints have none and get the header checks only).
+The Stage I prior is read from the ``prior/`` folder beside a local checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..digests import check_digests
 from ..nn import FairLinear
+from ..pipeline.result import PRIOR_DIR
+from ..scoring.prior import PositionPrior
+
+logger = logging.getLogger(__name__)
 
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
                        "F32": torch.float32, "I16": torch.int16, "I32": torch.int32, "F64": torch.float64}
@@ -85,7 +88,6 @@ def check_packed_tensors(model: nn.Module, checkpoint_files: Iterable[str] | Non
         check_digests(file)
 
 
-DIGESTS_KEY = "tensor_digests"
 A_BITS_KEY = "fair_a_bits"
 
 
@@ -116,30 +118,18 @@ def check_scales(model: nn.Module, signed: bool = False) -> None:
                                  f"holds {bad}, inf or NaN ones")
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 (16 hex digits) of a tensor's dtype, shape and bytes."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def digest_metadata(state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """The safetensors metadata entry recording every tensor's digest."""
-    return {DIGESTS_KEY: json.dumps({k: tensor_digest(v) for k, v in sorted(state.items())})}
-
-
-def check_digests(file: str) -> None:
-    """Raise ValueError naming the file and tensor when a tensor differs from its recorded digest."""
-    with safe_open(file, framework="pt") as f:
-        recorded = (f.metadata() or {}).get(DIGESTS_KEY)
-        if recorded is None:
-            return  # written before digests existed
-        try:
-            digests = json.loads(recorded)
-        except json.JSONDecodeError:
-            raise ValueError(f"{file}: its {DIGESTS_KEY} metadata is not JSON (the header was edited)") from None
-        for key in f.keys():
-            if key in digests and tensor_digest(f.get_tensor(key)) != digests[key]:
-                raise ValueError(f"{file}: tensor {key} does not match the digest recorded when it was saved "
-                                 "(the file is corrupted or was edited)")
+def load_saved_prior(checkpoint_files: list[str] | None) -> PositionPrior | None:
+    """The prior in the ``prior/`` folder beside a local checkpoint, when there is one (a Hub download
+    fetches only the weights and config, so the prior stays in the repo)."""
+    if not checkpoint_files:
+        return None
+    folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
+    if not (folder / "prior.json").is_file():
+        return None
+    try:
+        return PositionPrior.load(folder)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logger.warning("%s cannot be read as the Stage I prior (%s): the model loads without it (inference does not "
+                       "use it), and a re-save or push will not include prior/", folder, first)
+        return None

@@ -20,9 +20,6 @@ from pathlib import Path
 from types import MethodType
 from typing import Any
 
-from ..export.folder import other_model_in, save_quantized
-from ..export.hub import push_model, push_quantized
-
 logger = logging.getLogger(__name__)
 
 COMMIT_MESSAGE = "Upload FAIR-Calib quantized model"
@@ -46,6 +43,9 @@ def _save_pretrained(self: Any, save_directory: str | os.PathLike, *, push_to_hu
     As transformers' own it writes over an earlier save of a FAIR-Calib model of this type; a folder that
     holds another model (a full-precision teacher, another architecture or quantizer) is refused before
     anything is written unless ``overwrite=True``."""
+    from ..export.folder import other_model_in, save_quantized  # the exporters load on first save, not on load
+    from ..export.hub import push_quantized
+
     kwargs.pop("create_pr", None)
     other = None if overwrite else other_model_in(save_directory, self)
     if other:
@@ -62,6 +62,8 @@ def _push_to_hub(self: Any, repo_id: str, *, commit_message: str | None = None, 
                  **ignored: Any) -> str:
     """``PushToHubMixin.push_to_hub`` for a FAIR-Calib model: weights, tokenizer, prior and model card.
     As transformers' own, it adds or replaces files and deletes none of the repo's others."""
+    from ..export.hub import push_model  # the exporters load on first push, not on load
+
     if ignored:
         logger.warning("push_to_hub: ignoring %s (not supported for optimum-fair models)", sorted(ignored))
     return push_model(self, repo_id, _tokenizer(self), token=token if isinstance(token, str) else None,

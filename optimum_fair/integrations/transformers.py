@@ -31,17 +31,16 @@ from transformers.quantizers.auto import (
 
 from ..arch import find_adapter
 from ..config import FairCalibConfig
+from ..digests import digest_metadata
 from ..distributed import is_main_process
 from ..enums import WeightGrid
-from ..export.folder import load_saved_prior
-from ..export.hub import push_model, require_token
 from ..modeling import register_native_models
 from ..nn import use_kernels
-from ..pipeline import CalibrationResult, calibrate
-from ..pipeline.checkpoint import check_packed_tensors, check_scales, digest_metadata, format_metadata
 from ..pipeline.moe import prepare_tied_load, tie_blocks, unfuse_experts
 from ..pipeline.plan import layer_format, resolve_skip
+from ..pipeline.result import CalibrationResult
 from ..pipeline.surgery import replace_with_skeletons
+from .checkpoint import check_packed_tensors, check_scales, format_metadata, load_saved_prior
 from .publishing import bind_publishing
 
 logger = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ class FairCalibHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """transformers' save hook: the state dict as it is, plus every tensor's digest and the activation
-        bits in the metadata (checked when the checkpoint is loaded, see `pipeline.checkpoint`)."""
+        bits in the metadata (checked when the checkpoint is loaded, see `integrations.checkpoint`)."""
         state = model.state_dict()
         return state, {**digest_metadata(state), **format_metadata(self.quantization_config.a_bits)}
 
@@ -144,6 +143,11 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
 
 def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, tokenizer) -> None:
     """Calibrate `model` for `quantizer` (the one entry both paths share), then record and publish."""
+    # the calibration path (datasets, pyarrow) and the Hub push load here, on first use: registering the
+    # quantizer and loading a checkpoint import neither
+    from ..export.hub import push_model, require_token
+    from ..pipeline.calibration import calibrate
+
     config = quantizer.quantization_config
     if config.push_to_hub:  # no token or a bad repo id: fail before calibrating
         require_token(repo_id=config.push_to_hub)

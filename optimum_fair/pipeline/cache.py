@@ -22,14 +22,11 @@ from torch import nn
 
 from ..config import FairCalibConfig
 from ..devices import execution_device, resolve_compute_dtype
+from ..digests import tensor_digest
 from ..files import atomic_path, atomic_write_text
 from .surgery import LayerFormat, set_module, skeleton
 
 logger = logging.getLogger(__name__)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

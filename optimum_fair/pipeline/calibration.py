@@ -22,12 +22,13 @@ from ..arch import ModelAdapter, find_adapter, get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
+from ..digests import tensor_digest
 from ..distributed import DataShard, World, get_world
 from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
 from ..scoring.states import decoding_states, noisy_canvases
-from .cache import BlockCache, run_fingerprint, run_fingerprint_config, tensor_digest
+from .cache import BlockCache, run_fingerprint, run_fingerprint_config
 from .moe import check_tied, tie_blocks, unfuse_experts
 from .plan import (
     block_groups,

@@ -16,6 +16,8 @@ from typing import Any
 from ..config import FairCalibConfig
 from ..scoring.prior import PositionPrior
 
+PRIOR_DIR = "prior"  # the folder of a saved checkpoint that holds `prior` (export writes it, loading reads it)
+
 
 @dataclass
 class CalibrationResult:
