@@ -47,7 +47,7 @@ def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = N
         raise FileExistsError(f"output_dir {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir {target} is not empty (pass overwrite=True to replace its files)")
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, inside_ok=True) as tmp:  # a writable folder under a read-only parent
         type(model).save_pretrained(model, tmp, **save_kwargs)  # the class's own: no card or prior
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -300,9 +300,34 @@ def test_a_damaged_prior_is_named_and_the_model_still_loads(qmodel, tmp_path, ca
     qmodel.save_pretrained(tmp_path / "q")
     broken = tmp_path / "q" / "prior" / ("prior.json" if damage == "json" else "prior.safetensors")
     broken.write_text("{broken")
-    with caplog.at_level("WARNING", logger="optimum_fair.export.folder"):
+    with caplog.at_level("WARNING", logger="optimum_fair"):
         reloaded = AutoModel.from_pretrained(tmp_path / "q")
     assert torch.equal(_logits(reloaded), _logits(qmodel))
     assert f"{tmp_path / 'q' / 'prior'} cannot be read as the Stage I prior" in caplog.text
     assert "the model loads without it" in caplog.text
     assert calibration_result(reloaded).prior is None
+
+
+def test_save_into_an_empty_folder_under_a_read_only_parent(qmodel, tmp_path):
+    """issue 32 W4: the folder was assembled beside the target, so a writable folder under a read-only parent
+    gave PermissionError on '.out.partial-...', where plain transformers saves."""
+    import os
+    import subprocess
+
+    parent = tmp_path / "ro_parent"
+    (parent / "out").mkdir(parents=True)
+    # root writes into any folder whatever its mode, but not into an immutable one
+    lock, unlock = ((["chattr", "+i", str(parent)], ["chattr", "-i", str(parent)]) if os.geteuid() == 0 else
+                    (["chmod", "555", str(parent)], ["chmod", "755", str(parent)]))
+    subprocess.run(lock, check=True)
+    try:
+        with pytest.raises(PermissionError):
+            (parent / "probe").mkdir()  # the parent really refuses new entries
+        qmodel.save_pretrained(parent / "out")
+        assert sorted(os.listdir(parent)) == ["out"]
+    finally:
+        subprocess.run(unlock, check=True)
+    out = parent / "out"
+    assert {"config.json", "model.safetensors", "README.md", "prior"} <= set(os.listdir(out))
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # the temporary folder is gone
+    assert torch.equal(_logits(AutoModel.from_pretrained(out)), _logits(qmodel))
