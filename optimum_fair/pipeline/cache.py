@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ class BlockCache:
         self.fingerprint = fingerprint
         self.fmt = fmt
         self.root.mkdir(parents=True, exist_ok=True)
+        check_access(self.root)
         manifest = self.root / "manifest.json"
         self.key = _json_digest(fingerprint)  # written into every block's metadata
         self.vouched = manifest.exists()  # blocks of an older version (no fingerprint) count only under it
@@ -135,6 +138,19 @@ class BlockCache:
 
     def finished(self) -> int:
         return len(list(self.root.glob("block_*.safetensors")))
+
+
+def check_access(root: Path) -> None:
+    """PermissionError, before any work, when this user cannot write `root` or read one of its files (a cache
+    shared between users; it was reported as a missing file, then failed on the rewrite)."""
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"cache_dir {root} is not writable by this user: use another cache_dir, or ask "
+                              "its owner to make it group-writable")
+    for path in sorted(root.iterdir()):
+        if path.is_file() and not os.access(path, os.R_OK):
+            info = path.stat()
+            raise PermissionError(f"{path} cannot be read by this user (mode {stat.S_IMODE(info.st_mode):04o}, owner "
+                                  f"uid {info.st_uid}): use another cache_dir, or ask its owner to make it readable")
 
 
 def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:

@@ -242,3 +242,28 @@ def test_unreadable_manifest_and_forged_blocks_name_the_file_and_the_fix(tmp_pat
     save_file(state, str(block), metadata=meta)
     with pytest.raises(ValueError, match=f"{block}: block 1 does not fit this model's block.*delete {cache}"):
         _cached_run(path, cache)
+
+
+def test_cache_files_follow_the_umask_and_one_this_user_cannot_read_is_named_before_work(tmp_path, monkeypatch):
+    """issue 32 W21: safetensors' save_file made the blocks 0600, so another user of a shared cache got
+    "block_0000.safetensors cannot be read (No such file or directory)", then a PermissionError on rewrite."""
+    import stat
+    from pathlib import Path
+
+    path, cache = _save(tmp_path / "m"), tmp_path / "cache"
+    old = os.umask(0o027)
+    try:
+        _cached_run(path, cache)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in cache.iterdir()}
+    assert modes == {"manifest.json": 0o640, "block_0000.safetensors": 0o640, "block_0001.safetensors": 0o640}
+    # as root (CI) any file is readable: another user's view of the block is os.access's answer
+    block, real = cache / "block_0001.safetensors", os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != block and real(p, mode, **kw))
+    named = rf"{block} cannot be read by this user \(mode 0640, owner uid {os.getuid()}\)"
+    with pytest.raises(PermissionError, match=named):
+        _cached_run(path, cache)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != cache and real(p, mode, **kw))
+    with pytest.raises(PermissionError, match=rf"cache_dir {cache} is not writable by this user"):
+        _cached_run(path, cache)
