@@ -110,10 +110,15 @@ class ApproximateCache:
 
 
 def resolve_cache(past_key_values: Any, use_cache: bool | None, cache_position: Tensor | None,
-                  position_ids: Tensor | None, seq: int, device: torch.device) -> tuple[Any, Tensor | None]:
-    """The cache a forward uses (``use_cache=True`` without one: a new `DynamicCache`; None: no cache) and
-    its position ids: given ones win, else ``cache_position``, else the positions after the cached ones."""
-    cache = past_key_values if past_key_values is not None else (DynamicCache() if use_cache else None)
+                  position_ids: Tensor | None, seq: int, device: torch.device, cache: Any = None
+                  ) -> tuple[Any, Tensor | None]:
+    """The cache a forward uses (``cache``, transformers >= 5.25's name, or ``past_key_values``; with
+    ``use_cache=True`` and neither: a new `DynamicCache`; else None) and its position ids: given ones win,
+    else ``cache_position``, else the positions after the cached ones."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("cache / past_key_values: give one of them (the same argument, two names)")
+    cache = cache if cache is not None else past_key_values
+    cache = cache if cache is not None else (DynamicCache() if use_cache else None)
     if cache is None or position_ids is not None:
         return cache, position_ids
     if cache_position is not None:
@@ -131,4 +136,6 @@ def lm_output(logits: Tensor, states: tuple[Tensor, ...] | None, cache: Any, ret
         return (logits, states) if states is not None else (logits,)
     if cache is None:
         return CausalLMOutput(logits=logits, hidden_states=states)
-    return CausalLMOutputWithPast(logits=logits, past_key_values=cache, hidden_states=states)
+    # transformers 5.25 renamed the field ``past_key_values`` to ``cache`` (the old name still reads it)
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return CausalLMOutputWithPast(logits=logits, hidden_states=states, **{name: cache})

@@ -240,7 +240,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return_dict: bool | None = None,
         use_cache: bool | None = None,
         past_key_values=None,
-        cache_position: torch.LongTensor | None = None,
+        cache_position: torch.LongTensor | None = None, cache=None,
     ) -> CausalLMOutput | tuple:
         """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1 (with a
         cache: ``cache_position``)."""
@@ -250,7 +250,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             inputs_embeds = self.model.transformer.wte(input_ids)  # (batch, seq, d_model)
         batch, seq, _ = inputs_embeds.shape
         cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
-                                            inputs_embeds.device)
+                                            inputs_embeds.device, cache)
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states

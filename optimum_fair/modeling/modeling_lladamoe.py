@@ -244,14 +244,14 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 use_cache: bool | None = None, past_key_values=None,
-                cache_position: torch.LongTensor | None = None) -> CausalLMOutput | tuple:
+                cache_position: torch.LongTensor | None = None, cache=None) -> CausalLMOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
         batch, seq, _ = inputs_embeds.shape
         cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
-                                            inputs_embeds.device)
+                                            inputs_embeds.device, cache)
         position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
         want_states = bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
         final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)

@@ -51,10 +51,12 @@ def test_caching_off_and_a_refresh_give_the_plain_forward_exactly(family, pad):
     model = make(family)
     plain = model(X, attention_mask=pad).logits
     assert torch.equal(model(X, attention_mask=pad, use_cache=False).logits, plain)
-    out = model(X, attention_mask=pad, past_key_values=DynamicCache(), use_cache=True)
-    assert torch.equal(out.logits, plain)
-    assert out.past_key_values.get_seq_length() == 20 and len(out.past_key_values.layers) == len(
-        model.base_model.layers if family != "llada" else model.model.transformer.blocks)
+    blocks = model.model.transformer.blocks if family == "llada" else model.model.layers
+    for name in ("past_key_values", "cache"):  # the argument's name before / since transformers 5.25
+        cache = DynamicCache()
+        out = model(X, attention_mask=pad, use_cache=True, **{name: cache})
+        assert torch.equal(out.logits, plain)
+        assert cache.get_seq_length() == 20 and len(cache.layers) == len(blocks)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
