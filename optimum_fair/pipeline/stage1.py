@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -65,6 +66,18 @@ def build_prior(model: nn.Module, config: FairCalibConfig, tokenizer, texts=None
     return stage_one(model, config, setup, probe_source(dataset, tok, config, setup, model), get_world())
 
 
+def load_prior(folder: str) -> PositionPrior:
+    """`PositionPrior.load(folder)`, or ValueError naming the folder and the fix when its files are damaged."""
+    try:
+        return PositionPrior.load(folder)
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if str(folder) in first:
+            raise
+        raise ValueError(f"prior {folder} cannot be read ({type(err).__name__}: {first}); save it again with "
+                         "PositionPrior.save, or leave `prior` unset to build it") from None
+
+
 def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,
               world: World | None = None) -> PositionPrior:
     """Load `config.prior` (checking its settings) or build the prior from probe rollouts.
@@ -74,7 +87,7 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
     """
     expected = prior_settings(model, config, setup)
     if config.prior:
-        prior = PositionPrior.load(config.prior)
+        prior = load_prior(config.prior)
         if _reweightable(prior, expected):
             logger.info("Stage I: re-weighting the saved rollouts of %s", config.prior)
             return _prior(prior.commit_step, prior.reliability_sum, config, setup,

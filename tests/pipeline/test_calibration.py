@@ -375,3 +375,14 @@ def test_non_finite_weights_are_named_before_work(llada, tok, rounding, transfor
         quantize(llada, FairCalibConfig(**SMALL, rounding=rounding, transform=transform), tokenizer=tok)
     assert calls == []
     assert not any(isinstance(m, FairLinear) for m in llada.modules())  # nothing was converted
+
+
+@pytest.mark.parametrize("damage", ["prior.json", "prior.safetensors"])
+def test_a_damaged_prior_to_reuse_is_named_before_stage_one(tmp_path, llada, tok, damage):
+    """issue 32 W29's sibling: FairCalibConfig(prior=...) with a broken prior.json gave a bare JSONDecodeError."""
+    PositionPrior(torch.ones(32), 16, 0.05, {}).save(tmp_path / "p")
+    (tmp_path / "p" / damage).write_text("{broken")
+    calls = _no_forward(llada)
+    with pytest.raises(ValueError, match=rf"prior {tmp_path / 'p'} cannot be read \(\w+Error: .*save it again"):
+        quantize(llada, FairCalibConfig(**SMALL, rounding="gptq", prior=str(tmp_path / "p")), tokenizer=tok)
+    assert calls == []
