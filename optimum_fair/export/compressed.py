@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn import FairLinear
+from ..pipeline.surgery import set_module
 from .requires import require
 
 
@@ -95,8 +96,7 @@ def _with_float_linears(model: nn.Module) -> nn.Module:
             linear.weight.copy_(module.dequantized_weight())
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
-        parent, _, leaf = name.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, leaf, linear)
+        set_module(plain, name, linear)
     for attr in ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained", "push_to_hub"):
         if attr in plain.__dict__:
             delattr(plain, attr)

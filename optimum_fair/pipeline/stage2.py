@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..calib.gptq import gptq_factor
-from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale
+from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, hadamard_transform, smooth_scale
 from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World
 from ..enums import InputMode, Rounding, Transform
@@ -267,8 +267,7 @@ def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, ge
         if s.transform is Transform.NONE:
             out.append(TransformParams(d, kron="none", act_clip=False, trainable=False, device=device))
         elif s.transform is Transform.HADAMARD:
-            out.append(TransformParams(d, kron="hadamard", act_clip=False, trainable=False, generator=generator,
-                                       device=device))
+            out.append(hadamard_transform(d, generator, device))
         else:  # an expert that no token reached keeps s = 1
             smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3) \
                 if bool(absmax[gi].any()) else torch.ones(d, device=device)
