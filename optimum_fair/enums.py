@@ -110,6 +110,22 @@ class DreamAlg(str, Enum):
     ENTROPY = "entropy"  # confidence = negative entropy
 
 
+class CommitRule(str, Enum):
+    """How many masked positions of the current block a decoding step commits (issue 34; Fast-dLLM)."""
+
+    SCHEDULE = "schedule"  # the sampler's fixed count (one per step when steps = gen_length)
+    THRESHOLD = "threshold"  # also every position whose proposal has probability >= threshold
+    FACTOR = "factor"  # also the n most confident while (k + 1)(1 - p_k) <= factor for every k <= n
+
+
+class CacheMode(str, Enum):
+    """Fast-dLLM's approximate KV cache while a block is decoded."""
+
+    NONE = "none"  # a full forward at every step (exact)
+    PREFIX = "prefix"  # prompt and finished blocks cached, refreshed when a block completes
+    DUAL = "dual"  # the masked suffix after the block cached too
+
+
 class Algorithm(str, Enum):
     """Which sampler `generate` runs."""
 
