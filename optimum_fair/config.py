@@ -53,7 +53,7 @@ _ENUM_FIELDS = {
 }
 
 logger = logging.getLogger(__name__)
-_LOCAL_FIELDS = ("cache_dir", "prior")  # this machine's folders: never serialised, never read back
+_LOCAL_FIELDS = ("cache_dir", "prior", "push_to_hub")  # one run's folders and repo: never serialised, never read back
 
 # Fields whose non-default values name a capability that is not built yet. Each maps to the
 # values that ARE built; anything else raises NotImplementedError (never silently ignored).
@@ -153,10 +153,10 @@ class FairCalibConfig(QuantizationConfigMixin):
         seed: seed of probe rollouts, sample selection and Hadamard signs.
         cache_dir: directory where finished blocks are written, to resume an interrupted run.
 
-    Machine-local settings (`cache_dir`, `prior`, a local `tokenizer` path) steer one run on one machine:
-    they are never written into config.json or the model card (written as null), and `from_dict` (a
-    config read from a published config.json) ignores them, so a reused config never reads or writes a
-    folder that its user did not name.
+    Machine-local settings (`cache_dir`, `prior`, a local `tokenizer` path, and the `push_to_hub` repo) steer
+    one run on one machine: they are never written into config.json or the model card (written as null),
+    and `from_dict` (a config read from a published config.json) ignores them, so a reused config never
+    reads or writes a folder, or pushes to a repo, that its user did not name.
 
     Other
         modules_to_not_convert: module names left in floating point. None = transformers' default

@@ -14,7 +14,7 @@ CONFIGS = [
     dict(num_probes=64, window=64, block_length=16, steps=64, early_boost=3.0, reliability="margin",
          reliability_weight=0.5, floor=0.1, boost_schedule="late", frontier_weight=0.0),
     dict(dataset="lee", num_samples=8, seq_len=128, epochs=2, lr=1e-3, batch_size=2, tokenizer="some/path",
-         modules_to_not_convert=["lm_head", "model.embed"], push_to_hub="me/model", input_mode="fp"),
+         modules_to_not_convert=["lm_head", "model.embed"], input_mode="fp"),  # push_to_hub: not serialised
 ]
 
 
@@ -132,11 +132,13 @@ def test_machine_local_settings_are_never_serialised_nor_read_back(tmp_path, cap
     assert cfg.cache_dir == str(local / "cache")  # the run itself still uses them
     for tok in ("path/to/tok", "./tok", "/abs/tok", str(local / "tok")):  # local paths, existing or not
         assert FairCalibConfig(tokenizer=tok).to_dict()["tokenizer"] is None, tok
-    published = {**FairCalibConfig().to_dict(), "cache_dir": "../escaped_cache", "prior": "/home/alice/prior"}
+    assert FairCalibConfig(push_to_hub="alice/model").to_dict()["push_to_hub"] is None  # issue 32 item 4
+    published = {**FairCalibConfig().to_dict(), "cache_dir": "../escaped_cache", "prior": "/home/alice/prior",
+                 "push_to_hub": "alice/model"}
     with caplog.at_level("WARNING"):
         loaded = FairCalibConfig.from_dict(published)  # a config.json written by an older version
-    assert loaded.cache_dir is None and loaded.prior is None
-    assert "ignoring the machine-local cache_dir, prior" in caplog.text
+    assert loaded.cache_dir is None and loaded.prior is None and loaded.push_to_hub is None
+    assert "ignoring the machine-local cache_dir, prior, push_to_hub" in caplog.text
 
 
 @pytest.mark.parametrize("field, value", [("w_bits", 4.0), ("a_bits", 8.0), ("tokenizer", 123)])
