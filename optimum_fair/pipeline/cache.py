@@ -48,7 +48,7 @@ class BlockCache:
         self.root = Path(root)
         self.fingerprint = fingerprint
         self.fmt = fmt
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folder(self.root)
         check_access(self.root)
         manifest = self.root / "manifest.json"
         self.key = _json_digest(fingerprint)  # written into every block's metadata
@@ -138,6 +138,16 @@ class BlockCache:
 
     def finished(self) -> int:
         return len(list(self.root.glob("block_*.safetensors")))
+
+
+def make_folder(root: Path) -> None:
+    """Create `root` (and its parents); NotADirectoryError naming the file where a folder was expected."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"cache_dir {root}: {folder} is a file, a folder was expected there")
+            break
+    root.mkdir(parents=True, exist_ok=True)
 
 
 def check_access(root: Path) -> None:

@@ -267,3 +267,14 @@ def test_cache_files_follow_the_umask_and_one_this_user_cannot_read_is_named_bef
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != cache and real(p, mode, **kw))
     with pytest.raises(PermissionError, match=rf"cache_dir {cache} is not writable by this user"):
         _cached_run(path, cache)
+
+
+def test_a_cache_dir_that_is_a_file_or_under_one_says_a_folder_was_expected(tmp_path):
+    """issue 32 W9: cache_dir=<a file> gave a raw "[Errno 17] File exists" that did not say a folder was
+    expected (and a path under a file "[Errno 20] Not a directory")."""
+    path, afile = _save(tmp_path / "m"), tmp_path / "afile"
+    afile.write_text("mine")
+    for cache in (afile, afile / "sub" / "cache"):
+        with pytest.raises(NotADirectoryError, match=rf"cache_dir {cache}: {afile} is a file, a folder was expected"):
+            _cached_run(path, cache)
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m"]
