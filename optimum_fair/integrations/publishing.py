@@ -9,7 +9,7 @@ a generic card after saving. Users expect `model.push_to_hub(repo)` to publish a
 * `push_to_hub(repo)`: `export.hub.push_model` (that folder, built in a temporary directory, one commit).
 
 Both read the model's `CalibrationResult` and tokenizer from `model.hf_quantizer`; nothing else is set
-on the model. `tests/export/test_publishing.py` checks both against the loopback Hub.
+on the model. `tests/integrations/test_publishing.py` checks both against the loopback Hub.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from optimum_fair.export import export
 from optimum_fair.export.gguf_file import rotary_permute, write_gguf
 from tests.conftest import tiny_llada
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[1]  # benchmarks/
 
 
 @pytest.fixture
