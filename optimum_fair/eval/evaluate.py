@@ -14,6 +14,12 @@ Per held-out text (``"wiki-val"`` and ``"lee"`` by default):
   ``post_commit_never_agree``, on the first ``post_commit_prompts`` prompts: it costs about
   prompts * gen_length^2 / 2 forward rows) and ``agreement``, the share of generated tokens of the
   model's greedy decode equal to the teacher's.
+* the decoding policy (issue 34): ``decode`` (``schedule``: the fixed count per step, one when steps =
+  gen_length; ``threshold`` / ``factor``: Fast-dLLM's parallel rules) and ``cache`` (``none``, ``prefix``,
+  ``dual``: the approximate KV cache) apply to the teacher's trajectories, the model's own decode and its
+  teacher-forced readings alike. With a teacher: ``steps_per_token`` (forward passes per generated token of
+  the model's own decode), ``teacher_steps_per_token`` and ``tokens_per_second`` (the model's own decode,
+  wall clock).
 
 Keys without a ``{text}/`` prefix pool the texts (token- or decision-weighted).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,8 +42,10 @@ from ..data import calibration_sequences, load_texts, token_stream
 from ..devices import execution_device
 from ..enums import Remasking
 from ..scoring.checks import check_llada_schedule, check_positive_int
+from ..scoring.decoding import DecodePolicy
 from ..scoring.sampler import llada_decode
 from ..scoring.trace import DecodeTrace
+from .decoding import make_policy, policy_cache, trace_policy
 from .metrics import frontier_flip_rate, post_commit_mismatch, post_commit_top1, stability_lag
 
 logger = logging.getLogger(__name__)
@@ -117,9 +126,10 @@ def _held_out(texts: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def greedy_trace(model: Any, prompts: Tensor, gen_length: int, block_length: int, steps: int,
-                 progress: Callable[[], Any] | None = None) -> DecodeTrace:
-    """Greedy (temperature 0) low-confidence LLaDA decode of ``model`` after prompts (batch, prompt_len);
-    ``progress()`` is called after each forward (one per decoding step)."""
+                 progress: Callable[[], Any] | None = None, policy: DecodePolicy | None = None) -> DecodeTrace:
+    """Greedy (temperature 0) low-confidence LLaDA decode of ``model`` after prompts (batch, prompt_len)
+    under ``policy`` (default: the fixed schedule, no cache); ``progress()`` is called after each uncached
+    forward (one per decoding step without a cache or a parallel rule)."""
     mask_id, shift, _ = _model_facts(model)
     fn = logits_fn_of(model)
     if progress is not None:
@@ -130,12 +140,15 @@ def greedy_trace(model: Any, prompts: Tensor, gen_length: int, block_length: int
             progress()
             return out
 
+    policy = policy or DecodePolicy()
     return llada_decode(fn, prompts, gen_length, block_length, steps, mask_id, temperature=0.0,
-                        remasking=Remasking.LOW_CONFIDENCE, logit_shift=shift)
+                        remasking=Remasking.LOW_CONFIDENCE, logit_shift=shift, cache=policy_cache(model, policy),
+                        **policy.rule_kwargs())
 
 
 def _teacher_traces(teacher: Any, tokenizer: Any, data: Mapping[str, Any], num_prompts: int, prompt_len: int,
-                    gen_length: int, block_length: int, steps: int, seed: int) -> dict[str, DecodeTrace]:
+                    gen_length: int, block_length: int, steps: int, seed: int,
+                    policy: DecodePolicy | None = None) -> dict[str, DecodeTrace]:
     """The teacher's greedy trajectories on each text, with a bar over its decoding steps (the longest
     silent stretch of an evaluation otherwise: ~50 s on the shipped model on 2 cores)."""
     out = {}
@@ -143,7 +156,7 @@ def _teacher_traces(teacher: Any, tokenizer: Any, data: Mapping[str, Any], num_p
         for name, dataset in data.items():
             bar.set_postfix_str(name)
             out[name] = greedy_trace(teacher, _prompts(dataset, tokenizer, num_prompts, prompt_len, seed),
-                                     gen_length, block_length, steps, progress=bar.update)
+                                     gen_length, block_length, steps, progress=bar.update, policy=policy)
             logger.info("teacher trajectories on %s: %d prompts", name, num_prompts)
     return out
 
@@ -155,12 +168,15 @@ def _prompts(dataset: Any, tokenizer: Any, num_prompts: int, prompt_len: int, se
 def build_teacher_traces(
     teacher: Any, tokenizer: Any, *, texts: Sequence[str] | Mapping[str, Any] = DEFAULT_TEXTS, num_prompts: int = 16,
     prompt_len: int = 64, gen_length: int = 64, block_length: int = 32, steps: int | None = None, seed: int = 0,
+    decode: str = "schedule", threshold: float = 0.9, factor: float = 1.0, cache: str = "none",
 ) -> dict[str, DecodeTrace]:
-    """The teacher's greedy trajectories on each held-out text: build once, pass to every `evaluate`."""
+    """The teacher's greedy trajectories on each held-out text under the decoding policy (see `evaluate`):
+    build once, pass to every `evaluate` with the same policy."""
     steps = gen_length if steps is None else steps
+    policy = make_policy(teacher, decode, threshold, factor, cache)
     _check_decode(teacher, num_prompts, prompt_len, gen_length, block_length, steps)
     return _teacher_traces(teacher, tokenizer, _held_out(texts), num_prompts, prompt_len, gen_length, block_length,
-                           steps, seed)
+                           steps, seed, policy)
 
 
 def _check_decode(model: Any, num_prompts: int, prompt_len: int, gen_length: int, block_length: int,
@@ -175,8 +191,8 @@ def _check_decode(model: Any, num_prompts: int, prompt_len: int, gen_length: int
 
 
 def _check_traces(traces: Mapping[str, DecodeTrace], names: list[str], prompt_len: int, gen_length: int,
-                  block_length: int, steps: int) -> None:
-    """teacher_traces must cover every text and match the decode settings."""
+                  block_length: int, steps: int, policy: DecodePolicy | None = None) -> None:
+    """teacher_traces must cover every text and match the decode settings and policy."""
     missing = sorted(set(names) - set(traces))
     if missing:
         raise ValueError(f"teacher_traces has no trajectories for {missing} (it has {sorted(traces)})")
@@ -186,10 +202,15 @@ def _check_traces(traces: Mapping[str, DecodeTrace], names: list[str], prompt_le
         if got != (prompt_len, gen_length, block_length, steps):
             raise ValueError(f"teacher_traces[{name!r}] was decoded with (prompt_len, gen_length, block_length, "
                              f"steps) = {got}, evaluate asks for {(prompt_len, gen_length, block_length, steps)}")
+        want = trace_policy(policy or DecodePolicy())
+        if t.policy != want:
+            raise ValueError(f"teacher_traces[{name!r}] was decoded with policy {t.policy!r}, evaluate asks for "
+                             f"{want!r} (decode / threshold / factor / cache)")
 
 
 def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
-                   details: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   details: bool = False, progress: Callable[[str], None] | None = None,
+                   policy: DecodePolicy | None = None) -> dict[str, Any]:
     """Flip rates on the teacher's trajectory, and agreement / post-commit mismatch of the model's own.
 
     details: also per-prompt lists (``flips_per_prompt``, ``confident_flips_per_prompt``,
@@ -197,15 +218,23 @@ def decode_metrics(model: Any, trace: DecodeTrace, post_commit_prompts: int,
     ``post_commit_disagree_per_prompt`` (mean-disagree of each post-commit prompt) and ``lags``, the δ_lag
     of every position of the post-commit prompts' own decodes (leave-one-out reading).
     progress: called with the name of each part as it finishes ("flip rate", "decode", "post-commit").
+    policy: the decoding policy of the teacher's trace; the model's readings and own decode follow it
+    (the post-commit readings stay full forwards).
     """
     done = progress or (lambda part: None)
+    policy = policy or DecodePolicy()
     fn = logits_fn_of(model)
-    flips = frontier_flip_rate(trace, fn, margin_threshold=MARGIN)
+    rule = (policy.rule_kwargs().get("threshold"), policy.rule_kwargs().get("factor"))
+    flips = frontier_flip_rate(trace, fn, margin_threshold=MARGIN, rule=rule, cache=policy_cache(model, policy))
     done("flip rate")
     prompts = trace.sequences[:, : trace.prompt_len]
-    own = greedy_trace(model, prompts, trace.gen_len, trace.block_length, trace.steps)
+    start = time.perf_counter()
+    own = greedy_trace(model, prompts, trace.gen_len, trace.block_length, trace.steps, policy=policy)
+    seconds = time.perf_counter() - start
     done("decode")
     out = {"flip_rate": flips.flip_rate, f"flip_rate_m{MARGIN:g}": flips.flip_rate_confident,
+           "steps_per_token": own.steps_per_token(), "teacher_steps_per_token": trace.steps_per_token(),
+           "tokens_per_second": own.generated.numel() / seconds, "decode_seconds": seconds,
            "flips": flips.num_flips, "decisions": flips.num_decisions,
            f"flips_m{MARGIN:g}": flips.num_confident_flips, f"decisions_m{MARGIN:g}": flips.num_confident,
            "frontier_set_disagreement": flips.set_disagreement,
@@ -245,6 +274,9 @@ def _pool(per_text: dict[str, dict[str, float]]) -> dict[str, float]:
         out["flip_rate"] = total("flips") / total("decisions")
         out[f"flip_rate_m{MARGIN:g}"] = total(f"flips_m{MARGIN:g}") / total(conf) if total(conf) else math.nan
         out["agreement"] = sum(r["agreement"] * r["agreement_tokens"] for r in rows) / total("agreement_tokens")
+        for key in ("steps_per_token", "teacher_steps_per_token"):
+            out[key] = sum(r[key] * r["agreement_tokens"] for r in rows) / total("agreement_tokens")
+        out["tokens_per_second"] = total("agreement_tokens") / total("decode_seconds")
     return out
 
 
@@ -265,7 +297,8 @@ def evaluate(
     num_prompts: int = 16, prompt_len: int = 64, gen_length: int = 64, block_length: int = 32,
     steps: int | None = None, nll_samples: int = 32, seq_len: int = 128, mask_ratio: float = 0.5, seed: int = 0,
     teacher_traces: Mapping[str, DecodeTrace] | None = None, post_commit_prompts: int = 1,
-    return_traces: bool = False, details: bool = False,
+    return_traces: bool = False, details: bool = False, decode: str = "schedule", threshold: float = 0.9,
+    factor: float = 1.0, cache: str = "none",
 ) -> dict[str, Any] | tuple[dict[str, Any], dict[str, DecodeTrace]]:
     """Evaluate ``model`` on held-out text, and against ``teacher`` when given (see the module docstring).
 
@@ -294,10 +327,18 @@ def evaluate(
             ``<text>/confident_flips_per_prompt``, ``<text>/confident_per_prompt``,
             ``<text>/set_disagreement_per_prompt``, ``<text>/post_commit_disagree_per_prompt``,
             ``<text>/lags`` and ``<text>/nll_per_window``.
+        decode: the commit rule: ``schedule`` (the fixed count per step), ``threshold`` or ``factor``
+            (Fast-dLLM's parallel rules, at least the schedule's count per step).
+        threshold: the threshold rule's probability, in (0, 1] (read with decode="threshold").
+        factor: the factor rule's factor, > 0 (read with decode="factor").
+        cache: Fast-dLLM's approximate KV cache: ``none``, ``prefix`` or ``dual`` (LLaDA, Dream, LLaDA-MoE).
 
     Every argument is checked before the first forward pass."""
 
     steps = gen_length if steps is None else steps
+    policy = make_policy(model, decode, threshold, factor, cache)
+    if teacher is not None:
+        make_policy(teacher, decode, threshold, factor, cache)
     _check_eval_args(mask_ratio, nll_samples, seq_len, post_commit_prompts, _model_facts(model)[2])
     if teacher is not None or teacher_traces is not None:
         _check_decode(model, num_prompts, prompt_len, gen_length, block_length, steps)
@@ -306,10 +347,10 @@ def evaluate(
                          f"({model.config.vocab_size})")
     data = _held_out(texts)
     if teacher_traces is not None:
-        _check_traces(teacher_traces, list(data), prompt_len, gen_length, block_length, steps)
+        _check_traces(teacher_traces, list(data), prompt_len, gen_length, block_length, steps, policy)
     elif teacher is not None:
         teacher_traces = _teacher_traces(teacher, tokenizer, data, num_prompts, prompt_len, gen_length, block_length,
-                                         steps, seed)
+                                         steps, seed, policy)
     per_text: dict[str, dict[str, float]] = {}
     parts = 1 + (0 if teacher_traces is None else 2 + (post_commit_prompts > 0))
     bar = tqdm(total=len(data) * parts, desc="evaluate", unit="part", leave=False)
@@ -323,7 +364,7 @@ def evaluate(
         bar.update()
         if teacher_traces is not None:
             per_text[name].update(decode_metrics(model, teacher_traces[name], post_commit_prompts, details,
-                                                 progress=lambda part: bar.update()))
+                                                 progress=lambda part: bar.update(), policy=policy))
         logger.info("evaluated %s: %s", name, {k: v for k, v in per_text[name].items() if not isinstance(v, list)})
     bar.close()
     metrics = {f"{name}/{key}": value for name, row in per_text.items() for key, value in row.items()}
@@ -332,6 +373,8 @@ def evaluate(
         return metrics, dict(teacher_traces or {})
     return metrics
 
+
+TIMING_KEYS = ("tokens_per_second", "decode_seconds")  # wall-clock: differ between runs of the same evaluation
 
 HEADLINE = ("nll", "acc", "flip_rate", f"flip_rate_m{MARGIN:g}", "agreement")
 

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..enums import Confidence, PostCommitMode, coerce_enum
-from ..scoring.forward import LogitsFn, forbid_mask, predict_window
-from ..scoring.policies import confidence_scores, select_top
+from ..scoring.forward import CachedLogits, LogitsFn, cached_block_logits, forbid_mask, predict_window
+from ..scoring.policies import confidence_scores, llada_transfer_counts, select_parallel, select_top
 from ..scoring.trace import DecodeTrace
 
 
@@ -70,19 +70,40 @@ def _predict(trace: DecodeTrace, logits_fn: LogitsFn, x: Tensor, rows: Tensor | 
     return forbid_mask(predict_window(logits_fn, x, mask, trace.prompt_len, shift), trace.mask_id)
 
 
-def _frontier_set_disagreement(trace: DecodeTrace, step: int, logits: Tensor, kind: Confidence) -> Tensor:
+def _frontier_set_disagreement(trace: DecodeTrace, step: int, logits: Tensor, kind: Confidence,
+                               rule: tuple[float | None, float | None] = (None, None)) -> Tensor:
     """(batch,) |C^q Δ C| / |C| at ``step`` (nan where C is empty); C^q = the student's top-|C|
-    confidence positions among the masked positions of the current block."""
+    confidence positions among the masked positions of the current block, or, under a parallel ``rule``
+    (threshold, factor), the set that rule commits from the student's probabilities (at least the
+    schedule's count for the step, as the sampler)."""
     frontier = trace.frontier(step)  # (batch, gen)
     lo, hi = trace.block_bounds(step)
     eligible = trace.masked_at(step).clone()
     eligible[:, :lo] = False
     eligible[:, hi:] = False
-    conf = confidence_scores(logits.float().softmax(-1), kind).masked_fill(~eligible, float("-inf"))
     k = frontier.sum(-1)  # (batch,)
-    student_set = select_top(conf, k)
+    if rule != (None, None):
+        conf = confidence_scores(logits.double().softmax(-1), Confidence.PROB).masked_fill(~eligible, float("-inf"))
+        j = step % trace.steps_per_block
+        count = llada_transfer_counts(torch.tensor([trace.block_length]), trace.steps_per_block)[0, j]
+        student_set = select_parallel(conf, torch.full_like(k, int(count)), *rule)
+    else:
+        conf = confidence_scores(logits.float().softmax(-1), kind).masked_fill(~eligible, float("-inf"))
+        student_set = select_top(conf, k)
     sym = (student_set ^ frontier).sum(-1).double()
     return torch.where(k > 0, sym / k.clamp_min(1), torch.full_like(sym, float("nan")))
+
+
+def _cached_predict(trace: DecodeTrace, cache: CachedLogits, step: int, shift: int) -> Tensor:
+    """(batch, gen, vocab) student predictions at ``step`` through its approximate KV cache, replayed on the
+    teacher's states: refreshed at the block's first step, windows afterwards. Only the current block is
+    read (zeros elsewhere; the frontier and the set disagreement never look outside it)."""
+    lo, hi = trace.block_bounds(step)
+    blk = cached_block_logits(cache, trace.state_at(step), trace.attention_mask, trace.prompt_len + lo,
+                              trace.prompt_len + hi, shift, refresh=step % trace.steps_per_block == 0)
+    out = blk.new_zeros(trace.batch_size, trace.gen_len, blk.shape[-1])
+    out[:, lo:hi] = blk
+    return forbid_mask(out, trace.mask_id)
 
 
 def frontier_flip_rate(
@@ -91,11 +112,19 @@ def frontier_flip_rate(
     margin_threshold: float = 0.1,
     confidence: Confidence | str = Confidence.PROB,
     logit_shift: int | None = None,
+    rule: tuple[float | None, float | None] = (None, None),
+    cache: CachedLogits | None = None,
 ) -> FlipRateResult:
     """Run the student on each teacher state S_{t-1}; a flip is a student prediction that differs
     from the teacher's committed token at a teacher-frontier position. ``confidence`` sets the
     student's commit rule for the frontier-set disagreement. One student forward per step with a
-    non-empty frontier."""
+    non-empty frontier.
+
+    Under a parallel policy a step commits several positions: each is one decision of the teacher's state
+    at that step, and a flip of any of them counts once. ``rule`` (threshold, factor): the student's set
+    for the disagreement is the one that rule picks. ``cache``: the student reads through its own
+    approximate KV cache, refreshed on the teacher's state at each block's first step (as it would be
+    had it decoded the teacher's trajectory under the same cache mode)."""
     kind = coerce_enum(Confidence, confidence, "confidence")
     if not margin_threshold >= 0:
         raise ValueError(f"margin_threshold must be >= 0, got {margin_threshold!r}")
@@ -106,9 +135,12 @@ def frontier_flip_rate(
         frontier = trace.frontier(step)
         if not bool(frontier.any()):
             continue
-        logits = _predict(trace, student_logits_fn, trace.state_at(step), None, shift)  # (batch, gen, vocab)
+        if cache is None:
+            logits = _predict(trace, student_logits_fn, trace.state_at(step), None, shift)  # (batch, gen, vocab)
+        else:
+            logits = _cached_predict(trace, cache, step, shift)
         flipped |= frontier & (logits.argmax(-1) != trace.generated)
-        ratios.append(_frontier_set_disagreement(trace, step, logits, kind))
+        ratios.append(_frontier_set_disagreement(trace, step, logits, kind, rule))
     confident = trace.commit_margin >= margin_threshold  # (batch, gen)
     n_conf, n_conf_flips = int(confident.sum()), int((flipped & confident).sum())
     big = torch.full_like(trace.commit_step, trace.steps)

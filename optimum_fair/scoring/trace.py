@@ -116,6 +116,16 @@ class DecodeTrace:
         hits = self.commit_step.unsqueeze(0) == steps.view(-1, 1, 1)
         return hits.sum(-1)
 
+    def steps_used(self) -> Tensor:
+        """(batch,) steps that committed at least one position of each row: the forward passes the row needed
+        under a parallel rule, whose filled blocks leave their remaining slots empty (a lower bound for a
+        sampler that runs steps committing nothing, as Dream's schedule's first step)."""
+        return (self.commits_per_step() > 0).sum(0)
+
+    def steps_per_token(self) -> float:
+        """Mean over rows of `steps_used` / gen_len: 1 for one commit per step, less when steps commit several."""
+        return float(self.steps_used().double().mean()) / self.gen_len
+
     def state_at(self, step: int) -> Tensor:
         """(batch, prompt_len + gen_len) the state x_t before ``step`` (``step == steps``: final)."""
         if not 0 <= step <= self.steps:
