@@ -229,5 +229,5 @@ def run_generate(args: argparse.Namespace) -> int:
     kwargs = {"generator": generator} if args.temperature > 0 else {}
     print(generate(model, tokenizer, args.prompt, gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, algorithm=args.algorithm, temperature=args.temperature,
-                   **kwargs))
+                   threshold=args.threshold, factor=args.factor, cache=args.cache, **kwargs))
     return 0

@@ -134,6 +134,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--block-length", type=int, default=None, help="LLaDA block length (default: min(32, gen-length))")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when temperature > 0 (default: 0)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="parallel decoding: also commit every masked position of the block whose proposal has "
+                        "probability >= this, in (0, 1] (Fast-dLLM; llada2: its own rule's threshold)")
+    p.add_argument("--factor", type=float, default=None, help="parallel decoding by Fast-dLLM's factor rule (> 0)")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                   help="Fast-dLLM's approximate KV cache (LLaDA, Dream, LLaDA-MoE; default: none)")
     _common(p)
 
 

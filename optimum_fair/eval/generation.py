@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..arch import get_adapter
 from ..devices import execution_device
-from ..enums import Algorithm, DreamAlg, Remasking, coerce_enum
+from ..enums import Algorithm, CacheMode, DreamAlg, Remasking, coerce_enum
+from ..modeling.kv_cache import ApproximateCache, check_cache_mode
 from ..scoring.block_sampler import llada2_decode
 from ..scoring.checks import check_positive_int
 from ..scoring.sampler import dream_decode, llada_decode
@@ -75,6 +76,9 @@ def generate(
     temperature: float = 0.0,
     mask_id: int | None = None,
     return_trace: bool = False,
+    threshold: float | None = None,
+    factor: float | None = None,
+    cache: CacheMode | str = CacheMode.NONE,
     **sampler_kwargs: Any,
 ) -> str | list[str] | tuple[str | list[str], DecodeTrace]:
     """Generate ``gen_length`` tokens after each prompt.
@@ -88,6 +92,11 @@ def generate(
         algorithm: "llada", "dream" or "llada2" (block-causal attention; ``steps`` is then the budget per
             block, default block_length; the prompts must share one length, a multiple of block_length).
         remasking: LLaDA's commit rule; alg: Dream's (default ``entropy``, as in Dream's examples).
+        threshold / factor: Fast-dLLM's parallel decoding: also commit every masked position of the block whose
+            proposal has probability >= threshold (in (0, 1]), or the factor rule's count (see `llada_decode`;
+            Dream needs ``alg="maskgit_plus"``; ``llada2`` takes ``threshold`` only, its own rule).
+        cache: Fast-dLLM's approximate KV cache, ``none``, ``prefix`` or ``dual`` (LLaDA, Dream, LLaDA-MoE;
+            not with ``llada2`` or classifier-free guidance).
         sampler_kwargs: passed on to `llada_decode` (``cfg_scale``, ``generator``, ``record_topk``,
             ...) or `dream_decode` (``top_p``, ``top_k``, ``alg_temp``, ``eps``, ``generator``, ...).
     Returns:
@@ -96,6 +105,14 @@ def generate(
     prompts = _check_prompts(prompt)
     check_positive_int(gen_length, "gen_length")
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
+    approx = _approximate_cache(model, cache, algorithm)
+    if algorithm is Algorithm.LLADA2:
+        if factor is not None:
+            raise ValueError("factor: algorithm='llada2' runs LLaDA2's own threshold rule; give threshold instead")
+        if threshold is not None:
+            sampler_kwargs["threshold"] = threshold
+    else:
+        sampler_kwargs.update(threshold=threshold, factor=factor, cache=approx)
     mask_id, logit_shift = _decode_facts(model, mask_id)
     steps_given = steps
     steps = gen_length if steps is None else steps
@@ -119,6 +136,18 @@ def generate(
     texts = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in trace.generated.cpu()]
     answer: str | list[str] = texts[0] if isinstance(prompt, str) else texts
     return (answer, trace) if return_trace else answer
+
+
+def _approximate_cache(model: Any, cache: CacheMode | str, algorithm: Algorithm) -> ApproximateCache | None:
+    """The model behind its approximate KV cache for ``cache`` != none; refused by name where it cannot run."""
+    mode = coerce_enum(CacheMode, cache, "cache")
+    if mode is CacheMode.NONE:
+        return None
+    if algorithm is Algorithm.LLADA2:
+        raise ValueError(f"cache={mode.value!r}: algorithm='llada2' decodes block-causally without an approximate "
+                         "KV cache")
+    check_cache_mode(model, mode.value)
+    return ApproximateCache(model, mode.value)
 
 
 def _llada2(logits_fn, ids, attention_mask, gen_length, steps, block_length, mask_id, temperature, kw):

@@ -139,3 +139,19 @@ def test_the_eval_command_takes_the_policy():
     q = build_parser().parse_args(["quantize", "--output-dir", "x", "--eval-decode", "threshold", "--eval-cache",
                                    "prefix"])
     assert (q.eval_decode, q.eval_cache) == ("threshold", "prefix")
+
+
+def test_generate_takes_the_policy(teacher, tok):
+    from optimum_fair import generate
+    from optimum_fair.cli import build_parser
+
+    text, trace = generate(teacher, tok, ["abcdefgh", "xyz"], gen_length=16, block_length=8, threshold=0.5,
+                           cache="dual", return_trace=True)
+    assert trace.policy == "llada/low_confidence+threshold0.5+dual" and len(text) == 2
+    assert trace.steps_per_token() <= 1.0 and not (trace.generated == tok.mask_token_id).any()
+    with pytest.raises(ValueError, match="cache='prefix': algorithm='llada2'"):
+        generate(tiny_llada2(len(tok), tok.mask_token_id), tok, "abcdefgh", algorithm="llada2", cache="prefix")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        generate(teacher, tok, "abc", threshold=0.0)
+    args = build_parser().parse_args(["generate", "m", "hi", "--threshold", "0.5", "--cache", "dual"])
+    assert (args.threshold, args.factor, args.cache) == (0.5, None, "dual")
