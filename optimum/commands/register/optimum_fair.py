@@ -2,7 +2,8 @@
 
 optimum-cli imports every module of the `optimum.commands.register` namespace package at start-up, so
 this file stays light: the `fair` parser takes the rest of the command line and `run()` hands it to
-`optimum_fair.cli`, which builds its own parser (one flag per FairCalibConfig field) only then.
+`optimum_fair.cli`, which builds its own parser (one flag per FairCalibConfig field) only then. Its help
+lists the commands from the console script's front, `optimum_fair_cli` (which imports no torch either).
 """
 
 import argparse
@@ -10,13 +11,10 @@ import sys
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-_USAGE = """subcommands (`optimum-cli fair <command> --help` for their flags):
-  quantize  quantize a model with FAIR-Calib and save (and/or push) the folder
-  prior     run Stage I alone: the position prior from the full-precision teacher's rollouts
-  eval      held-out NLL and decoding-stability metrics of one model, or two side by side
-  push      upload a folder written by `quantize` to a Hub repo
-  export    write a folder written by `quantize` as GGUF (llama.cpp) or compressed-tensors (vLLM)
-  generate  decode a prompt with the diffusion sampler"""
+from optimum_fair_cli import COMMANDS  # the command table, light (no torch)
+
+_USAGE = "subcommands (`optimum-cli fair <command> --help` for their flags):\n" + "\n".join(
+    f"  {name:<9} {text}" for name, text in COMMANDS.items())
 
 
 class FairCommand(BaseOptimumCLICommand):
