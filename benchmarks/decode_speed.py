@@ -1,0 +1,149 @@
+"""Decoding speed of the shipped model the way diffusion LMs are served (issue 34).
+
+In one process and on the same prompts (held-out lee news text), each model decodes 64 tokens in blocks of 32
+under four policies: one token per step (today's default), Fast-dLLM's threshold rule, threshold + prefix KV
+cache and threshold + dual KV cache. Reported per (model, policy): wall seconds, generated tokens per second,
+forward passes per generated token (steps per token), the share of generated tokens equal to the FP32 teacher's
+one-per-step output and to the FP32 teacher's under the same commit rule without a cache, and the share of
+prompts whose whole answer equals the latter, and the teacher-forced frontier flip rate (all decisions / teacher
+margin >= 0.1) on that FP32 same-rule trajectory, read through the row's cache (issue 34's metric). Models: the
+FP32 teacher, optionally bf16, and W4A4 / W8A8 (quick RTN + Hadamard calibration, integer kernels). Batch = all
+prompts at once.
+
+    OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --threads 1 --out benchmarks/results/decode_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
+
+QUICK = dict(rounding="rtn", transform="hadamard", weighting="uniform", num_probes=8, num_samples=8)
+FORMATS = {"w4a4": (4, 4), "w8a8": (8, 8)}
+
+
+def load_models(names: list[str]) -> tuple[dict, object]:
+    """{name: model} for fp32 / bf16 / w4a4 / w8a8 (quantized models in float32 with integer kernels)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import optimum_fair
+    from optimum_fair import FairCalibConfig
+
+    path = optimum_fair.DEFAULT_MODEL
+    models = {}
+    for name in names:
+        if name in ("fp32", "bf16"):
+            dtype = torch.float32 if name == "fp32" else torch.bfloat16
+            models[name] = AutoModel.from_pretrained(path, dtype=dtype).eval()
+        else:
+            w, a = FORMATS[name]
+            models[name] = AutoModel.from_pretrained(path, dtype=torch.float32, quantization_config=FairCalibConfig(
+                w_bits=w, a_bits=a, **QUICK)).eval()
+    return models, AutoTokenizer.from_pretrained(path)
+
+
+def policies(threshold: float) -> list[tuple[str, dict]]:
+    rule = {"threshold": threshold}
+    return [("one-per-step", {}), (f"threshold {threshold:g}", rule), (f"threshold {threshold:g} + prefix",
+            {**rule, "cache": "prefix"}), (f"threshold {threshold:g} + dual", {**rule, "cache": "dual"})]
+
+
+@torch.no_grad()
+def decode(model, prompts: torch.Tensor, gen_length: int, block_length: int, policy: dict):
+    """(trace, wall seconds) of a greedy low-confidence decode under ``policy``."""
+    from optimum_fair.modeling.kv_cache import ApproximateCache
+    from optimum_fair.scoring.sampler import llada_decode
+
+    kw = dict(policy)
+    mode = kw.pop("cache", None)
+    cache = None if mode is None else ApproximateCache(model, mode)
+    start = time.perf_counter()
+    trace = llada_decode(lambda x, attention_mask=None: model(x).logits, prompts, gen_length, block_length,
+                         gen_length, model.config.mask_token_id, cache=cache, **kw)
+    return trace, time.perf_counter() - start
+
+
+@torch.no_grad()
+def flips(model, fp_trace, policy: dict) -> tuple[float, float]:
+    """Teacher-forced frontier flip rate (all decisions, teacher margin >= 0.1) of ``model`` under ``policy``'s
+    cache on the FP32 teacher's uncached trajectory with the same rule."""
+    from optimum_fair.eval.metrics import frontier_flip_rate
+    from optimum_fair.modeling.kv_cache import ApproximateCache
+
+    mode = policy.get("cache")
+    cache = None if mode is None else ApproximateCache(model, mode)
+    res = frontier_flip_rate(fp_trace, lambda x, attention_mask=None: model(x).logits,
+                             rule=(policy.get("threshold"), None), cache=cache)
+    return round(res.flip_rate, 3), round(res.flip_rate_confident, 3)
+
+
+def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float) -> list[dict]:
+    rows, fp = [], {}
+    for name, model in models.items():
+        for label, policy in policies(threshold):
+            trace, seconds = decode(model, prompts, gen_length, block_length, policy)
+            rule_key = label.split(" + ")[0]
+            if name == "fp32" and "cache" not in policy:
+                fp[rule_key] = trace
+            flip_all, flip_m = flips(model, fp[rule_key], policy)
+            rows.append(dict(model=name, policy=label, seconds=round(seconds, 2),
+                             tokens_per_s=round(trace.generated.numel() / seconds, 1),
+                             steps_per_token=round(trace.steps_per_token(), 3), flip_rate=flip_all,
+                             flip_rate_m01=flip_m, gen=trace.generated, rule=rule_key))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("gen", "rule")}), flush=True)
+    base = next(r["seconds"] for r in rows if r["model"] == "fp32" and r["policy"] == "one-per-step")
+    for r in rows:
+        gen, same_rule = r.pop("gen"), fp[r.pop("rule")].generated
+        r["x_fp32_one_per_step"] = round(base / r["seconds"], 2)
+        r["agree_fp_one_per_step"] = round(float((gen == fp["one-per-step"].generated).double().mean()), 3)
+        r["agree_fp_same_rule"] = round(float((gen == same_rule).double().mean()), 3)
+        r["same_text_fp_same_rule"] = round(float((gen == same_rule).all(-1).double().mean()), 3)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["model", "policy", "seconds", "tokens_per_s", "x_fp32_one_per_step", "steps_per_token",
+            "agree_fp_one_per_step", "agree_fp_same_rule", "same_text_fp_same_rule", "flip_rate", "flip_rate_m01"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=["fp32", "w4a4"], choices=["fp32", "bf16", "w4a4", "w8a8"])
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-length", type=int, default=64)
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write rows, args and machine as JSON")
+    args = parser.parse_args(argv)
+    if "fp32" not in args.models:
+        parser.error("--models must include fp32 (the reference)")
+    torch.set_num_threads(args.threads)
+    from optimum_fair.data import calibration_sequences, load_texts
+
+    models, tok = load_models(args.models)
+    prompts = calibration_sequences(load_texts("lee"), tok, args.num_prompts, args.prompt_len, seed=args.seed)
+    info = {**machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(json.dumps(info), flush=True)
+    rows = run(models, prompts, args.gen_length, args.block_length, args.threshold)
+    print(markdown(rows))
+    if args.out:
+        args.out.write_text(json.dumps({"machine": info, "args": vars(args) | {"out": str(args.out)},
+                                        "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
