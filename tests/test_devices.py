@@ -1,26 +1,33 @@
 """The machine's fast dtype and `computing_in`: forwards in another dtype, weights left as they were."""
 
+import platform
+
 import pytest
 import torch
 
-from optimum_fair import FairCalibConfig
+from optimum_fair import FairCalibConfig, devices
 from optimum_fair.devices import computing_in, fast_dtype, model_float_dtype, resolve_compute_dtype
 from tests.conftest import tiny_llada
 
 X = torch.randint(4, 60, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _cpu_has_bf16() -> bool:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        flags = next((line for line in f if line.startswith("flags")), "").split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def test_fast_dtype_follows_the_cpu_flags():
-    expected = torch.bfloat16 if _cpu_has_bf16() else torch.float32
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx2", "avx512f"}, torch.float32),
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_bf16", "amx_int8"}, torch.bfloat16),
+    (set(), torch.float32),  # no /proc/cpuinfo: the float32 fallback
+])
+def test_fast_dtype_follows_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: flags)
     assert fast_dtype(torch.device("cpu")) == expected
     assert resolve_compute_dtype("auto", torch.device("cpu")) == expected
     assert resolve_compute_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="x86 Linux flags")
+def test_cpu_flags_are_read_from_this_machine():
+    assert {"fpu", "sse2"} <= devices._cpu_flags()  # every x86-64 CPU reports both
 
 
 def test_bad_compute_dtype_is_refused_naming_the_field():
