@@ -1,11 +1,12 @@
 """optimum-fair: FAIR-Calib post-training quantization for diffusion LLMs.
 
 Importing this package registers the `fair_calib` quantization method with transformers (and the
-native LLaDA / Dream model types); nothing else happens at import time. The public names below load
-lazily, so the pure-torch subpackages (`ops`, `nn`, `calib`, `scoring`, `eval.metrics`) import even where
-transformers is unavailable. A failure to register (transformers installed but broken, a module
-shadowing one of its dependencies) raises here, with its cause, instead of surfacing later as an
-"unknown architecture".
+native LLaDA / Dream model types); nothing else happens at import time, and only what loading a
+checkpoint needs is imported (not the calibration path, its datasets / pyarrow, the exporters or lm-eval:
+`tests/test_lean_import.py`). The public names below load lazily, so the pure-torch subpackages (`ops`,
+`nn`, `calib`, `scoring`, `eval.metrics`) import even where transformers is unavailable. A failure to
+register (transformers installed but broken, a module shadowing one of its dependencies) raises here,
+with its cause, instead of surfacing later as an "unknown architecture".
 """
 
 from __future__ import annotations
