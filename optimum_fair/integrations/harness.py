@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from ..arch import get_adapter
 from ..devices import default_device, execution_device
+from ..enums import CacheMode
 from ..eval.likelihood import greedy_matches, mc_loglikelihood
+from ..modeling.kv_cache import check_cache_mode
 from .harness_args import DTYPES, HarnessSettings, LoadArgs, merge_model_args, parse_model_args
 from .harness_generate import generate_batch, generation_plan
 
@@ -134,6 +136,8 @@ class DiffusionLM(LM):
         if isinstance(load_args.pretrained, str):  # what the config.json tells, before any weights load
             check_source(load_args, self.settings)
         self.model, self.tokenizer, self.name = load(load_args)
+        if self.settings.cache is not CacheMode.NONE:  # a family without the cache: refused before any request
+            check_cache_mode(self.model, self.settings.cache.value)
         adapter = get_adapter(self.model)
         vocab = self.model.get_input_embeddings().num_embeddings
         self.mask_id = resolve_mask_id(self.model.config, self.settings, self.name, vocab)

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..enums import Algorithm, DreamAlg, LikelihoodEstimator, Remasking, coerce_enum
+from ..enums import Algorithm, CacheMode, DreamAlg, LikelihoodEstimator, Remasking, coerce_enum
 from ..eval.likelihood import check_mc_settings
-from ..scoring.checks import check_nonneg, check_positive_int
+from ..scoring.checks import check_nonneg, check_parallel_rule, check_positive_int
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -50,6 +50,8 @@ class HarnessSettings:
         length (default gen_length: one block); a task's generation_kwargs may override all three.
     algorithm: llada or dream sampler (default: the adapter's); remasking: LLaDA's commit rule; alg:
         Dream's; temperature: 0 = greedy.
+    threshold / factor: Fast-dLLM's parallel decoding rules for generate_until (issue 34; default: off, the
+        fixed schedule); cache: its approximate KV cache, none / prefix / dual (LLaDA, Dream, LLaDA-MoE).
     mask_id: override the mask token id (default: the config's, via the adapter).
     """
 
@@ -69,6 +71,9 @@ class HarnessSettings:
     remasking: Remasking = Remasking.LOW_CONFIDENCE
     alg: DreamAlg = DreamAlg.ENTROPY
     temperature: float = 0.0
+    threshold: float | None = None
+    factor: float | None = None
+    cache: CacheMode = CacheMode.NONE
     mask_id: int | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +96,8 @@ class HarnessSettings:
             self.algorithm = coerce_enum(Algorithm, self.algorithm, "algorithm")
         self.remasking = coerce_enum(Remasking, self.remasking, "remasking")
         self.alg = coerce_enum(DreamAlg, self.alg, "alg")
+        check_parallel_rule(self.threshold, self.factor)
+        self.cache = coerce_enum(CacheMode, self.cache, "cache")
 
 
 # passed by lm-eval's simple_evaluate to every backend; "auto" batch sizes are refused below

@@ -2,7 +2,8 @@
 this package's LLaDA / Dream samplers -> answers cut at the stop sequences. No lm-eval import here.
 
 A task's ``generation_kwargs`` may set ``gen_length``, ``steps``, ``block_length``, ``algorithm``,
-``remasking``, ``alg``, ``cfg``, ``temperature`` / ``do_sample``, ``top_p``, ``top_k`` and ``until``; unset
+``remasking``, ``alg``, ``cfg``, ``temperature`` / ``do_sample``, ``top_p``, ``top_k``, ``threshold``,
+``factor``, ``cache`` (Fast-dLLM's parallel rules and approximate KV cache) and ``until``; unset
 ones come from model_args. ``max_gen_toks`` is ignored (a diffusion sampler decodes a fixed ``gen_length``,
 as in the released wrappers). Any other key raises.
 """
@@ -14,11 +15,13 @@ from typing import Any
 
 import torch
 
-from ..enums import Algorithm, DreamAlg, Remasking, coerce_enum
+from ..enums import Algorithm, CacheMode, DreamAlg, Remasking, coerce_enum
+from ..modeling.kv_cache import ApproximateCache
+from ..scoring.checks import check_parallel_rule
 from ..scoring.sampler import dream_decode, llada_decode
 
 _KNOWN = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "gen_length", "steps",
-          "block_length", "cfg", "remasking", "alg", "algorithm"}
+          "block_length", "cfg", "remasking", "alg", "algorithm", "threshold", "factor", "cache"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class GenPlan:
     top_p: float | None
     top_k: int | None
     until: tuple[str, ...]
+    threshold: float | None = None
+    factor: float | None = None
+    cache: CacheMode = CacheMode.NONE
 
 
 def generation_plan(lm: Any, gen_kwargs: dict[str, Any] | None) -> GenPlan:
@@ -55,6 +61,8 @@ def generation_plan(lm: Any, gen_kwargs: dict[str, Any] | None) -> GenPlan:
     temperature = float(kw.get("temperature", s.temperature))
     if kw.get("do_sample") is False:
         temperature = 0.0
+    threshold, factor = kw.get("threshold", s.threshold), kw.get("factor", s.factor)
+    check_parallel_rule(threshold, factor)
     return GenPlan(
         algorithm=coerce_enum(Algorithm, kw.get("algorithm", s.algorithm or lm.adapter.sampler), "algorithm"),
         gen_length=gen_length,
@@ -67,6 +75,9 @@ def generation_plan(lm: Any, gen_kwargs: dict[str, Any] | None) -> GenPlan:
         top_p=kw.get("top_p"),
         top_k=kw.get("top_k"),
         until=tuple(until),
+        threshold=threshold,
+        factor=factor,
+        cache=coerce_enum(CacheMode, kw.get("cache", s.cache), "cache"),
     )
 
 
@@ -117,8 +128,9 @@ def generate_batch(lm: Any, contexts: list[str], plan: GenPlan) -> list[str]:
         return (lm.model(x) if attention_mask is None else lm.model(x, attention_mask=attention_mask)).logits
 
     generator = torch.Generator(device=lm.device).manual_seed(lm.settings.seed) if plan.temperature > 0 else None
+    cache = None if plan.cache is CacheMode.NONE else ApproximateCache(lm.model, plan.cache.value)
     common = dict(mask_id=lm.mask_id, temperature=plan.temperature, attention_mask=mask, generator=generator,
-                  logit_shift=lm.adapter.logit_shift)
+                  logit_shift=lm.adapter.logit_shift, threshold=plan.threshold, factor=plan.factor, cache=cache)
     with torch.no_grad():
         if plan.algorithm is Algorithm.LLADA:
             trace = llada_decode(logits_fn, ids, plan.gen_length, plan.block_length, plan.steps,
