@@ -26,6 +26,7 @@ from ..files import atomic_dir
 from ..integrations.loading import load_pretrained
 from ..integrations.transformers import quantize
 from ..naming import check_repo_id, is_repo_id
+from ..nn import FairLinear, use_kernels
 from ..pipeline import build_prior
 from .flags import config_from_args
 
@@ -49,13 +50,23 @@ def resolve_model(name: str | None) -> str:
         raise FileNotFoundError(f"model {name!r}: no such folder, and not a Hub repo id ('namespace/name')") from None
 
 
-def load_model(name: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+def load_model(name: str, dtype: str = "float32", device: str | None = None,
+               kernel: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode on ``device`` (default: cuda when available, else cpu); the model in
-    the class its checkpoint names, so it keeps its LM head (`integrations.loading`)."""
+    the class its checkpoint names, so it keeps its LM head (`integrations.loading`); its packed layers
+    on `kernel` (`FairLinear.set_kernel`)."""
     device = device or default_device()
     tokenizer = AutoTokenizer.from_pretrained(name)
     model = load_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    return model.to(device).eval(), tokenizer
+    return _on_kernel(model.to(device).eval(), kernel), tokenizer
+
+
+def _on_kernel(model: Any, kernel: str) -> Any:
+    """`use_kernels(model, kernel)` where the model has packed layers and the kernel is not the load's own
+    choice ("auto", which from_pretrained and quantize apply)."""
+    if kernel != "auto" and any(isinstance(m, FairLinear) for m in model.modules()):
+        use_kernels(model, kernel)
+    return model
 
 
 def is_quantized(name: str) -> bool:
@@ -89,11 +100,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     if repo:
         require_token(args.token, repo)
     name = resolve_model(args.model)
-    model, tokenizer = load_model(name, args.dtype, args.device)
+    model, tokenizer = load_model(name, args.dtype, args.device, args.kernel)
     metrics = None
     if args.eval:
         fp, traces = _evaluate(model, tokenizer, args, teacher=model)
-    quantize(model, config, tokenizer=tokenizer)
+    _on_kernel(quantize(model, config, tokenizer=tokenizer), args.kernel)
     if args.eval:
         metrics = {"FP": fp, config_label(config): _evaluate(model, tokenizer, args, traces=traces)}
         print(_table(metrics, args.all_metrics))
@@ -139,7 +150,7 @@ def run_prior(args: argparse.Namespace) -> int:
     if config.weighting is not Weighting.FAIR:
         raise ValueError("prior needs --weighting fair (the uniform ablation has no prior)")
     _check_output_dir(args.output_dir, args.overwrite)
-    model, tokenizer = load_model(resolve_model(args.model), args.dtype, args.device)
+    model, tokenizer = load_model(resolve_model(args.model), args.dtype, args.device, args.kernel)
     prior = build_prior(model, config, tokenizer)  # the pipeline's own Stage I, split across processes if launched so
     _save_prior(prior, Path(args.output_dir))
     print(f"saved prior ({prior.seq_len} positions, window {prior.window}) to {args.output_dir}")
@@ -168,14 +179,14 @@ def run_eval(args: argparse.Namespace) -> int:
     rows: dict[str, dict] = {}
     traces = None
     if base is not None:
-        teacher, tokenizer = load_model(base, args.dtype, args.device)
+        teacher, tokenizer = load_model(base, args.dtype, args.device, args.kernel)
         metrics, traces = _evaluate(teacher, tokenizer, args, teacher=teacher)
         if base in names:
             rows[base] = metrics
         del teacher
     for name in names:
         if name not in rows:
-            model, tokenizer = load_model(name, args.dtype, args.device)
+            model, tokenizer = load_model(name, args.dtype, args.device, args.kernel)
             rows[name] = _evaluate(model, tokenizer, args, traces=traces)
             del model
     rows = {name: rows[name] for name in names}
@@ -224,7 +235,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(resolve_model(args.model), args.dtype, args.device)
+    model, tokenizer = load_model(resolve_model(args.model), args.dtype, args.device, args.kernel)
     generator = torch.Generator(device=execution_device(model)).manual_seed(args.seed)
     kwargs = {"generator": generator} if args.temperature > 0 else {}
     print(generate(model, tokenizer, args.prompt, gen_length=args.gen_length, steps=args.steps,

@@ -40,6 +40,9 @@ def _model_flags(parser: argparse.ArgumentParser, positional: bool = True) -> No
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                         help="dtype to load the model in (default: float32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "reference", "int8_mm", "int4_weight"],
+                        help="what packed layers compute with (default auto: an integer kernel where the dtype "
+                             "allows; int4_weight runs W4A16 in bfloat16 whatever --dtype is)")
 
 
 def _hub_flags(parser: argparse.ArgumentParser) -> None:

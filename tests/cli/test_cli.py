@@ -179,3 +179,24 @@ def test_quantize_keeps_the_lm_head_of_a_transformers_family(tmp_path, tiny_llam
     assert config["architectures"] == ["LlamaForCausalLM"]
     saved = safetensors.torch.load_file(out / "model.safetensors")
     assert torch.equal(saved["lm_head.weight"], tiny_llama.lm_head.weight)
+
+
+def test_kernel_flag_puts_the_packed_layers_on_the_named_kernel(tmp_path):
+    # issue 32 N3: a W4A16 model loaded in float32 stays on the reference path under "auto"; --kernel
+    # int4_weight asks for torch's int4 kernel (bfloat16 compute) by name
+    from optimum_fair.cli.actions import load_model
+    from optimum_fair.nn import FairLinear
+
+    tok = char_tokenizer()
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    quantize(model, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", w_bits=4, a_bits=16,
+                                    group_size=32), tokenizer=tok)
+    model.save_pretrained(tmp_path / "w4a16")
+    tok.save_pretrained(tmp_path / "w4a16")
+    for kernel, expected in (("auto", "reference"), ("int4_weight", "int4_weight"), ("reference", "reference")):
+        loaded, _ = load_model(str(tmp_path / "w4a16"), "float32", "cpu", kernel)
+        assert {m.kernel for m in loaded.modules() if isinstance(m, FairLinear)} == {expected}, kernel
+    args = build_parser().parse_args(["generate", str(tmp_path / "w4a16"), "Hi", "--kernel", "int4_weight"])
+    assert args.kernel == "int4_weight"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "Hi", "--kernel", "fast"])
