@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..enums import BoostSchedule, Confidence, Remasking, coerce_enum
-from .forward import LogitsFn
+from .forward import CachedLogits, LogitsFn
 from .policies import confidence_scores
 from .sampler import llada_decode
 
@@ -151,18 +151,63 @@ def place_in_sequence(window_weights: Tensor, seq_len: int, floor: float, logit_
     return out
 
 
+class _ObservedCache:
+    """A prefix `CachedLogits` that records the reliability of every window position each forward reads
+    (0 at the positions before the block, which are committed and never read by `reliability_sum`)."""
+
+    mode = "prefix"
+
+    def __init__(self, cache: CachedLogits, seen: list[Tensor], prompt_len: int, window: int, logit_shift: int,
+                 mask_id: int, kind: str) -> None:
+        self.cache, self.seen, self.prompt_len, self.size = cache, seen, prompt_len, window
+        self.shift, self.mask_id, self.kind = logit_shift, mask_id, kind
+
+    def _record(self, logits: Tensor, start: int) -> Tensor:
+        """logits (b, L, vocab) of canvas positions start..start + L - 1; position p is predicted at p - shift."""
+        first = max(0, start + self.shift - self.prompt_len)  # first window index read
+        last = min(self.size, start + self.shift - self.prompt_len + logits.shape[1])
+        row = self.prompt_len + first - self.shift - start
+        probs = logits[:, row:row + last - first].float().softmax(-1)  # (b, last - first, vocab)
+        probs[..., self.mask_id] = 0.0  # the mask token is never proposed
+        rel = torch.zeros(logits.shape[0], self.size, device=logits.device)  # (b, K)
+        rel[:, first:last] = reliability(probs / probs.sum(-1, keepdim=True), self.kind)
+        self.seen.append(rel)
+        return logits
+
+    def refresh(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        return self._record(self.cache.refresh(x, attention_mask), 0)
+
+    def window(self, x: Tensor, attention_mask: Tensor | None, start: int, end: int) -> Tensor:
+        return self._record(self.cache.window(x, attention_mask, start, end), start)
+
+
 @torch.no_grad()
 def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_length: int, steps: int,
                    mask_id: int, logit_shift: int, reliability_kind: str, batch_size: int,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                   generator: torch.Generator | None = None, cache: CachedLogits | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """Random-commit rollouts of the teacher over a K-token window after each prompt.
 
     prompts: (P, N - K) calibration prefixes. Returns commit_step (P, K) and reliability (T, P, K).
+    ``cache``: run them on a *prefix* approximate KV cache (issue 34): each block's first step is the exact
+    forward, later steps recompute the block and the masked suffix only, so every still-masked position gets
+    its (approximate) reliability. The commit order draws are the same, so commit_step equals the uncached one.
     """
+    if cache is not None and getattr(cache, "mode", None) != "prefix":
+        raise ValueError(f"cache: Stage I rollouts read every masked position, so only a 'prefix' cache fits, "
+                         f"got mode {getattr(cache, 'mode', None)!r}")
     commits, reliabs = [], []
     for start in range(0, prompts.shape[0], batch_size):
         batch = prompts[start:start + batch_size]
         seen: list[Tensor] = []
+        if cache is not None:
+            observer = _ObservedCache(cache, seen, batch.shape[1], window, logit_shift, mask_id, reliability_kind)
+            trace = llada_decode(logits_fn, batch, window, block_length, steps, mask_id, temperature=0.0,
+                                 remasking=Remasking.RANDOM, generator=generator, logit_shift=logit_shift,
+                                 cache=observer)
+            commits.append(trace.commit_step)
+            reliabs.append(torch.stack(seen))  # (T, b, K)
+            continue
 
         def observed(x: Tensor, seen=seen, prompt_len=batch.shape[1], **kw) -> Tensor:
             logits = logits_fn(x, **kw)  # (b, seq, vocab)
