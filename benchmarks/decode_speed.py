@@ -8,7 +8,7 @@ one-per-step output and to the FP32 teacher's under the same commit rule without
 prompts whose whole answer equals the latter, and the teacher-forced frontier flip rate (all decisions / teacher
 margin >= 0.1) on that FP32 same-rule trajectory, read through the row's cache (issue 34's metric). Models: the
 FP32 teacher, optionally bf16, and W4A4 / W8A8 (quick RTN + Hadamard calibration, integer kernels). Batch = all
-prompts at once.
+prompts at once. Times: the fastest of ``--repeats`` interleaved runs.
 
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --threads 1 --out benchmarks/results/decode_speed.json
 """
@@ -27,11 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 QUICK = dict(rounding="rtn", transform="hadamard", weighting="uniform", num_probes=8, num_samples=8)
-FORMATS = {"w4a4": (4, 4), "w8a8": (8, 8)}
+QUANTIZED = {  # name: FairCalibConfig fields
+    "w4a4": dict(w_bits=4, a_bits=4, **QUICK),  # RTN after a Hadamard rotation: the integer-kernel speed model
+    "w8a8": dict(w_bits=8, a_bits=8, **QUICK),
+    "w4a4-rtn": dict(w_bits=4, a_bits=4, rounding="rtn", transform="none", weighting="uniform", num_probes=8,
+                     num_samples=8),
+    "w4a4-fair": dict(w_bits=4, a_bits=4, rounding="gptq", transform="hadamard", weighting="fair", num_probes=32,
+                      num_samples=32, seed=0),  # FAIR-Calib (prior-weighted GPTQ + rotation), small budget
+}
 
 
 def load_models(names: list[str]) -> tuple[dict, object]:
-    """{name: model} for fp32 / bf16 / w4a4 / w8a8 (quantized models in float32 with integer kernels)."""
+    """{name: model} for fp32 / bf16 and the `QUANTIZED` names (float32 with integer kernels)."""
     from transformers import AutoModel, AutoTokenizer
 
     import optimum_fair
@@ -44,9 +51,8 @@ def load_models(names: list[str]) -> tuple[dict, object]:
             dtype = torch.float32 if name == "fp32" else torch.bfloat16
             models[name] = AutoModel.from_pretrained(path, dtype=dtype).eval()
         else:
-            w, a = FORMATS[name]
             models[name] = AutoModel.from_pretrained(path, dtype=torch.float32, quantization_config=FairCalibConfig(
-                w_bits=w, a_bits=a, **QUICK)).eval()
+                **QUANTIZED[name])).eval()
     return models, AutoTokenizer.from_pretrained(path)
 
 
@@ -85,16 +91,32 @@ def flips(model, fp_trace, policy: dict) -> tuple[float, float]:
     return round(res.flip_rate, 3), round(res.flip_rate_confident, 3)
 
 
-def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float) -> list[dict]:
+def timed(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float,
+          repeats: int) -> dict:
+    """{(model, policy label): (trace, fastest of ``repeats`` wall times)}, the cases interleaved per repeat so
+    that a busy spell on a shared machine spreads over all of them."""
+    out = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            for label, policy in policies(threshold):
+                trace, seconds = decode(model, prompts, gen_length, block_length, policy)
+                prev = out.get((name, label))
+                out[(name, label)] = (trace, seconds if prev is None else min(prev[1], seconds))
+    return out
+
+
+def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float,
+        repeats: int = 3) -> list[dict]:
     rows, fp = [], {}
+    times = timed(models, prompts, gen_length, block_length, threshold, repeats)
     for name, model in models.items():
         for label, policy in policies(threshold):
-            trace, seconds = decode(model, prompts, gen_length, block_length, policy)
+            trace, seconds = times[(name, label)]
             rule_key = label.split(" + ")[0]
             if name == "fp32" and "cache" not in policy:
                 fp[rule_key] = trace
             flip_all, flip_m = flips(model, fp[rule_key], policy)
-            rows.append(dict(model=name, policy=label, seconds=round(seconds, 2),
+            rows.append(dict(model=name, policy=label, seconds=round(seconds, 3),
                              tokens_per_s=round(trace.generated.numel() / seconds, 1),
                              steps_per_token=round(trace.steps_per_token(), 3), flip_rate=flip_all,
                              flip_rate_m01=flip_m, gen=trace.generated, rule=rule_key))
@@ -109,6 +131,40 @@ def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int,
     return rows
 
 
+@torch.no_grad()
+def curve(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, thresholds: list[float],
+          factors: list[float]) -> list[dict]:
+    """Tokens per step under each threshold / factor (no cache) for every model, the flip rate against the FP32
+    teacher under the same rule, and the paired per-prompt difference in steps per token to FP32 (mean and a
+    normal 95 % interval over prompts)."""
+    rows = []
+    rules = [{"threshold": t} for t in thresholds] + [{"factor": f} for f in factors]
+    for rule in rules:
+        fp_trace = decode(models["fp32"], prompts, gen_length, block_length, rule)[0]
+        fp_steps = fp_trace.steps_used().double() / gen_length  # (batch,)
+        for name, model in models.items():
+            trace = fp_trace if name == "fp32" else decode(model, prompts, gen_length, block_length, rule)[0]
+            steps = trace.steps_used().double() / gen_length
+            diff = steps - fp_steps
+            half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+            flip_all, flip_m = flips(model, fp_trace, rule)
+            rows.append(dict(model=name, rule=" ".join(f"{k} {v:g}" for k, v in rule.items()),
+                             tokens_per_step=round(1 / float(steps.mean()), 3),
+                             steps_per_token=round(float(steps.mean()), 3),
+                             diff_vs_fp32=f"{float(diff.mean()):+.3f} [{float(diff.mean()) - half:+.3f}, "
+                                          f"{float(diff.mean()) + half:+.3f}]",
+                             flip_rate=flip_all, flip_rate_m01=flip_m))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def curve_markdown(rows: list[dict]) -> str:
+    cols = ["model", "rule", "tokens_per_step", "steps_per_token", "diff_vs_fp32", "flip_rate", "flip_rate_m01"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["model", "policy", "seconds", "tokens_per_s", "x_fp32_one_per_step", "steps_per_token",
             "agree_fp_one_per_step", "agree_fp_same_rule", "same_text_fp_same_rule", "flip_rate", "flip_rate_m01"]
@@ -120,13 +176,20 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--models", nargs="+", default=["fp32", "w4a4"], choices=["fp32", "bf16", "w4a4", "w8a8"])
+    names = ["fp32", "bf16", *QUANTIZED]
+    parser.add_argument("--models", nargs="+", default=["fp32", "w4a4"], choices=names, help="the speed table's")
+    parser.add_argument("--curve-models", nargs="+", default=["fp32", "w4a4-rtn", "w4a4-fair"], choices=names)
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per case; the fastest is reported")
+    parser.add_argument("--curve", action="store_true", help="also the tokens-per-step curve over the rules below")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.2])
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--skip-speed", action="store_true", help="only the curve")
     parser.add_argument("--out", type=Path, default=None, help="also write rows, args and machine as JSON")
     args = parser.parse_args(argv)
     if "fp32" not in args.models:
@@ -134,15 +197,23 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from optimum_fair.data import calibration_sequences, load_texts
 
-    models, tok = load_models(args.models)
+    models, tok = load_models(list(dict.fromkeys(args.models + (args.curve_models if args.curve else []))))
     prompts = calibration_sequences(load_texts("lee"), tok, args.num_prompts, args.prompt_len, seed=args.seed)
     info = {**machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(json.dumps(info), flush=True)
-    rows = run(models, prompts, args.gen_length, args.block_length, args.threshold)
-    print(markdown(rows))
+    speed_models = {k: models[k] for k in args.models}
+    curve_models = {k: models[k] for k in ["fp32", *args.curve_models] if k in models}
+    rows = [] if args.skip_speed else run(speed_models, prompts, args.gen_length, args.block_length, args.threshold,
+                                          args.repeats)
+    curve_rows = curve(curve_models, prompts, args.gen_length, args.block_length, args.thresholds, args.factors) \
+        if args.curve else []
+    if rows:
+        print(markdown(rows))
+    if curve_rows:
+        print(curve_markdown(curve_rows))
     if args.out:
         args.out.write_text(json.dumps({"machine": info, "args": vars(args) | {"out": str(args.out)},
-                                        "rows": rows}, indent=1) + "\n")
+                                        "rows": rows, "curve": curve_rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
