@@ -77,6 +77,14 @@ def encode(w: torch.Tensor, qtype: GGUFType) -> tuple[np.ndarray, str | None]:
     raise ValueError(f"cannot write a float tensor as {qtype.value}")
 
 
+def rounded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
+    """w (N, K) float as a `qtype` block type (Q4_0 / Q8_0) stores it: codes x fp16 scales, float32. `encode`
+    writes these values back exactly (their own scale is among its candidates, with zero error)."""
+    scale = searched_scale(w.float(), BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
+    codes = quantize_weight(w.float(), scale, BITS[qtype], BLOCK)  # (N, K) int8
+    return codes.float() * scale.repeat_interleave(BLOCK, dim=1)
+
+
 def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:
     """Q4_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes) uint8."""
     n, k = codes.shape

@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair.enums import GGUFType
@@ -102,9 +102,12 @@ def test_q4_0_mix_quantizes_the_ends_and_keeps_the_codes(q4_0, tmp_path):
     for name, t in plain.items():
         if name not in ("token_embd.weight", "output.weight"):
             assert t.tensor_type is mixed[name].tensor_type and np.array_equal(t.data, mixed[name].data), name
-    emb = model.get_input_embeddings().weight.float()
+    emb = model.get_input_embeddings().weight.float()  # rounded to Q4_0 before calibration
     back = torch.from_numpy(gguf.quants.dequantize(mixed["token_embd.weight"].data, T.Q4_0))
-    assert ((back - emb).norm() / emb.norm()) < 0.12  # four bits, blocks of 32
+    assert torch.equal(back, emb)  # so the mix writes it exactly
+    teacher = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32)
+    fp_emb = teacher.get_input_embeddings().weight
+    assert 0 < ((emb - fp_emb).norm() / fp_emb.norm()) < 0.12  # four bits, blocks of 32
     assert mixed_path.stat().st_size < 0.62 * (tmp_path / "plain.gguf").stat().st_size
 
 
@@ -148,3 +151,15 @@ def test_cli_export_type(q4_0, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     tensors, _ = _tensors(tmp_path / "m.gguf")
     assert tensors["output.weight"].tensor_type is T.Q6_K
+
+
+def test_a_failed_calibration_gives_the_float_embedding_back():
+    from optimum_fair import FairCalibConfig, quantize
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    before = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(ValueError, match="token"):  # far too little text for one calibration window
+        quantize(model, FairCalibConfig(gguf_type="Q4_0", rounding="gptq", weighting="uniform", num_samples=4,
+                                        seq_len=32), texts=["too short"], tokenizer=tok)
+    assert torch.equal(model.get_input_embeddings().weight, before)
