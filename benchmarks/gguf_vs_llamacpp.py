@@ -10,9 +10,10 @@ F32 GGUF with our exporter. Per GGUF type T (`--types`; Q4_K_M and IQ4_XS are ll
   each also with the token embedding and the output head kept F32 (`--token-embedding-type f32
   --output-tensor-type f32`), which separates the block linears' error from the embedding's and head's;
 * optimum-fair calibrated for T (`FairCalibConfig(gguf_type=T)`: GPTQ in the GGUF grid, the same
-  calibration windows), weighting uniform and fair, exported with `export(model, out, "gguf")` and, where
-  the exporter takes `gguf_type`, also as llama.cpp's mix (embedding and head quantized). A type the
-  package refuses is recorded as not supported.
+  calibration windows, masked decode-like inputs unless `--calib-inputs text`), weighting uniform and
+  fair, exported with `export(model, out, "gguf")` and, where the exporter takes `gguf_type`, also as
+  llama.cpp's mix (embedding and head quantized). A type the package refuses is recorded as not
+  supported.
 
 Every file is read back with the `gguf` package's dequantizer into a float LLaDA and scored with the
 package's `evaluate` against the FP teacher's greedy trajectories (the same prompts for every file):
@@ -72,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-probes", type=int, default=128, help="Stage I probes of the fair cells")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-inputs", default="masked", choices=["masked", "text"],
+                   help="our Stage II inputs: masked (decode-like canvases, the better here) or text")
     p.add_argument("--repeats", type=int, default=3, help="llama-diffusion-cli runs per file (median)")
     p.add_argument("--num-prompts", type=int, default=EVAL["num_prompts"])
     p.add_argument("--work", type=Path, default=None, help="folder for the GGUF files (default: a temporary one)")
@@ -99,14 +102,7 @@ def write_f32(teacher, tok, out: Path) -> Path:
     """The FP teacher as an unquantized GGUF (every tensor F32), through the package's exporter."""
     from optimum_fair.export import export
 
-    try:
-        return export(teacher, out, "gguf", tokenizer=tok, gguf_type="F32")
-    except TypeError:  # an exporter without gguf_type: its writer keeps every float tensor F32
-        from optimum_fair.export.gguf_file import check_exportable, write_gguf
-
-        logger.warning("export() has no gguf_type yet: writing the F32 file with gguf_file.write_gguf")
-        check_exportable(teacher)
-        return write_gguf(teacher, tok, out)
+    return export(teacher, out, "gguf", tokenizer=tok, gguf_type="F32")
 
 
 def make_imatrix(cache: Path, f32: Path, text: Path, out: Path, seq_len: int, chunks: int) -> dict:
@@ -151,7 +147,7 @@ def our_files(model_path, tok, qtype: str, weighting: str, args, work: Path, pri
 
     fields = dict(gguf_type=qtype, rounding="gptq", transform="none", a_bits=16, weighting=weighting,
                   dataset="wiki", num_samples=args.num_samples, seq_len=args.seq_len, num_probes=args.num_probes,
-                  seed=args.seed, tokenizer=str(model_path))
+                  seed=args.seed, tokenizer=str(model_path), calib_inputs=args.calib_inputs)
     if weighting == "fair" and prior:
         fields["prior"] = str(prior[0])  # one Stage I prior for every fair cell
     config = FairCalibConfig(**fields)  # ValueError: a type the package does not take
@@ -168,7 +164,7 @@ def our_files(model_path, tok, qtype: str, weighting: str, args, work: Path, pri
     try:
         mix = export(model, work / f"ours_{qtype}_{weighting}_mix.gguf", "gguf", tokenizer=tok, gguf_type=qtype)
         rows.append({**base, "file": name + ", llama.cpp's mix", "path": mix})
-    except (TypeError, ValueError) as err:
+    except ValueError as err:  # a type whose mix the exporter does not write
         logger.warning("%s: no mix export (%s)", name, err)
     return rows
 
@@ -317,7 +313,7 @@ def main(argv=None) -> None:
         for weighting in ("uniform", "fair"):
             try:
                 files += our_files(path, tok, qtype, weighting, args, work, prior)
-            except (TypeError, ValueError) as err:  # TypeError: a FairCalibConfig without gguf_type
+            except ValueError as err:  # a type the package does not calibrate in
                 not_supported[f"{qtype} {weighting}"] = f"not supported yet: {err}"
                 logger.warning("optimum-fair %s %s: not supported yet (%s)", qtype, weighting, err)
     rows = [score(r, cache, teacher, tok, traces, args, num_params) for r in files]
