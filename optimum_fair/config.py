@@ -240,10 +240,11 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     def _apply_gguf_type(self) -> None:
         """gguf_type fixes the weight format; a conflicting non-default value is refused, naming the field."""
-        self.gguf_type = coerce_enum(GGUFType, self.gguf_type, "gguf_type")
-        if self.gguf_type not in GGUF_GRIDS:
+        given = _plain(self.gguf_type)
+        self.gguf_type = next((t for t in GGUF_GRIDS if t.value == given), None)
+        if self.gguf_type is None:
             raise ValueError(f"gguf_type must be one of {[t.value for t in GGUF_GRIDS]} (the types calibration "
-                             f"rounds in; export writes the others), got {self.gguf_type.value!r}")
+                             f"rounds in; the export writes the embedding's and head's types), got {given!r}")
         bits, block = GGUF_GRIDS[self.gguf_type]
         wanted = {"w_bits": bits, "a_bits": 16, "group_size": block, "weight_grid": WeightGrid.SEARCH,
                   "transform": Transform.NONE}
