@@ -29,6 +29,14 @@ class Transform(str, Enum):
     FLATQUANT = "flatquant"  # learned Kronecker-factored affine + diagonal scale + clipping
 
 
+class KronInit(str, Enum):
+    """How a transform's Kronecker factors A, B start (`calib.transforms.KRON_INITS`)."""
+
+    HADAMARD = "hadamard"  # random signed Hadamard factors (`calib.rotation.random_hadamard_factors`)
+    IDENTITY = "identity"  # A = I, B = I (still learnable)
+    NONE = "none"  # no Kronecker factors
+
+
 class WeightGrid(str, Enum):
     """Which codes of the signed b-bit grid a weight row uses, i.e. what its scale divides max|w| by."""
 

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..enums import Rounding, WeightGrid, coerce_enum
-from ..ops import fake_quant_act, fake_quant_weight, kron_apply, quantize_weight, weight_scale
-from .gptq import GPTQFactor, gptq_quantize
+from ..enums import KronInit, Rounding, WeightGrid
+from ..ops import fake_quant_act, fake_quant_weight, kron_apply
+from .gptq import GPTQFactor
+from .methods import TransformMethod, rounding_method
 from .objective import weighted_sq_error
 from .rotation import kron_factors, random_hadamard_factors
 
@@ -35,11 +36,26 @@ __all__ = [
     "fit_transforms",
     "hadamard_transform",
     "smooth_scale",
+    "transform_params",
 ]
 
 logger = logging.getLogger(__name__)
 
-KRON_INITS = ("hadamard", "identity", "none")
+
+
+def identity_factors(d: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = I (n1, n1), B = I (n2, n2) with n1 * n2 = d (`kron_factors`)."""
+    n1, n2 = kron_factors(d)
+    return torch.eye(n1, device=device), torch.eye(n2, device=device)
+
+
+#: How each `KronInit` makes the factors (A, B) of a d-dim input: (d, generator, device) -> (A, B), or None.
+KRON_INITS: dict[KronInit, Callable | None] = {
+    KronInit.HADAMARD: random_hadamard_factors,
+    KronInit.IDENTITY: identity_factors,
+    KronInit.NONE: None,
+}
 
 
 def channel_absmax(x: torch.Tensor, running: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +89,7 @@ class TransformParams(nn.Module):
     def __init__(
         self,
         d: int,
-        kron: str = "hadamard",
+        kron: KronInit = KronInit.HADAMARD,
         smooth: torch.Tensor | None = None,
         act_clip: bool = True,
         trainable: bool = True,
@@ -84,8 +100,8 @@ class TransformParams(nn.Module):
         """
         Args:
             d: input dimension.
-            kron: "hadamard" (random Hadamard factors, see `rotation.random_hadamard_factors`), "identity"
-                (A = I, B = I, still learnable) or "none" (no Kronecker transform).
+            kron: a `KronInit` (a key of `KRON_INITS`): HADAMARD (random Hadamard factors, see
+                `rotation.random_hadamard_factors`), IDENTITY (A = I, B = I, still learnable) or NONE.
             smooth: initial smoothing scale s (d,) (see `smooth_scale`), or None for no smoothing.
             act_clip: learn an activation clipping ratio sigmoid(logit), initialised at clip_init_logit
                 (4.0 gives 0.982, as FlatQuant); False means no clipping (ratio 1).
@@ -93,16 +109,12 @@ class TransformParams(nn.Module):
         """
         super().__init__()
         if kron not in KRON_INITS:
-            raise ValueError(f"kron must be one of {KRON_INITS}, got {kron!r}")
+            raise ValueError(f"kron must be one of {[k.value for k in KRON_INITS]}, got {kron!r}")
         if smooth is not None and tuple(smooth.shape) != (d,):
             raise ValueError(f"smooth must have shape ({d},), got {tuple(smooth.shape)}")
         self.d = d
-        A = B = None
-        if kron == "hadamard":
-            A, B = random_hadamard_factors(d, generator, device)
-        elif kron == "identity":
-            n1, n2 = kron_factors(d)
-            A, B = torch.eye(n1, device=device), torch.eye(n2, device=device)
+        make = KRON_INITS[kron]
+        A, B = (None, None) if make is None else make(d, generator, device)
         self.A = None if A is None else nn.Parameter(A, requires_grad=trainable)  # (n1, n1)
         self.B = None if B is None else nn.Parameter(B, requires_grad=trainable)  # (n2, n2)
         s = None if smooth is None else smooth.detach().float().clone().to(device)
@@ -138,8 +150,15 @@ def hadamard_transform(
     d: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> TransformParams:
     """The fixed QuaRot-style path: random Hadamard factors, no smoothing, no clipping, nothing learned."""
-    return TransformParams(d, kron="hadamard", smooth=None, act_clip=False, trainable=False,
+    return TransformParams(d, kron=KronInit.HADAMARD, smooth=None, act_clip=False, trainable=False,
                            generator=generator, device=device)
+
+
+def transform_params(method: TransformMethod, d: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None, smooth: torch.Tensor | None = None) -> TransformParams:
+    """The `TransformParams` of `method` for a d-dim input; `smooth` (d,): its initial s when it has one."""
+    return TransformParams(d, kron=method.kron, smooth=smooth if method.smooth_alpha is not None else None,
+                           act_clip=method.clips, trainable=method.learned, generator=generator, device=device)
 
 
 class CalibLinear(nn.Module):
@@ -164,7 +183,7 @@ class CalibLinear(nn.Module):
         if group_size != -1 and (group_size <= 0 or linear.in_features % group_size):
             raise ValueError(f"group_size {group_size} must be -1 or divide in_features {linear.in_features}")
         self.w_bits, self.a_bits, self.group_size = w_bits, a_bits, group_size
-        self.grid = coerce_enum(WeightGrid, grid, "grid")
+        self.grid = grid
         self.register_buffer("weight", linear.weight.detach())  # (out, d)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())  # (out,)
         self.params = params
@@ -197,7 +216,7 @@ class CalibLinear(nn.Module):
     @torch.no_grad()
     def export(
         self,
-        rounding: Rounding | str = Rounding.RTN,
+        rounding: Rounding = Rounding.RTN,
         H: torch.Tensor | None = None,
         damp: float = 0.01,
         act_order: bool = False,
@@ -207,25 +226,17 @@ class CalibLinear(nn.Module):
     ) -> dict:
         """Keyword arguments of `FairLinear.from_codes` (add `dtype`): the rounded transformed weight.
 
-        rounding: "rtn", or "gptq" with H (d, d) the Hessian of the *transformed* inputs (accumulate it
+        rounding: RTN, or GPTQ with H (d, d) the Hessian of the *transformed* inputs (accumulate it
         from `transformed_input(x)` with `gptq.accumulate_hessian`), or `factor = gptq.gptq_factor(H)` shared
-        by the linears of one group. The weight clip is baked into the
+        by the linears of one group (`methods.ROUNDINGS` holds how each rounds). The weight clip is baked into the
         scale, so FairLinear's dequantized weight equals the fake-quantized one of `forward`.
         """
-        rounding = coerce_enum(Rounding, rounding, "rounding")
+        method = rounding_method(rounding)
         Wt = self.transformed_weight()  # (out, d) float32
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
-        if rounding is Rounding.RTN:
-            scale = weight_scale(Wt, self.w_bits, self.group_size, clip, self.grid, scale_dtype=scale_dtype)
-            scale = scale.to(scale_dtype).float()  # (out, n_groups)
-            codes = quantize_weight(Wt, scale, self.w_bits, self.group_size)  # (out, d) int8
-        else:  # Rounding.GPTQ
-            if H is None and factor is None:
-                raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
-            codes, scale = gptq_quantize(Wt, H, self.w_bits, self.group_size, damp=damp,
-                                         act_order=act_order, block_size=block_size, clip=clip,
-                                         scale_dtype=scale_dtype, factor=factor, grid=self.grid)
+        codes, scale = method.quantize(Wt, self.w_bits, self.group_size, clip, self.grid, scale_dtype, H=H,
+                                       factor=factor, damp=damp, act_order=act_order, block_size=block_size)
         p = self.params
         return {
             "codes": codes,

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
 from ..arch import ModelAdapter, find_adapter
+from ..calib.methods import ROUNDINGS, TRANSFORMS
 from ..config import FairCalibConfig
 from ..devices import resolve_compute_dtype
 from ..enums import CalibInputs, InputMode, Rounding, Transform, WeightGrid, Weighting
@@ -115,7 +116,7 @@ def scale_dtype(config: FairCalibConfig) -> torch.dtype | None:
 
 def needs_calibration(config: FairCalibConfig) -> bool:
     """False only for round-to-nearest without transforms: each linear is then converted on its own."""
-    return not (config.rounding is Rounding.RTN and config.transform is Transform.NONE)
+    return ROUNDINGS[config.rounding].calibrated or TRANSFORMS[config.transform].calibrated
 
 
 def resolve_skip(model: nn.Module, config: FairCalibConfig) -> list[str]:

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..calib.gptq import gptq_factor
-from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, hadamard_transform, smooth_scale
+from ..calib.methods import ROUNDINGS, TRANSFORMS, TransformMethod
+from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale, transform_params
 from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World
-from ..enums import InputMode, Rounding, Transform
+from ..enums import InputMode, Rounding
 from ..nn import FairLinear
 from ..nn.linear import float_weights_kept
 from .cache import state_digest
@@ -196,12 +197,13 @@ def calibrate_block(
     x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
     """
     shard = shard or DataShard(World(), x_in.shape[0], s.batch_size)
+    transform, method = TRANSFORMS[s.transform], ROUNDINGS[s.rounding]
     linears = {name: block.get_submodule(name) for group in groups for name in group}
-    params = _make_transforms(block, groups, linears, call, x_in, s, generator, shard)
+    params = _make_transforms(block, groups, linears, call, x_in, transform, generator, shard)
     calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
-                               weight_clip=s.transform is Transform.FLATQUANT, grid=s.weight_grid)
+                               weight_clip=transform.clips, grid=s.weight_grid)
              for gi, group in enumerate(groups) for name in group}
-    if s.transform is Transform.FLATQUANT:
+    if transform.learned:
         for name, module in calib.items():
             set_module(block, name, module)
         with torch.enable_grad(), _frozen(block):
@@ -210,13 +212,13 @@ def calibrate_block(
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
     hessians = {}
-    if s.rounding is Rounding.GPTQ and not s.true_sequential:  # every group's Hessian from one pass
+    if method.hessian and not s.true_sequential:  # every group's Hessian from one pass
         firsts = [group[0] for group in groups]
         found, counts = counted_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights, shard)
         hessians = dict(zip(firsts, zip(found, counts, strict=True), strict=True))
     for group in groups:  # forward order: true-sequential, later groups see earlier ones quantized
         factor, rounding = None, s.rounding
-        if s.rounding is Rounding.GPTQ:  # one Hessian and one factorisation per group (q/k/v share them)
+        if method.hessian:  # one Hessian and one factorisation per group (q/k/v share them)
             H, count = hessians.pop(group[0], (None, 0))
             if H is None:
                 (H,), (count,) = counted_hessians(block, [group[0]], [calib[group[0]]], call, x_in, weights, shard)
@@ -256,23 +258,21 @@ def _data_parallel(shard: DataShard) -> dict:
             "sample_ids": shard.sample_ids, "num_samples": shard.num_samples}
 
 
-def _make_transforms(block, groups, linears, call, x_in, s: StageTwoSettings, generator,
+def _make_transforms(block, groups, linears, call, x_in, method: TransformMethod, generator,
                      shard: DataShard) -> list[TransformParams]:
-    """One TransformParams per group of linears sharing an input."""
+    """One TransformParams of `method` per group of linears sharing an input."""
+    alpha = method.smooth_alpha
+    absmax = group_input_absmax(block, groups, call, x_in, shard) if alpha is not None else None
     out = []
-    absmax = group_input_absmax(block, groups, call, x_in, shard) if s.transform is Transform.FLATQUANT else None
     for gi, group in enumerate(groups):
         d = linears[group[0]].in_features
         device = linears[group[0]].weight.device
-        if s.transform is Transform.NONE:
-            out.append(TransformParams(d, kron="none", act_clip=False, trainable=False, device=device))
-        elif s.transform is Transform.HADAMARD:
-            out.append(hadamard_transform(d, generator, device))
-        else:  # an expert that no token reached keeps s = 1
-            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=0.3) \
+        smooth = None
+        if alpha is not None:  # an expert that no token reached keeps s = 1
+            smooth = smooth_scale(absmax[gi], [linears[n].weight for n in group], alpha=alpha) \
                 if bool(absmax[gi].any()) else torch.ones(d, device=device)
-            out.append(TransformParams(d, kron="hadamard", smooth=smooth.to(device), act_clip=True,
-                                       trainable=True, generator=generator, device=device))
+            smooth = smooth.to(device)
+        out.append(transform_params(method, d, generator, device, smooth))
     return out
 
 
@@ -344,7 +344,7 @@ def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
     """The samples that score the logged losses: the first `loss_samples` when nothing else needs the FP
     targets (GPTQ or fixed transforms on quantized inputs), else all. Its batches are the first batches of
     `shard`, on the same ranks, so each rank's logged rows are a prefix of its rows."""
-    if s.loss_samples is None or s.transform is Transform.FLATQUANT or s.input_mode is InputMode.FP:
+    if s.loss_samples is None or TRANSFORMS[s.transform].learned or s.input_mode is InputMode.FP:
         return shard
     return DataShard(shard.world, min(s.loss_samples, shard.num_samples), shard.batch_size)
 

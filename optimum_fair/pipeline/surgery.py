@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calib.methods import TRANSFORMS, TransformMethod
 from ..calib.rotation import kron_factors
 from ..enums import Transform, WeightGrid
 from ..nn import FairLinear
@@ -28,6 +29,11 @@ class LayerFormat:
     transform: Transform
     weight_grid: WeightGrid
     scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the linear's dtype)
+
+    @property
+    def method(self) -> TransformMethod:
+        """The transform's record: what a converted linear stores for it."""
+        return TRANSFORMS[self.transform]
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -94,7 +100,7 @@ def check_group_size(linears: dict[str, nn.Linear], group_size: int) -> None:
 
 def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLinear:
     """An empty FairLinear with the buffers a checkpoint of this format holds for `linear`."""
-    has_transform = fmt.transform is not Transform.NONE
+    stores = fmt.method.stores
     return FairLinear(
         linear.in_features,
         linear.out_features,
@@ -102,9 +108,9 @@ def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLin
         w_bits=fmt.w_bits,
         a_bits=fmt.a_bits,
         group_size=fmt.group_size,
-        kron_dims=kron_factors(linear.in_features) if has_transform else None,
-        smooth=fmt.transform is Transform.FLATQUANT,
-        act_clip=fmt.transform is Transform.FLATQUANT,
+        kron_dims=kron_factors(linear.in_features) if "transform_a" in stores else None,
+        smooth="input_scale" in stores,
+        act_clip="act_clip" in stores,
         dtype=dtype,
         device=linear.weight.device,
     )
