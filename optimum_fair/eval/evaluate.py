@@ -369,6 +369,8 @@ def evaluate(
     bar.close()
     metrics = {f"{name}/{key}": value for name, row in per_text.items() for key, value in row.items()}
     metrics.update(_pool(per_text))
+    if policy != DecodePolicy():  # a served policy is named next to its numbers (tables, model cards)
+        metrics["decode_policy"] = policy.name
     if return_traces:
         return metrics, dict(teacher_traces or {})
     return metrics
@@ -376,7 +378,7 @@ def evaluate(
 
 TIMING_KEYS = ("tokens_per_second", "decode_seconds")  # wall-clock: differ between runs of the same evaluation
 
-HEADLINE = ("nll", "acc", "flip_rate", f"flip_rate_m{MARGIN:g}", "agreement")
+HEADLINE = ("nll", "acc", "flip_rate", f"flip_rate_m{MARGIN:g}", "agreement", "steps_per_token", "decode_policy")
 
 
 def table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None, transpose: bool = False,

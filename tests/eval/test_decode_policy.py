@@ -155,3 +155,12 @@ def test_generate_takes_the_policy(teacher, tok):
         generate(teacher, tok, "abc", threshold=0.0)
     args = build_parser().parse_args(["generate", "m", "hi", "--threshold", "0.5", "--cache", "dual"])
     assert (args.threshold, args.factor, args.cache) == (0.5, None, "dual")
+
+
+def test_a_served_policy_is_named_with_its_numbers(teacher, tok):
+    from optimum_fair.eval.evaluate import HEADLINE, table
+
+    plain = evaluate(teacher, tok, teacher, **SMALL)
+    served = evaluate(teacher, tok, teacher, decode="factor", factor=1.0, cache="prefix", **SMALL)
+    assert "decode_policy" not in plain and served["decode_policy"] == "factor1+prefix"
+    assert "factor1+prefix" in table({"q": served}, columns=[k for k in HEADLINE if k in served], transpose=True)
