@@ -181,32 +181,45 @@ class _ObservedCache:
         return self._record(self.cache.window(x, attention_mask, start, end), start)
 
 
+def _per_step(trace, seen: list[Tensor]) -> Tensor:
+    """(T, b, K) reliabilities: the readings of the forwards in the steps that ran one (a step runs a forward
+    iff some row commits in it), zeros in the empty slots a parallel rule leaves after a filled block."""
+    ran = (trace.commits_per_step() > 0).any(-1)  # (T,)
+    out = torch.zeros(trace.steps, *seen[0].shape, device=seen[0].device)
+    out[ran] = torch.stack(seen)
+    return out
+
+
 @torch.no_grad()
 def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_length: int, steps: int,
                    mask_id: int, logit_shift: int, reliability_kind: str, batch_size: int,
-                   generator: torch.Generator | None = None, cache: CachedLogits | None = None
-                   ) -> tuple[Tensor, Tensor]:
+                   generator: torch.Generator | None = None, cache: CachedLogits | None = None,
+                   threshold: float | None = None, factor: float | None = None) -> tuple[Tensor, Tensor]:
     """Random-commit rollouts of the teacher over a K-token window after each prompt.
 
     prompts: (P, N - K) calibration prefixes. Returns commit_step (P, K) and reliability (T, P, K).
     ``cache``: run them on a *prefix* approximate KV cache (issue 34): each block's first step is the exact
     forward, later steps recompute the block and the masked suffix only, so every still-masked position gets
     its (approximate) reliability. The commit order draws are the same, so commit_step equals the uncached one.
+    ``threshold`` / ``factor``: the serving policy's rollouts instead (issue 34): the teacher's greedy
+    low-confidence decode with that parallel rule; the step slots a filled block leaves empty run no forward
+    and add nothing to the reliability term.
     """
     if cache is not None and getattr(cache, "mode", None) != "prefix":
         raise ValueError(f"cache: Stage I rollouts read every masked position, so only a 'prefix' cache fits, "
                          f"got mode {getattr(cache, 'mode', None)!r}")
+    served = threshold is not None or factor is not None
+    policy = dict(remasking=Remasking.LOW_CONFIDENCE if served else Remasking.RANDOM, threshold=threshold,
+                  factor=factor, generator=generator, logit_shift=logit_shift, temperature=0.0)
     commits, reliabs = [], []
     for start in range(0, prompts.shape[0], batch_size):
         batch = prompts[start:start + batch_size]
         seen: list[Tensor] = []
         if cache is not None:
             observer = _ObservedCache(cache, seen, batch.shape[1], window, logit_shift, mask_id, reliability_kind)
-            trace = llada_decode(logits_fn, batch, window, block_length, steps, mask_id, temperature=0.0,
-                                 remasking=Remasking.RANDOM, generator=generator, logit_shift=logit_shift,
-                                 cache=observer)
+            trace = llada_decode(logits_fn, batch, window, block_length, steps, mask_id, cache=observer, **policy)
             commits.append(trace.commit_step)
-            reliabs.append(torch.stack(seen))  # (T, b, K)
+            reliabs.append(_per_step(trace, seen))  # (T, b, K)
             continue
 
         def observed(x: Tensor, seen=seen, prompt_len=batch.shape[1], **kw) -> Tensor:
@@ -217,10 +230,9 @@ def probe_rollouts(logits_fn: LogitsFn, prompts: Tensor, window: int, block_leng
             seen.append(reliability(probs / probs.sum(-1, keepdim=True), reliability_kind))  # (b, K)
             return logits
 
-        trace = llada_decode(observed, batch, window, block_length, steps, mask_id, temperature=0.0,
-                             remasking=Remasking.RANDOM, generator=generator, logit_shift=logit_shift)
+        trace = llada_decode(observed, batch, window, block_length, steps, mask_id, **policy)
         commits.append(trace.commit_step)
-        reliabs.append(torch.stack(seen))  # (T, b, K)
+        reliabs.append(_per_step(trace, seen))  # (T, b, K)
     return torch.cat(commits), torch.cat(reliabs, dim=1)
 
 

@@ -60,3 +60,24 @@ def test_a_dual_cache_is_refused_by_name():
     model = tiny_llada(VOCAB, MASK)
     with pytest.raises(ValueError, match="cache: Stage I rollouts read every masked position"):
         rollouts(model, ApproximateCache(model, "dual"))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_rollouts_under_the_serving_policy(cached):
+    """threshold rollouts: the teacher's greedy threshold decode; its empty slots add no reliability."""
+    from optimum_fair.scoring.sampler import llada_decode
+
+    model = tiny_llada(VOCAB, MASK)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # confident: blocks fill before their step budget
+    fn = lambda x, **kw: model(x).logits  # noqa: E731
+    cache = ApproximateCache(model, "prefix") if cached else None
+    commit, rel = probe_rollouts(fn, PROMPTS, 16, 8, 16, MASK, 0, "prob", 4, cache=cache, threshold=0.5)
+    with torch.no_grad():
+        ref = llada_decode(fn, PROMPTS, 16, 8, 16, MASK, threshold=0.5,
+                           cache=ApproximateCache(model, "prefix") if cached else None)
+    assert torch.equal(commit, ref.commit_step) and rel.shape == (16, 6, 16)
+    empty = ~(ref.commits_per_step() > 0).any(-1)  # (T,): no row commits, no forward
+    assert empty.any() and (rel[empty] == 0).all() and (rel[~empty] > 0).any()
+    kw = dict(seq_len=24, steps=16, beta=1.0, schedule="early", lambda1=1 / 16, floor=0.05)
+    assert torch.isfinite(prior_from_rollouts(commit, rel, **kw).weights).all()
