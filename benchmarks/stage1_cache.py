@@ -26,6 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--num-probes", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="also build the prior under the serving policy (greedy threshold rollouts) and compare")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,12 +51,13 @@ def main(argv=None) -> None:
     prompts = ids[:, : setup.seq_len - setup.window]
     dtype = resolve_compute_dtype(config.compute_dtype, torch.device("cpu"))
 
-    def run(cache):
+    def run(cache, threshold=None):
         fn = lambda x, **kw: model(x, **kw).logits.float()  # noqa: E731
         start = time.perf_counter()
         with computing_in(model, dtype), torch.no_grad():
             out = probe_rollouts(fn, prompts, setup.window, setup.block_length, setup.steps, setup.mask_id,
-                                 setup.logit_shift, "prob", 16, torch.Generator().manual_seed(0), cache=cache)
+                                 setup.logit_shift, "prob", 16, torch.Generator().manual_seed(0), cache=cache,
+                                 threshold=threshold)
         return out, time.perf_counter() - start
 
     times = {"uncached": [], "prefix": []}
@@ -73,6 +76,15 @@ def main(argv=None) -> None:
               "speedup": round(min(times["uncached"]) / min(times["prefix"]), 2),
               "same_commit_steps": bool(torch.equal(plain[0], cached[0])),
               "prior_rel_l2": float((a - b).norm() / a.norm()), "prior_max_abs": float((a - b).abs().max())}
+    if args.threshold is not None:  # the prior under the serving policy against the paper's random-commit prior
+        served, t_served = run(None, args.threshold)
+        c = prior_from_rollouts(*served, **kw).weights
+        window = slice(setup.seq_len - setup.window, setup.seq_len)
+        result["served"] = {"threshold": args.threshold, "seconds": round(t_served, 2),
+                            "steps_per_token": round(sum(r.unique().numel() for r in served[0]) / served[0].numel(), 3),
+                            "rel_l2_vs_random": float((c - a).norm() / a.norm()),
+                            "window_random": [round(v, 3) for v in a[window].tolist()],
+                            "window_served": [round(v, 3) for v in c[window].tolist()]}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
