@@ -240,11 +240,10 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     def _apply_gguf_type(self) -> None:
         """gguf_type fixes the weight format; a conflicting non-default value is refused, naming the field."""
-        given = _plain(self.gguf_type)
-        self.gguf_type = next((t for t in GGUF_GRIDS if t.value == given), None)
-        if self.gguf_type is None:
+        self.gguf_type = coerce_enum(GGUFType, self.gguf_type, "gguf_type")
+        if self.gguf_type not in GGUF_GRIDS:
             raise ValueError(f"gguf_type must be one of {[t.value for t in GGUF_GRIDS]} (the types calibration "
-                             f"rounds in; the export writes the embedding's and head's types), got {given!r}")
+                             f"rounds in; export writes the others), got {self.gguf_type.value!r}")
         bits, block = GGUF_GRIDS[self.gguf_type]
         wanted = {"w_bits": bits, "a_bits": 16, "group_size": block, "weight_grid": WeightGrid.SEARCH,
                   "transform": Transform.NONE}
@@ -276,10 +275,7 @@ class FairCalibConfig(QuantizationConfigMixin):
                 f"window ({self.window}) must be a multiple of block_length ({self.block_length})"
             )
         if self.window is not None and self.steps is not None:
-            blocks = self.window // self.resolved_block_length(self.window)
-            if self.steps % blocks:
-                raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks "
-                                 f"window // block_length = {blocks}")
+            check_steps(self.steps, self.window, self.resolved_block_length(self.window))
 
     def _check_stage_two(self) -> None:
         _check_positive_int("num_samples", self.num_samples)
@@ -299,8 +295,8 @@ class FairCalibConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must not exceed num_samples ({self.num_samples})"
             )
-        if self.window is not None and self.seq_len is not None and self.window > self.seq_len:
-            raise ValueError(f"window ({self.window}) must not exceed seq_len ({self.seq_len})")
+        if self.window is not None and self.seq_len is not None:
+            check_window(self.window, self.seq_len)
         if not (self.dataset is None or isinstance(self.dataset, str) or _is_text_list(self.dataset)
                 or hasattr(self.dataset, "column_names")):
             raise ValueError(
@@ -404,6 +400,20 @@ class FairCalibConfig(QuantizationConfigMixin):
 
     def get_loading_attributes(self) -> dict[str, Any]:
         return {}
+
+
+# -- the decode rules: checked here on the values given, by the plan on the values resolved from the model --
+def check_window(window: int, seq_len: int, limit: str = "") -> None:
+    """The window K leaves at least one prompt token in seq_len (`limit`: what bounded seq_len, for the message)."""
+    if window > seq_len - 1:
+        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len}){limit}")
+
+
+def check_steps(steps: int, window: int, block_length: int) -> None:
+    """The steps T commit the same number of tokens in every block of the window."""
+    if steps % (window // block_length):
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks window // block_length = "
+                         f"{window // block_length}")
 
 
 def is_fair_calib(quantization_config: Any) -> bool:

@@ -22,10 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import FairCalibConfig
-from ..devices import execution_device, resolve_compute_dtype
 from ..digests import tensor_digest
 from ..files import atomic_path, atomic_write_text
+from .plan import Plan
 from .surgery import LayerFormat, set_module, skeleton
 
 logger = logging.getLogger(__name__)
@@ -163,29 +162,24 @@ def check_access(root: Path) -> None:
                                   f"uid {info.st_uid}): use another cache_dir, or ask its owner to make it readable")
 
 
-def run_fingerprint(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor) -> dict:
+def run_fingerprint(model: nn.Module, plan: Plan, ids: torch.Tensor) -> dict:
     """What must match for a cached block to be reused (the prior follows from these, or from its file).
 
     compute_dtype counts as resolved on this machine ("auto" is bfloat16 on one CPU, float32 on another)."""
-    cfg = _run_settings(config)
-    cfg["compute_dtype"] = str(resolve_compute_dtype(config.compute_dtype, execution_device(model)))
+    cfg = dict(plan.settings, compute_dtype=str(plan.compute_dtype))
     model_cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("quantization_config",)}
     first = next(p for p in model.parameters())
     return {
         "config": _json_digest(cfg),
         "model": _json_digest(model_cfg) + "-" + tensor_digest(first.float()[:8]),
         "data": tensor_digest(ids),
-        "prior": _file_digest(config.prior) if config.prior else "computed",
+        "prior": _file_digest(plan.stage_one.prior) if plan.stage_one.prior else "computed",
     }
 
 
-def run_fingerprint_config(config: FairCalibConfig) -> int:
-    """The config's settings that shape the quantized model, as a 60-bit int (to compare across ranks)."""
-    return int(_json_digest(_run_settings(config))[:15], 16)
-
-
-def _run_settings(config: FairCalibConfig) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
+def settings_digest(settings: dict) -> int:
+    """A plan's `settings` (what shapes the quantized model) as a 60-bit int (to compare across ranks)."""
+    return int(_json_digest(settings)[:15], 16)
 
 
 def _read_manifest(path: Path) -> dict:

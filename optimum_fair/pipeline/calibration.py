@@ -1,8 +1,8 @@
 """`calibrate()`: the FAIR-Calib pipeline on a model in memory, returning a `CalibrationResult`.
 
-teacher (the model's FP weights) -> Stage I prior (`stage1`) -> Stage II block loop (`stage2`) ->
-packed FairLinear layers (`surgery`). Everything that can be checked (data length, window, mask token,
-cache) is checked before the first forward pass.
+the plan (`plan.make_plan`: every setting resolved once) -> teacher (the model's FP weights) -> Stage I prior
+(`stage1`) -> Stage II block loop (`stage2`) -> packed FairLinear layers (`surgery`). Everything that can be
+checked (data length, window, mask token, cache) is checked before the first forward pass.
 
 Under `torchrun` / `accelerate launch` (see `distributed.py`) each process rolls out its share of the
 probe batches and calibrates on its share of the sample batches; every process ends with the same
@@ -11,36 +11,24 @@ prior and the same quantized model as a single process would make. Only rank 0 w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
 import torch
 from torch import nn
 
-from ..arch import ModelAdapter, find_adapter, get_adapter
+from ..arch import find_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
 from ..digests import tensor_digest
 from ..distributed import DataShard, World, get_world
-from ..enums import CalibInputs, Weighting
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
 from ..scoring.states import decoding_states, noisy_canvases
-from .cache import BlockCache, run_fingerprint, run_fingerprint_config
+from .cache import BlockCache, run_fingerprint, settings_digest
 from .moe import check_tied, tie_blocks, unfuse_experts
-from .plan import (
-    block_groups,
-    check_token_ids,
-    decode_setup,
-    float_by_design,
-    layer_format,
-    needs_calibration,
-    resolve_skip,
-    stage_two_settings,
-    warn_foreign_tokenizer,
-)
+from .plan import Plan, block_groups, check_token_ids, make_plan, warn_foreign_tokenizer
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
 from .stage2 import calibrate_blocks, capture_block_inputs
@@ -52,100 +40,80 @@ logger = logging.getLogger(__name__)
 def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None) -> CalibrationResult:
     """Quantize `model` in place (its linears become FairLinears) and return what calibration produced.
 
-    texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name); default
-    `config.dataset`. tokenizer: an object or a path; default `config.tokenizer`, then the model's own.
+    texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name); default the
+    config's `dataset`. tokenizer: an object or a path; default the config's `tokenizer`, then the model's own.
+    Every setting is resolved once, by `plan.make_plan`, before any work.
     """
     if not isinstance(config, FairCalibConfig):
         raise ValueError(f"config must be a FairCalibConfig, got {type(config).__name__}")
-    adapter, config = _prepare(model, config)
-    skip = resolve_skip(model, config)
-    tied = [adapter.tied_blocks] if adapter is not None and adapter.tied_blocks else []  # shared at the end
+    adapter = find_adapter(model)
+    if adapter is not None:  # before anything is planned: the tying checked, fused experts as linears
+        check_tied(model, adapter)
+        unfuse_experts(model, adapter)
+    plan = make_plan(model, config, execution_device(model))
     # only the user's list keeps such weights float: transformers' default skip list names fused expert
     # parameters of some MoE models (DiffusionGemma), which would leave them float unasked
-    user = config.modules_to_not_convert
-    check_convertible(model, (list(user) if user is not None else float_by_design(adapter)) + tied)
-    linears = linears_to_convert(model, skip + tied)
+    check_convertible(model, plan.keep_float)
+    linears = linears_to_convert(model, plan.skip + plan.tied)  # tied stacks: shared at the end
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {skip})")
-    check_group_size(linears, config.group_size)
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {plan.skip})")
+    check_group_size(linears, plan.fmt.group_size)
     check_finite_weights(linears)
-    run_config = dataclasses.replace(config, modules_to_not_convert=skip)
-    result = CalibrationResult(run_config, skip, base_model=public_name(source_name(model)))
-    if needs_calibration(config):
-        texts = texts if texts is not None else config.dataset
-        tokenizer = tokenizer if tokenizer is not None else config.tokenizer
-        result.prior, result.blocks = _stages(model, config, skip, texts, tokenizer)
-    rest = linears_to_convert(model, skip + tied)  # everything with RTN, or the linears outside the blocks
+    result = CalibrationResult(plan.run_config, plan.skip, base_model=public_name(source_name(model)))
+    if plan.calibrate:
+        texts = texts if texts is not None else plan.texts
+        tokenizer = tokenizer if tokenizer is not None else plan.tokenizer
+        result.prior, result.blocks = _stages(model, plan, texts, tokenizer)
+    rest = linears_to_convert(model, plan.skip + plan.tied)  # everything with RTN, or the linears outside the blocks
     if rest:
         logger.info("round-to-nearest for %d linears: %s", len(rest), list(rest)[:4])
-        convert_rtn(model, rest, layer_format(config))
+        convert_rtn(model, rest, plan.fmt)
     if adapter is not None and tie_blocks(model, adapter):
         logger.info("%s now holds the packed modules of %s", adapter.tied_blocks, adapter.blocks)
     return result
 
 
-def _prepare(model: nn.Module, config: FairCalibConfig) -> tuple[ModelAdapter | None, FairCalibConfig]:
-    """Before anything is quantized: the tying checked, fused experts as linears; a canvas family's
-    weighting made uniform (saying why). Returns the adapter and the config the run uses."""
-    adapter = find_adapter(model)
-    if adapter is None:
-        return None, config
-    if adapter.canvas and config.calib_inputs is CalibInputs.MASKED:
-        raise ValueError(f"calib_inputs='masked' needs masked decoding states; {adapter.name} denoises a canvas of "
-                         "random tokens: use calib_inputs='text' (fed as noisy canvases)")
-    check_tied(model, adapter)
-    unfuse_experts(model, adapter)
-    if adapter.canvas and config.weighting is Weighting.FAIR:
-        logger.warning("%s starts from uniformly random tokens, not masks: there is no masked commit order for "
-                       "Stage I's frontier prior, so this run calibrates with weighting='uniform'", adapter.name)
-        config = dataclasses.replace(config, weighting=Weighting.UNIFORM)
-    return adapter, config
-
-
-def _stages(model: nn.Module, config: FairCalibConfig, skip: list[str], texts, tokenizer):
+def _stages(model: nn.Module, plan: Plan, texts, tokenizer):
     """Stage I + Stage II on `model` in place; returns (prior or None, per-block records)."""
-    adapter = get_adapter(model)
+    adapter, setup, s = plan.adapter, plan.decode, plan.stage_two
     blocks = adapter.block_list(model)
-    groups_of = functools.partial(block_groups, adapter, skip=skip)
-    setup = decode_setup(model, adapter, config)
+    groups_of = functools.partial(block_groups, adapter, skip=plan.skip)
     tok = resolve_tokenizer(tokenizer, model)
     warn_foreign_tokenizer(tok, setup.mask_id)
     dataset = load_texts(texts)
-    ids = calibration_sequences(dataset, tok, config.num_samples, setup.seq_len, seed=config.seed)
-    masked = setup.mask_id if config.calib_inputs is CalibInputs.MASKED else -1
-    check_token_ids(ids, model, masked, "calibration windows")
+    ids = calibration_sequences(dataset, tok, plan.num_samples, setup.seq_len, seed=plan.seed)
+    check_token_ids(ids, model, setup.mask_id if plan.masked_inputs else -1, "calibration windows")
     world = get_world()
-    check_same_run(world, config, ids)
-    shard = DataShard(world, ids.shape[0], config.batch_size)
+    check_same_run(world, plan, ids)
+    shard = DataShard(world, ids.shape[0], s.batch_size)
     if len(shard.batches) == 0:
-        n_batches = -(-ids.shape[0] // config.batch_size)
-        raise ValueError(f"num_samples={ids.shape[0]} makes {n_batches} batches of {config.batch_size}, "
+        n_batches = -(-ids.shape[0] // s.batch_size)
+        raise ValueError(f"num_samples={ids.shape[0]} makes {n_batches} batches of {s.batch_size}, "
                          f"fewer than the {world.size} processes: raise num_samples")
-    cache = make_cache(model, config, ids, world) if config.cache_dir else None  # before Stage I
+    cache = make_cache(model, plan, ids, world) if plan.cache_dir else None  # before Stage I
     prior = weights = None
-    if config.weighting is Weighting.FAIR:
-        prior = stage_one(model, config, setup, probe_source(dataset, tok, config, setup, model), world)
+    if plan.fair:
+        prior = stage_one(model, plan.stage_one, setup, probe_source(dataset, tok, plan.stage_one, setup, model),
+                          world)
         weights = prior.weights
-    if config.calib_inputs is CalibInputs.MASKED:  # (n, seq) decode states and their (n, seq) weights
-        generator = torch.Generator().manual_seed(config.seed + 1)
+    if plan.masked_inputs:  # (n, seq) decode states and their (n, seq) weights
+        generator = torch.Generator().manual_seed(plan.seed + 1)
         ids, weights = decoding_states(ids, setup.window, setup.block_length, setup.steps, setup.mask_id,
-                                       generator, weights, config.floor)
+                                       generator, weights, plan.stage_one.floor)
     mask = block_diffusion_mask(ids.shape[1], setup.block_length) if adapter.block_diffusion else None
     inputs = None
     if adapter.canvas:  # noisy canvases of the text after one shared prompt token (one encoder cache for all)
         ids = noisy_canvases(ids, model.get_input_embeddings().num_embeddings,
-                             torch.Generator().manual_seed(config.seed + 2))
+                             torch.Generator().manual_seed(plan.seed + 2))
         prompt = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else int(ids[0, 0])]])
         inputs = functools.partial(_canvas_inputs, prompt)
-    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], config.batch_size, mask,
+    hidden, extras = capture_block_inputs(model, blocks, ids[shard.sample_ids], s.batch_size, mask,
                                           inputs=inputs, keep_cache=adapter.canvas)
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
-    device = execution_device(model)
-    settings = stage_two_settings(config, device)
-    logger.info("Stage II: block forwards in %s", settings.compute_dtype)
-    records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, settings, model_float_dtype(model),
-                               device, cache=cache, shard=shard)
+    logger.info("Stage II: block forwards in %s", s.compute_dtype)
+    records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, s, model_float_dtype(model),
+                               execution_device(model), cache=cache, shard=shard)
     return prior, records
 
 
@@ -160,20 +128,20 @@ def check_finite_weights(linears: dict[str, nn.Module]) -> None:
                          f"{' ...' if len(bad) > 4 else ''}; the model's weights are damaged (fix or reload them)")
 
 
-def check_same_run(world: World, config: FairCalibConfig, ids: torch.Tensor) -> None:
+def check_same_run(world: World, plan: Plan, ids: torch.Tensor) -> None:
     """Every rank has the same settings and calibration windows, compared before any work is split (a rank
     with other num_samples would otherwise fail later with a shape mismatch, naming nothing)."""
-    settings = {"num_samples": config.num_samples, "batch_size": config.batch_size, "seq_len": ids.shape[1],
-                "seed": config.seed, "config digest": run_fingerprint_config(config),
+    settings = {"num_samples": plan.num_samples, "batch_size": plan.stage_two.batch_size, "seq_len": ids.shape[1],
+                "seed": plan.seed, "config digest": settings_digest(plan.settings),
                 "calibration windows digest": int(tensor_digest(ids)[:15], 16)}
     world.check_settings(settings, "the run's settings and calibration windows")
 
 
-def make_cache(model: nn.Module, config: FairCalibConfig, ids: torch.Tensor, world: World) -> BlockCache:
+def make_cache(model: nn.Module, plan: Plan, ids: torch.Tensor, world: World) -> BlockCache:
     """The block cache; rank 0 writes (or checks) its manifest before the other ranks read it."""
 
     def make() -> BlockCache:
-        return BlockCache(config.cache_dir, run_fingerprint(model, config, ids), layer_format(config))
+        return BlockCache(plan.cache_dir, run_fingerprint(model, plan, ids), plan.fmt)
 
     cache = make() if world.is_main else None
     world.barrier("cache manifest written by rank 0")

@@ -1,24 +1,27 @@
-"""The plan of one run: `FairCalibConfig` unpacked into plain, typed settings for the stages below.
+"""The plan of one run: `make_plan(model, config, device)` resolves every setting once.
 
-This is the only module of the pipeline that reads the config field by field for the math: Stage I gets
-a `DecodeSetup`, Stage II a `StageTwoSettings`, the module surgery a `LayerFormat`. Everything is
-resolved against the model (its maximum length, its mask id, its blocks) before any forward pass.
+This is the only module of the pipeline that reads `FairCalibConfig`: the stages get a `Plan` (skip list,
+tied stacks, the layer format, the decode setup, Stage I and Stage II settings, the compute dtype, whether
+to calibrate). The config checks what it can alone (`config.py`); what needs the model (its maximum length,
+mask id, module names, family) is checked here, before any forward pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.quantizers.base import get_keys_to_not_convert
 
-from ..arch import ModelAdapter, find_adapter
+from ..arch import ModelAdapter, find_adapter, get_adapter
 from ..calib.methods import ROUNDINGS, TRANSFORMS
-from ..config import FairCalibConfig
+from ..config import FairCalibConfig, check_steps, check_window
 from ..devices import resolve_compute_dtype
-from ..enums import CalibInputs, InputMode, Rounding, Transform, WeightGrid, Weighting
+from ..enums import BoostSchedule, CalibInputs, InputMode, Reliability, Rounding, Weighting
 from .surgery import LayerFormat, check_skip_names, matches
 
 logger = logging.getLogger(__name__)
@@ -37,14 +40,32 @@ class DecodeSetup:
 
 
 @dataclass(frozen=True)
-class StageTwoSettings:
-    """Plain Stage II values unpacked from FairCalibConfig (its defaults are the only ones)."""
+class StageOneSettings:
+    """Stage I: the probes, the prior's weighting, a saved prior to reuse."""
 
-    w_bits: int
-    a_bits: int
-    group_size: int
+    num_probes: int
+    probe_batch: int  # prompts rolled out at once: max(batch_size, 16)
+    seed: int
+    early_boost: float  # beta
+    boost_schedule: BoostSchedule
+    reliability: Reliability
+    reliability_weight: float | None  # lambda_1 as given (None: 1 / steps, see `lambda1`)
+    frontier_weight: float
+    floor: float  # epsilon, the weight outside the window
+    prior: str | None  # a saved prior to reuse (no rollouts)
+    strict_prior: bool
+    compute_dtype: torch.dtype  # the teacher's forwards
+
+    def lambda1(self, steps: int) -> float:
+        return self.reliability_weight if self.reliability_weight is not None else 1.0 / steps
+
+
+@dataclass(frozen=True)
+class StageTwoSettings:
+    """Stage II: the layer format every calibrated linear gets, and how the block loop makes it."""
+
+    fmt: LayerFormat
     rounding: Rounding
-    transform: Transform
     epochs: int
     lr: float
     clip_lr: float
@@ -54,26 +75,91 @@ class StageTwoSettings:
     input_mode: InputMode
     seed: int
     true_sequential: bool
-    weight_grid: WeightGrid
     loss_samples: int | None
     compute_dtype: torch.dtype  # the blocks' forwards (`devices.resolve_compute_dtype`)
-    scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the model's dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every resolved setting of one run (`make_plan`); nothing below reads the config."""
+
+    adapter: ModelAdapter | None
+    skip: list[str]  # modules kept in floating point (modules_to_not_convert resolved)
+    tied: list[str]  # stacks sharing the calibrated blocks' modules: left alone, tied at the end
+    keep_float: list[str]  # weights `check_convertible` lets stay float: the user's list or the float-by-design, + tied
+    fmt: LayerFormat
+    calibrate: bool  # False: every linear is rounded to nearest on its own, no data
+    compute_dtype: torch.dtype  # the forwards of both stages, on the run's device
+    fair: bool  # the Stage I prior weights the loss (weighting "fair" after the family's rule)
+    masked_inputs: bool  # Stage II reads decode states of the text (calib_inputs "masked")
+    texts: Any  # calibration text: a dataset name, a list of strings or a datasets.Dataset
+    tokenizer: Any  # an object, a path, or None (the model's own)
+    num_samples: int
+    seed: int
+    cache_dir: str | None
+    settings: dict  # the config's settings that shape the quantized model (cache fingerprint, rank check)
+    run_config: FairCalibConfig  # the config as run (weighting and skip resolved): what the result records
+    stage_one: StageOneSettings
+    stage_two: StageTwoSettings
+    decode: DecodeSetup | None  # None when the run does not calibrate
+
+
+def make_plan(model: nn.Module, config: FairCalibConfig, device: torch.device, stage_one: bool = False) -> Plan:
+    """The plan of `config` on `model` (its fused experts already unfused), forwards on `device`.
+
+    stage_one: plan Stage I alone (`build_prior`): the decode setup whatever the rounding, and the
+    weighting as given.
+    """
+    adapter = find_adapter(model)
+    if not stage_one:
+        config = _family_rules(adapter, config)
+    skip = resolve_skip(model, config)
+    user = config.modules_to_not_convert
+    tied = [adapter.tied_blocks] if adapter is not None and adapter.tied_blocks else []
+    calibrate = needs_calibration(config)
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    return Plan(
+        adapter, skip, tied, (list(user) if user is not None else float_by_design(adapter)) + tied,
+        layer_format(config), calibrate, dtype, config.weighting is Weighting.FAIR,
+        config.calib_inputs is CalibInputs.MASKED, config.dataset, config.tokenizer, config.num_samples,
+        config.seed, config.cache_dir, _settings(config), dataclasses.replace(config, modules_to_not_convert=skip),
+        stage_one_settings(config, dtype), _stage_two(config, dtype),
+        decode_setup(model, adapter or get_adapter(model), config) if calibrate or stage_one else None)
+
+
+def _family_rules(adapter: ModelAdapter | None, config: FairCalibConfig) -> FairCalibConfig:
+    """A canvas family (random tokens, no masks) refuses masked inputs and calibrates with uniform weights
+    (saying why); returns the config the run uses."""
+    if adapter is None or not adapter.canvas:
+        return config
+    if config.calib_inputs is CalibInputs.MASKED:
+        raise ValueError(f"calib_inputs='masked' needs masked decoding states; {adapter.name} denoises a canvas of "
+                         "random tokens: use calib_inputs='text' (fed as noisy canvases)")
+    if config.weighting is Weighting.FAIR:
+        logger.warning("%s starts from uniformly random tokens, not masks: there is no masked commit order for "
+                       "Stage I's frontier prior, so this run calibrates with weighting='uniform'", adapter.name)
+        config = dataclasses.replace(config, weighting=Weighting.UNIFORM)
+    return config
+
+
+def _settings(config: FairCalibConfig) -> dict:
+    """The config's settings that shape the quantized model (not its folders, repo or tokenizer)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("push_to_hub", "cache_dir", "tokenizer")}
 
 
 def decode_setup(model: nn.Module, adapter: ModelAdapter, config: FairCalibConfig) -> DecodeSetup:
-    """Sequence length, window K, blocks, steps T, mask id and logit shift of this run."""
+    """Sequence length, window K, blocks, steps T, mask id and logit shift of this run; the config's rules
+    (`check_window`, `check_steps`) checked again only where a value came from the model."""
     model_max = adapter.max_length(model.config)
     seq_len = config.resolved_seq_len(model_max)
     window = config.resolved_window(seq_len)
-    limit = f" (seq_len {seq_len}; the model's maximum length is {model_max})" if model_max else ""
-    if window > seq_len - 1:
-        raise ValueError(f"window ({window}) must leave at least one prompt token in seq_len ({seq_len}){limit}")
-    block = config.resolved_block_length(window)
-    if window % block:
-        raise ValueError(f"window ({window}) must be a multiple of block_length ({block})")
+    block = config.resolved_block_length(window)  # divides the window (checked in the config when both are set)
     steps = config.steps or window
-    if steps % (window // block):
-        raise ValueError(f"steps ({steps}) must be a multiple of window // block_length = {window // block}")
+    if config.seq_len is None or config.window is None:
+        limit = f" (seq_len {seq_len}; the model's maximum length is {model_max})" if model_max else ""
+        check_window(window, seq_len, limit)
+    if config.window is None:
+        check_steps(steps, window, block)
     if adapter.block_diffusion and (seq_len - window) % block:
         raise ValueError(f"{adapter.name} attends in blocks of block_length ({block}) from position 0: the probe "
                          f"prompt seq_len - window = {seq_len - window} must be a multiple of it")
@@ -93,25 +179,33 @@ def _mask_id(adapter: ModelAdapter, model: nn.Module, config: FairCalibConfig) -
                          f"{err}. Use weighting='uniform', or set config.mask_token_id") from None
 
 
+def stage_one_settings(config: FairCalibConfig, compute_dtype: torch.dtype) -> StageOneSettings:
+    """config's Stage I values."""
+    return StageOneSettings(
+        config.num_probes, max(config.batch_size, 16), config.seed, config.early_boost, config.boost_schedule,
+        config.reliability, config.reliability_weight, config.frontier_weight, config.floor, config.prior,
+        config.strict_prior, compute_dtype)
+
+
 def stage_two_settings(config: FairCalibConfig, device: torch.device | None = None) -> StageTwoSettings:
-    """config's Stage II values; `compute_dtype` resolved for `device` (default CPU)."""
+    """config's Stage II values without a model (a run takes `make_plan(...).stage_two`); `compute_dtype`
+    resolved for `device` (default CPU)."""
+    return _stage_two(config, resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")))
+
+
+def _stage_two(config: FairCalibConfig, compute_dtype: torch.dtype) -> StageTwoSettings:
     return StageTwoSettings(
-        config.w_bits, config.a_bits, config.group_size, config.rounding, config.transform, config.epochs,
-        config.lr, config.clip_lr, config.batch_size, config.damp, config.act_order, config.input_mode,
-        config.seed, config.true_sequential, config.weight_grid, config.loss_samples,
-        resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")), scale_dtype(config))
+        layer_format(config), config.rounding, config.epochs, config.lr, config.clip_lr, config.batch_size,
+        config.damp, config.act_order, config.input_mode, config.seed, config.true_sequential, config.loss_samples,
+        compute_dtype)
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:
-    """What every converted linear of this config stores."""
+    """What every converted linear of this config stores: float16 scales for a GGUF target (its blocks store
+    fp16 scales, so the export is exact), else the model's dtype."""
+    scale_dtype = torch.float16 if config.gguf_type is not None else None
     return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid,
-                       scale_dtype(config))
-
-
-def scale_dtype(config: FairCalibConfig) -> torch.dtype | None:
-    """float16 for a GGUF target (its blocks store fp16 scales, so the export is exact), else None (the
-    model's dtype)."""
-    return torch.float16 if config.gguf_type is not None else None
+                       scale_dtype)
 
 
 def needs_calibration(config: FairCalibConfig) -> bool:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..arch import get_adapter
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
-from ..devices import computing_in, execution_device, resolve_compute_dtype
+from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World, batch_seed, get_world
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
@@ -30,26 +30,26 @@ from ..scoring.prior import (
     saturation,
     settings_dict,
 )
-from .plan import DecodeSetup, check_token_ids, decode_setup, warn_foreign_tokenizer
+from .plan import DecodeSetup, StageOneSettings, check_token_ids, make_plan, warn_foreign_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def prior_settings(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup) -> dict:
+def prior_settings(model: nn.Module, s: StageOneSettings, setup: DecodeSetup) -> dict:
     """What a saved prior must agree on to be reused."""
     return settings_dict(
         model_type=getattr(model.config, "model_type", None), seq_len=setup.seq_len, window=setup.window,
         block_length=setup.block_length, steps=setup.steps, logit_shift=setup.logit_shift,
-        early_boost=config.early_boost, boost_schedule=config.boost_schedule, reliability=config.reliability,
-        reliability_weight=config.reliability_weight, floor=config.floor, frontier_weight=config.frontier_weight)
+        early_boost=s.early_boost, boost_schedule=s.boost_schedule, reliability=s.reliability,
+        reliability_weight=s.reliability_weight, floor=s.floor, frontier_weight=s.frontier_weight)
 
 
-def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup, model: nn.Module):
+def probe_source(dataset, tokenizer, s: StageOneSettings, setup: DecodeSetup, model: nn.Module):
     """The probe sequences (drawn lazily): seed + 1 and overlapping windows, so any text length works;
     checked against the model's vocabulary and mask id."""
 
     def draw() -> torch.Tensor:
-        ids = calibration_sequences(dataset, tokenizer, config.num_probes, setup.seq_len, seed=config.seed + 1,
+        ids = calibration_sequences(dataset, tokenizer, s.num_probes, setup.seq_len, seed=s.seed + 1,
                                     allow_overlap=True)
         check_token_ids(ids, model, setup.mask_id, "probe windows of the calibration text")
         return ids
@@ -59,11 +59,13 @@ def probe_source(dataset, tokenizer, config: FairCalibConfig, setup: DecodeSetup
 
 def build_prior(model: nn.Module, config: FairCalibConfig, tokenizer, texts=None) -> PositionPrior:
     """Stage I alone: the prior `quantize` would build for this model, config and text."""
-    setup = decode_setup(model, get_adapter(model), config)
+    plan = make_plan(model, config, execution_device(model), stage_one=True)
+    setup = plan.decode
     tok = resolve_tokenizer(tokenizer, model)
     warn_foreign_tokenizer(tok, setup.mask_id)
-    dataset = load_texts(texts if texts is not None else config.dataset)
-    return stage_one(model, config, setup, probe_source(dataset, tok, config, setup, model), get_world())
+    dataset = load_texts(texts if texts is not None else plan.texts)
+    source = probe_source(dataset, tok, plan.stage_one, setup, model)
+    return stage_one(model, plan.stage_one, setup, source, get_world())
 
 
 def load_prior(folder: str) -> PositionPrior:
@@ -78,28 +80,27 @@ def load_prior(folder: str) -> PositionPrior:
                          "PositionPrior.save, or leave `prior` unset to build it") from None
 
 
-def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, probe_ids,
+def stage_one(model: nn.Module, s: StageOneSettings, setup: DecodeSetup, probe_ids,
               world: World | None = None) -> PositionPrior:
-    """Load `config.prior` (checking its settings) or build the prior from probe rollouts.
+    """Load the saved prior `s.prior` (checking its settings) or build the prior from probe rollouts.
 
     With several processes each rolls out its share of the probe batches; the rollouts are gathered in
     probe order, so every process builds the same prior as one process would.
     """
-    expected = prior_settings(model, config, setup)
-    if config.prior:
-        prior = load_prior(config.prior)
+    expected = prior_settings(model, s, setup)
+    if s.prior:
+        prior = load_prior(s.prior)
         if _reweightable(prior, expected):
-            logger.info("Stage I: re-weighting the saved rollouts of %s", config.prior)
-            return _prior(prior.commit_step, prior.reliability_sum, config, setup,
-                          dict(prior.settings, **expected))
-        prior.check_compatible(expected, strict=config.strict_prior)
+            logger.info("Stage I: re-weighting the saved rollouts of %s", s.prior)
+            return _prior(prior.commit_step, prior.reliability_sum, s, setup, dict(prior.settings, **expected))
+        prior.check_compatible(expected, strict=s.strict_prior)
         if prior.seq_len != setup.seq_len:
-            raise ValueError(f"prior {config.prior} covers {prior.seq_len} positions, calibration uses {setup.seq_len}")
-        logger.info("Stage I: reusing prior %s", config.prior)
+            raise ValueError(f"prior {s.prior} covers {prior.seq_len} positions, calibration uses {setup.seq_len}")
+        logger.info("Stage I: reusing prior %s", s.prior)
         return prior
     prompts = probe_ids()[:, : setup.seq_len - setup.window]  # (P, N - K)
     device = execution_device(model)
-    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    dtype = s.compute_dtype
     block_diffusion = get_adapter(model).block_diffusion
 
     def logits_fn(x, **kw):
@@ -109,10 +110,10 @@ def stage_one(model: nn.Module, config: FairCalibConfig, setup: DecodeSetup, pro
 
     logger.info("Stage I: teacher forwards in %s", dtype)
     with computing_in(model, dtype):
-        commit, reliab = sharded_rollouts(logits_fn, prompts, setup, config, world or World())
+        commit, reliab = sharded_rollouts(logits_fn, prompts, setup, s, world or World())
     settings = dict(expected, num_probes=int(prompts.shape[0]), model=public_name(source_name(model)) or "",
                     compute_dtype=str(dtype).removeprefix("torch."))
-    return _prior(commit, reliability_sum(commit, reliab), config, setup, settings)
+    return _prior(commit, reliability_sum(commit, reliab), s, setup, settings)
 
 
 # prior settings that only weight the rollouts: a saved prior with its rollout statistics is re-weighted
@@ -125,13 +126,12 @@ def _reweightable(prior: PositionPrior, expected: dict) -> bool:
     return prior.commit_step is not None and bool(diffs) and set(diffs) <= set(WEIGHTING_FIELDS)
 
 
-def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, config: FairCalibConfig, setup: DecodeSetup,
+def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, s: StageOneSettings, setup: DecodeSetup,
            settings: dict) -> PositionPrior:
-    """The prior of `config`'s weighting from rollout statistics (P, K), with its saturation."""
-    lambda1 = config.reliability_weight if config.reliability_weight is not None else 1.0 / setup.steps
-    kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=config.early_boost,
-              schedule=config.boost_schedule, lambda1=lambda1, floor=config.floor,
-              frontier_weight=config.frontier_weight, logit_shift=setup.logit_shift)
+    """The prior of `s`'s weighting from rollout statistics (P, K), with its saturation."""
+    kw = dict(seq_len=setup.seq_len, steps=setup.steps, beta=s.early_boost, schedule=s.boost_schedule,
+              lambda1=s.lambda1(setup.steps), floor=s.floor, frontier_weight=s.frontier_weight,
+              logit_shift=setup.logit_shift)
     prior = prior_from_stats(commit, rel_sum, settings=settings, **kw)
     if commit.shape[0] >= 2:
         prior.settings["saturation"] = saturation(commit, rel_sum, **kw)
@@ -139,22 +139,22 @@ def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, config: FairCalibConfig,
     return prior
 
 
-def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, config: FairCalibConfig,
+def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, s: StageOneSettings,
                      world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe rollouts, batch b (of max(batch_size, 16) prompts) on rank b % size, in probe order.
+    """Probe rollouts, batch b (of `s.probe_batch` prompts) on rank b % size, in probe order.
 
     Batch b draws its random commit order from its own generator (`batch_seed(seed, "probes", b)`), so
     the rollouts do not depend on the number of processes. prompts: (P, N - K).
     Returns commit_step (P, K) and reliability (T, P, K), the same on every rank.
     """
-    shard = DataShard(world, prompts.shape[0], max(config.batch_size, 16))
+    shard = DataShard(world, prompts.shape[0], s.probe_batch)
     commits, reliabs = [], []
     for start, stop in tqdm(shard.batches, desc="Stage I: probe rollouts", disable=not world.is_main):
-        seed = batch_seed(config.seed, "probes", start // shard.batch_size)
+        seed = batch_seed(s.seed, "probes", start // shard.batch_size)
         generator = torch.Generator().manual_seed(seed)
         commit, reliab = probe_rollouts(
             logits_fn, prompts[start:stop], setup.window, setup.block_length, setup.steps, setup.mask_id,
-            setup.logit_shift, config.reliability, batch_size=stop - start, generator=generator)
+            setup.logit_shift, s.reliability, batch_size=stop - start, generator=generator)
         commits.append(commit)  # (b, K)
         reliabs.append(reliab)  # (T, b, K)
     K, T = setup.window, setup.steps

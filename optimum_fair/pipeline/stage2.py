@@ -4,7 +4,8 @@ The math (weighted loss, GPTQ, transforms) lives in `calib/`; this file owns the
 for block l, h* = FP block(FP stream) is the target, the quantized block reads the quantized stream
 (or the FP stream, `input_mode="fp"`), its linears are calibrated group by group in forward order, and
 the block's FairLinears replace its nn.Linears. Finished blocks go to `cache_dir` so a killed run
-resumes after the last finished block (see `cache.py`). Settings arrive as a `plan.StageTwoSettings`.
+resumes after the last finished block (see `cache.py`). Settings arrive as a `plan.StageTwoSettings` (its
+`fmt`: what every calibrated linear stores); the methods' records (`calib.methods`) say what each fits.
 
 Data parallel: with a `DataShard` each process holds the streams of its own batches; the losses, the
 absmax and the GPTQ Hessians are reduced across processes (`stats.py`), FlatQuant's gradients are
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..calib.gptq import gptq_factor
-from ..calib.methods import ROUNDINGS, TRANSFORMS, TransformMethod
+from ..calib.methods import ROUNDINGS, TransformMethod
 from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale, transform_params
 from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World
@@ -197,11 +198,12 @@ def calibrate_block(
     x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
     """
     shard = shard or DataShard(World(), x_in.shape[0], s.batch_size)
-    transform, method = TRANSFORMS[s.transform], ROUNDINGS[s.rounding]
+    fmt, method = s.fmt, ROUNDINGS[s.rounding]
+    transform = fmt.method
     linears = {name: block.get_submodule(name) for group in groups for name in group}
     params = _make_transforms(block, groups, linears, call, x_in, transform, generator, shard)
-    calib = {name: CalibLinear(linears[name], params[gi], s.w_bits, s.a_bits, s.group_size,
-                               weight_clip=transform.clips, grid=s.weight_grid)
+    calib = {name: CalibLinear(linears[name], params[gi], fmt.w_bits, fmt.a_bits, fmt.group_size,
+                               weight_clip=transform.clips, grid=fmt.weight_grid)
              for gi, group in enumerate(groups) for name in group}
     if transform.learned:
         for name, module in calib.items():
@@ -230,7 +232,7 @@ def calibrate_block(
                 factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:
-            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=s.scale_dtype or dtype)
+            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=fmt.scale_dtype or dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
             del calib[name], linears[name]  # the float weight goes as soon as its codes exist
@@ -287,8 +289,9 @@ def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: Sta
     floats = {name: block.get_submodule(name) for name in names}
     try:
         for name in names:
-            set_module(block, name, FairLinear.from_linear(floats[name], s.w_bits, s.a_bits, s.group_size,
-                                                               s.weight_grid, s.scale_dtype))
+            fmt = s.fmt
+            set_module(block, name, FairLinear.from_linear(floats[name], fmt.w_bits, fmt.a_bits, fmt.group_size,
+                                                               fmt.weight_grid, fmt.scale_dtype))
         with float_weights_kept(block):
             out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
     finally:
@@ -344,7 +347,7 @@ def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
     """The samples that score the logged losses: the first `loss_samples` when nothing else needs the FP
     targets (GPTQ or fixed transforms on quantized inputs), else all. Its batches are the first batches of
     `shard`, on the same ranks, so each rank's logged rows are a prefix of its rows."""
-    if s.loss_samples is None or TRANSFORMS[s.transform].learned or s.input_mode is InputMode.FP:
+    if s.loss_samples is None or s.fmt.method.learned or s.input_mode is InputMode.FP:
         return shard
     return DataShard(shard.world, min(s.loss_samples, shard.num_samples), shard.batch_size)
 

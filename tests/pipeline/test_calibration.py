@@ -284,10 +284,12 @@ def test_stage_two_computes_in_compute_dtype_and_lands_near_float32(llada_dir, t
 def test_the_block_cache_keys_on_the_resolved_compute_dtype(llada):
     from optimum_fair.devices import fast_dtype
     from optimum_fair.pipeline.cache import run_fingerprint
+    from optimum_fair.pipeline.plan import make_plan
 
     ids = torch.zeros(2, 8, dtype=torch.long)
     fast = str(fast_dtype(torch.device("cpu"))).removeprefix("torch.")
-    prints = {name: run_fingerprint(llada, FairCalibConfig(compute_dtype=name), ids)
+    prints = {name: run_fingerprint(llada, make_plan(llada, FairCalibConfig(compute_dtype=name), torch.device("cpu")),
+                                    ids)
               for name in ("auto", fast, "float16")}
     assert prints["auto"] == prints[fast] != prints["float16"]  # "auto" is what it runs in here
 
