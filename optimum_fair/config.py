@@ -89,6 +89,12 @@ class FairCalibConfig(QuantizationConfigMixin):
         transform: "flatquant" (default, the paper's base quantizer: learned Kronecker transforms,
             smoothing and clipping), "hadamard" (fixed random rotation) or "none".
             rounding="rtn" with transform="none" needs no calibration data.
+        fold_rotation: rotate the residual stream by a random orthogonal matrix (Hadamard with random
+            signs, seeded by `seed`) folded into the embedding, the block linears and the head, norm
+            gains folded into the linears after them (QuaRot's offline part; `calib.fold`), before
+            calibration. The model is the same function in float and keeps its plain graph, so a GGUF
+            export runs as it is in llama.cpp; the rotated weights round with less error (docs/export.md).
+            LLaDA and Dream (dense pre-norm blocks, an untied head). Default False.
         weighting: "fair" (Stage I prior w-bar) or "uniform" (w-bar = 1).
 
     Stage I (position prior from the full-precision teacher; the paper's section 2)
@@ -174,6 +180,7 @@ class FairCalibConfig(QuantizationConfigMixin):
     gguf_type: GGUFType | None = None
     rounding: Rounding = Rounding.RTN
     transform: Transform = Transform.FLATQUANT
+    fold_rotation: bool = False
     weighting: Weighting = Weighting.FAIR
     # Stage I
     num_probes: int = 512
@@ -235,6 +242,7 @@ class FairCalibConfig(QuantizationConfigMixin):
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
         _check_type("sym", self.sym, bool)
+        _check_type("fold_rotation", self.fold_rotation, bool)
         if self.gguf_type is not None:
             self._apply_gguf_type()
 

@@ -153,7 +153,8 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
     config = quantizer.quantization_config
     if config.push_to_hub:  # no token or a bad repo id: fail before calibrating
         require_token(repo_id=config.push_to_hub)
-    with _embedding_in_target_type(model, config):
+    with _given_back_on_failure(model, config), _rotation_folded(model, config), \
+            _embedding_in_target_type(model, config):
         result = calibrate(model, config, texts, tokenizer)
     quantizer.result, quantizer.quantization_config = result, result.config
     quantizer.tokenizer = tokenizer if tokenizer is not None else config.tokenizer
@@ -163,6 +164,37 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
     use_kernels(model)  # calibration ran on the reference path; inference runs on the integer kernels
     if config.push_to_hub and is_main_process():  # data parallel: every rank holds this model, one pushes
         push_model(model, config.push_to_hub, quantizer.tokenizer, keep_on_failure=True)
+
+
+@contextlib.contextmanager
+def _given_back_on_failure(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
+    """With fold_rotation, a copy of the float weights until calibration ends: a failure puts them back
+    (every tensor still in the model; calibration checks its input before it converts any layer)."""
+    if not config.fold_rotation:
+        yield
+        return
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                if k in saved and saved[k].shape == v.shape:
+                    v.copy_(saved[k])
+        raise
+
+
+@contextlib.contextmanager
+def _rotation_folded(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
+    """config.fold_rotation: the residual rotation folded into the weights (`calib.fold`) before Stage I."""
+    if config.fold_rotation:
+        from ..arch import get_adapter
+        from ..calib.fold import fold_rotation, residual_rotation
+
+        width = model.get_input_embeddings().weight.shape[1]
+        fold_rotation(model, get_adapter(model), residual_rotation(width, torch.Generator().manual_seed(config.seed)))
+        logger.info("residual stream rotated (%d x %d, folded into the weights) before calibration", width, width)
+    yield
 
 
 @contextlib.contextmanager

@@ -68,3 +68,32 @@ def test_a_tied_head_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="tied to the embedding"):
         fold_rotation(model, get_adapter(model), residual_rotation(64, torch.Generator().manual_seed(0)))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_fold_rotation_config_calibrates_the_same_function():
+    from optimum_fair import FairCalibConfig, quantize
+
+    tok = char_tokenizer()
+    teacher = _with_random_gains(tiny_llada(len(tok), tok.mask_token_id)).float()
+    model = _with_random_gains(tiny_llada(len(tok), tok.mask_token_id)).float()
+    ids = torch.randint(4, len(tok), (2, 24), generator=torch.Generator().manual_seed(2))
+    quantize(model, FairCalibConfig(fold_rotation=True, rounding="rtn", transform="none", weighting="uniform",
+                                    w_bits=8, a_bits=16), tokenizer=tok)
+    gains = [p for n, p in model.named_parameters() if "norm" in n or n.endswith("ln_f.weight")]
+    assert gains and all(torch.equal(p, torch.ones_like(p)) for p in gains)
+    with torch.no_grad():
+        ref, got = teacher(ids).logits, model(ids).logits
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()  # int8 rounding of the rotated weights only
+    assert FairCalibConfig.from_dict(FairCalibConfig(fold_rotation=True).to_dict()).fold_rotation is True
+
+
+def test_a_failed_calibration_gives_the_unrotated_weights_back():
+    from optimum_fair import FairCalibConfig, quantize
+
+    tok = char_tokenizer()
+    model = _with_random_gains(tiny_llada(len(tok), tok.mask_token_id)).float()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="token"):  # far too little text for the windows
+        quantize(model, FairCalibConfig(fold_rotation=True, gguf_type="Q4_0", rounding="gptq", weighting="uniform",
+                                        num_samples=4, seq_len=32), texts=["too short"], tokenizer=tok)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
