@@ -117,14 +117,16 @@ def make_plan(model: nn.Module, config: FairCalibConfig, device: torch.device, s
     user = config.modules_to_not_convert
     tied = [adapter.tied_blocks] if adapter is not None and adapter.tied_blocks else []
     calibrate = needs_calibration(config)
-    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    fmt, dtype = layer_format(config), resolve_compute_dtype(config.compute_dtype, device)
     return Plan(
-        adapter, skip, tied, (list(user) if user is not None else float_by_design(adapter)) + tied,
-        layer_format(config), calibrate, dtype, config.weighting is Weighting.FAIR,
-        config.calib_inputs is CalibInputs.MASKED, config.dataset, config.tokenizer, config.num_samples,
-        config.seed, config.cache_dir, _settings(config), dataclasses.replace(config, modules_to_not_convert=skip),
-        stage_one_settings(config, dtype), _stage_two(config, dtype),
-        decode_setup(model, adapter or get_adapter(model), config) if calibrate or stage_one else None)
+        adapter=adapter, skip=skip, tied=tied,
+        keep_float=(list(user) if user is not None else float_by_design(adapter)) + tied,
+        fmt=fmt, calibrate=calibrate, compute_dtype=dtype, fair=config.weighting is Weighting.FAIR,
+        masked_inputs=config.calib_inputs is CalibInputs.MASKED, texts=config.dataset, tokenizer=config.tokenizer,
+        num_samples=config.num_samples, seed=config.seed, cache_dir=config.cache_dir, settings=_settings(config),
+        run_config=dataclasses.replace(config, modules_to_not_convert=skip),
+        stage_one=stage_one_settings(config, dtype), stage_two=_stage_two(config, fmt, dtype),
+        decode=decode_setup(model, adapter or get_adapter(model), config) if calibrate or stage_one else None)
 
 
 def _family_rules(adapter: ModelAdapter | None, config: FairCalibConfig) -> FairCalibConfig:
@@ -190,12 +192,13 @@ def stage_one_settings(config: FairCalibConfig, compute_dtype: torch.dtype) -> S
 def stage_two_settings(config: FairCalibConfig, device: torch.device | None = None) -> StageTwoSettings:
     """config's Stage II values without a model (a run takes `make_plan(...).stage_two`); `compute_dtype`
     resolved for `device` (default CPU)."""
-    return _stage_two(config, resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu")))
+    dtype = resolve_compute_dtype(config.compute_dtype, device or torch.device("cpu"))
+    return _stage_two(config, layer_format(config), dtype)
 
 
-def _stage_two(config: FairCalibConfig, compute_dtype: torch.dtype) -> StageTwoSettings:
+def _stage_two(config: FairCalibConfig, fmt: LayerFormat, compute_dtype: torch.dtype) -> StageTwoSettings:
     return StageTwoSettings(
-        layer_format(config), config.rounding, config.epochs, config.lr, config.clip_lr, config.batch_size,
+        fmt, config.rounding, config.epochs, config.lr, config.clip_lr, config.batch_size,
         config.damp, config.act_order, config.input_mode, config.seed, config.true_sequential, config.loss_samples,
         compute_dtype)
 
