@@ -165,6 +165,52 @@ def curve_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def llama_cpp_anchor(llama_dir: Path, models: dict, tok, prompt: torch.Tensor, gen_length: int, block_length: int,
+                     threshold: float, work: Path) -> list[dict]:
+    """The outside anchor: `llama-diffusion-cli` on the shipped model's W4A16 GGUF (RTN, exported by this package)
+    decoding ``gen_length`` tokens after one prompt (its text), ``gen_length`` steps in blocks of ``block_length``,
+    greedy, one thread; its own reported time. Beside it, this package on the same single prompt: the FP32
+    teacher one-per-step and every speed-table model under threshold + dual cache (fastest of 3)."""
+    import os
+    import subprocess
+
+    from transformers import AutoModel
+
+    import optimum_fair
+    from optimum_fair import FairCalibConfig
+    from optimum_fair.export import export
+
+    cfg = FairCalibConfig(w_bits=4, a_bits=16, rounding="rtn", transform="none", weighting="uniform", num_probes=8,
+                          num_samples=8)
+    w4a16 = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=cfg)
+    gguf = export(w4a16.eval(), work / "w4a16.gguf", "gguf", tokenizer=tok)
+    text = tok.decode(prompt[0].tolist(), skip_special_tokens=True)
+    args = ["-m", str(gguf), "-p", text, "-n", str(gen_length), "--diffusion-steps", str(gen_length),
+            "--diffusion-block-length", str(block_length), "--temp", "0", "--seed", "0", "-t", "1",
+            "-c", str(2 * (prompt.shape[1] + gen_length)), "-ub", "256", "-b", "256"]
+    env = dict(os.environ, LD_LIBRARY_PATH=str(llama_dir / "bin"))
+    times = []
+    for _ in range(3):
+        done = subprocess.run([str(llama_dir / "bin" / "llama-diffusion-cli"), *args], capture_output=True, text=True,
+                              errors="replace", env=env, timeout=600)
+        _, found, tail = done.stderr.rpartition("total time:")
+        if done.returncode == 0 and found:
+            times.append(float(tail.split("ms", 1)[0]) / 1000)
+    rows = [dict(engine="llama-diffusion-cli", model="w4a16 (GGUF Q4_0)", policy="one-per-step",
+                 seconds=round(min(times), 3) if times else None,
+                 tokens_per_s=round(gen_length / min(times), 1) if times else None)]
+    cases = [("fp32", "one-per-step", {})] + [(n, f"threshold {threshold:g} + dual", {"threshold": threshold,
+                                                                                      "cache": "dual"})
+                                               for n in models]
+    for name, label, policy in cases:
+        best = min(decode(models[name], prompt, gen_length, block_length, policy)[1] for _ in range(3))
+        rows.append(dict(engine="optimum-fair", model=name, policy=label, seconds=round(best, 3),
+                         tokens_per_s=round(gen_length / best, 1)))
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["model", "policy", "seconds", "tokens_per_s", "x_fp32_one_per_step", "steps_per_token",
             "agree_fp_one_per_step", "agree_fp_same_rule", "same_text_fp_same_rule", "flip_rate", "flip_rate_m01"]
@@ -189,7 +235,9 @@ def main(argv=None) -> None:
     parser.add_argument("--curve", action="store_true", help="also the tokens-per-step curve over the rules below")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.2])
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--skip-speed", action="store_true", help="only the curve")
+    parser.add_argument("--skip-speed", action="store_true", help="only the curve (and the anchor)")
+    parser.add_argument("--llama-cpp", type=Path, default=None,
+                        help="a llama.cpp build (with bin/llama-diffusion-cli): also the one-prompt outside anchor")
     parser.add_argument("--out", type=Path, default=None, help="also write rows, args and machine as JSON")
     args = parser.parse_args(argv)
     if "fp32" not in args.models:
@@ -207,13 +255,21 @@ def main(argv=None) -> None:
                                           args.repeats)
     curve_rows = curve(curve_models, prompts, args.gen_length, args.block_length, args.thresholds, args.factors) \
         if args.curve else []
+    anchor = []
+    if args.llama_cpp:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            anchor = llama_cpp_anchor(args.llama_cpp, speed_models, tok, prompts[:1], args.gen_length,
+                                      args.block_length, args.threshold, Path(work))
     if rows:
         print(markdown(rows))
     if curve_rows:
         print(curve_markdown(curve_rows))
     if args.out:
-        args.out.write_text(json.dumps({"machine": info, "args": vars(args) | {"out": str(args.out)},
-                                        "rows": rows, "curve": curve_rows}, indent=1) + "\n")
+        shown = vars(args) | {"out": str(args.out), "llama_cpp": str(args.llama_cpp)}
+        args.out.write_text(json.dumps({"machine": info, "args": shown,
+                                        "rows": rows, "curve": curve_rows, "anchor": anchor}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
