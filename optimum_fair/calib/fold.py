@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import ModelAdapter
 from .rotation import hadamard, is_power_of_two, random_orthogonal
 
 __all__ = ["fold_rotation", "residual_rotation"]
@@ -34,18 +33,21 @@ def residual_rotation(d: int, generator: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_rotation(model: nn.Module, adapter: ModelAdapter, Q: torch.Tensor) -> None:
+def fold_rotation(model: nn.Module, blocks: list[nn.Module], groups: list[tuple[tuple[str, ...], ...]],
+                  Q: torch.Tensor) -> None:
     """Fold Q (d, d) into `model` in place: the same function in float, every norm gain 1.
 
-    Each block's groups must alternate reader / writer (norm -> group 0, group 1 writes; norm -> group
-    2, group 3 writes), as in the dense LLaDA and Dream blocks; the head must not be tied to the
-    embedding. ValueError otherwise, before anything is changed."""
-    blocks, head, final = _check_foldable(model, adapter)
+    blocks: the model's blocks in order; groups[i]: block i's linear groups in forward order (names
+    relative to the block, as `arch.ModelAdapter.block_groups` gives them). They must alternate reader /
+    writer (norm -> group 0, group 1 writes; norm -> group 2, group 3 writes), as in the dense LLaDA and
+    Dream blocks; the head must not be tied to the embedding. ValueError otherwise, before anything is
+    changed."""
+    head, final = _check_foldable(model, blocks, groups)
     emb = model.get_input_embeddings()
     _set(emb.weight, emb.weight.double() @ Q)
-    for block in blocks:
-        groups, norms = adapter.block_groups(block), _norms(block)
-        for norm, readers, writers in zip(norms, groups[0::2], groups[1::2], strict=True):
+    for block, block_groups in zip(blocks, groups, strict=True):
+        norms = _norms(block)
+        for norm, readers, writers in zip(norms, block_groups[0::2], block_groups[1::2], strict=True):
             for name in readers:
                 _fold_reader(block.get_submodule(name), norm, Q)
             for name in writers:
@@ -55,23 +57,22 @@ def fold_rotation(model: nn.Module, adapter: ModelAdapter, Q: torch.Tensor) -> N
     _set(final.weight, torch.ones_like(final.weight, dtype=torch.float64))
 
 
-def _check_foldable(model: nn.Module, adapter: ModelAdapter):
-    """(blocks, head, final norm), or ValueError naming what a folded rotation cannot hold."""
+def _check_foldable(model: nn.Module, blocks: list[nn.Module], groups: list):
+    """(head, final norm), or ValueError naming what a folded rotation cannot hold."""
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
         raise ValueError("fold_rotation: the LM head is tied to the embedding (or missing); a folded rotation "
                          "needs them apart")
-    blocks = list(adapter.block_list(model))
-    for i, block in enumerate(blocks):
-        groups, norms = adapter.block_groups(block), _norms(block)
-        if len(groups) != 4 or len(norms) != 2 or any(getattr(n, "bias", None) is not None for n in norms):
+    for i, (block, block_groups) in enumerate(zip(blocks, groups, strict=True)):
+        norms = _norms(block)
+        if len(block_groups) != 4 or len(norms) != 2 or any(getattr(n, "bias", None) is not None for n in norms):
             raise ValueError(f"fold_rotation: block {i} is not a dense pre-norm block (2 RMSNorms, 4 linear "
-                             f"groups; found {len(norms)} norms, {len(groups)} groups)")
+                             f"groups; found {len(norms)} norms, {len(block_groups)} groups)")
     block_ids = {id(m) for b in blocks for m in b.modules()}
     finals = [m for m in model.modules() if _is_norm(m) and id(m) not in block_ids]
     if len(finals) != 1:
         raise ValueError(f"fold_rotation: expected one final norm outside the blocks, found {len(finals)}")
-    return blocks, head, finals[0]
+    return head, finals[0]
 
 
 def _is_norm(module: nn.Module) -> bool:

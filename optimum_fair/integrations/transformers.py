@@ -191,8 +191,10 @@ def _rotation_folded(model: nn.Module, config: FairCalibConfig) -> Iterator[None
         from ..arch import get_adapter
         from ..calib.fold import fold_rotation, residual_rotation
 
-        width = model.get_input_embeddings().weight.shape[1]
-        fold_rotation(model, get_adapter(model), residual_rotation(width, torch.Generator().manual_seed(config.seed)))
+        adapter, width = get_adapter(model), model.get_input_embeddings().weight.shape[1]
+        blocks = list(adapter.block_list(model))
+        Q = residual_rotation(width, torch.Generator().manual_seed(config.seed))  # (width, width)
+        fold_rotation(model, blocks, [adapter.block_groups(b) for b in blocks], Q)
         logger.info("residual stream rotated (%d x %d, folded into the weights) before calibration", width, width)
     yield
 
