@@ -36,6 +36,7 @@ from optimum_fair.modeling import LLaDAMoEConfig  # noqa: E402
 from optimum_fair.modeling.modeling_lladamoe import LLaDAMoEDecoderLayer  # noqa: E402
 from optimum_fair.pipeline.plan import StageTwoSettings  # noqa: E402
 from optimum_fair.pipeline.stage2 import calibrate_blocks  # noqa: E402
+from optimum_fair.pipeline.surgery import LayerFormat  # noqa: E402
 
 SEQ = 1024
 FULL = {"blocks": 16, "tokens": 128 * 1024}  # the paper's calibration set, LLaDA-MoE-7B's depth
@@ -65,10 +66,9 @@ def one_block(tokens: int, seed: int) -> dict:
         torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
     n = tokens // SEQ
     hidden = torch.randn(n, SEQ, config.hidden_size)  # (n, seq, d)
-    s = StageTwoSettings(w_bits=4, a_bits=16, group_size=-1, rounding=Rounding.GPTQ, transform=Transform.NONE,
+    s = StageTwoSettings(fmt=LayerFormat(4, 16, -1, Transform.NONE, WeightGrid.FULL), rounding=Rounding.GPTQ,
                          epochs=0, lr=0.0, clip_lr=0.0, batch_size=4, damp=0.01, act_order=False,
-                         input_mode=InputMode.QUANTIZED, seed=0, true_sequential=False,
-                         weight_grid=WeightGrid.FULL, loss_samples=16,
+                         input_mode=InputMode.QUANTIZED, seed=0, true_sequential=False, loss_samples=16,
                          compute_dtype=torch.float32)
     start = time.perf_counter()
     calibrate_blocks(torch.nn.ModuleList([block]), lambda l, b: LLADA_MOE.block_groups(b), hidden,
