@@ -58,6 +58,7 @@ def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, 
     quantized = gguf_type not in gguf_types.FLOATS
     model, tokenizer = _load(model_or_dir if source is None else source, tokenizer, format, quantized)
     if format == "gguf":
+        _hint_the_calibrated_type(model, gguf_type)
         gguf_file.check_exportable(model, gguf_type)
         gguf_file.check_tokenizer(tokenizer)
         gguf_file.log_scale_rounding(model)
@@ -79,6 +80,16 @@ def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, 
                 os.replace(tmp / "old", target)
             raise
     return target
+
+
+def _hint_the_calibrated_type(model: nn.Module, gguf_type: Any) -> None:
+    """A model calibrated for a GGUF type, exported without one, keeps its embedding and head F32: say how to
+    get llama.cpp's layout (about half the file)."""
+    calibrated = getattr(getattr(model.config, "quantization_config", None), "gguf_type", None)
+    if gguf_type is None and calibrated is not None:
+        name = getattr(calibrated, "value", calibrated)
+        logger.warning("this model was calibrated for %s; without gguf_type (--type) its embedding and head are "
+                       "written F32. gguf_type=%r writes llama.cpp's %s layout", name, name, name)
 
 
 def _check_replaceable(target: Path, out: Any, format: str, overwrite: bool) -> None:

@@ -163,3 +163,16 @@ def test_a_failed_calibration_gives_the_float_embedding_back():
         quantize(model, FairCalibConfig(gguf_type="Q4_0", rounding="gptq", weighting="uniform", num_samples=4,
                                         seq_len=32), texts=["too short"], tokenizer=tok)
     assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+def test_export_without_a_type_names_the_calibrated_one(q4_0, tmp_path, caplog):
+    import logging
+
+    folder, _ = q4_0
+    with caplog.at_level(logging.WARNING):
+        export(folder, tmp_path / "plain.gguf", "gguf")
+    assert "calibrated for Q4_0" in caplog.text and "gguf_type='Q4_0'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        export(folder, tmp_path / "mix.gguf", "gguf", gguf_type="Q4_0")
+    assert "calibrated for" not in caplog.text
