@@ -77,6 +77,16 @@ def llada(tok):
     return tiny_llada(len(tok), tok.mask_token_id)
 
 
+def tiny_dream(vocab_size: int, mask_token_id: int, seed: int = 0, **overrides):
+    from optimum_fair.modeling import DreamConfig, DreamModel
+
+    torch.manual_seed(seed)
+    fields = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64,
+                  mask_token_id=mask_token_id, tie_word_embeddings=False)
+    return DreamModel(DreamConfig(**{**fields, **overrides})).eval()
+
+
 def tiny_lladamoe(vocab_size: int, mask_token_id: int, seed: int = 0, **overrides):
     """3 layers (the first dense, moe_layer_freq [0, 1, 1]), 8 experts of which 2 per token, a shared expert."""
     from optimum_fair.modeling import LLaDAMoEConfig, LLaDAMoEModelLM

@@ -7,23 +7,13 @@ import torch
 
 from optimum_fair.arch import get_adapter
 from optimum_fair.calib.fold import fold_rotation, residual_rotation
-from tests.conftest import char_tokenizer, tiny_llada
+from tests.conftest import char_tokenizer, tiny_dream, tiny_llada
 
 
 def _fold(model, Q):
     adapter = get_adapter(model)
     blocks = list(adapter.block_list(model))
     fold_rotation(model, blocks, [adapter.block_groups(b) for b in blocks], Q)
-
-
-def _tiny_dream(tok):
-    from optimum_fair.modeling import DreamConfig, DreamModel
-
-    torch.manual_seed(0)
-    config = DreamConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id)
-    return DreamModel(config).eval().double()
 
 
 def _with_random_gains(model):
@@ -40,7 +30,8 @@ def _with_random_gains(model):
 @pytest.mark.parametrize("d_seed", [0, 1])
 def test_folded_rotation_keeps_the_function_and_unit_gains(family, d_seed):
     tok = char_tokenizer()
-    model = tiny_llada(len(tok), tok.mask_token_id).double() if family == "llada" else _tiny_dream(tok)
+    build = tiny_llada if family == "llada" else tiny_dream
+    model = build(len(tok), tok.mask_token_id).double()
     model = _with_random_gains(model)
     ids = torch.randint(4, len(tok), (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -13,25 +13,15 @@ from transformers import DynamicCache
 
 from optimum_fair.modeling.kv_cache import ApproximateCache
 from optimum_fair.scoring.sampler import dream_decode, llada_decode
-from tests.conftest import tiny_llada, tiny_llada2, tiny_lladamoe
+from tests.conftest import tiny_dream, tiny_llada, tiny_llada2, tiny_lladamoe
 
 VOCAB, MASK = 40, 39
 SHIFT = {"llada": 0, "lladamoe": 0, "dream": 1}
 
 
-def tiny_dream(seed: int = 0):
-    from optimum_fair.modeling import DreamConfig, DreamModel
-
-    torch.manual_seed(seed)
-    cfg = DreamConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, mask_token_id=MASK,
-                      tie_word_embeddings=False)
-    return DreamModel(cfg).eval()
-
-
 def make(family: str, scale: float = 30.0):
     model = {"llada": lambda: tiny_llada(VOCAB, MASK), "lladamoe": lambda: tiny_lladamoe(VOCAB, MASK),
-             "dream": tiny_dream}[family]()
+             "dream": lambda: tiny_dream(VOCAB, MASK)}[family]()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)  # confident enough for parallel commits
     return model
