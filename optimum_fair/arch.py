@@ -18,7 +18,7 @@ from .enums import Algorithm, LikelihoodEstimator
 class ExpertLayout:
     """Where a block's routed experts live (mixture-of-experts families).
 
-    path: the `nn.moe.RoutedExperts` module, relative to the block; its children 0 .. E-1 are the experts.
+    path: the `modeling.experts.RoutedExperts` module, relative to the block; its children 0 .. E-1 are the experts.
     groups: the linears of one expert (names relative to it) in forward order, grouped as `groups`.
     router: the router linear, relative to the block; it stays in floating point unless the user's own
         modules_to_not_convert leaves it out.

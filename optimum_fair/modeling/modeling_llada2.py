@@ -31,9 +31,9 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..nn.moe import RoutedExperts
 from ..scoring.forward import block_diffusion_mask
 from .configuration_llada2 import LLaDA2MoeConfig
+from .experts import RoutedExperts
 from .layers import (
     RMSNorm,
     apply_partial_rotary,

@@ -17,7 +17,7 @@ Parameter names equal the released checkpoints (``modeling_lladamoe.py``)::
 
 Attention is bidirectional; logits are position-aligned (logits[:, i] scores token i), as in LLaDA.
 Routing follows the released block: softmax in float32, plus ``expert_bias`` when enabled, top-k,
-weights not renormalised. The experts are a `nn.moe.RoutedExperts` list of gated MLPs.
+weights not renormalised. The experts are a `modeling.experts.RoutedExperts` list of gated MLPs.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..nn.moe import RoutedExperts
 from .configuration_lladamoe import LLaDAMoEConfig
+from .experts import RoutedExperts
 from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
 from .layers import (
     RMSNorm,

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..arch import ModelAdapter
+from ..modeling.experts import RoutedExperts
 from ..nn import FairLinear
-from ..nn.moe import RoutedExperts
 from .surgery import set_module
 
 

@@ -22,7 +22,7 @@ from ..calib.gptq import hessian_sum
 from ..calib.objective import expand_token_weights, weighted_sq_error
 from ..calib.transforms import CalibLinear, channel_absmax
 from ..distributed import DataShard
-from ..nn.moe import RoutedExperts, routed_tokens
+from ..modeling.experts import RoutedExperts, routed_tokens
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
     global batch order over all processes. The block runs as it is:
     with earlier groups already quantized (one group per call, true-sequential) or none (all groups at
     once, as llm-compressor collects them); without routed experts each batch's forward stops at the last
-    group's input (nothing after it is needed). A linear inside a routed expert (`nn.moe.RoutedExperts`)
+    group's input (nothing after it is needed). A linear inside a routed expert (`modeling.experts.RoutedExperts`)
     reads only the tokens routed to it: its rows get those tokens' weights, and n_g counts them; such a
     group may see no token of a batch (or of the whole run, n_g = 0, H = 0).
     """

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from optimum_fair.modeling import LLaDAMoEConfig, LLaDAMoEModelLM, register_native_models
-from optimum_fair.nn.moe import RoutedExperts
+from optimum_fair.modeling.experts import RoutedExperts
 from tests.conftest import tiny_lladamoe
 from tests.modeling.released_ops import mlp, rms, rotate_half
 

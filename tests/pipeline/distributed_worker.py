@@ -112,7 +112,7 @@ class ToyMoE(torch.nn.Module):
     """x (b, seq, 16) -> top-2 of 4 experts (one linear each), routed by a linear router."""
 
     def __init__(self):
-        from optimum_fair.nn.moe import RoutedExperts
+        from optimum_fair.modeling.experts import RoutedExperts
 
         super().__init__()
         g = torch.Generator().manual_seed(1)

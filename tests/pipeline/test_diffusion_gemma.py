@@ -11,8 +11,8 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from optimum_fair import FairCalibConfig, calibration_result, quantize
 from optimum_fair.arch import DIFFUSION_GEMMA, get_adapter
+from optimum_fair.modeling.experts import RoutedExperts
 from optimum_fair.nn import FairLinear
-from optimum_fair.nn.moe import RoutedExperts
 from optimum_fair.pipeline.calibration import _canvas_inputs
 from optimum_fair.pipeline.moe import unfuse_experts
 from optimum_fair.pipeline.stage2 import block_caller, capture_block_inputs
