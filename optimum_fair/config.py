@@ -21,9 +21,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .devices import COMPUTE_DTYPES
 from .enums import (
     BoostSchedule,
+    CacheMode,
     CalibInputs,
     GGUFType,
     InputMode,
+    ProbePolicy,
     Reliability,
     Rounding,
     Transform,
@@ -50,6 +52,8 @@ _ENUM_FIELDS = {
     "input_mode": InputMode,
     "calib_inputs": CalibInputs,
     "weight_grid": WeightGrid,
+    "stage1_policy": ProbePolicy,
+    "stage1_cache": CacheMode,
 }
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,16 @@ class FairCalibConfig(QuantizationConfigMixin):
             (`early_boost`, `boost_schedule`, `reliability_weight`, `floor`, `frontier_weight`) is
             re-weighted from its rollouts, without new probes.
         strict_prior: a reused prior made with other decode settings raises (True, default) or warns.
+        stage1_policy: how the probe rollouts commit (issue 34, docs/decoding.md): "random" (default, the
+            paper's random commit order, one token per step), "threshold" or "factor": the teacher's greedy
+            low-confidence decode under the serving policy (Fast-dLLM's rules, several commits per step).
+            Saved with the prior: a saved prior of another policy is refused (warned with strict_prior=False).
+        stage1_threshold: the "threshold" policy's confidence threshold, in (0, 1] (default 0.9); the other
+            policies ignore it.
+        stage1_factor: the "factor" policy's factor f > 0 (default 1.0); the other policies ignore it.
+        stage1_cache: "none" (default: a full forward at every rollout step) or "prefix": the rollouts run on
+            Fast-dLLM's prefix KV cache (LLaDA, Dream, LLaDA-MoE), exact at each block's first step; the prior
+            stays within 1 % (relative L2) of the uncached one. Recorded in the prior, not compared on reuse.
         compute_dtype: the dtype of the forwards of both stages (Stage I's probe rollouts; Stage II's
             block forwards: targets, Hessian and statistics inputs, the quantized stream, the learned
             transforms' steps): "auto" (default: bfloat16 where the CPU or GPU computes it natively, else
@@ -195,6 +209,10 @@ class FairCalibConfig(QuantizationConfigMixin):
     floor: float = 0.05
     prior: str | None = None
     strict_prior: bool = True
+    stage1_policy: ProbePolicy = ProbePolicy.RANDOM
+    stage1_threshold: float = 0.9
+    stage1_factor: float = 1.0
+    stage1_cache: CacheMode = CacheMode.NONE
     compute_dtype: str = "auto"
     # Stage II
     dataset: Any = "wiki"
@@ -278,6 +296,15 @@ class FairCalibConfig(QuantizationConfigMixin):
         _check_type("prior", self.prior, str, optional=True)
         _check_type("strict_prior", self.strict_prior, bool)
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_nonneg_float("stage1_threshold", self.stage1_threshold)
+        if not 0 < self.stage1_threshold <= 1:
+            raise ValueError(f"stage1_threshold must be in (0, 1], got {self.stage1_threshold}")
+        _check_nonneg_float("stage1_factor", self.stage1_factor)
+        if self.stage1_factor <= 0:
+            raise ValueError(f"stage1_factor must be > 0, got {self.stage1_factor}")
+        if self.stage1_cache is CacheMode.DUAL:
+            raise ValueError("stage1_cache must be 'none' or 'prefix', got 'dual': Stage I reads the reliability of "
+                             "every masked position, so the suffix cannot be cached")
         if self.window is not None and self.block_length is not None and self.window % self.block_length:
             raise ValueError(
                 f"window ({self.window}) must be a multiple of block_length ({self.block_length})"

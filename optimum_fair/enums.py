@@ -101,6 +101,14 @@ class BoostSchedule(str, Enum):
     LATE = "late"  # 1 + beta * (t-1)/(T-1)
 
 
+class ProbePolicy(str, Enum):
+    """How Stage I's probe rollouts commit (issue 34: the prior under the serving policy)."""
+
+    RANDOM = "random"  # the paper's random commit order, one per step (`Remasking.RANDOM`)
+    THRESHOLD = "threshold"  # greedy low-confidence decode with `CommitRule.THRESHOLD`
+    FACTOR = "factor"  # greedy low-confidence decode with `CommitRule.FACTOR`
+
+
 # -- samplers -----------------------------------------------------------------------------------
 class Remasking(str, Enum):
     """LLaDA's rule for which masked positions of the current block are committed."""

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from optimum_fair import FairCalibConfig, Rounding, Transform, Weighting
-from optimum_fair.enums import WeightGrid
+from optimum_fair.enums import CacheMode, ProbePolicy, WeightGrid
 
 CONFIGS = [
     dict(),
@@ -15,6 +15,8 @@ CONFIGS = [
          reliability_weight=0.5, floor=0.1, boost_schedule="late", frontier_weight=0.0),
     dict(dataset="lee", num_samples=8, seq_len=128, epochs=2, lr=1e-3, batch_size=2, tokenizer="some/path",
          modules_to_not_convert=["lm_head", "model.embed"], input_mode="fp"),  # push_to_hub: not serialised
+    dict(stage1_policy="threshold", stage1_threshold=0.5, stage1_cache="prefix"),  # issue 34
+    dict(stage1_policy="factor", stage1_factor=2.0),
 ]
 
 
@@ -27,6 +29,12 @@ def test_round_trip(kwargs):
     assert again == cfg
     assert again.to_dict() == d
     assert json.loads(cfg.to_json_string()) == d
+
+
+def test_stage_one_defaults_are_the_papers_random_commits_without_a_cache():
+    assert (FairCalibConfig().stage1_policy, FairCalibConfig().stage1_cache) == (ProbePolicy.RANDOM, CacheMode.NONE)
+    cfg = FairCalibConfig(stage1_policy="factor", stage1_cache="prefix")
+    assert cfg.stage1_policy is ProbePolicy.FACTOR and cfg.stage1_cache is CacheMode.PREFIX
 
 
 def test_enums_accept_strings():
@@ -83,6 +91,15 @@ BAD = [
     ("cache_dir", dict(cache_dir="  ")),
     ("weight_grid", dict(weight_grid="asymmetric")),
     ("quant_method", dict(quant_method="gptq")),
+    ("stage1_policy", dict(stage1_policy="greedy")),
+    ("stage1_threshold", dict(stage1_threshold=0.0)),
+    ("stage1_threshold", dict(stage1_threshold=1.5)),
+    ("stage1_threshold", dict(stage1_threshold=float("nan"))),
+    ("stage1_threshold", dict(stage1_threshold="0.9")),
+    ("stage1_factor", dict(stage1_factor=0.0)),
+    ("stage1_factor", dict(stage1_factor=-1.0)),
+    ("stage1_cache", dict(stage1_cache="dual")),
+    ("stage1_cache", dict(stage1_cache="kv")),
 ]
 
 

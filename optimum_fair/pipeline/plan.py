@@ -21,7 +21,8 @@ from ..arch import ModelAdapter, find_adapter, get_adapter
 from ..calib.methods import ROUNDINGS, TRANSFORMS
 from ..config import FairCalibConfig, check_steps, check_window
 from ..devices import resolve_compute_dtype
-from ..enums import BoostSchedule, CalibInputs, InputMode, Reliability, Rounding, Weighting
+from ..enums import BoostSchedule, CacheMode, CalibInputs, InputMode, ProbePolicy, Reliability, Rounding, Weighting
+from ..modeling.kv_cache import supports_approximate_cache
 from .surgery import LayerFormat, check_skip_names, matches
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class StageOneSettings:
     prior: str | None  # a saved prior to reuse (no rollouts)
     strict_prior: bool
     compute_dtype: torch.dtype  # the teacher's forwards
+    policy: ProbePolicy = ProbePolicy.RANDOM  # how the rollouts commit
+    threshold: float | None = None  # the threshold policy's (None under the others)
+    factor: float | None = None  # the factor policy's (None under the others)
+    cache: CacheMode = CacheMode.NONE  # NONE or PREFIX: the rollouts' forwards
 
     def lambda1(self, steps: int) -> float:
         return self.reliability_weight if self.reliability_weight is not None else 1.0 / steps
@@ -111,6 +116,7 @@ def make_plan(model: nn.Module, config: FairCalibConfig, device: torch.device, s
     weighting as given.
     """
     adapter = find_adapter(model)
+    check_stage_one_decoding(model, adapter, config)
     if not stage_one:
         config = _family_rules(adapter, config)
     skip = resolve_skip(model, config)
@@ -142,6 +148,16 @@ def _family_rules(adapter: ModelAdapter | None, config: FairCalibConfig) -> Fair
                        "Stage I's frontier prior, so this run calibrates with weighting='uniform'", adapter.name)
         config = dataclasses.replace(config, weighting=Weighting.UNIFORM)
     return config
+
+
+def check_stage_one_decoding(model: nn.Module, adapter: ModelAdapter | None, config: FairCalibConfig) -> None:
+    """Refuse, naming the field, a Stage I policy or cache this model's family cannot run (before any work)."""
+    if config.stage1_policy is not ProbePolicy.RANDOM and adapter is not None and adapter.canvas:
+        raise ValueError(f"stage1_policy={config.stage1_policy.value!r}: {adapter.name} denoises a canvas of random "
+                         "tokens, with no masked commit order to roll out; leave stage1_policy='random'")
+    if config.stage1_cache is CacheMode.PREFIX and not supports_approximate_cache(model):
+        raise ValueError(f"stage1_cache='prefix': {type(model).__name__} has no approximate KV cache (LLaDA, Dream "
+                         "and LLaDA-MoE do); use stage1_cache='none'")
 
 
 def _settings(config: FairCalibConfig) -> dict:
@@ -186,7 +202,9 @@ def stage_one_settings(config: FairCalibConfig, compute_dtype: torch.dtype) -> S
     return StageOneSettings(
         config.num_probes, max(config.batch_size, 16), config.seed, config.early_boost, config.boost_schedule,
         config.reliability, config.reliability_weight, config.frontier_weight, config.floor, config.prior,
-        config.strict_prior, compute_dtype)
+        config.strict_prior, compute_dtype, config.stage1_policy,
+        config.stage1_threshold if config.stage1_policy is ProbePolicy.THRESHOLD else None,
+        config.stage1_factor if config.stage1_policy is ProbePolicy.FACTOR else None, config.stage1_cache)
 
 
 def stage_two_settings(config: FairCalibConfig, device: torch.device | None = None) -> StageTwoSettings:

@@ -1,7 +1,9 @@
 """Stage I: the position prior w-bar from probe rollouts of the full-precision teacher.
 
 `stage_one` loads a saved prior (checking or re-weighting it) or rolls the teacher out under the random
-commit policy and builds the prior from the rollouts' commit steps and reliabilities (`scoring.prior`).
+commit policy (or the serving policy's threshold / factor rule, optionally on the prefix KV cache:
+`stage1_policy`, `stage1_cache`) and builds the prior from the rollouts' commit steps and reliabilities
+(`scoring.prior`).
 Under data parallelism each process rolls out its share of the probe batches and the rollouts are
 gathered in probe order, so every process builds the prior one process would.
 """
@@ -20,6 +22,8 @@ from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World, batch_seed, get_world
+from ..enums import CacheMode
+from ..modeling.kv_cache import ApproximateCache
 from ..naming import public_name, source_name
 from ..scoring.forward import block_diffusion_mask
 from ..scoring.prior import (
@@ -41,7 +45,12 @@ def prior_settings(model: nn.Module, s: StageOneSettings, setup: DecodeSetup) ->
         model_type=getattr(model.config, "model_type", None), seq_len=setup.seq_len, window=setup.window,
         block_length=setup.block_length, steps=setup.steps, logit_shift=setup.logit_shift,
         early_boost=s.early_boost, boost_schedule=s.boost_schedule, reliability=s.reliability,
-        reliability_weight=s.reliability_weight, floor=s.floor, frontier_weight=s.frontier_weight)
+        reliability_weight=s.reliability_weight, floor=s.floor, frontier_weight=s.frontier_weight,
+        stage1_policy=s.policy, stage1_threshold=s.threshold, stage1_factor=s.factor)
+
+
+# what a prior saved before a setting existed was made with (every earlier prior: the random commit order)
+LEGACY_SETTINGS = {"stage1_policy": "random", "stage1_threshold": None, "stage1_factor": None}
 
 
 def probe_source(dataset, tokenizer, s: StageOneSettings, setup: DecodeSetup, model: nn.Module):
@@ -90,6 +99,7 @@ def stage_one(model: nn.Module, s: StageOneSettings, setup: DecodeSetup, probe_i
     expected = prior_settings(model, s, setup)
     if s.prior:
         prior = load_prior(s.prior)
+        prior.settings = {**LEGACY_SETTINGS, **prior.settings}
         if _reweightable(prior, expected):
             logger.info("Stage I: re-weighting the saved rollouts of %s", s.prior)
             return _prior(prior.commit_step, prior.reliability_sum, s, setup, dict(prior.settings, **expected))
@@ -109,10 +119,11 @@ def stage_one(model: nn.Module, s: StageOneSettings, setup: DecodeSetup, probe_i
         return model(x.to(device), **kw).logits.float().cpu()
 
     logger.info("Stage I: teacher forwards in %s", dtype)
+    cache = _FloatCache(ApproximateCache(model, "prefix")) if s.cache is CacheMode.PREFIX else None
     with computing_in(model, dtype):
-        commit, reliab = sharded_rollouts(logits_fn, prompts, setup, s, world or World())
+        commit, reliab = sharded_rollouts(logits_fn, prompts, setup, s, world or World(), cache)
     settings = dict(expected, num_probes=int(prompts.shape[0]), model=public_name(source_name(model)) or "",
-                    compute_dtype=str(dtype).removeprefix("torch."))
+                    compute_dtype=str(dtype).removeprefix("torch."), stage1_cache=s.cache.value)
     return _prior(commit, reliability_sum(commit, reliab), s, setup, settings)
 
 
@@ -139,9 +150,23 @@ def _prior(commit: torch.Tensor, rel_sum: torch.Tensor, s: StageOneSettings, set
     return prior
 
 
+class _FloatCache:
+    """A `CachedLogits` whose logits come back as float32, as Stage I's plain forward returns them."""
+
+    def __init__(self, cache: ApproximateCache) -> None:
+        self.cache, self.mode = cache, cache.mode
+
+    def refresh(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.cache.refresh(x, attention_mask).float()
+
+    def window(self, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        return self.cache.window(x, attention_mask, start, end).float()
+
+
 def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, s: StageOneSettings,
-                     world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probe rollouts, batch b (of `s.probe_batch` prompts) on rank b % size, in probe order.
+                     world: World, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe rollouts, batch b (of `s.probe_batch` prompts) on rank b % size, in probe order, under `s.policy`
+    (random commits, or the threshold / factor rule) and on `cache` (a prefix `CachedLogits`) when given.
 
     Batch b draws its random commit order from its own generator (`batch_seed(seed, "probes", b)`), so
     the rollouts do not depend on the number of processes. prompts: (P, N - K).
@@ -154,7 +179,8 @@ def sharded_rollouts(logits_fn, prompts: torch.Tensor, setup: DecodeSetup, s: St
         generator = torch.Generator().manual_seed(seed)
         commit, reliab = probe_rollouts(
             logits_fn, prompts[start:stop], setup.window, setup.block_length, setup.steps, setup.mask_id,
-            setup.logit_shift, s.reliability, batch_size=stop - start, generator=generator)
+            setup.logit_shift, s.reliability, batch_size=stop - start, generator=generator, cache=cache,
+            threshold=s.threshold, factor=s.factor)
         commits.append(commit)  # (b, K)
         reliabs.append(reliab)  # (T, b, K)
     K, T = setup.window, setup.steps
