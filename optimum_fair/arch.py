@@ -51,7 +51,7 @@ class ModelAdapter:
     experts: the routed experts of a mixture-of-experts family (None: dense). A block then holds the
         `groups` it has (a dense layer its MLP, an MoE layer none of it), every expert's groups and `after`.
     block_diffusion: the family decodes with block-causal attention (LLaDA2): every teacher forward of
-        Stage I and II passes `scoring.forward.block_diffusion_mask` over blocks of the run's block_length.
+        Stage I and II passes `masks.block_diffusion_mask` over blocks of the run's block_length.
     tied_blocks: dotted path of blocks that share every weight with `blocks` (DiffusionGemma's encoder
         text layers): they end up holding the very same packed modules as the calibrated blocks.
     canvas: the family denoises a canvas of uniformly random tokens after an encoded prompt

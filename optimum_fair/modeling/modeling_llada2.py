@@ -15,7 +15,7 @@ Parameter names equal the released checkpoints (``modeling_llada2_moe.py``)::
     model.norm.weight, lm_head.weight
 
 Attention follows the mask it is given: LLaDA2 decodes with a block-causal 4-D mask (bidirectional
-inside a block, causal across blocks, `scoring.forward.block_diffusion_mask`); without one it is bidirectional. A 2-D
+inside a block, causal across blocks, `masks.block_diffusion_mask`); without one it is bidirectional. A 2-D
 (batch, seq) mask hides padded keys (the released code turns it into a causal mask, which its own
 sampler never passes). Logits are position-aligned. Routing: sigmoid scores, plus ``expert_bias`` for
 the choice only, the top 2 scores of each of ``n_group`` groups pick ``topk_group`` groups, the top k
@@ -31,7 +31,6 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
 
-from ..scoring.forward import block_diffusion_mask
 from .configuration_llada2 import LLaDA2MoeConfig
 from .experts import RoutedExperts
 from .layers import (
@@ -46,8 +45,7 @@ from .layers import (
 )
 from .modeling_lladamoe import LLaDAMoEMLP
 
-__all__ = ["LLaDA2MoeDecoderLayer", "LLaDA2MoeModel", "LLaDA2MoeModelLM", "LLaDA2MoePreTrainedModel",
-           "block_diffusion_mask"]
+__all__ = ["LLaDA2MoeDecoderLayer", "LLaDA2MoeModel", "LLaDA2MoeModelLM", "LLaDA2MoePreTrainedModel"]
 
 
 class LLaDA2MoeAttention(nn.Module):

@@ -23,8 +23,8 @@ from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
 from ..digests import tensor_digest
 from ..distributed import DataShard, World, get_world
+from ..masks import block_diffusion_mask
 from ..naming import public_name, source_name
-from ..scoring.forward import block_diffusion_mask
 from ..scoring.states import decoding_states, noisy_canvases
 from .cache import BlockCache, run_fingerprint, settings_digest
 from .moe import check_tied, tie_blocks, unfuse_experts

@@ -23,9 +23,9 @@ from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import computing_in, execution_device
 from ..distributed import DataShard, World, batch_seed, get_world
 from ..enums import CacheMode
+from ..masks import block_diffusion_mask
 from ..modeling.kv_cache import ApproximateCache
 from ..naming import public_name, source_name
-from ..scoring.forward import block_diffusion_mask
 from ..scoring.prior import (
     PositionPrior,
     prior_from_stats,

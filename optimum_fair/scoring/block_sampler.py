@@ -1,7 +1,7 @@
 """LLaDA2's block-diffusion sampler (its released ``generate``), over a plain ``logits_fn``, with commits.
 
 The canvas is cut into blocks of ``block_length`` from position 0, and every forward sees them through
-the block-causal mask (`forward.block_diffusion_mask`): a block attends to itself and to earlier blocks.
+the block-causal mask (`masks.block_diffusion_mask`): a block attends to itself and to earlier blocks.
 Blocks are decoded left to right, at most ``steps`` forward passes each. At step j of a block every
 masked position proposes a token (argmax, or a sample at ``temperature`` > 0 after top-k / top-p) with
 probability p; all masked positions with p > ``threshold`` are committed if they are at least the
@@ -19,8 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..masks import block_diffusion_mask
 from .checks import check_nonneg, check_positive_int, check_prompt
-from .forward import LogitsFn, block_diffusion_mask, forbid_mask, predict_window
+from .forward import LogitsFn, forbid_mask, predict_window
 from .policies import filter_top_k, filter_top_p, llada_transfer_counts, select_parallel
 from .sampler import Recorder, canvas
 from .trace import DecodeTrace

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 LogitsFn = Callable[..., Tensor]
@@ -42,15 +41,6 @@ def cached_block_logits(cache: CachedLogits, x: Tensor, attention_mask: Tensor |
         return cache.refresh(x, attention_mask)[:, start:hi - logit_shift]
     end = x.shape[1] if cache.mode == "prefix" else hi
     return cache.window(x, attention_mask, start, end)[:, : hi - lo]
-
-
-def block_diffusion_mask(seq_len: int, block_length: int, device=None) -> Tensor:
-    """(1, 1, seq, seq) bool attention mask of block diffusion (LLaDA2): position i sees position j when
-    j's block (blocks of ``block_length`` from position 0) is not after i's. True = attend."""
-    if block_length < 1:
-        raise ValueError(f"block_length must be a positive int, got {block_length}")
-    block = torch.arange(seq_len, device=device) // block_length  # (seq,)
-    return (block[None, :] <= block[:, None])[None, None]
 
 
 def call_logits(logits_fn: LogitsFn, x: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -13,11 +13,11 @@ from optimum_fair import FairCalibConfig, quantize
 from optimum_fair.arch import LLADA_MOE, get_adapter
 from optimum_fair.calib import CalibLinear, TransformParams
 from optimum_fair.distributed import DataShard, World
+from optimum_fair.masks import block_diffusion_mask
 from optimum_fair.modeling import register_native_models
 from optimum_fair.nn import FairLinear
 from optimum_fair.pipeline.calibration import calibrate
 from optimum_fair.pipeline.stats import counted_hessians
-from optimum_fair.scoring.forward import block_diffusion_mask
 from optimum_fair.scoring.sampler import llada_decode
 from tests.conftest import char_tokenizer, tiny_llada2, tiny_lladamoe
 
