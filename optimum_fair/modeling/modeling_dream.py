@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_dream import DreamConfig
-from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
+from .kv_cache import cached_kv, key_length
 from .layers import (
     RMSNorm,
     apply_rotary,
@@ -34,10 +33,10 @@ from .layers import (
     default_position_ids,
     init_dense_weights,
     prepare_attention_mask,
-    resolve_position_ids,
     rotary_cos_sin,
     run_layers,
 )
+from .lm_head import DiffusionLMMixin
 
 __all__ = ["DreamAttention", "DreamBaseModel", "DreamDecoderLayer", "DreamMLP", "DreamModel", "DreamPreTrainedModel"]
 
@@ -181,7 +180,7 @@ class DreamPreTrainedModel(PreTrainedModel):
         init_dense_weights(module, self.config.initializer_range)
 
 
-class DreamModel(DreamPreTrainedModel):
+class DreamModel(DiffusionLMMixin, DreamPreTrainedModel):
     """Dream with its LM head (released architecture name ``DreamModel``).
 
     ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` whose
@@ -200,44 +199,3 @@ class DreamModel(DreamPreTrainedModel):
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        use_cache: bool | None = None,
-        past_key_values=None,
-        cache_position: torch.LongTensor | None = None, cache=None,
-    ) -> CausalLMOutput | tuple:
-        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1 (with a
-        cache: ``cache_position``)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)  # (batch, seq, hidden)
-        batch, seq, _ = inputs_embeds.shape
-        cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
-                                            inputs_embeds.device, cache)
-        position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        want_states = bool(output_hidden_states)
-        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)
-        logits = self.lm_head(final)  # (batch, seq, vocab)
-        return lm_output(logits, states, cache, return_dict)

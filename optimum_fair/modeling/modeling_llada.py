@@ -24,19 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_llada import LLaDAConfig
-from .kv_cache import cached_kv, key_length, lm_output, resolve_cache
+from .kv_cache import cached_kv, key_length
 from .layers import (
     RMSNorm,
     apply_rotary,
     bidirectional_attention,
     default_position_ids,
     prepare_attention_mask,
-    resolve_position_ids,
     rotary_cos_sin,
 )
+from .lm_head import DiffusionLMMixin
 
 __all__ = ["LLaDABlock", "LLaDAModel", "LLaDAModelLM", "LLaDAPreTrainedModel"]
 
@@ -202,7 +201,7 @@ class LLaDAPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
 
 
-class LLaDAModelLM(LLaDAPreTrainedModel):
+class LLaDAModelLM(DiffusionLMMixin, LLaDAPreTrainedModel):
     """LLaDA with its output head (released architecture name ``LLaDAModelLM``).
 
     ``forward(input_ids, attention_mask=None)`` returns ``CausalLMOutput`` whose
@@ -213,6 +212,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
     (`kv_cache`); the output then carries ``past_key_values``.
     """
 
+    input_embeddings_path = "model.transformer.wte"
     _supports_approximate_cache = True
 
     def __init__(self, config: LLaDAConfig) -> None:
@@ -220,40 +220,13 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         self.model = LLaDAModel(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.transformer.wte
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.transformer.wte = value
-
     def get_output_embeddings(self) -> nn.Module:
         t = self.model.transformer
         return t.wte if self.config.weight_tying else t.ff_out
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        use_cache: bool | None = None,
-        past_key_values=None,
-        cache_position: torch.LongTensor | None = None, cache=None,
-    ) -> CausalLMOutput | tuple:
-        """See the class docstring. ``position_ids``: (batch, seq) or (seq,); default 0..seq-1 (with a
-        cache: ``cache_position``)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.transformer.wte(input_ids)  # (batch, seq, d_model)
-        batch, seq, _ = inputs_embeds.shape
-        cache, position_ids = resolve_cache(past_key_values, use_cache, cache_position, position_ids, seq,
-                                            inputs_embeds.device, cache)
-        position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        want_states = bool(output_hidden_states)
-        logits, states = self.model(inputs_embeds, attention_mask, position_ids, want_states, cache, cache_position)
-        return lm_output(logits, states, cache, return_dict)
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        raise AttributeError(f"{type(self).__name__} has no lm_head: its head is model.transformer.ff_out, "
+                             "or the tied wte")
+
+    def head(self, final: torch.Tensor) -> torch.Tensor:
+        return final  # the backbone applies the head itself (the tied wte is read inside it)

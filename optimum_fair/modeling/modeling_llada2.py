@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutput
 
 from .configuration_llada2 import LLaDA2MoeConfig
 from .experts import RoutedExperts
@@ -43,6 +42,7 @@ from .layers import (
     rotary_cos_sin,
     run_layers,
 )
+from .lm_head import DiffusionLMMixin
 from .modeling_lladamoe import LLaDAMoEMLP
 
 __all__ = ["LLaDA2MoeDecoderLayer", "LLaDA2MoeModel", "LLaDA2MoeModelLM", "LLaDA2MoePreTrainedModel"]
@@ -186,13 +186,14 @@ class LLaDA2MoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_bias)
 
 
-class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
+class LLaDA2MoeModelLM(DiffusionLMMixin, LLaDA2MoePreTrainedModel):
     """LLaDA2 with its LM head (released architecture name ``LLaDA2MoeModelLM``).
 
     ``forward(input_ids, attention_mask=None, position_ids=None)`` returns ``CausalLMOutput`` with
     float32 position-aligned ``logits`` (batch, seq, vocab). No KV cache, no loss.
     """
 
+    input_embeddings_path = "model.word_embeddings"
     _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
 
     def __init__(self, config: LLaDA2MoeConfig) -> None:
@@ -201,33 +202,5 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.word_embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.word_embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                use_cache: bool | None = None) -> CausalLMOutput | tuple:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
-        if use_cache:
-            raise ValueError("use_cache: expected False or None (no KV cache here)")
-        if inputs_embeds is None:
-            inputs_embeds = self.model.word_embeddings(input_ids)  # (batch, seq, hidden)
-        batch, seq, _ = inputs_embeds.shape
-        position_ids = resolve_position_ids(position_ids, batch, seq, inputs_embeds.device)
-        want_states = bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
-        final, states = self.model(inputs_embeds, attention_mask, position_ids, want_states)
-        logits = self.lm_head(final).float()  # (batch, seq, vocab)
-        if return_dict is False:
-            return (logits, states) if want_states else (logits,)
-        return CausalLMOutput(logits=logits, hidden_states=states)
+    def head(self, final: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(final).float()  # (batch, seq, vocab), float32 as released

@@ -142,6 +142,15 @@ def test_block_mask_hides_later_blocks_only():
     assert (full_a[:, :8] - full_b[:, :8]).abs().max() > 1e-4  # without the mask they do
 
 
+@pytest.mark.parametrize("kw", [dict(use_cache=True), dict(past_key_values=object()), dict(cache=object()),
+                                dict(cache_position=torch.arange(12))])
+def test_kv_cache_arguments_are_refused(kw):
+    # the shared LM forward (modeling.lm_head) takes the cache arguments; a family without a cache refuses them
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="has no KV cache"):
+        tiny_llada2(VOCAB, MASK)(ids, **kw)
+
+
 def test_parameter_names_are_the_released_ones():
     names = set(tiny_llada2(VOCAB, MASK).state_dict())
     for name in ["model.word_embeddings.weight", "model.layers.0.mlp.gate_proj.weight",
