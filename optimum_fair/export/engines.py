@@ -27,7 +27,6 @@ from ..files import atomic_dir, new_parents, output_path
 from ..nn import FairLinear
 from . import compressed, gguf_file, gguf_types
 from .folder import check_output_dir
-from .gguf_types import mix_for
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def export(model_or_dir: nn.Module | str | os.PathLike, out: str | os.PathLike, 
     if gguf_type is not None:
         if format != "gguf":
             raise ValueError(f"gguf_type is a GGUF setting; format is {format!r}")
-        gguf_type = mix_for(gguf_type).blocks  # ValueError naming the types, before anything is read
+        gguf_type = gguf_types.mix_for(gguf_type).blocks  # ValueError naming the types, before anything is read
     source = None if isinstance(model_or_dir, nn.Module) else check_output_dir(model_or_dir)
     protected = [p for p in (source, _local_dir(model_or_dir), _local_dir(tokenizer)) if p is not None]
     target = output_path(out, tuple(protected))

@@ -70,8 +70,8 @@ def encode(w: torch.Tensor, qtype: GGUFType) -> tuple[np.ndarray, str | None]:
     if qtype is GGUFType.BF16:
         return w.bfloat16().view(torch.int16).numpy().view(np.uint8), "BF16"
     if qtype in BITS:
-        scale = searched_scale(w, BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
-        return q_blocks(quantize_weight(w, scale, BITS[qtype], BLOCK), scale, BLOCK, BITS[qtype]), qtype.value
+        codes, scale = _block_codes(w, qtype)
+        return q_blocks(codes, scale, BLOCK, BITS[qtype]), qtype.value
     if qtype is GGUFType.Q6_K:
         return q6_k_blocks(w), "Q6_K"
     raise ValueError(f"cannot write a float tensor as {qtype.value}")
@@ -80,9 +80,14 @@ def encode(w: torch.Tensor, qtype: GGUFType) -> tuple[np.ndarray, str | None]:
 def rounded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
     """w (N, K) float as a `qtype` block type (Q4_0 / Q8_0) stores it: codes x fp16 scales, float32. `encode`
     writes these values back exactly (their own scale is among its candidates, with zero error)."""
-    scale = searched_scale(w.float(), BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
-    codes = quantize_weight(w.float(), scale, BITS[qtype], BLOCK)  # (N, K) int8
+    codes, scale = _block_codes(w.detach().float(), qtype)
     return codes.float() * scale.repeat_interleave(BLOCK, dim=1)
+
+
+def _block_codes(w: torch.Tensor, qtype: GGUFType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (N, K) int8 and searched fp16-exact scales (N, K / 32) of w (N, K) float32 in Q4_0 / Q8_0."""
+    scale = searched_scale(w, BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
+    return quantize_weight(w, scale, BITS[qtype], BLOCK), scale
 
 
 def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:

@@ -153,8 +153,9 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
     config = quantizer.quantization_config
     if config.push_to_hub:  # no token or a bad repo id: fail before calibrating
         require_token(repo_id=config.push_to_hub)
-    with _given_back_on_failure(model, config), _rotation_folded(model, config), \
-            _embedding_in_target_type(model, config):
+    with _given_back_on_failure(model, config):
+        _fold_rotation(model, config)
+        _round_embedding_to_target(model, config)
         result = calibrate(model, config, texts, tokenizer)
     quantizer.result, quantizer.quantization_config = result, result.config
     quantizer.tokenizer = tokenizer if tokenizer is not None else config.tokenizer
@@ -168,12 +169,18 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
 
 @contextlib.contextmanager
 def _given_back_on_failure(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
-    """With fold_rotation, a copy of the float weights until calibration ends: a failure puts them back
-    (every tensor still in the model; calibration checks its input before it converts any layer)."""
-    if not config.fold_rotation:
-        yield
-        return
-    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """A copy of the float weights the steps before calibration change (the folded rotation: all of them;
+    a GGUF target: the token embedding) until calibration ends: a failure puts them back (every tensor
+    still in the model; calibration checks its input before it converts any layer)."""
+    state = model.state_dict()
+    if config.fold_rotation:
+        names = list(state)
+    elif config.gguf_type is not None:
+        embedding = model.get_input_embeddings().weight
+        names = [n for n, p in model.named_parameters() if p is embedding]
+    else:
+        names = []
+    saved = {n: state[n].detach().to("cpu", copy=True) for n in names}
     try:
         yield
     except BaseException:
@@ -184,47 +191,36 @@ def _given_back_on_failure(model: nn.Module, config: FairCalibConfig) -> Iterato
         raise
 
 
-@contextlib.contextmanager
-def _rotation_folded(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
+def _fold_rotation(model: nn.Module, config: FairCalibConfig) -> None:
     """config.fold_rotation: the residual rotation folded into the weights (`calib.fold`) before Stage I."""
-    if config.fold_rotation:
-        from ..arch import get_adapter
-        from ..calib.fold import fold_rotation, residual_rotation
+    if not config.fold_rotation:
+        return
+    from ..arch import get_adapter
+    from ..calib.fold import fold_rotation, residual_rotation
 
-        adapter, width = get_adapter(model), model.get_input_embeddings().weight.shape[1]
-        blocks = list(adapter.block_list(model))
-        Q = residual_rotation(width, torch.Generator().manual_seed(config.seed))  # (width, width)
-        fold_rotation(model, blocks, [adapter.block_groups(b) for b in blocks], Q)
-        logger.info("residual stream rotated (%d x %d, folded into the weights) before calibration", width, width)
-    yield
+    adapter, width = get_adapter(model), model.get_input_embeddings().weight.shape[1]
+    blocks = list(adapter.block_list(model))
+    Q = residual_rotation(width, torch.Generator().manual_seed(config.seed))  # (width, width)
+    fold_rotation(model, blocks, [adapter.block_groups(b) for b in blocks], Q)
+    logger.info("residual stream rotated (%d x %d, folded into the weights) before calibration", width, width)
 
 
-@contextlib.contextmanager
-def _embedding_in_target_type(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
+def _round_embedding_to_target(model: nn.Module, config: FairCalibConfig) -> None:
     """For a GGUF target, the token embedding rounded to the target type first, as llama.cpp's mix stores
     it, so Stage II calibrates the blocks on the inputs the file will give them (on the shipped model
-    this took the Q4_0 mix's flip rate from 0.117 to 0.102, docs/export.md). Restored if calibration
-    fails. Left float when tied to the LM head (llama.cpp then stores it in the head's type) or when its
-    width is not a multiple of 32."""
+    this took the Q4_0 mix's flip rate from 0.117 to 0.102, docs/export.md). Left float when tied to the
+    LM head (llama.cpp then stores it in the head's type) or when its width is not a multiple of 32."""
+    if config.gguf_type is None:
+        return
     from ..export import gguf_types  # torch only; loaded when a GGUF target is calibrated
 
-    embedding = model.get_input_embeddings() if config.gguf_type is not None else None
-    head = model.get_output_embeddings()
-    if embedding is None or (head is not None and head.weight is embedding.weight) or \
-            embedding.weight.shape[1] % gguf_types.BLOCK:
-        yield
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if (head is not None and head.weight is embedding.weight) or embedding.weight.shape[1] % gguf_types.BLOCK:
         return
-    original = embedding.weight.detach().clone()
     with torch.no_grad():
-        embedding.weight.copy_(gguf_types.rounded(original, config.gguf_type))
+        embedding.weight.copy_(gguf_types.rounded(embedding.weight, config.gguf_type))
     logger.info("token embedding rounded to %s before calibration (the GGUF mix stores it so)",
                 config.gguf_type.value)
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            embedding.weight.copy_(original)
-        raise
 
 
 def register() -> None:

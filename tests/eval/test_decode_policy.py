@@ -13,11 +13,8 @@ from optimum_fair.modeling.kv_cache import ApproximateCache
 from optimum_fair.scoring.decoding import DecodePolicy
 from optimum_fair.scoring.sampler import llada_decode
 from tests.conftest import char_tokenizer, tiny_llada, tiny_llada2
+from tests.eval.test_evaluate import TEXTS
 
-SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank. ",
-             "A diffusion model commits tokens over many steps, never revising them. ",
-             "Quantization noise flips borderline decisions at the write frontier. "]
-TEXTS = {"held": [" ".join(SENTENCES[(i + j) % 3] for j in range(6)) for i in range(12)]}
 SMALL = dict(texts=TEXTS, num_prompts=4, prompt_len=16, gen_length=16, block_length=8, nll_samples=4, seq_len=32,
              post_commit_prompts=0)
 
