@@ -128,10 +128,13 @@ def _held_out(texts: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
 def greedy_trace(model: Any, prompts: Tensor, gen_length: int, block_length: int, steps: int,
                  progress: Callable[[], Any] | None = None, policy: DecodePolicy | None = None) -> DecodeTrace:
     """Greedy (temperature 0) low-confidence LLaDA decode of ``model`` after prompts (batch, prompt_len)
-    under ``policy`` (default: the fixed schedule, no cache); ``progress()`` is called after each uncached
-    forward (one per decoding step without a cache or a parallel rule)."""
+    under ``policy`` (default: the fixed schedule, no cache); ``progress()`` is called after each forward,
+    full or through the cache: once per decoding step that runs one (a step slot that a parallel rule left
+    empty runs none, see `_teacher_traces`)."""
     mask_id, shift, _ = _model_facts(model)
     fn = logits_fn_of(model)
+    policy = policy or DecodePolicy()
+    cache = policy_cache(model, policy)
     if progress is not None:
         inner = fn
 
@@ -140,23 +143,42 @@ def greedy_trace(model: Any, prompts: Tensor, gen_length: int, block_length: int
             progress()
             return out
 
-    policy = policy or DecodePolicy()
+        cache = None if cache is None else _CountedCache(cache, progress)
     return llada_decode(fn, prompts, gen_length, block_length, steps, mask_id, temperature=0.0,
-                        remasking=Remasking.LOW_CONFIDENCE, logit_shift=shift, cache=policy_cache(model, policy),
-                        **policy.rule_kwargs())
+                        remasking=Remasking.LOW_CONFIDENCE, logit_shift=shift, cache=cache, **policy.rule_kwargs())
+
+
+class _CountedCache:
+    """An approximate KV cache that calls ``progress()`` after each of its forwards (a refresh or a window)."""
+
+    def __init__(self, cache: Any, progress: Callable[[], Any]) -> None:
+        self.cache, self.progress, self.mode = cache, progress, cache.mode
+
+    def refresh(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
+        out = self.cache.refresh(x, attention_mask)
+        self.progress()
+        return out
+
+    def window(self, x: Tensor, attention_mask: Tensor | None, start: int, end: int) -> Tensor:
+        out = self.cache.window(x, attention_mask, start, end)
+        self.progress()
+        return out
 
 
 def _teacher_traces(teacher: Any, tokenizer: Any, data: Mapping[str, Any], num_prompts: int, prompt_len: int,
                     gen_length: int, block_length: int, steps: int, seed: int,
                     policy: DecodePolicy | None = None) -> dict[str, DecodeTrace]:
-    """The teacher's greedy trajectories on each text, with a bar over its decoding steps (the longest
-    silent stretch of an evaluation otherwise: ~50 s on the shipped model on 2 cores)."""
+    """The teacher's greedy trajectories on each text, with a bar over its decoding step slots (the longest
+    silent stretch of an evaluation otherwise: ~50 s on the shipped model on 2 cores). A step advances the bar
+    when its forward (full or cached) returns; the slots a parallel rule leaves empty after a block fills run
+    no forward and are counted when the text is done, so the bar ends at its total under every policy."""
     out = {}
     with tqdm(total=len(data) * steps, desc="teacher trajectories", unit="step", leave=False) as bar:
-        for name, dataset in data.items():
+        for i, (name, dataset) in enumerate(data.items()):
             bar.set_postfix_str(name)
             out[name] = greedy_trace(teacher, _prompts(dataset, tokenizer, num_prompts, prompt_len, seed),
                                      gen_length, block_length, steps, progress=bar.update, policy=policy)
+            bar.update((i + 1) * steps - bar.n)  # the empty slots of blocks a parallel rule filled early
             logger.info("teacher trajectories on %s: %d prompts", name, num_prompts)
     return out
 

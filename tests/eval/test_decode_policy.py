@@ -161,3 +161,43 @@ def test_a_served_policy_is_named_with_its_numbers(teacher, tok):
     served = evaluate(teacher, tok, teacher, decode="factor", factor=1.0, cache="prefix", **SMALL)
     assert "decode_policy" not in plain and served["decode_policy"] == "factor1+prefix"
     assert "factor1+prefix" in table({"q": served}, columns=[k for k in HEADLINE if k in served], transpose=True)
+
+
+@pytest.mark.parametrize("policy", [dict(decode="threshold", threshold=0.5), dict(decode="threshold", threshold=0.5,
+                                                                                  cache="prefix"),
+                                    dict(decode="factor", factor=1.0, cache="dual"), dict(cache="prefix")])
+def test_the_teacher_trajectory_bar_reaches_its_total_under_every_policy(teacher, tok, policy, monkeypatch):
+    """The bar counts each step's forward, cached ones too, and the slots a filled block leaves empty, so it ends
+    at its total (it stopped short: no tick for a cached forward, none for an empty slot)."""
+    import optimum_fair.eval.evaluate as ev
+
+    bars = []
+
+    class Recorded(ev.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False})
+            self.ticks = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.ticks.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(ev, "tqdm", Recorded)
+    calls = []
+    hook = teacher.register_forward_hook(lambda *args: calls.append(1))  # every forward, full or cached
+    texts = {"held": TEXTS["held"], "other": TEXTS["held"][::-1]}
+    kwargs = {k: SMALL[k] for k in ("prompt_len", "gen_length", "block_length")}
+    try:
+        traces = build_teacher_traces(teacher, tok, texts=texts, num_prompts=1, **kwargs, **policy)
+    finally:
+        hook.remove()
+    (bar,) = [b for b in bars if b.desc.startswith("teacher trajectories")]
+    assert bar.total == 2 * SMALL["gen_length"] and bar.n == bar.total
+    steps = SMALL["gen_length"]
+    forwards = [len(t.commit_step.unique()) for t in traces.values()]  # one forward per step that commits
+    assert len(calls) == sum(forwards)
+    # per text: a tick per forward as it returns, then one update for the slots a filled block left empty
+    assert bar.ticks == [n for f in forwards for n in [1] * f + [steps - f]]
+    if policy.get("decode"):
+        assert sum(forwards) < bar.total  # a confident teacher fills its blocks early under a parallel rule
