@@ -3,6 +3,7 @@
     python benchmarks/confirm.py benchmarks/confirm/beta3_vs_uniform.json
     python benchmarks/confirm.py benchmarks/confirm/*.json --threads 1   # issue 23's three, ~2.5 h
     python benchmarks/confirm.py SPEC.json --quick          # a smoke run: tiny settings, one seed
+    python benchmarks/confirm.py benchmarks/confirm/served_prior_vs_uniform.json --threads 1  # issue 34 item 4
 
 The spec (a small JSON file, written and committed before the run) names the comparison and its design:
 
@@ -21,6 +22,13 @@ teacher margin >= 0.1) with a 95 % bootstrap interval over prompts (the (setting
 per prompt), and the smallest difference the design detects with 80 % power at the 5 % level, from the
 paired variance across prompts. A setting becomes a default only when its interval excludes zero in its
 favour. "lee-test" (`optimum_fair.data`, gensim's lee.cor) was evaluated by no study before this tool.
+
+An optional ``"policy"`` (issue 34: the way the model is served) decodes the FP teacher's trajectories and
+evaluates both sides under it: ``{"decode": "threshold", "threshold": 0.9, "cache": "none"}`` with the keys of
+`evaluate` (``decode``: schedule / threshold / factor, ``threshold``, ``factor``, ``cache``: none / prefix /
+dual; a key left out takes evaluate's default). Without it, today's one-per-step decode. A side that builds
+its prior under the policy says so in its own config fields (``"a": {"weighting": "fair", "stage1_policy":
+"threshold", "stage1_threshold": 0.9}``). Unknown policy keys and bad values are refused before any work.
 """
 
 from __future__ import annotations
@@ -37,9 +45,14 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 import optimum_fair
 from optimum_fair import FairCalibConfig, quantize
 from optimum_fair.arch import get_adapter
+from optimum_fair.eval.decoding import make_policy
 from optimum_fair.eval.evaluate import build_teacher_traces, evaluate
+from optimum_fair.scoring.decoding import DecodePolicy
 
 REQUIRED = ("name", "hypothesis", "a", "b", "base", "text", "seeds", "num_prompts", "gen_length", "settings")
+OPTIONAL = ("calib_text", "epochs", "policy")
+POLICY_KEYS = ("decode", "threshold", "factor", "cache")  # evaluate()'s / build_teacher_traces()'s arguments
+SUMMARY = ("flip_rate", "flip_rate_m0.1", "steps_per_token", "teacher_steps_per_token", "decode_policy")
 Z_ALPHA, Z_POWER = 1.959964, 0.841621  # two-sided 5 %, 80 % power
 
 
@@ -47,15 +60,31 @@ def load_spec(path: str) -> dict:
     """The comparison spec, checked before any work (a missing or unknown key is named)."""
     spec = json.loads(Path(path).read_text())
     missing = [k for k in REQUIRED if k not in spec]
-    unknown = sorted(set(spec) - set(REQUIRED) - {"calib_text", "epochs"})
+    unknown = sorted(set(spec) - set(REQUIRED) - set(OPTIONAL))
     if missing or unknown:
-        raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}; expected {list(REQUIRED)}")
+        raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown}; expected {list(REQUIRED)} "
+                         f"(optional: {list(OPTIONAL)})")
     if not spec["settings"] or not spec["seeds"]:
         raise ValueError(f"{path}: settings and seeds must be non-empty")
+    check_policy(spec.get("policy", {}), path)
     for side in ("a", "b"):  # every config the run will build must be valid now, not after an hour
         for setting in spec["settings"]:
             FairCalibConfig(**{**spec["base"], **setting, **spec[side]})
     return spec
+
+
+def check_policy(policy: dict, where: str = "spec") -> DecodePolicy:
+    """The spec's serving policy as a checked `DecodePolicy` (unknown keys and bad values named)."""
+    if not isinstance(policy, dict):
+        raise ValueError(f"{where}: policy must be an object with keys {list(POLICY_KEYS)}, got {policy!r}")
+    unknown = sorted(set(policy) - set(POLICY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown policy keys {unknown}; expected some of {list(POLICY_KEYS)}")
+    try:
+        return DecodePolicy(policy.get("decode", "schedule"), threshold=policy.get("threshold", 0.9),
+                            factor=policy.get("factor", 1.0), cache=policy.get("cache", "none"))
+    except ValueError as err:
+        raise ValueError(f"{where}: policy {policy}: {err}") from err
 
 
 def paired_flip_difference(a: list[dict], b: list[dict], text: str, resamples: int = 2000,
@@ -104,11 +133,13 @@ def run(spec: dict, model_path: str, threads: int, quick: bool) -> dict:
     check_fits(spec, model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     teacher = AutoModel.from_pretrained(model_path).eval()
+    policy = dict(spec.get("policy", {}))
+    make_policy(teacher, **{**dict(zip(POLICY_KEYS, ("schedule", 0.9, 1.0, "none"), strict=True)), **policy})
     runs_a, runs_b, log = [], [], []
     for setting in spec["settings"]:
         seq_len = setting.get("seq_len", 128)
         decode = {"num_prompts": spec["num_prompts"], "gen_length": spec["gen_length"],
-                  "block_length": min(32, spec["gen_length"])}
+                  "block_length": min(32, spec["gen_length"]), **policy}
         traces = build_teacher_traces(teacher, tok, texts=[spec["text"]], **decode)
         for seed in spec["seeds"]:
             rows = []
@@ -120,7 +151,8 @@ def run(spec: dict, model_path: str, threads: int, quick: bool) -> dict:
                 model = quantize(AutoModel.from_pretrained(model_path).eval(), cfg, tokenizer=tok)
                 rows.append(evaluate(model, tok, teacher_traces=traces, texts=[spec["text"]], **decode,
                                      seq_len=min(128, seq_len), post_commit_prompts=0, details=True))
-                log.append({"setting": setting, "seed": seed, "side": side, "seconds": time.perf_counter() - t0})
+                log.append({"setting": setting, "seed": seed, "side": side, "seconds": time.perf_counter() - t0,
+                            **{k: rows[-1][k] for k in SUMMARY if k in rows[-1]}})
             runs_a.append(rows[0])
             runs_b.append(rows[1])
     return {"spec": spec, "quick": quick, "runs": log,
@@ -130,7 +162,8 @@ def run(spec: dict, model_path: str, threads: int, quick: bool) -> dict:
 def report(out: dict) -> str:
     spec, res = out["spec"], out["result"]
     lines = [f"confirmatory comparison {spec['name']}: {spec['hypothesis']}",
-             f"A = {spec['a']}, B = {spec['b']}, base {spec['base']}, text {spec['text']}"]
+             f"A = {spec['a']}, B = {spec['b']}, base {spec['base']}, text {spec['text']}, "
+             f"policy {check_policy(spec.get('policy', {})).name}"]
     for name, r in res.items():
         lo, hi = r["ci"]
         verdict = "A lower" if hi < 0 else "A higher" if lo > 0 else "not resolved"

@@ -88,3 +88,52 @@ def test_the_model_card_quotes_the_committed_confirmatory_results():
             assert hi > 0  # "no interval of the difference below zero"
             assert (lo > 0) == (name == "beta3-vs-uniform" and suffix == "-2settings")
         assert f"| {label} | {cells[0]} | {cells[1]} |" in EVIDENCE
+
+
+def _served_spec(tmp_path, **policy):
+    spec = json.loads(open("benchmarks/confirm/beta1_vs_uniform.json").read())
+    spec = dict(spec, a={"weighting": "fair", "stage1_policy": "threshold", "stage1_threshold": 0.7},
+                policy={"decode": "threshold", "threshold": 0.7, **policy})
+    path = tmp_path / "served.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_a_bad_policy_is_refused_by_name_before_any_work(tmp_path, monkeypatch):
+    import benchmarks.confirm as confirm
+
+    assert load_spec(_served_spec(tmp_path))["policy"] == {"decode": "threshold", "threshold": 0.7}
+    assert "policy" not in load_spec("benchmarks/confirm/beta1_vs_uniform.json")  # old specs unchanged
+    monkeypatch.setattr(confirm, "run", lambda *a, **k: pytest.fail("a run started"))
+    for policy, message in (({"temperature": 0.5}, r"unknown policy keys \['temperature'\]"),
+                            ({"threshold": 1.5}, "threshold must be in"),
+                            ({"decode": "fastest"}, "decode"),
+                            ({"cache": "triple"}, "cache")):
+        with pytest.raises(ValueError, match=message):
+            confirm.main([_served_spec(tmp_path, **policy), "--quick"])
+    spec = json.loads(open(_served_spec(tmp_path)).read())
+    (tmp_path / "list.json").write_text(json.dumps(dict(spec, policy=["threshold"])))
+    with pytest.raises(ValueError, match="policy must be an object"):
+        load_spec(str(tmp_path / "list.json"))
+
+
+def test_the_policy_reaches_the_traces_the_evaluation_and_side_a_only_gets_its_prior(tmp_path, monkeypatch):
+    """An end-to-end run with quantization replaced by the identity: the teacher's traces and both sides'
+    evaluations are under the spec's policy, side A's config carries the Stage I policy and B's does not, and
+    a model scored against its own trajectories differs from itself by exactly zero."""
+    import benchmarks.confirm as confirm
+    import optimum_fair
+
+    configs, traces = [], []
+    monkeypatch.setattr(confirm, "quantize", lambda model, cfg, tokenizer=None: configs.append(cfg) or model)
+    real = confirm.build_teacher_traces
+    monkeypatch.setattr(confirm, "build_teacher_traces", lambda *a, **k: traces.append(real(*a, **k)) or traces[-1])
+    spec = load_spec(_served_spec(tmp_path))
+    spec = dict(spec, seeds=[0], num_prompts=3, gen_length=8)
+    out = confirm.run(spec, optimum_fair.DEFAULT_MODEL, threads=1, quick=True)
+    assert [t.policy for t in traces[0].values()] == ["llada/low_confidence+threshold0.7"]
+    assert [(c.stage1_policy, c.stage1_threshold) for c in configs] == [("threshold", 0.7), ("random", 0.9)]
+    assert [r["decode_policy"] for r in out["runs"]] == ["threshold0.7", "threshold0.7"]
+    assert [r["flip_rate"] for r in out["runs"]] == [0.0, 0.0]
+    assert out["result"]["all"]["diff"] == 0.0 and out["result"]["all"]["ci"] == [0.0, 0.0]
+    assert "policy threshold0.7" in confirm.report(out)
