@@ -59,6 +59,7 @@ class ModelAdapter:
         is no masked commit order for Stage I (the run uses uniform weighting, saying why).
     float_modules: the default modules_to_not_convert (routers are added); None = transformers' own list
         (the LM head and tied embeddings), which for a family with tied blocks names every block.
+    roles: the linears llama.cpp's GGUF mixes treat apart ("attn_v", "ffn_down"), by name in a block.
     """
 
     name: str
@@ -75,6 +76,7 @@ class ModelAdapter:
     tied_blocks: str | None = None
     canvas: bool = False
     float_modules: tuple[str, ...] | None = None
+    roles: tuple[tuple[str, str], ...] = ()  # (linear name in a block, llama.cpp's role): what GGUF mixes key on
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model` (raises if the path does not exist)."""
@@ -145,6 +147,7 @@ LLADA = ModelAdapter(
     model_types=("llada",),
     blocks="model.transformer.blocks",
     groups=(("q_proj", "k_proj", "v_proj"), ("attn_out",), ("ff_proj", "up_proj"), ("ff_out",)),
+    roles=(("v_proj", "attn_v"), ("ff_out", "ffn_down")),
     mask_token_id=126336,
     logit_shift=0,
     max_length_attrs=("max_sequence_length", "max_position_embeddings"),
@@ -156,12 +159,14 @@ _QWEN2_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+_QWEN2_ROLES = (("self_attn.v_proj", "attn_v"), ("mlp.down_proj", "ffn_down"))
 
 DREAM = ModelAdapter(
     name="dream",
     model_types=("Dream", "dream"),
     blocks="model.layers",
     groups=_QWEN2_GROUPS,
+    roles=_QWEN2_ROLES,
     mask_token_id=151666,
     logit_shift=1,
     likelihood=LikelihoodEstimator.DREAM,
@@ -175,6 +180,7 @@ LLADA_MOE = ModelAdapter(
     model_types=("lladamoe",),
     blocks="model.layers",
     groups=_QWEN2_GROUPS,  # attention always; mlp.* only in dense layers (moe_layer_freq 0)
+    roles=_QWEN2_ROLES,
     mask_token_id=156895,
     logit_shift=0,
     experts=ExpertLayout(path="mlp.experts", groups=_GATED_MLP, router="mlp.gate",
@@ -217,6 +223,7 @@ LLAMA_LIKE = ModelAdapter(
     model_types=("llama", "qwen2", "mistral", "qwen3"),
     blocks="model.layers",
     groups=_QWEN2_GROUPS,
+    roles=_QWEN2_ROLES,
     logit_shift=1,
     likelihood=LikelihoodEstimator.DREAM,  # autoregressive-initialised, as Dream
     sampler=Algorithm.DREAM,

@@ -40,7 +40,7 @@ from .naming import is_repo_id
 CONFIG_VERSION = 2
 
 #: The GGUF types calibration rounds in: (w_bits, weights per scale). The others are written by the export.
-GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32)}
+GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32), GGUFType.Q4_K_M: (4, 32)}  # a mix: its base type's
 
 
 _ENUM_FIELDS = {
@@ -83,7 +83,8 @@ class FairCalibConfig(QuantizationConfigMixin):
             store their scales, so either loads exactly; the field says how they were made. "search": each
             group's (signed) scale is the one of least round-off weighted by the Hessian diagonal (GPTQ)
             among llama.cpp's candidates (`ops.searched_scale`); what `gguf_type` uses.
-        gguf_type: calibrate in the exact grid of this GGUF type ("Q4_0" or "Q8_0"), so that
+        gguf_type: calibrate in the exact grid of this GGUF type ("Q4_0", "Q8_0", or llama.cpp's mix "Q4_K_M":
+            each block linear in the type llama-quantize gives it, Q4_K / Q6_K / Q5_0 / Q8_0), so that
             `export(..., "gguf")` writes the codes as they are: sets w_bits (4 / 8), group_size 32 (one
             fp16 scale per 32 weights), weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
             quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of

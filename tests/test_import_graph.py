@@ -12,7 +12,7 @@ ROOT = Path(optimum_fair.__file__).parent
 
 # layer of each top-level module / subpackage: a module may import only from its own layer or below
 LAYERS = {
-    "enums": 0, "ops": 0, "files": 0, "devices": 0, "naming": 0, "digests": 0, "masks": 0,
+    "enums": 0, "ops": 0, "grids": 0, "files": 0, "devices": 0, "naming": 0, "digests": 0, "masks": 0,
     "nn": 1, "calib": 1, "scoring": 1, "arch": 1, "distributed": 1, "config": 1,
     "modeling": 2, "data": 2,
     "pipeline": 3,

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import WeightGrid
+from ..grids import SUPER_BLOCK, KGrid, choose
 from ..ops import qmax, scale_candidates, weight_scale
 from .objective import expand_token_weights
 
-__all__ = ["GPTQFactor", "accumulate_hessian", "gptq_factor", "gptq_quantize", "hessian_sum"]
+__all__ = ["GPTQFactor", "accumulate_hessian", "gptq_factor", "gptq_quantize", "gptq_quantize_k", "hessian_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,40 @@ def gptq_quantize(
     Output error eᵀHe: RTN e = [−0.075, 0] gives 0.0225; GPTQ e = [−0.075, 0.2] gives 0.0085.
     """
     _check_gptq_args(W, bits, group_size, damp, block_size, max_damp_tries)
+    W, factor = _prepared(W, H, factor, damp, act_order, max_damp_tries)
+    clip = 1.0 if clip is None else clip
+    static = None  # scales fixed before the loop: (out, n_groups)
+    if group_size == -1 or factor.act_order:
+        static = weight_scale(W, bits, group_size, clip, grid, factor.diag, scale_dtype)
+        static = static.to(scale_dtype).float()  # on the stored grid
+    codes, scale, _ = _column_loop(_permuted(W, factor), factor.hinv, factor.perm.tolist(), static, bits,
+                                   group_size, block_size, clip, scale_dtype, grid, factor.diag[factor.perm])
+    codes = codes[:, torch.argsort(factor.perm)]  # back to the original column order
+    return codes.to(torch.int8), scale
+
+
+def gptq_quantize_k(W: torch.Tensor, H: torch.Tensor | None, grid: KGrid, damp: float = 0.01,
+                    act_order: bool = False, max_damp_tries: int = 4, factor: GPTQFactor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ rounding of W (out, in) in a K-quant grid (`grids.KGrid`): codes (out, in) int8, scales and mins
+    (out, in / group) float32 (mins None for Q6_K), so that `grids.values` is Ŵ.
+
+    Each super-block's scales and mins are searched (`grids.choose`, importance diag(H)) when the loop
+    reaches its first column, from the columns as the error feedback has updated them (GPTQ's choice for
+    groups; with act_order, up front from W), then its columns are rounded one by one in that grid.
+    """
+    _check_gptq_args(W, grid.bits, grid.group, damp, SUPER_BLOCK, max_damp_tries)
+    W, factor = _prepared(W, H, factor, damp, act_order, max_damp_tries)
+    static = choose(grid, W, factor.diag) if factor.act_order else None
+    codes, scale, mins = _column_loop(_permuted(W, factor), factor.hinv, factor.perm.tolist(), static, grid.bits,
+                                      grid.group, SUPER_BLOCK, 1.0, torch.float32, grid, factor.diag[factor.perm])
+    codes = codes[:, torch.argsort(factor.perm)]
+    return codes.to(torch.int8), scale, mins
+
+
+def _prepared(W: torch.Tensor, H: torch.Tensor | None, factor: GPTQFactor | None, damp: float, act_order: bool,
+              max_damp_tries: int) -> tuple[torch.Tensor, GPTQFactor]:
+    """W (out, in) as a float32 copy with dead inputs zeroed, and the factor of H (made if not given)."""
     n_cols = W.shape[1]
     if factor is None:
         if H is None:
@@ -162,20 +197,13 @@ def gptq_quantize(
         factor = gptq_factor(H, damp, act_order, max_damp_tries)  # checks H is finite
     elif factor.perm.numel() != n_cols:
         raise ValueError(f"factor is for {factor.perm.numel()} input columns, W has {n_cols}")
-    clip = 1.0 if clip is None else clip
     W = W.detach().float().clone()  # W: (out, in)
     W[:, factor.dead] = 0.0
-    static = None  # scales fixed before the loop: (out, n_groups)
-    if group_size == -1 or factor.act_order:
-        static = weight_scale(W, bits, group_size, clip, grid, factor.diag, scale_dtype)
-        static = static.to(scale_dtype).float()  # on the stored grid
-    if factor.act_order:
-        W = W[:, factor.perm]
-    perm = factor.perm.tolist()
-    codes, scale = _column_loop(W, factor.hinv, perm, static, bits, group_size, block_size, clip, scale_dtype,
-                                grid, factor.diag[factor.perm])
-    codes = codes[:, torch.argsort(factor.perm)]  # back to the original column order
-    return codes.to(torch.int8), scale
+    return W, factor
+
+
+def _permuted(W: torch.Tensor, factor: GPTQFactor) -> torch.Tensor:
+    return W[:, factor.perm] if factor.act_order else W
 
 
 @dataclass(frozen=True)
@@ -269,30 +297,35 @@ def _column_loop(
     W: torch.Tensor,
     Hinv: torch.Tensor,
     perm: list[int],
-    static: torch.Tensor | None,
+    static: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | None,
     bits: int,
     group_size: int,
     block_size: int,
     clip: torch.Tensor | float,
     scale_dtype: torch.dtype = torch.float32,
-    grid: WeightGrid = WeightGrid.FULL,
+    grid: WeightGrid | KGrid = WeightGrid.FULL,
     importance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ's column loop with lazy block updates, on columns already in processing order.
 
     W: (out, in) float32, permuted; Hinv: (in, in) upper Cholesky factor of the damped inverse, permuted;
-    perm[j]: original index of processed column j; importance: (in,) diag(H), permuted (the searched grid
-    weighs each group's round-off by it). Returns codes (out, in) as float in processing order
-    and the scales (out, n_groups) indexed by original group.
+    perm[j]: original index of processed column j; importance: (in,) diag(H), permuted (the searched grids
+    weigh round-off by it); static: scales (out, n_groups), or (scales, mins) on a K grid, fixed up front.
+    Returns codes (out, in) as float in processing order and the scales and mins (out, n_groups) indexed
+    by original group (mins None on symmetric grids). A weight is s * (code + offset) - m: offset and m
+    are 0 except on an asymmetric K grid.
     """
     out_f, n_cols = W.shape
-    lo, hi = -qmax(bits) - 1, qmax(bits)
-    g = group_size
-    if static is None:  # per-group scales found in the loop: keep every group inside one block
-        block_size = max(block_size // g, 1) * g
-        scale = torch.zeros(out_f, n_cols // g, device=W.device)
+    kgrid = grid if isinstance(grid, KGrid) else None
+    lo, hi = kgrid.code_range if kgrid else (-qmax(bits) - 1, qmax(bits))
+    g, offset = group_size, kgrid.offset if kgrid else 0
+    span = SUPER_BLOCK if kgrid else g  # columns whose scales are chosen together
+    if static is None:  # scales found in the loop: keep every span inside one block
+        block_size = max(block_size // span, 1) * span
+        scale, mins = torch.zeros(out_f, n_cols // g, device=W.device), torch.zeros(out_f, n_cols // g, device=W.device)
     else:
-        scale = static
+        scale, mins = static if kgrid else (static, None)
+        mins = torch.zeros_like(scale) if mins is None else mins
     col_group = [0] * n_cols if g == -1 else [p // g for p in perm]  # original group of each column
     Q = torch.zeros_like(W)  # codes, processing order
     for i1 in range(0, n_cols, block_size):
@@ -302,19 +335,24 @@ def _column_loop(
         Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
         for i in range(i2 - i1):
             j = i1 + i
-            if static is None and j % g == 0:
-                imp = None if importance is None else importance[j:j + g]  # (g,)
-                scale[:, j // g] = _group_scale(W1[:, i:i + g], Hinv1[i:i + g, i:i + g], bits, clip, grid, imp,
-                                                scale_dtype)
-            s = scale[:, col_group[j]]  # (out,)
+            if static is None and j % span == 0:
+                imp = None if importance is None else importance[j:j + span]  # (span,)
+                if kgrid:
+                    s_new, m_new = choose(kgrid, W1[:, i:i + span], imp)  # (out, span / g) each
+                    scale[:, j // g:(j + span) // g] = s_new
+                    mins[:, j // g:(j + span) // g] = 0.0 if m_new is None else m_new
+                else:
+                    scale[:, j // g] = _group_scale(W1[:, i:i + g], Hinv1[i:i + g, i:i + g], bits, clip, grid,
+                                                    imp, scale_dtype)
+            s, m = scale[:, col_group[j]], mins[:, col_group[j]]  # (out,)
             w = W1[:, i]  # (out,)
-            q = torch.round(w / s).clamp(lo, hi)
+            q = (torch.round((w + m) / torch.where(s == 0, torch.ones_like(s), s)) - offset).clamp(lo, hi)
             Q[:, j] = q
-            err1 = (w - q * s) / Hinv1[i, i]  # (out,)
+            err1 = (w - (q + offset) * s + m) / Hinv1[i, i]  # (out,)
             W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (out, count - i)
             Err1[:, i] = err1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, in - i2): lazy update of the later columns
-    return Q, scale
+    return Q, scale, (mins if kgrid and kgrid.asymmetric else None)
 
 
 def _group_scale(W: torch.Tensor, Hinv: torch.Tensor, bits: int, clip: torch.Tensor | float, grid: WeightGrid,

@@ -16,13 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import KronInit, Rounding, Transform, WeightGrid
+from ..grids import KGrid, choose, round_codes
 from ..ops import quantize_weight, weight_scale
-from .gptq import GPTQFactor, gptq_quantize
+from .gptq import GPTQFactor, gptq_quantize, gptq_quantize_k
 
 __all__ = ["EXPORT_FORMATS", "ROUNDINGS", "TRANSFORMS", "RoundingMethod", "TransformMethod", "rounding_method"]
 
 #: Where a packed layer can go: "fair" (this package's checkpoint), GGUF (llama.cpp), compressed-tensors (vLLM).
 EXPORT_FORMATS = frozenset({"fair", "gguf", "compressed-tensors"})
+
+#: What a rounding gives: codes (out, d) int8, scales (out, n_groups) and mins (out, n_groups) or None.
+Rounded = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -64,23 +68,31 @@ class RoundingMethod:
         return self.hessian
 
 
-def round_to_nearest(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float, grid: WeightGrid,
-                     scale_dtype: torch.dtype, **_) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes (out, d) int8 and scale (out, n_groups) of W (out, d), each weight rounded on its own."""
+def round_to_nearest(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float,
+                     grid: WeightGrid | KGrid, scale_dtype: torch.dtype, **_) -> Rounded:
+    """codes (out, d) int8, scale (out, n_groups) and mins (K grids) of W (out, d), each weight rounded on
+    its own."""
+    if isinstance(grid, KGrid):
+        scale, mins = choose(grid, W)
+        return round_codes(grid, W, scale, mins), scale, mins
     scale = weight_scale(W, bits, group_size, clip, grid, scale_dtype=scale_dtype)
     scale = scale.to(scale_dtype).float()  # (out, n_groups)
-    return quantize_weight(W, scale, bits, group_size), scale
+    return quantize_weight(W, scale, bits, group_size), scale, None
 
 
-def gptq_rounding(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float, grid: WeightGrid,
-                  scale_dtype: torch.dtype, H: torch.Tensor | None = None, factor: GPTQFactor | None = None,
-                  damp: float = 0.01, act_order: bool = False, block_size: int = 128
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gptq_quantize` of W (out, d) with the Hessian H (d, d) of its inputs, or its shared `factor`."""
+def gptq_rounding(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float,
+                  grid: WeightGrid | KGrid, scale_dtype: torch.dtype, H: torch.Tensor | None = None,
+                  factor: GPTQFactor | None = None, damp: float = 0.01, act_order: bool = False,
+                  block_size: int = 128) -> Rounded:
+    """`gptq_quantize` (or `gptq_quantize_k` on a K grid) of W (out, d) with the Hessian H (d, d) of its
+    inputs, or its shared `factor`."""
     if H is None and factor is None:
         raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
-    return gptq_quantize(W, H, bits, group_size, damp=damp, act_order=act_order, block_size=block_size, clip=clip,
-                         scale_dtype=scale_dtype, factor=factor, grid=grid)
+    if isinstance(grid, KGrid):
+        return gptq_quantize_k(W, H, grid, damp, act_order, factor=factor)
+    codes, scale = gptq_quantize(W, H, bits, group_size, damp=damp, act_order=act_order, block_size=block_size,
+                                 clip=clip, scale_dtype=scale_dtype, factor=factor, grid=grid)
+    return codes, scale, None
 
 
 _KRON = ("transform_a", "transform_b")

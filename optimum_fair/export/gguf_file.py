@@ -31,9 +31,10 @@ from torch import nn
 
 from ..enums import GGUFType
 from ..files import atomic_path
+from ..grids import K_GRIDS, SUPER_BLOCK
 from ..naming import public_name
 from ..nn import FairLinear
-from .gguf_types import BITS, BLOCK, FILE_TYPES, FLOATS, Mix, encode, mix_for, q_blocks
+from .gguf_types import BLOCK, FILE_TYPES, FLOATS, Mix, block_types, encode, layer_blocks, layer_type, mix_for
 from .requires import require
 
 logger = logging.getLogger(__name__)
@@ -61,13 +62,22 @@ def check_exportable(model: nn.Module, gguf_type: GGUFType | str | None = None) 
             f"FairCalibConfig(gguf_type={mix.blocks.value!r}) first, or export F32 / F16 / BF16 and run "
             "llama-quantize"))
     for name, module in fair:
-        if mix is not None and module.w_bits != BITS[mix.blocks]:
-            raise ValueError(f"{name}: gguf_type={mix.blocks.value} stores {BITS[mix.blocks]}-bit codes, this layer "
-                             f"has w_bits={module.w_bits}")
+        qtype = _layer_type(module)
+        if qtype is None:
+            raise ValueError(f"{name}: no GGUF type holds its codes (w_bits={module.w_bits}, group_size="
+                             f"{module.group_size}{', asymmetric' if module.weight_min is not None else ''})")
+        if mix is not None and mix.blocks not in FLOATS and qtype not in block_types(mix):
+            raise ValueError(f"{name}: gguf_type={mix.blocks.value} stores its block linears as "
+                             f"{sorted(t.value for t in block_types(mix))}, this layer's codes are {qtype.value} "
+                             f"(calibrate with FairCalibConfig(gguf_type={mix.blocks.value!r}))")
         if module.has_online_transform:
             raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing), which GGUF "
                              "cannot express; export configs with transform='none'")
-        if module.in_features % BLOCK or (module.group_size != -1 and module.group_size % BLOCK):
+        if qtype in K_GRIDS and module.in_features % SUPER_BLOCK:
+            raise ValueError(f"{name}: {qtype.value} holds rows of a multiple of {SUPER_BLOCK} weights, in_features "
+                             f"is {module.in_features}")
+        if qtype not in K_GRIDS and (module.in_features % BLOCK or (module.group_size != -1
+                                                                    and module.group_size % BLOCK)):
             raise ValueError(f"{name}: GGUF blocks hold {BLOCK} weights; in_features ({module.in_features}) and "
                              f"group_size ({module.group_size}) must be multiples of {BLOCK} (or per channel)")
 
@@ -224,11 +234,15 @@ def special_token_ids(tokenizer: Any, size: int) -> dict[str, int]:
 
 
 def _block_type(model: nn.Module, mix: Mix | None) -> GGUFType:
-    """The type general.file_type names: the mix's, else that of the narrowest codes (F32 when none)."""
+    """The type general.file_type names: the mix's, else the most common type of the codes (F32 when none)."""
     if mix is not None:
         return mix.blocks
-    bits = {m.w_bits for m in model.modules() if isinstance(m, FairLinear)}
-    return GGUFType.F32 if not bits else GGUFType.Q4_0 if min(bits) == 4 else GGUFType.Q8_0
+    types = [_layer_type(m) for m in model.modules() if isinstance(m, FairLinear)]
+    return max(set(types), key=types.count) if types else GGUFType.F32
+
+
+def _layer_type(layer: FairLinear) -> GGUFType | None:
+    return layer_type(layer.w_bits, layer.group_size, layer.weight_min is not None)
 
 
 def _float_type(gguf_name: str, tensor: torch.Tensor, mix: Mix | None) -> GGUFType:
@@ -249,8 +263,8 @@ def log_scale_rounding(model: nn.Module) -> None:
     layers = [m for m in model.modules() if isinstance(m, FairLinear)]
     for layer in layers:
         scale = layer.weight_scale
-        if scale.dtype == torch.float16:
-            continue
+        if scale.dtype == torch.float16 or _layer_type(layer) not in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+            continue  # K-quant scales are written as fp16 x integer levels, exactly
         s = scale.float()
         change = ((s.half().float() - s).abs() / s.abs().clamp(min=1e-30)).max().item()
         if change:
@@ -290,12 +304,15 @@ def _write_tensors(writer, model: nn.Module, names, gguf, mix: Mix | None = None
         n_head = heads.get(module_name.rpartition(".")[2])
         if module_name in fair and leaf == "weight":
             layer = fair[module_name]
-            codes, scale = layer.codes(), layer.weight_scale
+            codes, scale, mins = layer.codes(), layer.weight_scale, layer.weight_min
             if n_head:
                 codes, scale = rotary_permute(codes, n_head), rotary_permute(scale, n_head)
-            _warn_if_rounded(name, scale)
-            qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(gguf_name, q_blocks(codes, scale, layer.group_size, layer.w_bits), raw_dtype=qtype)
+                mins = None if mins is None else rotary_permute(mins, n_head)
+            qtype = _layer_type(layer)
+            if qtype in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+                _warn_if_rounded(name, scale)
+            writer.add_tensor(gguf_name, layer_blocks(codes, scale, mins, layer.group_size, qtype),
+                              raw_dtype=gguf.GGMLQuantizationType[qtype.value])
             continue
         # float tensors F32 unless the mix says otherwise (exact for any source dtype: with an F16 head
         # llama.cpp would also round its activations to fp16, which moved a greedy decode here)
@@ -311,9 +328,11 @@ def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None,
     """Collect one expert's weight; with all `n_experts` of its layer, write them as one 3-D tensor."""
     key = f"{match['layer']}.{match['w']}"
     if layer is not None:
-        _warn_if_rounded(match.string, layer.weight_scale)
-        data = q_blocks(layer.codes(), layer.weight_scale, layer.group_size, layer.w_bits)  # (N, bytes)
-        qtype = gguf.GGMLQuantizationType.Q4_0 if layer.w_bits == 4 else gguf.GGMLQuantizationType.Q8_0
+        own = _layer_type(layer)
+        if own in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+            _warn_if_rounded(match.string, layer.weight_scale)
+        data = layer_blocks(layer.codes(), layer.weight_scale, layer.weight_min, layer.group_size, own)  # (N, bytes)
+        qtype = gguf.GGMLQuantizationType[own.value]
     else:
         data, raw = encode(tensor.float(), _float_type("", tensor, mix))
         qtype = None if raw is None else gguf.GGMLQuantizationType[raw]

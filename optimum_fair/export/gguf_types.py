@@ -9,9 +9,19 @@ already calibrated in it (`FairCalibConfig(gguf_type=...)`): their codes go in a
 the embedding and the head, which calibration leaves in float, are rounded here: per block, the
 least-error scale of `ops.searched_scale` (at least as good as llama.cpp's reference rounding).
 
-Q6_K (210 bytes per 256 weights): 16 sub-blocks of 16 six-bit codes q in [-32, 31], each sub-block with
-an int8 scale l, the super-block with one fp16 d; a weight is d * l * q. The codes are stored as q + 32:
-the low nibbles in `ql` (128 bytes), the high two bits in `qh` (64 bytes), then the 16 scales and d.
+A calibrated layer's type follows from what it stores (`layer_type`): per-32 fp16 scales and 4 / 5 / 8-bit
+codes are Q4_0 / Q5_0 / Q8_0; per-group mins make Q4_K / Q5_K; 6-bit codes in groups of 16 Q6_K (the
+K-quant grids of `optimum_fair.grids`, whose scales are written back as fp16 x integer exactly).
+
+Byte layouts (ggml-quants.c; each checked against the gguf package's dequantizer in the tests):
+* Q5_0 (22 bytes per 32): fp16 d, 4 bytes holding bit 4 of each q = c + 16, 16 bytes of low nibbles
+  (element j and j + 16 share byte j).
+* Q4_K (144 bytes per 256): fp16 d, fp16 dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of
+  nibbles (each 64 weights: sub-block 2i in the low nibbles of 32 bytes, 2i + 1 in the high ones).
+  Q5_K (176) adds 32 bytes before the nibbles whose bit i is bit 4 of sub-block i's code.
+* Q6_K (210 bytes per 256): 16 sub-blocks of 16 codes q in [-32, 31], each with an int8 scale l, one fp16
+  d; a weight is d * l * q. Stored as q + 32: low nibbles in `ql` (128 bytes), high two bits in `qh`
+  (64), then the 16 scales and d.
 """
 
 from __future__ import annotations
@@ -22,14 +32,16 @@ import numpy as np
 import torch
 
 from ..enums import GGUFType
+from ..grids import BLOCK_BITS, FALLBACKS, K_GRIDS, MIX_RULES, SUPER_BLOCK, choose, round_codes, two_level, values
 from ..ops import quantize_weight, searched_scale
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
 QK_K = 256  # weights per K-quant super-block
 FLOATS = (GGUFType.F32, GGUFType.F16, GGUFType.BF16)
-BITS = {GGUFType.Q4_0: 4, GGUFType.Q8_0: 8}  # block types whose codes calibration writes
 FILE_TYPES = {GGUFType.F32: "ALL_F32", GGUFType.F16: "MOSTLY_F16", GGUFType.BF16: "MOSTLY_BF16",
-              GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q8_0: "MOSTLY_Q8_0"}  # general.file_type (LlamaFileType)
+              GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q5_0: "MOSTLY_Q5_0", GGUFType.Q8_0: "MOSTLY_Q8_0",
+              GGUFType.Q4_K_M: "MOSTLY_Q4_K_M", GGUFType.Q4_K: "MOSTLY_Q4_K_M", GGUFType.Q5_K: "MOSTLY_Q5_K_M",
+              GGUFType.Q6_K: "MOSTLY_Q6_K"}  # general.file_type (LlamaFileType)
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,32 @@ class Mix:
 MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
     GGUFType.Q4_0: Mix(GGUFType.Q4_0, GGUFType.Q4_0, GGUFType.Q6_K, GGUFType.Q8_0),
     GGUFType.Q8_0: Mix(GGUFType.Q8_0, GGUFType.Q8_0, GGUFType.Q8_0, GGUFType.Q8_0),
+    GGUFType.Q4_K_M: Mix(GGUFType.Q4_K_M, GGUFType.Q4_K, GGUFType.Q6_K, GGUFType.Q8_0),
 }
+
+
+def block_types(mix: Mix) -> set[GGUFType]:
+    """The types a quantized mix may give block linears (its rule's, and llama.cpp's fallbacks)."""
+    rule = MIX_RULES[mix.blocks]
+    types = {rule.base} | ({rule.more_bits} if rule.more_bits else set())
+    return types | {FALLBACKS[t] for t in types if t in FALLBACKS}
+
+
+def layer_type(w_bits: int, group_size: int, asymmetric: bool) -> GGUFType | None:
+    """The GGUF type a calibrated layer's codes are in (None: no GGUF type holds them exactly)."""
+    if asymmetric:
+        return {4: GGUFType.Q4_K, 5: GGUFType.Q5_K}.get(w_bits) if group_size == 32 else None
+    if w_bits == 6:
+        return GGUFType.Q6_K if group_size == 16 else None
+    return {4: GGUFType.Q4_0, 5: GGUFType.Q5_0, 8: GGUFType.Q8_0}.get(w_bits)
+
+
+def layer_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group_size: int,
+                 qtype: GGUFType) -> np.ndarray:
+    """The bytes (N, ...) of a calibrated layer's codes (N, K) int8, scales and mins in `qtype`."""
+    if qtype in BLOCK_BITS:
+        return q_blocks(codes, scale, group_size, BLOCK_BITS[qtype])
+    return _k_blocks(codes, scale, mins, qtype)
 
 
 def mix_for(gguf_type: GGUFType | str) -> Mix:
@@ -69,56 +106,77 @@ def encode(w: torch.Tensor, qtype: GGUFType) -> tuple[np.ndarray, str | None]:
         return w.half().numpy(), None
     if qtype is GGUFType.BF16:
         return w.bfloat16().view(torch.int16).numpy().view(np.uint8), "BF16"
-    if qtype in BITS:
+    if qtype in BLOCK_BITS:
         codes, scale = _block_codes(w, qtype)
-        return q_blocks(codes, scale, BLOCK, BITS[qtype]), qtype.value
-    if qtype is GGUFType.Q6_K:
-        return q6_k_blocks(w), "Q6_K"
+        return q_blocks(codes, scale, BLOCK, BLOCK_BITS[qtype]), qtype.value
+    if qtype in K_GRIDS:
+        scale, mins = choose(K_GRIDS[qtype], w)
+        return _k_blocks(round_codes(K_GRIDS[qtype], w, scale, mins), scale, mins, qtype), qtype.value
     raise ValueError(f"cannot write a float tensor as {qtype.value}")
 
 
 def rounded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
-    """w (N, K) float as a `qtype` block type (Q4_0 / Q8_0) stores it: codes x fp16 scales, float32. `encode`
-    writes these values back exactly (their own scale is among its candidates, with zero error)."""
-    codes, scale = _block_codes(w.detach().float(), qtype)
+    """w (N, K) float as `qtype` stores it (a file type: its embedding's type), float32. `encode` writes these
+    values back exactly (block types: their own scale is among its candidates, with zero error)."""
+    qtype = MIXES[qtype].embedding if qtype in MIX_RULES else qtype
+    w = w.detach().float()
+    if qtype in K_GRIDS:
+        grid = K_GRIDS[qtype]
+        scale, mins = choose(grid, w)
+        return values(grid, round_codes(grid, w, scale, mins), scale, mins)
+    codes, scale = _block_codes(w, qtype)
     return codes.float() * scale.repeat_interleave(BLOCK, dim=1)
 
 
 def _block_codes(w: torch.Tensor, qtype: GGUFType) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (N, K) int8 and searched fp16-exact scales (N, K / 32) of w (N, K) float32 in Q4_0 / Q8_0."""
-    scale = searched_scale(w, BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
-    return quantize_weight(w, scale, BITS[qtype], BLOCK), scale
+    """Codes (N, K) int8 and searched fp16-exact scales (N, K / 32) of w (N, K) float32 in Q4_0 / Q5_0 / Q8_0."""
+    scale = searched_scale(w, BLOCK_BITS[qtype], BLOCK, scale_dtype=torch.float16)  # (N, K / 32)
+    return quantize_weight(w, scale, BLOCK_BITS[qtype], BLOCK), scale
 
 
 def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: int) -> np.ndarray:
-    """Q4_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes) uint8."""
+    """Q4_0 / Q5_0 / Q8_0 bytes of codes (N, K) int8 with scale (N, n_groups): (N, K / 32 * block bytes)."""
     n, k = codes.shape
     d = scale.float().repeat_interleave((k if group_size == -1 else group_size) // BLOCK, dim=1)  # (N, K/32)
     d = d.to(torch.float16).numpy().view(np.uint8).reshape(n, k // BLOCK, 2)  # little-endian fp16 bytes
     c = codes.reshape(n, k // BLOCK, BLOCK)
+    if w_bits == 8:
+        return np.concatenate([d, c.view(torch.uint8).numpy()], axis=-1).reshape(n, -1)
+    q = (c.to(torch.int16) + 2 ** (w_bits - 1)).to(torch.uint8)  # [0, 2^b - 1]
+    qs = (q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)  # element j low nibble, j + 16 high nibble
     if w_bits == 4:
-        q = (c.to(torch.int16) + 8).to(torch.uint8)  # [0, 15]
-        qs = q[..., :16] | (q[..., 16:] << 4)  # element j low nibble, j + 16 high nibble
-    else:
-        qs = c.view(torch.uint8)
-    return np.concatenate([d, qs.numpy()], axis=-1).reshape(n, -1)
+        return np.concatenate([d, qs.numpy()], axis=-1).reshape(n, -1)
+    bits = (q.to(torch.int64) >> 4) << torch.arange(BLOCK)  # (N, B, 32): bit 4 of element j at bit j
+    qh = bits.sum(-1).to(torch.int32).numpy().astype("<u4").view(np.uint8).reshape(n, k // BLOCK, 4)
+    return np.concatenate([d, qh, qs.numpy()], axis=-1).reshape(n, -1)
 
 
-def q6_k_blocks(w: torch.Tensor) -> np.ndarray:
-    """Q6_K bytes of w (N, K), K a multiple of 256: (N, K / 256 * 210) uint8."""
-    n, k = w.shape
-    if k % QK_K:
-        raise ValueError(f"Q6_K needs rows of a multiple of {QK_K} weights, got {k}")
-    sub = searched_scale(w.float(), 6, 16)  # (N, K / 16): each sub-block's own best scale
-    sub = sub.reshape(n, k // QK_K, 16)  # (N, S, 16)
-    m = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))  # (N, S, 1): the signed largest
-    d = (m / -128).half()  # (N, S, 1): the largest sub-scale becomes l = -128
-    d = torch.where(d == 0, torch.ones_like(d), d)  # an all-zero super-block: any d, its l are 0
-    levels = torch.round(sub / d.float()).clamp(-128, 127)  # (N, S, 16)
-    step = (d.float() * levels).repeat_interleave(16, dim=-1)  # (N, S, 256): d * l per weight
-    x = w.float().reshape(n, k // QK_K, QK_K)
-    q = torch.where(step != 0, torch.round(x / step), torch.zeros_like(x)).clamp(-32, 31)  # (N, S, 256)
-    return _pack_q6_k(q.to(torch.int16) + 32, levels.to(torch.int8), d).reshape(n, -1)
+def _k_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qtype: GGUFType) -> np.ndarray:
+    """Q4_K / Q5_K / Q6_K bytes (N, K / 256 * block bytes) of codes (N, K) with per-group scales and mins."""
+    grid = K_GRIDS[qtype]
+    n, k = codes.shape
+    if k % SUPER_BLOCK:
+        raise ValueError(f"{qtype.value} needs rows of a multiple of {SUPER_BLOCK} weights, got {k}")
+    s = k // SUPER_BLOCK
+    stored = grid.offset if grid.asymmetric else -grid.code_range[0]  # the file's codes are unsigned
+    q = (codes.to(torch.int16) + stored).reshape(n, s, SUPER_BLOCK)  # (N, S, 256)
+    d, levels = two_level(scale, grid.levels, SUPER_BLOCK // grid.group)  # (N, S) fp16, (N, K / g) int16
+    if not grid.asymmetric:
+        return _pack_q6_k(q, levels.reshape(n, s, -1).to(torch.int8), d.reshape(n, s, 1)).reshape(n, -1)
+    dmin, mlv = two_level(mins, grid.levels, SUPER_BLOCK // grid.group)
+    sc, mn = levels.reshape(n, s, 8).to(torch.uint8), mlv.reshape(n, s, 8).to(torch.uint8)
+    packed_scales = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),  # (N, S, 12)
+                               (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
+                               (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], -1)
+    pairs = q.reshape(n, s, 4, 2, 32).to(torch.uint8)  # (N, S, chunk, sub-block of the pair, 32)
+    qs = (pairs[:, :, :, 0] & 0xF) | ((pairs[:, :, :, 1] & 0xF) << 4)  # (N, S, 4, 32)
+    parts = [d.reshape(n, s, 1).numpy().view(np.uint8), dmin.reshape(n, s, 1).numpy().view(np.uint8),
+             packed_scales.numpy()]
+    if grid.bits == 5:
+        high = (q.reshape(n, s, 8, 32).to(torch.int64) >> 4) << torch.arange(8).reshape(1, 1, 8, 1)
+        parts.append(high.sum(2).to(torch.uint8).numpy())  # (N, S, 32): bit i from sub-block i
+    parts.append(qs.reshape(n, s, 128).numpy())
+    return np.concatenate(parts, axis=-1)
 
 
 def _pack_q6_k(q: torch.Tensor, levels: torch.Tensor, d: torch.Tensor) -> np.ndarray:

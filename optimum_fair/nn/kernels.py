@@ -30,13 +30,16 @@ _CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16 and K, N multip
 
 
 def choose(w_bits: int, a_bits: int, in_features: int, out_features: int, group_size: int,
-           device: torch.device, dtype: torch.dtype, kernel: str = "auto") -> tuple[str, str | None]:
+           device: torch.device, dtype: torch.dtype, kernel: str = "auto", asymmetric: bool = False
+           ) -> tuple[str, str | None]:
     """(kernel, reason): the kernel for a layer of this format, on `device`, computing in `dtype`;
     reason says why a requested (or, for "auto", any) integer kernel cannot run, else None."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == REFERENCE:
         return REFERENCE, None
+    if asymmetric:
+        return REFERENCE, f"{kernel}: per-group mins (an asymmetric K-quant grid) run on the reference path"
     wanted = kernel if kernel != "auto" else (INT4_WEIGHT if a_bits >= 16 else INT8_MM)
     if wanted == INT8_MM:
         reason = _int8_mm_unsupported(a_bits, in_features, out_features, group_size, device)

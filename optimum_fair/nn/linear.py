@@ -10,8 +10,10 @@ point the transform cancels exactly and only the rounding changes the output.
 
 Persistent buffers (what a checkpoint holds): `weight`, the codes as a flat 1-D buffer (int4: uint8,
 two codes a byte, each row padded to ceil(in/2) bytes; int8: int8, out * in), `weight_scale`
-(out, n_groups) in the model's float dtype, `bias`, and when present `transform_a` (n1, n1),
-`transform_b` (n2, n2), `input_scale` (in,), `act_clip` ().
+(out, n_groups) in the model's float dtype (float32 for K-quant grids, whose scales are fp16 x integer
+products), `bias`, and when present `weight_min` (out, n_groups) (an asymmetric grid: the weight is
+scale * (code + 2^(b-1)) - min, as llama.cpp's Q4_K / Q5_K), `transform_a` (n1, n1), `transform_b`
+(n2, n2), `input_scale` (in,), `act_clip` (). Codes of 5 or 6 bits are stored one per int8, as 8-bit ones.
 
 Kernels (`nn.kernels`): a layer starts on the `reference` path above, which is what calibration
 computes. `set_kernel("auto")` (or `optimum_fair.use_kernels(model)`, which from_pretrained and
@@ -75,10 +77,12 @@ class FairLinear(nn.Module):
         act_clip: bool = False,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        asymmetric: bool = False,
+        scale_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if w_bits not in (4, 8):
-            raise ValueError(f"w_bits must be 4 or 8, got {w_bits}")
+        if w_bits not in (4, 5, 6, 8):
+            raise ValueError(f"w_bits must be 4, 5, 6 or 8, got {w_bits}")
         if group_size != -1 and (group_size <= 0 or in_features % group_size):
             raise ValueError(f"group_size {group_size} must be -1 or divide in_features {in_features}")
         if kron_dims is not None and kron_dims[0] * kron_dims[1] != in_features:
@@ -89,7 +93,9 @@ class FairLinear(nn.Module):
         row_bytes = (in_features + 1) // 2 if w_bits == 4 else in_features
         code_dtype = torch.uint8 if w_bits == 4 else torch.int8
         self.register_buffer("weight", torch.zeros(out_features * row_bytes, dtype=code_dtype, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=dtype, device=device))
+        scales = dict(dtype=scale_dtype or dtype, device=device)
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, **scales))
+        self.register_buffer("weight_min", torch.zeros(out_features, n_groups, **scales) if asymmetric else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("transform_a", _eye(kron_dims[0], device) if kron_dims else None)
         self.register_buffer("transform_b", _eye(kron_dims[1], device) if kron_dims else None)
@@ -119,16 +125,21 @@ class FairLinear(nn.Module):
         input_scale: torch.Tensor | None = None,
         act_clip: torch.Tensor | float | None = None,
         dtype: torch.dtype = torch.float16,
+        mins: torch.Tensor | None = None,
+        scale_dtype: torch.dtype | None = None,
     ) -> FairLinear:
-        """Pack integer `codes` (out, in) with `scale` (out, n_groups) and optional transform parts."""
+        """Pack integer `codes` (out, in) with `scale` (out, n_groups), optional per-group `mins` (an
+        asymmetric grid) and optional transform parts; scales stored in `scale_dtype` (default `dtype`)."""
         out_f, in_f = codes.shape
         kron = (transform_a.shape[0], transform_b.shape[0]) if transform_a is not None else None
         layer = cls(in_f, out_f, bias is not None, w_bits, a_bits, group_size, kron_dims=kron,
                     smooth=input_scale is not None, act_clip=act_clip is not None, dtype=dtype,
-                    device=codes.device)
+                    device=codes.device, asymmetric=mins is not None, scale_dtype=scale_dtype)
         packed = pack_int4(codes) if w_bits == 4 else codes.to(torch.int8)  # (out, row_bytes)
         layer.weight.copy_(packed.reshape(-1))
         layer.weight_scale.copy_(scale)
+        if mins is not None:
+            layer.weight_min.copy_(mins)
         if bias is not None:
             layer.bias.copy_(bias)
         if transform_a is not None:
@@ -176,8 +187,9 @@ class FairLinear(nn.Module):
         return (pack_int4(codes) if self.w_bits == 4 else codes.contiguous()).reshape(-1)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """codes * scale in the scale's dtype: (out, in)."""
-        w = dequantize_weight(self.codes(), self.weight_scale, self.group_size)
+        """codes * scale (minus the min on an asymmetric grid) in the scale's dtype: (out, in)."""
+        w = dequantize_weight(self.codes(), self.weight_scale, self.group_size, self.weight_min,
+                              2 ** (self.w_bits - 1))
         return w.to(self.weight_scale.dtype)
 
     def set_kernel(self, kernel: str = "auto", packed: bool = False) -> str | None:
@@ -193,7 +205,8 @@ class FairLinear(nn.Module):
             self._kernel_weight = self._kernel_sz = None
         device = self.weight.device
         self.kernel, reason = choose(self.w_bits, self.a_bits, self.in_features, self.out_features,
-                                     self.group_size, device, self.weight_scale.dtype, kernel)
+                                     self.group_size, device, self.weight_scale.dtype, kernel,
+                                     asymmetric=self.weight_min is not None)
         self.kernel_packed = packed and self.kernel == INT8_MM and self.w_bits == 4
         self.kernel_device = None if self.kernel == REFERENCE else device.type
         if self.kernel == INT8_MM and not self.kernel_packed:
@@ -258,6 +271,8 @@ class FairLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"w_bits={self.w_bits}", f"a_bits={self.a_bits}", f"group_size={self.group_size}"]
+        if self.weight_min is not None:
+            parts.append("asymmetric")
         if self.transform_a is not None:
             parts.append(f"kron=({self.transform_a.shape[0]}, {self.transform_b.shape[0]})")
         parts.append(f"kernel={self.kernel}" + (" (packed)" if self.kernel_packed else ""))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,10 +44,13 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 class BlockCache:
     """Finished blocks of one calibration run."""
 
-    def __init__(self, root: str | Path, fingerprint: dict, fmt: LayerFormat):
+    def __init__(self, root: str | Path, fingerprint: dict, fmt: LayerFormat,
+                 formats: Callable[[int, dict[str, nn.Module]], dict[str, LayerFormat]] | None = None):
+        """formats(index, linears): each linear's format in block `index` (a GGUF mix varies it per layer);
+        default: `fmt` for all."""
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.fmt = fmt
+        self.formats = formats or (lambda index, linears: {name: fmt for name in linears})
         make_folder(self.root)
         check_access(self.root)
         manifest = self.root / "manifest.json"
@@ -91,21 +95,21 @@ class BlockCache:
             raise ValueError(f"{path}: block {index} was calibrated from other full-precision weights than this "
                              f"model's; refusing to resume (use another cache_dir or delete this one)")
         try:
-            self._swap_in(block, state)
+            self._swap_in(block, state, index)
         except (KeyError, IndexError, AttributeError, RuntimeError, ValueError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{path}: block {index} does not fit this model's block ({first}); the file was made "
                              f"by another version or edited: delete {self.root} (or this file) and rerun") from None
         return True
 
-    def _swap_in(self, block: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def _swap_in(self, block: nn.Module, state: dict[str, torch.Tensor], index: int) -> None:
         """Swap the block's linears named in `state` for FairLinear skeletons and load `state` into it."""
         device = next(block.parameters()).device
         names = [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]  # its FairLinears
-        dtype = state[f"{names[0]}.weight_scale"].dtype
-        for name in names:
-            linear = block.get_submodule(name)
-            set_module(block, name, skeleton(linear, self.fmt, dtype).to(device))
+        linears = {name: block.get_submodule(name) for name in names}
+        for name, fmt in self.formats(index, linears).items():
+            dtype = state[f"{name}.weight_scale"].dtype if fmt.kgrid is None else linears[name].weight.dtype
+            set_module(block, name, skeleton(linears[name], fmt, dtype).to(device))
         block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
     def save(self, index: int, block: nn.Module, teacher: str) -> None:

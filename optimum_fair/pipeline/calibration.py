@@ -141,7 +141,9 @@ def make_cache(model: nn.Module, plan: Plan, ids: torch.Tensor, world: World) ->
     """The block cache; rank 0 writes (or checks) its manifest before the other ranks read it."""
 
     def make() -> BlockCache:
-        return BlockCache(plan.cache_dir, run_fingerprint(model, plan, ids), plan.fmt)
+        n_layers = len(plan.adapter.block_list(model)) if plan.adapter is not None else 1
+        return BlockCache(plan.cache_dir, run_fingerprint(model, plan, ids), plan.fmt,
+                          lambda index, linears: plan.stage_two.formats(index, n_layers, linears))
 
     cache = make() if world.is_main else None
     world.barrier("cache manifest written by rank 0")

@@ -82,6 +82,12 @@ class StageTwoSettings:
     true_sequential: bool
     loss_samples: int | None
     compute_dtype: torch.dtype  # the blocks' forwards (`devices.resolve_compute_dtype`)
+    roles: tuple[tuple[str, str], ...] = ()  # the family's llama.cpp roles of block linears (a GGUF mix's rules)
+
+    def formats(self, layer: int, n_layers: int, linears: dict[str, nn.Module]) -> dict[str, LayerFormat]:
+        """{name in block `layer` of n_layers: its format} (`LayerFormat.at`)."""
+        roles = dict(self.roles)
+        return {name: self.fmt.at(roles.get(name), layer, n_layers, m.in_features) for name, m in linears.items()}
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ def make_plan(model: nn.Module, config: FairCalibConfig, device: torch.device, s
         masked_inputs=config.calib_inputs is CalibInputs.MASKED, texts=config.dataset, tokenizer=config.tokenizer,
         num_samples=config.num_samples, seed=config.seed, cache_dir=config.cache_dir, settings=_settings(config),
         run_config=dataclasses.replace(config, modules_to_not_convert=skip),
-        stage_one=stage_one_settings(config, dtype), stage_two=_stage_two(config, fmt, dtype),
+        stage_one=stage_one_settings(config, dtype),
+        stage_two=_stage_two(config, fmt, dtype, adapter.roles if adapter else ()),
         decode=decode_setup(model, adapter or get_adapter(model), config) if calibrate or stage_one else None)
 
 
@@ -214,11 +221,12 @@ def stage_two_settings(config: FairCalibConfig, device: torch.device | None = No
     return _stage_two(config, layer_format(config), dtype)
 
 
-def _stage_two(config: FairCalibConfig, fmt: LayerFormat, compute_dtype: torch.dtype) -> StageTwoSettings:
+def _stage_two(config: FairCalibConfig, fmt: LayerFormat, compute_dtype: torch.dtype,
+               roles: tuple[tuple[str, str], ...] = ()) -> StageTwoSettings:
     return StageTwoSettings(
         fmt, config.rounding, config.epochs, config.lr, config.clip_lr, config.batch_size,
         config.damp, config.act_order, config.input_mode, config.seed, config.true_sequential, config.loss_samples,
-        compute_dtype)
+        compute_dtype, roles)
 
 
 def layer_format(config: FairCalibConfig) -> LayerFormat:
@@ -226,7 +234,7 @@ def layer_format(config: FairCalibConfig) -> LayerFormat:
     fp16 scales, so the export is exact), else the model's dtype."""
     scale_dtype = torch.float16 if config.gguf_type is not None else None
     return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid,
-                       scale_dtype)
+                       scale_dtype, mix=config.gguf_type)
 
 
 def needs_calibration(config: FairCalibConfig) -> bool:

@@ -38,7 +38,7 @@ from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
 from .stats import counted_hessians, expert_of, group_input_absmax, module_checksum, stream_loss
-from .surgery import set_module
+from .surgery import round_linear, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -192,18 +192,21 @@ def calibrate_block(
     generator: torch.Generator,
     dtype: torch.dtype,
     shard: DataShard | None = None,
+    layer: int = 0,
+    n_layers: int = 1,
 ) -> None:
-    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears.
+    """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears; block
+    `layer` of `n_layers` (what a GGUF mix's per-layer rules read).
 
     x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
     """
     shard = shard or DataShard(World(), x_in.shape[0], s.batch_size)
-    fmt, method = s.fmt, ROUNDINGS[s.rounding]
-    transform = fmt.method
+    method, transform = ROUNDINGS[s.rounding], s.fmt.method
     linears = {name: block.get_submodule(name) for group in groups for name in group}
+    fmts = s.formats(layer, n_layers, linears)
     params = _make_transforms(block, groups, linears, call, x_in, transform, generator, shard)
-    calib = {name: CalibLinear(linears[name], params[gi], fmt.w_bits, fmt.a_bits, fmt.group_size,
-                               weight_clip=transform.clips, grid=fmt.weight_grid)
+    calib = {name: CalibLinear(linears[name], params[gi], fmts[name].w_bits, fmts[name].a_bits,
+                               fmts[name].group_size, weight_clip=transform.clips, grid=fmts[name].grid)
              for gi, group in enumerate(groups) for name in group}
     if transform.learned:
         for name, module in calib.items():
@@ -232,7 +235,7 @@ def calibrate_block(
                 factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:
-            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=fmt.scale_dtype or dtype)
+            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=fmts[name].scale_dtype or dtype)
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
             del calib[name], linears[name]  # the float weight goes as soon as its codes exist
@@ -280,18 +283,17 @@ def _make_transforms(block, groups, linears, call, x_in, method: TransformMethod
 
 @torch.no_grad()
 def rtn_block_loss(block, groups, extras, device, x_in, targets, weights, s: StageTwoSettings,
-                   shard: DataShard) -> float:
+                   shard: DataShard, layer: int = 0, n_layers: int = 1) -> float:
     """The block's weighted loss with plain round-to-nearest linears: the 'before calibration' number.
 
     The RTN linears are swapped in and the float ones put back (no copy of the float block).
     """
     names = [n for group in groups for n in group]
     floats = {name: block.get_submodule(name) for name in names}
+    fmts = s.formats(layer, n_layers, floats)
     try:
         for name in names:
-            fmt = s.fmt
-            set_module(block, name, FairLinear.from_linear(floats[name], fmt.w_bits, fmt.a_bits, fmt.group_size,
-                                                               fmt.weight_grid, fmt.scale_dtype))
+            set_module(block, name, round_linear(floats[name], fmts[name]))
         with float_weights_kept(block):
             out = run_batched(block_caller(block, extras, device, s.compute_dtype), x_in, s.batch_size)
     finally:
@@ -338,7 +340,8 @@ def calibrate_blocks(
     for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
         with onloaded(block, device):
             fp_stream, q_stream, record = _one_block(l, block, groups_of(l, block), extras, fp_stream, q_stream,
-                                                     weights, s, generator, dtype, device, cache, shard, logged)
+                                                     weights, s, generator, dtype, device, cache, shard, logged,
+                                                     len(blocks))
         records.append(record)
     return records
 
@@ -353,7 +356,8 @@ def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
 
 
 def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageTwoSettings, generator, dtype,
-               device, cache, shard: DataShard, logged: DataShard) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               device, cache, shard: DataShard, logged: DataShard, n_layers: int = 1
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Calibrate block l (float32 weights, forwards in `s.compute_dtype`) on `device`; returns the next FP
     and quantized streams and a record.
 
@@ -366,13 +370,13 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
     m = targets.shape[0]
     w_log = weights if weights is None or weights.dim() == 1 else weights[:m]
     generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
-    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in[:m], targets, w_log, s, logged)
+    loss_rtn = rtn_block_loss(block, groups, extras, device, x_in[:m], targets, w_log, s, logged, l, n_layers)
     teacher = state_digest(block.state_dict()) if cache is not None else ""  # the FP block, before any swap
     loaded = cache is not None and cache.load(l, block, teacher)
     if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
         logger.info("block %d: loaded from cache", l)
     else:
-        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard)
+        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard, l, n_layers)
         bad = [k for k, v in block.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"block {l} calibrated to non-finite values in {bad[:3]}: check the model's weights "

@@ -7,15 +7,17 @@ right shapes on the meta device), by the block cache, and by the pipeline after 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.methods import TRANSFORMS, TransformMethod
+from ..arch import find_adapter
+from ..calib.methods import ROUNDINGS, TRANSFORMS, TransformMethod
 from ..calib.rotation import kron_factors
-from ..enums import Transform, WeightGrid
+from ..enums import GGUFType, Rounding, Transform, WeightGrid
+from ..grids import BLOCK_BITS, K_GRIDS, KGrid, linear_type
 from ..nn import FairLinear
 
 
@@ -29,11 +31,44 @@ class LayerFormat:
     transform: Transform
     weight_grid: WeightGrid
     scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the linear's dtype)
+    mix: GGUFType | None = None  # a GGUF file type: each linear's grid is the type its rules give it (`at`)
+    kgrid: KGrid | None = None  # a K-quant grid (two-level scales per 256 weights) instead of `weight_grid`
 
     @property
     def method(self) -> TransformMethod:
         """The transform's record: what a converted linear stores for it."""
         return TRANSFORMS[self.transform]
+
+    @property
+    def grid(self) -> WeightGrid | KGrid:
+        """What the rounding searches in: the K-quant grid, else the weight grid."""
+        return self.kgrid or self.weight_grid
+
+    def at(self, role: str | None, layer: int, n_layers: int, in_features: int) -> LayerFormat:
+        """This format for one linear (a llama.cpp `role`, its block `layer` of `n_layers`, its input width):
+        under a GGUF mix, the grid of the type llama.cpp's rules give it (`grids.linear_type`); else itself."""
+        if self.mix is None:
+            return self
+        qtype = linear_type(self.mix, role, layer, n_layers, in_features)
+        if qtype in K_GRIDS:
+            k = K_GRIDS[qtype]
+            return replace(self, w_bits=k.bits, group_size=k.group, kgrid=k, scale_dtype=torch.float32, mix=None)
+        return replace(self, w_bits=BLOCK_BITS[qtype], group_size=32, kgrid=None, mix=None)
+
+
+def formats(model: nn.Module, fmt: LayerFormat, linears: dict[str, nn.Linear]) -> dict[str, LayerFormat]:
+    """{full name: its format} for `linears` of `model` (`LayerFormat.at`, block index and role from the
+    family's adapter; a linear outside the blocks counts as block 0 with no role)."""
+    adapter = find_adapter(model)
+    if fmt.mix is None or adapter is None:
+        return {name: fmt.at(None, 0, 1, m.in_features) for name, m in linears.items()}
+    prefix, roles = adapter.blocks + ".", dict(adapter.roles)
+    n_layers = len(adapter.block_list(model))
+    out = {}
+    for name, m in linears.items():
+        index, _, inner = name.removeprefix(prefix).partition(".") if name.startswith(prefix) else ("0", "", "")
+        out[name] = fmt.at(roles.get(inner), int(index), n_layers, m.in_features)
+    return out
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -113,6 +148,8 @@ def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLin
         act_clip="act_clip" in stores,
         dtype=dtype,
         device=linear.weight.device,
+        asymmetric=fmt.kgrid is not None and fmt.kgrid.asymmetric,
+        scale_dtype=fmt.scale_dtype if fmt.kgrid is not None else None,
     )
 
 
@@ -127,15 +164,27 @@ def replace_with_skeletons(model: nn.Module, skip: list[str], fmt: LayerFormat, 
     """Swap every convertible linear for an empty FairLinear (on the linear's device); returns names."""
     linears = linears_to_convert(model, skip)
     check_group_size(linears, fmt.group_size)
-    for name, linear in linears.items():
-        set_module(model, name, skeleton(linear, fmt, dtype))
+    for name, each in formats(model, fmt, linears).items():
+        set_module(model, name, skeleton(linears[name], each, dtype))
     return list(linears)
 
 
 @torch.no_grad()
 def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerFormat) -> None:
     """Round-to-nearest: each linear is replaced independently, no data needed."""
+    each = formats(model, fmt, linears)
     for name, linear in tqdm(linears.items(), desc="RTN", leave=False):
-        fair = FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid,
-                                      fmt.scale_dtype)
+        fair = round_linear(linear, each[name])
         set_module(model, name, fair.to(linear.weight.device))
+
+
+def round_linear(linear: nn.Linear, fmt: LayerFormat) -> FairLinear:
+    """`linear` rounded to nearest in its format (a K-quant grid through its search, `grids.choose`)."""
+    if fmt.kgrid is None:
+        return FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid,
+                                      fmt.scale_dtype)
+    codes, scale, mins = ROUNDINGS[Rounding.RTN].quantize(linear.weight.detach().float(), fmt.w_bits,
+                                                          fmt.group_size, 1.0, fmt.kgrid, torch.float32)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return FairLinear.from_codes(codes, scale, bias, fmt.w_bits, fmt.a_bits, fmt.group_size,
+                                 dtype=linear.weight.dtype, mins=mins, scale_dtype=torch.float32)

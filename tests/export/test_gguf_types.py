@@ -81,8 +81,10 @@ def test_mixes_follow_llama_quantize():
         GGUFType.Q4_0, GGUFType.Q4_0, GGUFType.Q6_K, GGUFType.Q8_0)  # Q8_0 where rows are not 256-wide
     assert mix_for("Q8_0").head_type(256) is GGUFType.Q8_0
     assert mix_for("F16").head_type(256) is GGUFType.F16
-    with pytest.raises(ValueError, match=r"gguf_type must be one of \['F32', 'F16', 'BF16', 'Q4_0', 'Q8_0'\]"):
-        mix_for("Q4_K_M")
+    km = mix_for("Q4_K_M")
+    assert (km.embedding, km.head_type(256), km.head_type(96)) == (GGUFType.Q4_K, GGUFType.Q6_K, GGUFType.Q8_0)
+    with pytest.raises(ValueError, match=r"must be one of \['F32', 'F16', 'BF16', 'Q4_0', 'Q8_0', 'Q4_K_M'\]"):
+        mix_for("IQ4_XS")
 
 
 def _tensors(path):

@@ -140,7 +140,7 @@ def test_gptq_aware_scale_has_the_least_in_group_loss():
 
 
 def test_searched_scale_matches_gguf_dequantizer_after_packing():
-    from optimum_fair.export.gguf_file import q_blocks
+    from optimum_fair.export.gguf_types import q_blocks
 
     w = _weights(8, 64)
     s = searched_scale(w, 4, 32, scale_dtype=torch.float16)

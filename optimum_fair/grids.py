@@ -1,0 +1,204 @@
+"""llama.cpp's K-quant grids as data, and the search that picks a super-block's scales.
+
+A K-quant cuts each row into super-blocks of 256 weights and those into sub-blocks of `group` weights
+(ggml-quants.c). A weight is
+
+    w = s_j * (c + offset) - m_j,    s_j = d * sc_j,    m_j = dmin * mn_j
+
+with c the stored code in [-2^(b-1), 2^(b-1) - 1]; `offset` is 2^(b-1) for the asymmetric types (Q4_K,
+Q5_K: the file holds q = c + offset in [0, 2^b - 1] and one min per sub-block) and 0 for Q6_K (signed
+codes, no min). d and dmin are fp16 per super-block, sc_j and mn_j small integers (6-bit unsigned for
+Q4_K / Q5_K, int8 for Q6_K). A layer stores s_j and m_j per group as float32: they are exact products of
+an fp16 and a small integer, so `two_level` recovers (d, sc_j) exactly when the file is written.
+
+The search (`choose`) follows llama.cpp's with an importance matrix: per sub-block, candidate inverse
+scales around (2^b - 1) / (max - min), each refitted by weighted least squares of (s, m) given its codes,
+the least weighted error kept; then the sub-scales are rounded to the super-block's integer levels.
+The weights are importance * sqrt(sigma^2 + w^2) (sigma^2: twice the super-block's mean square), the
+importance being diag(H) under GPTQ, as an imatrix holds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .enums import GGUFType
+from .ops import searched_scale
+
+__all__ = ["BLOCK_BITS", "FALLBACKS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "KGrid", "MixRule", "choose",
+           "linear_type", "round_codes", "two_level", "use_more_bits", "values"]
+
+SUPER_BLOCK = 256  # QK_K: weights per K-quant super-block
+INV_STEPS = tuple(-1.0 + 0.1 * k for k in range(21))  # llama.cpp's Q4_K / Q5_K search: rmin -1, rdelta 0.1, 20 steps
+
+
+@dataclass(frozen=True)
+class KGrid:
+    """One K-quant type: code bits, weights per sub-scale, the sub-scales' integer range, and whether
+    each sub-block has a min (codes stored shifted by `offset`)."""
+
+    gguf_type: GGUFType
+    bits: int
+    group: int
+    levels: tuple[int, int]
+    asymmetric: bool
+
+    @property
+    def offset(self) -> int:
+        return 2 ** (self.bits - 1) if self.asymmetric else 0
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+
+K_GRIDS = {
+    GGUFType.Q4_K: KGrid(GGUFType.Q4_K, 4, 32, (0, 63), asymmetric=True),
+    GGUFType.Q5_K: KGrid(GGUFType.Q5_K, 5, 32, (0, 63), asymmetric=True),
+    GGUFType.Q6_K: KGrid(GGUFType.Q6_K, 6, 16, (-128, 127), asymmetric=False),
+}
+
+
+#: The per-32 block types calibration rounds in (fp16 scale per block, signed codes): their code bits.
+BLOCK_BITS = {GGUFType.Q4_0: 4, GGUFType.Q5_0: 5, GGUFType.Q8_0: 8}
+
+#: What llama.cpp writes instead when a row is not a multiple of 256 weights (llama-quant.cpp).
+FALLBACKS = {GGUFType.Q4_K: GGUFType.Q5_0, GGUFType.Q6_K: GGUFType.Q8_0}
+
+
+@dataclass(frozen=True)
+class MixRule:
+    """Which type llama-quantize gives the block linears of one file type (llama_tensor_get_type for a
+    dense LLaMA-like model): `base`, except the value projection and the MLP down projection of the
+    layers `use_more_bits` picks, which get `more_bits` (None: no exception)."""
+
+    base: GGUFType
+    more_bits: GGUFType | None = None
+
+
+MIX_RULES = {
+    GGUFType.Q4_0: MixRule(GGUFType.Q4_0),
+    GGUFType.Q8_0: MixRule(GGUFType.Q8_0),
+    GGUFType.Q4_K_M: MixRule(GGUFType.Q4_K, more_bits=GGUFType.Q6_K),
+}
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's layers that get more bits in the _M mixes: the first and last eighth, every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def linear_type(mix: GGUFType, role: str | None, layer: int, n_layers: int, in_features: int) -> GGUFType:
+    """The GGUF type of one block linear under file type `mix`: role "attn_v" / "ffn_down" (or None),
+    its block index of n_layers, and its input width (a K-quant falls back when 256 does not divide it)."""
+    rule = MIX_RULES[mix]
+    qtype = rule.more_bits if rule.more_bits and role in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers) \
+        else rule.base
+    return FALLBACKS.get(qtype, qtype) if in_features % SUPER_BLOCK and qtype in K_GRIDS else qtype
+
+
+def choose(grid: KGrid, w: torch.Tensor, importance: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales s (R, K / group) and mins m (R, K / group) (None for Q6_K) of w (R, K), K a multiple of 256,
+    as the file stores them (exact float32 products d * sc, dmin * mn); importance (K,) or None."""
+    r, k = w.shape
+    if k % SUPER_BLOCK:
+        raise ValueError(f"{grid.gguf_type.value} needs rows of a multiple of {SUPER_BLOCK} weights, got {k}")
+    x, n_sub = w.float(), SUPER_BLOCK // grid.group
+    a = _weights(x, importance)  # (R, K)
+    if not grid.asymmetric:
+        sub = torch.stack([searched_scale(x[i:i + 1], grid.bits, grid.group, a[i]) for i in range(r)]).squeeze(1)
+        return _on_levels(sub, grid.levels, n_sub, signed=True), None  # sub: (R, K / group)
+    s, m = _fit_sub_blocks(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), 2 ** grid.bits - 1)
+    return _on_levels(s, grid.levels, n_sub), _on_levels(m, grid.levels, n_sub)
+
+
+def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """(R, K): importance * sqrt(sigma^2 + x^2), sigma^2 twice the mean square of x's super-block."""
+    r, k = x.shape
+    xs = x.reshape(r, -1, SUPER_BLOCK)
+    sigma2 = 2 * xs.pow(2).mean(-1, keepdim=True)  # (R, S, 1)
+    a = torch.sqrt(sigma2 + xs * xs).reshape(r, k)
+    return a if importance is None else a * importance.float().clamp(min=0).unsqueeze(0)
+
+
+def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block of x (R, G, g), weights a, the scale s >= 0 and min m >= 0 (w ~ s q - m, q in [0, nmax])
+    with the least weighted error among llama.cpp's candidates, each refitted by least squares."""
+    lo = x.amin(-1, keepdim=True).clamp(max=0)  # (R, G, 1): the min is never above 0
+    width = (x.amax(-1, keepdim=True) - lo).clamp(min=1e-30)  # (R, G, 1)
+    inv = (nmax + torch.tensor(INV_STEPS, device=x.device)) / width  # (R, G, C)
+    q = torch.round((x.unsqueeze(-1) - lo.unsqueeze(-1)) * inv.unsqueeze(-2)).clamp(0, nmax)  # (R, G, g, C)
+    q = torch.cat([q, torch.round((x - lo) * nmax / width).clamp(0, nmax).unsqueeze(-1)], -1)  # + the plain one
+    aw = a.unsqueeze(-1)  # (R, G, g, 1)
+    sa, sq, sqq = aw.sum(-2), (aw * q).sum(-2), (aw * q * q).sum(-2)  # (R, G, C)
+    sx, sqx = (aw * x.unsqueeze(-1)).sum(-2), (aw * q * x.unsqueeze(-1)).sum(-2)
+    det = (sa * sqq - sq * sq).clamp(min=1e-30)
+    s = (sa * sqx - sq * sx) / det  # (R, G, C): least squares of x ~ s q + b
+    b = (sqq * sx - sq * sqx) / det
+    above = b > 0  # a positive offset is not a min: fit the scale alone with b = 0
+    s = torch.where(above, sqx / sqq.clamp(min=1e-30), s).clamp(min=0)
+    b = torch.where(above, torch.zeros_like(b), b)
+    err = (aw * (s.unsqueeze(-2) * q + b.unsqueeze(-2) - x.unsqueeze(-1)) ** 2).sum(-2)  # (R, G, C)
+    best = err.argmin(-1, keepdim=True)
+    return s.gather(-1, best).squeeze(-1), -b.gather(-1, best).squeeze(-1)
+
+
+def _on_levels(sub: torch.Tensor, levels: tuple[int, int], n_sub: int, signed: bool = False) -> torch.Tensor:
+    """sub (R, K / group) rounded to d * l per super-block of n_sub sub-scales: d fp16, l in `levels`; float32, exact.
+
+    Unsigned levels: the largest sub-scale maps to the top level. Signed: the sub-scale of largest
+    magnitude maps to the bottom level (-128), whatever its sign, as llama.cpp's Q6_K does."""
+    r, n = sub.shape
+    per = sub.reshape(r, n // n_sub, n_sub)  # (R, S, n_sub)
+    if signed:
+        ref = per.gather(-1, per.abs().argmax(-1, keepdim=True))  # (R, S, 1): the signed extreme
+        d = (ref / levels[0]).half().float()
+    else:
+        d = (per.amax(-1, keepdim=True) / levels[1]).half().float()
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    lv = torch.round(per / safe).clamp(*levels)  # d == 0 (all zeros, or below fp16): d * lv is 0
+    return (d * lv).reshape(r, n)
+
+
+def round_codes(grid: KGrid, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """Codes c (R, K) int8 in the grid's code range of w (R, K) on per-group scale / mins (R, K / group)."""
+    r, k = w.shape
+    s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
+    m = 0.0 if mins is None else mins.float().repeat_interleave(grid.group, dim=1)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.where(s == 0, torch.zeros_like(s), torch.round((w.float() + m) / safe))
+    return (q - grid.offset).clamp(*grid.code_range).to(torch.int8)
+
+
+def values(grid: KGrid, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """s * (c + offset) - m, float32 (R, K): what llama.cpp's dequantizer computes from the file."""
+    s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
+    w = s * (codes.float() + grid.offset)
+    return w if mins is None else w - mins.float().repeat_interleave(grid.group, dim=1)
+
+
+def two_level(sub: torch.Tensor, levels: tuple[int, int], n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, l): sub (R, n) = d * l exactly, d (R, n / n_sub) float16 per super-block, l (R, n) int16 in
+    `levels`. Found by trying every level for the sub-scale of largest magnitude; ValueError if sub is not
+    on such a grid (scales not calibrated for this type)."""
+    r, n = sub.shape
+    per = sub.float().reshape(r, n // n_sub, n_sub)  # (R, S, n_sub)
+    ref = per.gather(-1, per.abs().argmax(-1, keepdim=True))  # (R, S, 1)
+    d = torch.zeros_like(ref)
+    found = ref == 0  # an all-zero super-block: d = 0, every level 0
+    for level in range(levels[0], levels[1] + 1):
+        if level == 0:
+            continue
+        cand = (ref / level).half().float()  # (R, S, 1)
+        lv = per / torch.where(cand == 0, torch.ones_like(cand), cand)
+        ok = ~found & (cand * level == ref) & (lv == torch.round(lv)).all(-1, keepdim=True) \
+            & (lv >= levels[0]).all(-1, keepdim=True) & (lv <= levels[1]).all(-1, keepdim=True)
+        d, found = torch.where(ok, cand, d), found | ok
+    if not bool(found.all()):
+        raise ValueError(f"scales are not fp16 x integers in {list(levels)} per super-block of {n_sub}: the layer was "
+                         "not calibrated for this K-quant type")
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    return d.half().reshape(r, -1), torch.round(per / safe).to(torch.int16).reshape(r, n)

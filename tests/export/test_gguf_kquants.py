@@ -1,0 +1,66 @@
+"""Calibrating for llama.cpp's Q4_K_M mix and writing it (issue 31): each block linear in the type llama-quantize
+gives it (Q4_K, Q6_K, and the Q5_0 / Q8_0 fallbacks of 704-wide rows), read back exactly by `gguf`'s own
+dequantizer, and a saved checkpoint reloading into the same per-layer grids."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import optimum_fair
+from optimum_fair import FairCalibConfig
+from optimum_fair.export import export
+from optimum_fair.export.gguf_file import rotary_permute
+from optimum_fair.nn import FairLinear
+
+T = gguf.GGMLQuantizationType
+# what llama-quantize Q4_K_M wrote for the shipped model (llama.cpp from llama-cpp-python 0.3.36)
+LLAMA_Q4_K_M = {"attn_v": ["Q4_K", "Q4_K", "Q6_K", "Q6_K"], "ffn_down": ["Q5_0", "Q5_0", "Q8_0", "Q8_0"]}
+NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "attn_out": "attn_output",
+         "ff_proj": "ffn_gate", "up_proj": "ffn_up", "ff_out": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def q4_k_m():
+    config = FairCalibConfig(gguf_type="Q4_K_M", rounding="gptq", weighting="uniform", num_samples=4, num_probes=4)
+    return AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
+
+
+def test_q4_k_m_file_has_llama_quantizes_layout_and_our_codes_exactly(q4_k_m, tmp_path):
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    path = export(q4_k_m, tmp_path / "m.gguf", "gguf", tokenizer=tok, gguf_type="Q4_K_M")
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert tensors["token_embd.weight"].tensor_type is T.Q4_K and tensors["output.weight"].tensor_type is T.Q6_K
+    heads = q4_k_m.config.n_heads
+    for name, layer in q4_k_m.named_modules():
+        if not isinstance(layer, FairLinear):
+            continue
+        index, leaf = int(name.split(".")[3]), name.rsplit(".", 1)[1]
+        t = tensors[f"blk.{index}.{NAMES[leaf]}.weight"]
+        want = LLAMA_Q4_K_M.get(NAMES[leaf], ["Q4_K"] * 4)[index]
+        assert t.tensor_type.name == want, name
+        ours = layer.dequantized_weight().float()
+        if leaf in ("q_proj", "k_proj"):
+            ours = rotary_permute(ours, heads)
+        back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(ours.shape)
+        assert torch.equal(back, ours), name
+    emb = q4_k_m.get_input_embeddings().weight.float()  # rounded to Q4_K before calibration
+    back = gguf.quants.dequantize(tensors["token_embd.weight"].data, T.Q4_K)
+    assert torch.equal(torch.from_numpy(back).reshape(emb.shape), emb)
+
+
+def test_q4_k_m_checkpoint_reloads_into_the_same_grids(q4_k_m, tmp_path):
+    q4_k_m.save_pretrained(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path, dtype=torch.float32)
+    for name, layer in q4_k_m.named_modules():
+        if isinstance(layer, FairLinear):
+            other = again.get_submodule(name)
+            assert (other.w_bits, other.group_size, other.weight_min is None) == \
+                (layer.w_bits, layer.group_size, layer.weight_min is None), name
+            assert torch.equal(other.dequantized_weight(), layer.dequantized_weight()), name
+    ids = torch.randint(4, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again(ids).logits, q4_k_m(ids).logits)
