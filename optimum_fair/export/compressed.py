@@ -97,7 +97,7 @@ def _with_float_linears(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
         set_module(plain, name, linear)
-    for attr in ("hf_quantizer", "is_quantized", "quantization_method", "save_pretrained", "push_to_hub"):
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method"):
         if attr in plain.__dict__:
             delattr(plain, attr)
     return plain

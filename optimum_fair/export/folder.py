@@ -3,9 +3,12 @@ that looks complete.
 
     save_quantized(model, "out/llada-w4a4", tokenizer=tok, metrics={"FP": fp, "W4A4": q})
 
-A folder holds ``save_pretrained``'s safetensors + config.json, the tokenizer, the Stage I prior in
-``prior/`` (from the model's `CalibrationResult`) and a README.md model card (`card.build_card`). It is
-assembled in a temporary folder beside the target and moved into place at the end (config.json last).
+A folder holds ``save_pretrained``'s safetensors + config.json (the quantizer's save hook puts the
+Stage I prior into the weights), the tokenizer, the prior again in ``prior/`` (readable on its own, for
+`FairCalibConfig(prior=...)`) and a README.md model card (`card.build_card`). transformers'
+``save_pretrained`` has no hook for extra files, so the tokenizer, ``prior/`` and the card are written
+here. It is assembled in a temporary folder beside the target and moved into place at the end
+(config.json last).
 """
 
 from __future__ import annotations
@@ -34,21 +37,28 @@ def save_quantized(model: Any, output_dir: str | os.PathLike, tokenizer: Any = N
     """Write a complete folder: safetensors weights + config, tokenizer, ``prior/``, README.md.
 
     The folder is assembled beside ``output_dir`` and moved into place at the end. An existing
-    non-empty ``output_dir`` raises FileExistsError unless ``overwrite`` (its files are then replaced,
-    others kept). ``result`` defaults to the model's own `CalibrationResult`; ``save_kwargs`` go to
-    ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    non-empty ``output_dir`` raises FileExistsError (naming the other model it holds, if any: a
+    full-precision teacher, another architecture or quantizer) unless ``overwrite`` (its files are then
+    replaced, others kept). ``tokenizer`` defaults to the one the model was calibrated with, then to the
+    model's own folder or repo. ``result`` defaults to the model's own `CalibrationResult`;
+    ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
     if not is_main_process():  # data-parallel runs: only rank 0 writes (no barrier: callers may guard too)
         return Path(output_dir)
     result = result if result is not None else calibration_result(model)
     card = build_card(model, metrics, base_model, repo_id, result)  # bad input fails before any write
+    if tokenizer is None:  # the calibration tokenizer the quantizer kept, else the model's own (None)
+        tokenizer = getattr(getattr(model, "hf_quantizer", None), "tokenizer", None)
     tokenizer = resolve_tokenizer(tokenizer, model, required=False)
     target = Path(output_dir)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"output_dir {target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output_dir {target} is not empty (pass overwrite=True to replace its files)")
+        other = other_model_in(target, model)
+        raise FileExistsError(f"output_dir {target}: {other}; refusing to write over it (pass overwrite=True to "
+                              "replace its files)" if other else
+                              f"output_dir {target} is not empty (pass overwrite=True to replace its files)")
     with atomic_dir(target, inside_ok=True) as tmp:  # a writable folder under a read-only parent
-        type(model).save_pretrained(model, tmp, **save_kwargs)  # the class's own: no card or prior
+        model.save_pretrained(tmp, **save_kwargs)  # transformers' own: weights (with the prior) and config
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if result is not None and result.prior is not None:

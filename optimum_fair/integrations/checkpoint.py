@@ -3,18 +3,23 @@
 Every tensor the model holds must be in the checkpoint with the shape and dtype its FairLinear skeleton
 expects; a file that is not readable safetensors is named. Each tensor is checked against the digest
 recorded in the file's metadata (`digests`; older checkpoints have none and get the header checks only).
-The Stage I prior is read from the ``prior/`` folder beside a local checkpoint.
+
+The Stage I prior travels inside the weights: the quantizer's save hook (`get_state_dict_and_metadata`)
+adds its tensors under the reserved ``fair_prior.`` keys and its settings as the ``fair_prior`` metadata
+entry (`prior_state`), so every save, push and Hub download carries it; `load_saved_prior` reads it back,
+or, for an older checkpoint (weights without it), from the ``prior/`` folder beside them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
+from torch import Tensor, nn
 
 from ..digests import check_digests
 from ..nn import FairLinear
@@ -118,18 +123,73 @@ def check_scales(model: nn.Module, signed: bool = False) -> None:
                                  f"holds {bad}, inf or NaN ones")
 
 
+PRIOR_PREFIX = "fair_prior."  # the reserved state-dict keys of the prior: fair_prior.weights, ...
+PRIOR_KEY = "fair_prior"  # the safetensors metadata entry: its window, floor, length and decode settings
+PRIOR_KEYS_PATTERN = r"(^|\.)fair_prior\."  # transformers' unexpected-key filter (no module holds them)
+
+
+def prior_state(prior: PositionPrior | None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The prior as extra state-dict tensors (``fair_prior.weights``, and the rollout statistics when
+    known) and one safetensors metadata entry (JSON: window, floor, seq_len, settings); empty for None."""
+    if prior is None:
+        return {}, {}
+    tensors = {"weights": prior.weights.float()}
+    if prior.commit_step is not None:
+        tensors.update(commit_step=prior.commit_step.long(), reliability_sum=prior.reliability_sum.float())
+    meta = {"window": prior.window, "floor": prior.floor, "seq_len": prior.seq_len, "settings": prior.settings}
+    return ({PRIOR_PREFIX + k: v.detach().contiguous() for k, v in tensors.items()},
+            {PRIOR_KEY: json.dumps(meta, sort_keys=True)})
+
+
 def load_saved_prior(checkpoint_files: list[str] | None) -> PositionPrior | None:
-    """The prior in the ``prior/`` folder beside a local checkpoint, when there is one (a Hub download
-    fetches only the weights and config, so the prior stays in the repo)."""
-    if not checkpoint_files:
+    """The prior a checkpoint carries: in its weights (`prior_state`, any shard), else in the ``prior/``
+    folder beside an older local checkpoint. A prior that cannot be read is named in a warning and the
+    model loads without it (inference does not use it)."""
+    files = [str(f) for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+    if not files:
         return None
-    folder = Path(checkpoint_files[0]).parent / PRIOR_DIR
+    try:
+        prior = _prior_in_weights(files)
+    except (ValueError, KeyError, TypeError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        _cannot_read(f"the {PRIOR_PREFIX}* tensors of {Path(files[0]).parent}", err)
+        return None
+    return prior if prior is not None else _prior_in_folder(Path(files[0]).parent / PRIOR_DIR)
+
+
+def _prior_in_weights(files: list[str]) -> PositionPrior | None:
+    """The prior from the reserved tensors and metadata of `files` (None when they hold none)."""
+    tensors: dict[str, Tensor] = {}
+    meta = None
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            meta = meta or (f.metadata() or {}).get(PRIOR_KEY)
+            tensors.update({k[len(PRIOR_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(PRIOR_PREFIX)})
+    if not tensors and meta is None:
+        return None
+    if meta is None or "weights" not in tensors:
+        raise ValueError(f"{PRIOR_PREFIX}weights or the {PRIOR_KEY!r} metadata is missing")
+    meta = json.loads(meta)
+    weights, commit, rel = tensors["weights"], tensors.get("commit_step"), tensors.get("reliability_sum")
+    if weights.shape != (meta["seq_len"],):
+        raise ValueError(f"weights have shape {tuple(weights.shape)}, the metadata says {meta['seq_len']}")
+    if commit is not None and (rel is None or commit.shape != rel.shape or commit.shape[-1] != meta["window"]):
+        raise ValueError(f"rollout statistics must both be (probes, window={meta['window']})")
+    return PositionPrior(weights, int(meta["window"]), float(meta["floor"]), meta.get("settings", {}), commit, rel)
+
+
+def _prior_in_folder(folder: Path) -> PositionPrior | None:
+    """The prior in the ``prior/`` folder an older checkpoint has beside its weights (a Hub download of one
+    fetches only the weights and config, so there it stays in the repo)."""
     if not (folder / "prior.json").is_file():
         return None
     try:
         return PositionPrior.load(folder)
     except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # JSONDecodeError is a ValueError
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        logger.warning("%s cannot be read as the Stage I prior (%s): the model loads without it (inference does not "
-                       "use it), and a re-save or push will not include prior/", folder, first)
+        _cannot_read(str(folder), err)
         return None
+
+
+def _cannot_read(what: str, err: Exception) -> None:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    logger.warning("%s cannot be read as the Stage I prior (%s): the model loads without it (inference does not "
+                   "use it), and a re-save or push will not include it", what, first)

@@ -12,6 +12,11 @@ Both end with `use_kernels(model)`: the packed layers compute on integer kernels
 
 Either way the model ends with `model.hf_quantizer` (the attribute transformers gives every quantized
 model) holding a `FairCalibHfQuantizer` whose `result` is the `CalibrationResult`.
+
+`model.save_pretrained` / `model.push_to_hub` stay transformers' own: the quantizer's save hook
+(`get_state_dict_and_metadata`) puts the Stage I prior into the weights (`checkpoint.prior_state`) and the
+load hooks read it back, and the Hub tags are the model's own (`add_model_tags`). The tokenizer and the
+full model card are written by the explicit API (`export.save_quantized`, `export.push_model`).
 """
 
 from __future__ import annotations
@@ -42,8 +47,14 @@ from ..pipeline.moe import prepare_tied_load, tie_blocks, unfuse_experts
 from ..pipeline.plan import layer_format, resolve_skip
 from ..pipeline.result import CalibrationResult
 from ..pipeline.surgery import replace_with_skeletons
-from .checkpoint import check_packed_tensors, check_scales, format_metadata, load_saved_prior
-from .publishing import bind_publishing
+from .checkpoint import (
+    PRIOR_KEYS_PATTERN,
+    check_packed_tensors,
+    check_scales,
+    format_metadata,
+    load_saved_prior,
+    prior_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +70,7 @@ class FairCalibHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: FairCalibConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.result: CalibrationResult | None = None
-        self.tokenizer: Any = None  # what save_pretrained writes beside the weights (object or path)
+        self.tokenizer: Any = None  # the calibration tokenizer (object or path): save_quantized's default
         self._checkpoint_files: list[str] | None = None
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -85,6 +96,10 @@ class FairCalibHfQuantizer(HfQuantizer):
             self._checkpoint_files = kwargs.get("checkpoint_files")
             check_packed_tensors(model, self._checkpoint_files, a_bits=self.quantization_config.a_bits,
                                  shared_from=tied)
+            # the prior's tensors belong to no module: read after loading (below), not reported as unexpected
+            # (transformers' own quantizers extend this per-instance set the same way)
+            model._keys_to_ignore_on_load_unexpected = {*(model._keys_to_ignore_on_load_unexpected or ()),
+                                                        PRIOR_KEYS_PATTERN}
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -97,17 +112,21 @@ class FairCalibHfQuantizer(HfQuantizer):
             check_scales(model, signed=self.quantization_config.weight_grid is WeightGrid.SEARCH)
             self.result = CalibrationResult(config, skip, prior=load_saved_prior(self._checkpoint_files),
                                             reloaded=True)
-            bind_publishing(model)
+            model.add_model_tags(hub_tags(model, config))
             use_kernels(model)
             return model
         quantize_loaded(model, self, texts=None, tokenizer=None)
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """transformers' save hook: the state dict as it is, plus every tensor's digest and the activation
-        bits in the metadata (checked when the checkpoint is loaded, see `integrations.checkpoint`)."""
-        state = model.state_dict()
-        return state, {**digest_metadata(state), **format_metadata(self.quantization_config.a_bits)}
+        """transformers' save hook (`save_pretrained`, hence `push_to_hub`): the state dict plus the Stage I
+        prior's tensors under the reserved ``fair_prior.`` keys; the metadata records every tensor's digest,
+        the activation bits (checked when the checkpoint is loaded, see `integrations.checkpoint`) and the
+        prior's settings. transformers writes the metadata into every shard."""
+        tensors, prior_meta = prior_state(self.result.prior if self.result is not None else None)
+        state = {**model.state_dict(), **tensors}
+        metadata = {**digest_metadata(state), **format_metadata(self.quantization_config.a_bits), **prior_meta}
+        return state, metadata
 
     def is_serializable(self) -> bool:
         return True
@@ -122,8 +141,9 @@ def quantize(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=No
 
     The model's full-precision weights are the teacher: Stage I rolls it out to build the position
     prior, Stage II calibrates its blocks one at a time against its own hidden states. Afterwards
-    `calibration_result(model)` holds the prior and per-block losses, and `model.save_pretrained` /
-    `model.push_to_hub` write the complete folder (weights, tokenizer, prior, model card).
+    `calibration_result(model)` holds the prior and per-block losses; `model.save_pretrained` /
+    `model.push_to_hub` (transformers' own) write the packed weights, config and prior, and
+    `optimum_fair.save_quantized` / `export.push_model` the complete folder (plus tokenizer and model card).
 
     Args:
         model: a transformers model (LLaDA, Dream, or a Llama-like model for the weight-only parts).
@@ -161,7 +181,7 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
     quantizer.tokenizer = tokenizer if tokenizer is not None else config.tokenizer
     quantizer.pre_quantized = True  # the model in memory is now quantized
     model.config.quantization_config = result.config
-    bind_publishing(model)
+    model.add_model_tags(hub_tags(model, result.config))
     use_kernels(model)  # calibration ran on the reference path; inference runs on the integer kernels
     if config.push_to_hub and is_main_process():  # data parallel: every rank holds this model, one pushes
         push_model(model, config.push_to_hub, quantizer.tokenizer, keep_on_failure=True)
@@ -221,6 +241,13 @@ def _round_embedding_to_target(model: nn.Module, config: FairCalibConfig) -> Non
         embedding.weight.copy_(gguf_types.rounded(embedding.weight, config.gguf_type))
     logger.info("token embedding rounded to %s before calibration (the GGUF mix stores it so)",
                 config.gguf_type.value)
+
+
+def hub_tags(model: nn.Module, config: FairCalibConfig) -> list[str]:
+    """The Hub tags of a quantized model (transformers' push_to_hub puts the model's tags on its card; the
+    full card, `export.card.build_card`, carries the same list)."""
+    model_type = str(getattr(model.config, "model_type", "model")).lower()
+    return ["fair-calib", f"w{config.w_bits}a{config.a_bits}", "diffusion-lm", model_type, "optimum-fair"]
 
 
 def register() -> None:

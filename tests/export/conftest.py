@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel
 
 import optimum_fair
-from optimum_fair import FairCalibConfig
+from optimum_fair import FairCalibConfig, save_quantized
 
 
 @pytest.fixture(scope="session")
@@ -17,5 +17,5 @@ def q4_0(tmp_path_factory):
     config = FairCalibConfig(rounding="gptq", weighting="uniform", num_probes=8, num_samples=8, gguf_type="Q4_0")
     model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
     folder = tmp_path_factory.mktemp("exports") / "q4_0"
-    model.save_pretrained(folder)
+    save_quantized(model, folder)  # the folder with its tokenizer (GGUF needs it)
     return folder, model

@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer, CompressedTensorsConfig
 import optimum_fair
 from optimum_fair import FairCalibConfig, FairLinear
 from optimum_fair.cli import main
-from optimum_fair.export import export
+from optimum_fair.export import export, save_quantized
 
 QUICK = dict(rounding="rtn", weighting="uniform", num_probes=8, num_samples=8)
 
@@ -24,7 +24,7 @@ def _saved(tmp_path_factory, name, **config):
     config = FairCalibConfig(**QUICK, **config)
     model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, quantization_config=config)
     folder = tmp_path_factory.mktemp("exports") / name
-    model.save_pretrained(folder)
+    save_quantized(model, folder)  # the folder with its tokenizer (GGUF needs it)
     return folder, model
 
 
@@ -158,7 +158,7 @@ def _tiny_dream(tok, dtype=torch.float32):
 def test_gguf_of_a_dream_keeps_its_rows_biases_and_logit_shift(tmp_path, caplog):
     tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)  # byte-level BPE, as GGUF needs
     model = _tiny_dream(tok)
-    model.save_pretrained(tmp_path / "dream")
+    save_quantized(model, tmp_path / "dream")  # the folder with its tokenizer (GGUF needs it)
     with caplog.at_level(logging.WARNING):
         reader = gguf.GGUFReader(str(export(tmp_path / "dream", tmp_path / "dream.gguf", "gguf")))
     rounded = [r.getMessage() for r in caplog.records if "rounded to GGUF's fp16" in r.getMessage()]

@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 import optimum_fair
 from optimum_fair import FairCalibConfig, quantize
 from optimum_fair.cli import main
-from optimum_fair.export import export
+from optimum_fair.export import export, save_quantized
 from tests import hub_server
 from tests.conftest import tiny_llada, tiny_lladamoe
 
@@ -42,7 +42,7 @@ def saved(bpe, tmp_path_factory):
     """A tiny W4A16 LLaDA (fp16 scales: an exact GGUF) saved once: (folder, model)."""
     model = quantize(tiny_llada(len(bpe), bpe.mask_token_id).half(), FairCalibConfig(**W4A16), tokenizer=bpe)
     folder = tmp_path_factory.mktemp("saved") / "model"
-    model.save_pretrained(folder)
+    save_quantized(model, folder)  # the folder with its tokenizer (GGUF needs it)
     return folder, model
 
 

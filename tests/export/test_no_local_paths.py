@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair import FairCalibConfig
-from optimum_fair.export import export, push_quantized
+from optimum_fair.export import export, push_quantized, save_quantized
 from tests import hub_server
 from tests.conftest import tiny_llada
 
@@ -34,7 +34,7 @@ def secret(tmp_path_factory) -> Path:
     tiny_llada(len(tok), tok.mask_token_id).save_pretrained(folder / "teacher")
     first = AutoModel.from_pretrained(folder / "teacher", quantization_config=FairCalibConfig(
         **SMALL, tokenizer=str(folder / "tokenizer")))
-    first.save_pretrained(folder / "first")
+    save_quantized(first, folder / "first")
     assert (folder / "first" / "prior" / "prior.json").is_file()
     return folder
 
@@ -49,8 +49,8 @@ def test_saved_pushed_and_exported_files_name_no_local_folder(hub, secret, tmp_p
     model = AutoModel.from_pretrained(secret / "teacher", quantization_config=config)
     assert (secret / "cache" / "manifest.json").is_file()  # the run used the local settings
     out = tmp_path / "published"
-    model.save_pretrained(out / "saved")
-    model.push_to_hub("tester/secret-direct")
+    save_quantized(model, out / "saved")
+    model.push_to_hub("tester/secret-direct")  # transformers' own: its card, config, weights with the prior
     push_quantized(out / "saved", "tester/secret-folder")
     export(model, out / "mem.gguf", "gguf")
     export(out / "saved", out / "saved.gguf", "gguf")

@@ -10,7 +10,7 @@ import pytest
 
 from optimum_fair import FairCalibConfig, quantize
 from optimum_fair.cli import main
-from optimum_fair.export import HubPushError, push_quantized, save_quantized
+from optimum_fair.export import HubPushError, push_model, push_quantized, save_quantized
 from tests import hub_server
 from tests.conftest import char_tokenizer, tiny_llada
 
@@ -71,10 +71,11 @@ def test_push_of_a_folder_without_card_or_tokenizer_says_so(hub, folder, caplog)
 
 
 def test_a_failed_push_to_hub_names_no_deleted_folder(hub, qmodel):
-    """W5: model.push_to_hub saves into a temporary folder that is gone when the error is read."""
+    """W5: push_model (what FairCalibConfig(push_to_hub=...) runs) saves into a temporary folder that is gone
+    when the error is read."""
     hub.fail_next("commit")
     with pytest.raises(HubPushError) as err:
-        qmodel.push_to_hub("tester/flaky")
+        push_model(qmodel, "tester/flaky")
     message = str(err.value)
     assert "optimum-fair-push-" not in message and "the model to tester/flaky" in message
     assert "HTTP 500" in message and "rerun push_to_hub to retry" in message

@@ -34,10 +34,10 @@ def test_without_import_optimum_fair_a_checkpoint_fails_loudly_and_its_card_says
 
     from transformers import LlamaForCausalLM
 
-    from optimum_fair import FairCalibConfig, quantize
+    from optimum_fair import FairCalibConfig, quantize, save_quantized
 
     rtn = dict(rounding="rtn", transform="none", weighting="uniform", a_bits=16)
-    quantize(tiny_llada(100, 3), FairCalibConfig(**rtn)).save_pretrained(tmp_path / "llada")
+    save_quantized(quantize(tiny_llada(100, 3), FairCalibConfig(**rtn)), tmp_path / "llada")  # with the card
     quantize(LlamaForCausalLM(tiny_llama_config()), FairCalibConfig(**rtn)).save_pretrained(tmp_path / "llama")
     card = (tmp_path / "llada" / "README.md").read_text()
     assert "## How to load\n\n```python\nimport optimum_fair  # registers fair_calib" in card

@@ -1,16 +1,21 @@
-"""save_quantized / push_quantized / model.push_to_hub / FairCalibConfig(push_to_hub=...) against the loopback Hub."""
+"""save_quantized / push_quantized / push_model / FairCalibConfig(push_to_hub=...) and transformers' own
+model.save_pretrained / model.push_to_hub against the loopback Hub."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoModel, AutoTokenizer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from optimum_fair import FairCalibConfig, calibration_result, quantize
-from optimum_fair.export import HubPushError, push_quantized, save_quantized
-from optimum_fair.export.card import hub_base_model, quant_tag
+from optimum_fair.export import HubPushError, push_model, push_quantized, save_quantized
+from optimum_fair.export.card import build_card, hub_base_model, quant_tag
+from optimum_fair.integrations.checkpoint import PRIOR_KEY, PRIOR_PREFIX
 from tests import hub_server
 from tests.conftest import char_tokenizer, tiny_llada
 
@@ -30,6 +35,29 @@ def _logits(model):
 def _digest(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _prior(model):
+    return calibration_result(model).prior
+
+
+def _same_prior(a, b) -> bool:
+    return (torch.equal(a.weights, b.weights) and torch.equal(a.commit_step, b.commit_step)
+            and torch.equal(a.reliability_sum, b.reliability_sum)
+            and (a.window, a.floor, a.settings) == (b.window, b.floor, b.settings))
+
+
+def _old_layout(model, folder: Path) -> Path:
+    """A checkpoint as versions before the prior went into the weights wrote it: safetensors without the
+    ``fair_prior.`` tensors and metadata entry, and the prior in ``prior/`` beside them."""
+    model.save_pretrained(folder)
+    file = folder / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != PRIOR_KEY}
+    tensors = {k: v for k, v in load_file(str(file)).items() if not k.startswith(PRIOR_PREFIX)}
+    save_file(tensors, str(file), metadata=metadata)
+    _prior(model).save(folder / "prior")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +142,10 @@ def test_push_then_reload_by_repo_id(hub, saved, qmodel, tmp_path):
     reloaded = AutoModel.from_pretrained("tester/llada-w4a4", cache_dir=tmp_path / "cache")
     assert torch.equal(_logits(reloaded), _logits(qmodel))
     assert calibration_result(reloaded).reloaded and calibration_result(reloaded).blocks == []  # no recalibration
+    assert _same_prior(_prior(reloaded), _prior(qmodel))  # the downloaded weights carry the prior
     tok = AutoTokenizer.from_pretrained("tester/llada-w4a4", cache_dir=tmp_path / "cache")
     assert tok.mask_token_id == 3
-    reloaded.save_pretrained(tmp_path / "copy")  # the tokenizer comes from the repo the model came from
+    save_quantized(reloaded, tmp_path / "copy")  # the tokenizer comes from the repo the model came from
     assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == remote["tokenizer.json"]
     assert ModelCard.load(tmp_path / "copy" / "README.md").data.base_model is None  # not "tester/llada-w4a4"
     assert hub.unhandled == []
@@ -162,8 +191,8 @@ def test_bad_folder_and_repo_id_fail_before_requests(hub, tmp_path, saved):
     assert hub.requests == []
 
 
-def test_model_push_to_hub_uploads_card_and_prior(hub, qmodel, tmp_path):
-    qmodel.push_to_hub("tester/direct")
+def test_push_model_uploads_card_and_prior(hub, qmodel, tmp_path):
+    push_model(qmodel, "tester/direct")  # the tokenizer is the one the model was calibrated with
     remote = hub.files("tester/direct")
     assert {"prior/prior.safetensors", "tokenizer.json", "model.safetensors"} <= set(remote)
     card = ModelCard(remote["README.md"].decode())
@@ -172,38 +201,40 @@ def test_model_push_to_hub_uploads_card_and_prior(hub, qmodel, tmp_path):
     assert torch.equal(_logits(reloaded), _logits(qmodel))
 
 
-def test_model_save_pretrained_writes_prior_and_keeps_other_files(qmodel, tmp_path):
+def test_save_quantized_writes_prior_and_keeps_other_files(qmodel, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    qmodel.save_pretrained(tmp_path)
+    save_quantized(qmodel, tmp_path, overwrite=True)
     assert (tmp_path / "prior" / "prior.json").is_file() and (tmp_path / "README.md").is_file()
     assert (tmp_path / "notes.txt").read_text() == "mine"
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert torch.equal(_logits(reloaded), _logits(qmodel))
-    # read back from prior/
+    # read back (from the weights; prior/ is the same prior, readable on its own)
     assert torch.equal(calibration_result(reloaded).prior.weights, calibration_result(qmodel).prior.weights)
-    reloaded.save_pretrained(tmp_path / "again")  # a reloaded model still writes the card and prior
+    save_quantized(reloaded, tmp_path / "again")  # a reloaded model still writes the card and prior
     assert (tmp_path / "again" / "prior" / "prior.json").is_file()
     assert "fair-calib" in ModelCard.load(tmp_path / "again" / "README.md").data.tags
 
 
-def test_model_save_pretrained_refuses_a_folder_holding_another_model(qmodel, tok, tmp_path):
-    """Saving over the FP teacher's folder (a classic slip) or another model is refused, the folder kept;
-    overwrite=True does it; an earlier save of a FAIR-Calib model of this type is written over as usual."""
+def test_save_quantized_refuses_a_folder_holding_another_model(qmodel, tok, tmp_path):
+    """Saving over the FP teacher's folder (a classic slip) or another model is refused, naming it, the folder
+    kept; overwrite=True does it; an earlier save of a FAIR-Calib model of this type is written over by
+    transformers' own save_pretrained as usual. (transformers' save_pretrained itself refuses nothing: no hook
+    of it sees the folder, docs/architecture.md.)"""
     fp_dir = tmp_path / "teacher"
     tiny_llada(len(tok), tok.mask_token_id).save_pretrained(fp_dir)
     before = _digest(fp_dir)
     with pytest.raises(FileExistsError, match="not a FAIR-Calib checkpoint.*overwrite=True"):
-        qmodel.save_pretrained(fp_dir)
+        save_quantized(qmodel, fp_dir)
     assert _digest(fp_dir) == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(FileExistsError, match="'llama' model, this one is 'llada'"):
-        qmodel.save_pretrained(tmp_path / "other")
+        save_quantized(qmodel, tmp_path / "other")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(FileExistsError, match="not a JSON config"):
-        qmodel.save_pretrained(tmp_path / "broken")
-    qmodel.save_pretrained(fp_dir, overwrite=True)
+        save_quantized(qmodel, tmp_path / "broken")
+    save_quantized(qmodel, fp_dir, overwrite=True)
     assert torch.equal(_logits(AutoModel.from_pretrained(fp_dir)), _logits(qmodel))
     qmodel.save_pretrained(fp_dir)  # now a FAIR-Calib llada folder: saved over without a flag
 
@@ -228,6 +259,8 @@ def test_model_push_to_hub_never_deletes_files_it_did_not_write(hub, qmodel):
     qmodel.push_to_hub("tester/shared")  # a second push updates: transformers' semantics
     remote = hub.files("tester/shared")
     assert remote["notes.md"] == b"theirs" and "model.safetensors" in remote
+    push_model(qmodel, "tester/shared")  # the explicit push updates the same way
+    assert hub.files("tester/shared")["notes.md"] == b"theirs"
 
 
 def test_published_files_name_no_local_path(hub, tok, tmp_path):
@@ -235,7 +268,7 @@ def test_published_files_name_no_local_path(hub, tok, tmp_path):
     tiny_llada(len(tok), tok.mask_token_id).save_pretrained(fp_dir)
     tok.save_pretrained(fp_dir)
     model = quantize(AutoModel.from_pretrained(fp_dir), FairCalibConfig(**SMALL))
-    model.push_to_hub("tester/no-paths")
+    push_model(model, "tester/no-paths")
     remote = hub.files("tester/no-paths")
     texts = {name: data.decode(errors="replace") for name, data in remote.items()
              if name.endswith((".json", ".md"))}
@@ -243,6 +276,11 @@ def test_published_files_name_no_local_path(hub, tok, tmp_path):
     for name, text in texts.items():
         assert str(tmp_path) not in text and "/tmp/" not in text, name
     assert "my-local-llada" in texts["README.md"]  # the base is named by its folder name
+    model.push_to_hub("tester/no-paths-own")  # transformers' own: its card, config and weights (with the prior)
+    remote = hub.files("tester/no-paths-own")
+    assert {"README.md", "config.json", "model.safetensors"} <= set(remote)
+    for name, data in remote.items():  # the safetensors header (prior settings, digests) included
+        assert str(tmp_path).encode() not in data and b"/tmp/" not in data, name
 
 
 def _push_requests(hub, saved) -> int:
@@ -296,8 +334,8 @@ def test_a_fault_at_every_request_of_a_push(hub, saved, mode, request):
 @pytest.mark.parametrize("damage", ["json", "tensors"])
 def test_a_damaged_prior_is_named_and_the_model_still_loads(qmodel, tmp_path, caplog, damage):
     """issue 32 W29: a broken prior/prior.json made from_pretrained fail with a bare JSONDecodeError naming no
-    file, although inference does not use the prior."""
-    qmodel.save_pretrained(tmp_path / "q")
+    file, although inference does not use the prior. (A checkpoint of the older layout: prior/ beside the weights.)"""
+    _old_layout(qmodel, tmp_path / "q")
     broken = tmp_path / "q" / "prior" / ("prior.json" if damage == "json" else "prior.safetensors")
     broken.write_text("{broken")
     with caplog.at_level("WARNING", logger="optimum_fair"):
@@ -323,7 +361,7 @@ def test_save_into_an_empty_folder_under_a_read_only_parent(qmodel, tmp_path):
     try:
         with pytest.raises(PermissionError):
             (parent / "probe").mkdir()  # the parent really refuses new entries
-        qmodel.save_pretrained(parent / "out")
+        save_quantized(qmodel, parent / "out")
         assert sorted(os.listdir(parent)) == ["out"]
     finally:
         subprocess.run(unlock, check=True)
@@ -331,3 +369,74 @@ def test_save_into_an_empty_folder_under_a_read_only_parent(qmodel, tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "prior"} <= set(os.listdir(out))
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # the temporary folder is gone
     assert torch.equal(_logits(AutoModel.from_pretrained(out)), _logits(qmodel))
+
+
+def test_save_pretrained_and_push_to_hub_are_transformers_own(qmodel):
+    assert "save_pretrained" not in vars(qmodel) and "push_to_hub" not in vars(qmodel)
+    assert qmodel.save_pretrained.__func__ is PreTrainedModel.save_pretrained
+    assert qmodel.push_to_hub.__func__ is PreTrainedModel.push_to_hub
+    # the Hub tags travel as the model's own tags, the same list as the full card's
+    assert qmodel.model_tags == build_card(qmodel).data.tags == ["fair-calib", "w4a4", "diffusion-lm", "llada",
+                                                                   "optimum-fair"]
+
+
+def test_save_pretrained_then_reload_keeps_the_prior_without_unexpected_keys(qmodel, tmp_path, caplog):
+    qmodel.save_pretrained(tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        assert {PRIOR_PREFIX + "weights", PRIOR_PREFIX + "commit_step"} <= set(f.keys())
+        assert json.loads(f.metadata()[PRIOR_KEY])["window"] == _prior(qmodel).window
+    with caplog.at_level("WARNING"):
+        reloaded, info = AutoModel.from_pretrained(tmp_path / "q", output_loading_info=True)
+    assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
+    assert "fair_prior" not in caplog.text and "UNEXPECTED" not in caplog.text.upper()
+    assert _same_prior(_prior(reloaded), _prior(qmodel))
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert reloaded.model_tags == qmodel.model_tags
+    reloaded.save_pretrained(tmp_path / "again")  # a reloaded model writes its prior again
+    assert _same_prior(_prior(AutoModel.from_pretrained(tmp_path / "again")), _prior(qmodel))
+
+
+def test_a_sharded_save_keeps_the_prior(qmodel, tmp_path):
+    qmodel.save_pretrained(tmp_path / "q", max_shard_size="20KB")
+    shards = sorted((tmp_path / "q").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:  # each shard records the prior's settings (transformers writes the metadata into each)
+        with safe_open(str(shard), framework="pt") as f:
+            assert PRIOR_KEY in f.metadata()
+    assert _same_prior(_prior(AutoModel.from_pretrained(tmp_path / "q")), _prior(qmodel))
+
+
+def test_transformers_push_to_hub_then_reload_keeps_the_prior(hub, qmodel, tmp_path):
+    qmodel.push_to_hub("tester/own")
+    remote = hub.files("tester/own")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(remote)
+    assert not [name for name in remote if name.startswith("prior/")]  # the prior is inside the weights
+    assert "fair-calib" in ModelCard(remote["README.md"].decode()).data.tags  # transformers' card, our tags
+    reloaded = AutoModel.from_pretrained("tester/own", cache_dir=tmp_path / "cache")
+    assert _same_prior(_prior(reloaded), _prior(qmodel))
+    assert torch.equal(_logits(reloaded), _logits(qmodel))
+    assert hub.unhandled == []
+
+
+def test_a_checkpoint_with_a_prior_folder_still_loads_its_prior(qmodel, tmp_path):
+    folder = _old_layout(qmodel, tmp_path / "old")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith(PRIOR_PREFIX)] and PRIOR_KEY not in f.metadata()
+    reloaded = AutoModel.from_pretrained(folder)
+    assert _same_prior(_prior(reloaded), _prior(qmodel))
+    reloaded.save_pretrained(tmp_path / "new")  # a re-save moves it into the weights
+    assert _same_prior(_prior(AutoModel.from_pretrained(tmp_path / "new")), _prior(qmodel))
+
+
+def test_a_damaged_prior_in_the_weights_is_named_and_the_model_still_loads(qmodel, tmp_path, caplog):
+    qmodel.save_pretrained(tmp_path / "q")
+    file = tmp_path / "q" / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        metadata = {**f.metadata(), PRIOR_KEY: "{broken"}
+    save_file(load_file(str(file)), str(file), metadata=metadata)
+    with caplog.at_level("WARNING", logger="optimum_fair"):
+        reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    assert "fair_prior.* tensors of" in caplog.text and "the model loads without it" in caplog.text
+    assert _prior(reloaded) is None
+    assert torch.equal(_logits(reloaded), _logits(qmodel))

@@ -125,8 +125,9 @@ def test_quantize_sets_only_what_transformers_sets_and_keeps_the_callers_config(
     before = set(vars(tiny_llama))
     quantize(tiny_llama, config)
     added = set(vars(tiny_llama)) - before
-    # transformers' own quantized-model attributes, plus the two publishing methods (integrations.publishing)
-    assert added == {"hf_quantizer", "is_quantized", "quantization_method", "save_pretrained", "push_to_hub"}
+    # transformers' own quantized-model attributes and its Hub tags (add_model_tags); save_pretrained and
+    # push_to_hub stay the class's (the prior travels through the quantizer's save hook)
+    assert added == {"hf_quantizer", "is_quantized", "quantization_method", "model_tags"}
     assert config.modules_to_not_convert is None  # the caller's config is not mutated
     result = calibration_result(tiny_llama)
     assert result.config is not config and result.config.modules_to_not_convert == ["lm_head"]
