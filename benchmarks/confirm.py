@@ -4,6 +4,7 @@
     python benchmarks/confirm.py benchmarks/confirm/*.json --threads 1   # issue 23's three, ~2.5 h
     python benchmarks/confirm.py SPEC.json --quick          # a smoke run: tiny settings, one seed
     python benchmarks/confirm.py benchmarks/confirm/served_prior_vs_uniform.json --threads 1  # issue 34 item 4
+    python benchmarks/confirm.py SPEC.json --agreement      # which policy to pre-state (see below)
 
 The spec (a small JSON file, written and committed before the run) names the comparison and its design:
 
@@ -29,6 +30,10 @@ evaluates both sides under it: ``{"decode": "threshold", "threshold": 0.9, "cach
 dual; a key left out takes evaluate's default). Without it, today's one-per-step decode. A side that builds
 its prior under the policy says so in its own config fields (``"a": {"weighting": "fair", "stage1_policy":
 "threshold", "stage1_threshold": 0.9}``). Unknown policy keys and bad values are refused before any work.
+``--agreement`` picks that policy before the spec is written: on the spec's text and decode design, the FP
+teacher's greedy decode under each point of the tokens-per-step curve (thresholds 0.9-0.2, factors 1-4, no
+cache) against its one-per-step decode: steps per token, the share of generated tokens equal (decode_speed.py's
+``agree_fp_one_per_step``) and of prompts whose whole answer is equal.
 """
 
 from __future__ import annotations
@@ -159,6 +164,33 @@ def run(spec: dict, model_path: str, threads: int, quick: bool) -> dict:
             "result": paired_flip_difference(runs_a, runs_b, spec["text"])}
 
 
+CURVE = tuple({"decode": "threshold", "threshold": t} for t in (0.9, 0.7, 0.5, 0.3, 0.2)) + tuple(
+    {"decode": "factor", "factor": f} for f in (1.0, 2.0, 4.0))  # decode_speed.py --curve's points
+
+
+def policy_agreement(spec: dict, model_path: str, threads: int, policies=CURVE) -> dict:
+    """The FP teacher under each policy against its own one-per-step decode, on the spec's prompts."""
+    for policy in policies:  # all checked before the first decode
+        check_policy(policy)
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    teacher = AutoModel.from_pretrained(model_path).eval()
+    design = {"texts": [spec["text"]], "num_prompts": spec["num_prompts"], "gen_length": spec["gen_length"],
+              "block_length": min(32, spec["gen_length"])}
+    base = build_teacher_traces(teacher, tok, **design)[spec["text"]]
+    rows = []
+    for policy in policies:
+        trace = build_teacher_traces(teacher, tok, **design, **policy)[spec["text"]]
+        equal = trace.generated == base.generated  # (prompts, gen_length)
+        rows.append({"policy": policy, "steps_per_token": trace.steps_per_token(),
+                     "tokens_per_step": 1 / trace.steps_per_token(), "agree_fp_one_per_step":
+                     float(equal.double().mean()), "same_text_fp_one_per_step": float(equal.all(-1).double().mean())})
+        print(json.dumps(rows[-1]), flush=True)
+    kept = [r for r in rows if r["agree_fp_one_per_step"] >= 0.9]
+    pick = min(kept, key=lambda r: r["steps_per_token"])["policy"] if kept else None
+    return {"design": {**design, "model": model_path}, "rows": rows, "most_parallel_with_agreement_0.9": pick}
+
+
 def report(out: dict) -> str:
     spec, res = out["spec"], out["result"]
     lines = [f"confirmatory comparison {spec['name']}: {spec['hypothesis']}",
@@ -180,6 +212,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=optimum_fair.DEFAULT_MODEL)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: one seed, tiny settings")
+    p.add_argument("--agreement", action="store_true", help="instead of the comparison: the FP teacher's "
+                   "agreement with its one-per-step decode under each curve point (to pick the policy)")
     p.add_argument("--out", default=None, help="JSON result file, with one spec only "
                    "(default: benchmarks/results/confirm_<name>.json)")
     args = p.parse_args(argv)
@@ -187,6 +221,14 @@ def main(argv=None) -> None:
         p.error(f"--out names one file; {len(args.specs)} specs were given")
     specs = [load_spec(path) for path in args.specs]  # every spec checked before the first run
     for spec in specs:
+        if args.agreement:
+            out = policy_agreement(spec, args.model, args.threads)
+            print(f"most parallel with agreement >= 0.9: {out['most_parallel_with_agreement_0.9']}")
+            path = Path(args.out or f"benchmarks/results/confirm_{spec['name']}-agreement.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out, indent=1) + "\n")
+            print(f"wrote {path}")
+            continue
         if args.quick:
             small = {"seq_len": 64, "window": 32, "block_length": 16, "num_samples": 8, "num_probes": 8}
             spec = {**spec, "seeds": spec["seeds"][:1], "num_prompts": 8, "gen_length": 16, "epochs": 1,

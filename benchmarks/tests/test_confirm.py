@@ -137,3 +137,29 @@ def test_the_policy_reaches_the_traces_the_evaluation_and_side_a_only_gets_its_p
     assert [r["flip_rate"] for r in out["runs"]] == [0.0, 0.0]
     assert out["result"]["all"]["diff"] == 0.0 and out["result"]["all"]["ci"] == [0.0, 0.0]
     assert "policy threshold0.7" in confirm.report(out)
+
+
+def test_agreement_picks_the_most_parallel_policy_that_keeps_the_fp_answer():
+    """An unreachable threshold (1.0) is the one-per-step decode itself; a low one commits more per step and
+    its agreement is the share of tokens equal to the one-per-step decode, computed here directly."""
+    import optimum_fair
+    from benchmarks.confirm import policy_agreement
+    from optimum_fair.eval.evaluate import build_teacher_traces
+
+    spec = dict(load_spec("benchmarks/confirm/served_prior_vs_uniform.json"), num_prompts=4, gen_length=16)
+    policies = ({"decode": "threshold", "threshold": 1.0}, {"decode": "threshold", "threshold": 0.05})
+    out = policy_agreement(spec, optimum_fair.DEFAULT_MODEL, threads=1, policies=policies)
+    same, low = out["rows"]
+    assert same["agree_fp_one_per_step"] == 1.0 and same["steps_per_token"] == 1.0
+    from transformers import AutoModel, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    teacher = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL).eval()
+    design = dict(texts=["lee-test"], num_prompts=4, gen_length=16, block_length=16)
+    base = build_teacher_traces(teacher, tok, **design)["lee-test"].generated
+    fast = build_teacher_traces(teacher, tok, **design, **policies[1])["lee-test"]
+    assert low["agree_fp_one_per_step"] == float((fast.generated == base).double().mean())
+    assert low["steps_per_token"] == fast.steps_per_token() < 1.0
+    want = policies[1] if low["agree_fp_one_per_step"] >= 0.9 else policies[0]
+    assert out["most_parallel_with_agreement_0.9"] == want
+    with pytest.raises(ValueError, match="unknown policy keys"):
+        policy_agreement(spec, optimum_fair.DEFAULT_MODEL, threads=1, policies=({"rule": "threshold"},))
