@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
-from optimum_fair import FairCalibConfig
+from optimum_fair import FairCalibConfig, save_quantized
 from optimum_fair.eval.evaluate import build_teacher_traces, evaluate, table
 
 COLUMNS = ["wiki-val/nll", "lee/nll", "flip_rate", "flip_rate_m0.1", "agreement", "seconds"]
@@ -57,8 +57,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows[name] = evaluate(model, tok, teacher_traces=traces, **EVAL)
         rows[name]["seconds"] = seconds  # loading + calibration
-    # the folder a Hub repo would get: packed weights, tokenizer, Stage I prior, model card with the table
-    model.save_pretrained(args.output_dir, metrics={"fp": rows["FP teacher"], "quantized": rows[name]})
+    # the folder a Hub repo would get: packed weights (with the Stage I prior), tokenizer, prior/, model card
+    # with the table (model.save_pretrained, transformers' own, writes the weights and config only)
+    save_quantized(model, args.output_dir, tok, metrics={"fp": rows["FP teacher"], "quantized": rows[name]},
+                   overwrite=True)
     reloaded = AutoModel.from_pretrained(args.output_dir)
     ids = torch.randint(0, len(tok), (1, 32))
     with torch.no_grad():
