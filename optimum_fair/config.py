@@ -40,7 +40,8 @@ from .naming import is_repo_id
 CONFIG_VERSION = 2
 
 #: The GGUF types calibration rounds in: (w_bits, weights per scale). The others are written by the export.
-GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32), GGUFType.Q4_K_M: (4, 32)}  # a mix: its base type's
+GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32),  # a mix (K types): its base type's
+              GGUFType.Q4_K_M: (4, 32), GGUFType.Q5_K_M: (5, 32), GGUFType.Q6_K: (6, 16)}
 
 
 _ENUM_FIELDS = {
@@ -59,11 +60,6 @@ _ENUM_FIELDS = {
 logger = logging.getLogger(__name__)
 _LOCAL_FIELDS = ("cache_dir", "prior", "push_to_hub")  # one run's folders and repo: never serialised, never read back
 
-# Fields whose non-default values name a capability that is not built yet. Each maps to the
-# values that ARE built; anything else raises NotImplementedError (never silently ignored).
-_BUILT_VALUES: dict[str, tuple] = {
-    "sym": (True,),
-}
 
 
 @dataclass
@@ -71,22 +67,26 @@ class FairCalibConfig(QuantizationConfigMixin):
     """Configuration of FAIR-Calib post-training quantization.
 
     Quantization format
-        w_bits: weight bits, 4 or 8. Weights are symmetric, per output channel or per group.
+        w_bits: weight bits, 4 or 8, per output channel or per group.
         a_bits: activation bits, 4, 8 or 16 (16 = activations stay in floating point, i.e. W4A16).
             Activations are quantized per token, symmetric.
         group_size: -1 for one scale per output channel, else a positive divisor of every converted
             layer's input size.
-        sym: symmetric quantization (the only scheme built).
+        sym: True (default): symmetric codes, value = code * scale. False: each group (or row) also stores a
+            min, value = scale * (code + 2^(b-1)) - min, both fp16 (`grids.asymmetric_grid`; GGUF Q4_1 /
+            Q5_1 at group_size 32). Needs transform "none" or "hadamard" (FlatQuant's learned clips train
+            on the symmetric grid); runs on the reference kernel; exports to GGUF, not compressed-tensors.
         weight_grid: "full" (default): a row's scale is max|w| / 7.5 (int4; / 127.5 for int8), so its codes
             use all of [-8, 7] as GGUF and compressed-tensors do; "symmetric": max|w| / 7, codes in
             [-7, 7], the grid of format version 1 (a version-1 config reads as "symmetric"). Checkpoints
             store their scales, so either loads exactly; the field says how they were made. "search": each
             group's (signed) scale is the one of least round-off weighted by the Hessian diagonal (GPTQ)
             among llama.cpp's candidates (`ops.searched_scale`); what `gguf_type` uses.
-        gguf_type: calibrate in the exact grid of this GGUF type ("Q4_0", "Q8_0", or llama.cpp's mix "Q4_K_M":
-            each block linear in the type llama-quantize gives it, Q4_K / Q6_K / Q5_0 / Q8_0), so that
-            `export(..., "gguf")` writes the codes as they are: sets w_bits (4 / 8), group_size 32 (one
-            fp16 scale per 32 weights), weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
+        gguf_type: calibrate in the exact grid of this GGUF file type ("Q4_0", "Q8_0", or llama.cpp's K-quant
+            mixes "Q4_K_M", "Q5_K_M", "Q6_K": each block linear in the type llama-quantize gives it, with its
+            fallbacks for widths not a multiple of 256), so that `export(..., "gguf")` writes the codes as
+            they are: sets w_bits (the base type's: 4 / 8 / 4 / 5 / 6), group_size (32; 16 for Q6_K),
+            weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
             quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of
             those fields other than their defaults and the type's own are refused. None (default): no
             GGUF target. Pair it with rounding="gptq" for calibrated codes.
@@ -246,21 +246,21 @@ class FairCalibConfig(QuantizationConfigMixin):
         self._check_stage_one()
         self._check_stage_two()
         self._check_other()
-        for name, built in _BUILT_VALUES.items():
-            if getattr(self, name) not in built:
-                raise NotImplementedError(
-                    f"FairCalibConfig.{name}={getattr(self, name)!r} is not implemented yet; "
-                    f"supported: {list(built)}"
-                )
 
     # -- checks -----------------------------------------------------------------------------
     def _check_format(self) -> None:
-        _check_choice("w_bits", self.w_bits, (4, 8))
+        _check_choice("w_bits", self.w_bits, (4, 5, 6, 8) if self.gguf_type is not None else (4, 8))
         _check_choice("a_bits", self.a_bits, (4, 8, 16))
         _check_type("group_size", self.group_size, int)
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
         _check_type("sym", self.sym, bool)
+        if not self.sym and self.transform is Transform.FLATQUANT:
+            raise ValueError(f"sym=False needs transform 'none' or 'hadamard', got {_plain(self.transform)!r} "
+                             "(FlatQuant's learned clips train on the symmetric grid)")
+        if not self.sym and self.gguf_type is not None:
+            raise ValueError("sym=False with gguf_type: the GGUF type fixes the grid (its K-quants have mins); "
+                             "leave sym at True")
         _check_type("fold_rotation", self.fold_rotation, bool)
         if self.gguf_type is not None:
             self._apply_gguf_type()

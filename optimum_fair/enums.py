@@ -56,6 +56,8 @@ class GGUFType(str, Enum):
     Q8_0 = "Q8_0"  # blocks of 32: fp16 scale, int8 codes
     Q4_0 = "Q4_0"  # blocks of 32: fp16 scale, 4-bit codes in [-8, 7]
     Q5_0 = "Q5_0"  # blocks of 32: fp16 scale, 5-bit codes in [-16, 15]
+    Q4_1 = "Q4_1"  # blocks of 32: fp16 scale and min, 4-bit codes in [0, 15]
+    Q5_1 = "Q5_1"  # blocks of 32: fp16 scale and min, 5-bit codes in [0, 31]
     Q4_K = "Q4_K"  # super-blocks of 256: fp16 d / dmin, 8 six-bit scales and mins, 4-bit codes in [0, 15]
     Q5_K = "Q5_K"  # as Q4_K with 5-bit codes in [0, 31]
     Q6_K = "Q6_K"  # super-blocks of 256: fp16 scale, 16 int8 sub-scales, 6-bit codes in [-32, 31]

@@ -1,4 +1,5 @@
-"""llama.cpp's K-quant grids as data, and the search that picks a super-block's scales.
+"""Weight grids with per-group mins or two-level scales, as data: llama.cpp's K-quants and Q4_1 / Q5_1,
+and the asymmetric grid of `FairCalibConfig(sym=False)`; the search that picks their scales.
 
 A K-quant cuts each row into super-blocks of 256 weights and those into sub-blocks of `group` weights
 (ggml-quants.c). A weight is
@@ -10,6 +11,9 @@ Q5_K: the file holds q = c + offset in [0, 2^b - 1] and one min per sub-block) a
 codes, no min). d and dmin are fp16 per super-block, sc_j and mn_j small integers (6-bit unsigned for
 Q4_K / Q5_K, int8 for Q6_K). A layer stores s_j and m_j per group as float32: they are exact products of
 an fp16 and a small integer, so `two_level` recovers (d, sc_j) exactly when the file is written.
+
+Q4_1 / Q5_1 (and `asymmetric_grid`, any group) have no super-block: each group stores its own fp16 scale
+and min (`levels` None, `span` = `group`), and the min may be of either sign.
 
 The search (`choose`) follows llama.cpp's with an importance matrix: per sub-block, candidate inverse
 scales around (2^b - 1) / (max - min), each refitted by weighted least squares of (s, m) given its codes,
@@ -27,23 +31,29 @@ import torch
 from .enums import GGUFType
 from .ops import searched_scale
 
-__all__ = ["BLOCK_BITS", "FALLBACKS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "KGrid", "MixRule", "choose",
-           "linear_type", "round_codes", "two_level", "use_more_bits", "values"]
+__all__ = ["BLOCK_BITS", "FALLBACKS", "GRIDS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "BlockGrid", "MixRule",
+           "asymmetric_grid", "choose", "linear_type", "round_codes", "two_level", "use_more_bits", "values"]
 
 SUPER_BLOCK = 256  # QK_K: weights per K-quant super-block
 INV_STEPS = tuple(-1.0 + 0.1 * k for k in range(21))  # llama.cpp's Q4_K / Q5_K search: rmin -1, rdelta 0.1, 20 steps
 
 
 @dataclass(frozen=True)
-class KGrid:
-    """One K-quant type: code bits, weights per sub-scale, the sub-scales' integer range, and whether
-    each sub-block has a min (codes stored shifted by `offset`)."""
+class BlockGrid:
+    """One grid: code bits, weights per scale (`group`), the scales' integer levels per super-block of 256
+    (None: each group's scale and min stored as fp16 directly), whether each group has a min (codes stored
+    shifted by `offset`), and the GGUF type that holds it (None: none does)."""
 
-    gguf_type: GGUFType
+    gguf_type: GGUFType | None
     bits: int
     group: int
-    levels: tuple[int, int]
+    levels: tuple[int, int] | None
     asymmetric: bool
+
+    @property
+    def span(self) -> int:
+        """Columns whose scales are chosen together: a super-block, or one group."""
+        return SUPER_BLOCK if self.levels else self.group
 
     @property
     def offset(self) -> int:
@@ -55,17 +65,29 @@ class KGrid:
 
 
 K_GRIDS = {
-    GGUFType.Q4_K: KGrid(GGUFType.Q4_K, 4, 32, (0, 63), asymmetric=True),
-    GGUFType.Q5_K: KGrid(GGUFType.Q5_K, 5, 32, (0, 63), asymmetric=True),
-    GGUFType.Q6_K: KGrid(GGUFType.Q6_K, 6, 16, (-128, 127), asymmetric=False),
+    GGUFType.Q4_K: BlockGrid(GGUFType.Q4_K, 4, 32, (0, 63), asymmetric=True),
+    GGUFType.Q5_K: BlockGrid(GGUFType.Q5_K, 5, 32, (0, 63), asymmetric=True),
+    GGUFType.Q6_K: BlockGrid(GGUFType.Q6_K, 6, 16, (-128, 127), asymmetric=False),
 }
+#: Every grid calibration can round in by GGUF type (the per-32 symmetric types use `ops.searched_scale`).
+GRIDS = K_GRIDS | {
+    GGUFType.Q4_1: BlockGrid(GGUFType.Q4_1, 4, 32, None, asymmetric=True),
+    GGUFType.Q5_1: BlockGrid(GGUFType.Q5_1, 5, 32, None, asymmetric=True),
+}
+
+
+def asymmetric_grid(bits: int, group: int) -> BlockGrid:
+    """`FairCalibConfig(sym=False)`'s grid: an fp16 scale and min per `group` weights (the GGUF type Q4_1 /
+    Q5_1 when that is 32 weights of 4 / 5 bits)."""
+    gguf_type = {(4, 32): GGUFType.Q4_1, (5, 32): GGUFType.Q5_1}.get((bits, group))
+    return BlockGrid(gguf_type, bits, group, None, asymmetric=True)
 
 
 #: The per-32 block types calibration rounds in (fp16 scale per block, signed codes): their code bits.
 BLOCK_BITS = {GGUFType.Q4_0: 4, GGUFType.Q5_0: 5, GGUFType.Q8_0: 8}
 
 #: What llama.cpp writes instead when a row is not a multiple of 256 weights (llama-quant.cpp).
-FALLBACKS = {GGUFType.Q4_K: GGUFType.Q5_0, GGUFType.Q6_K: GGUFType.Q8_0}
+FALLBACKS = {GGUFType.Q4_K: GGUFType.Q5_0, GGUFType.Q5_K: GGUFType.Q5_1, GGUFType.Q6_K: GGUFType.Q8_0}
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,8 @@ MIX_RULES = {
     GGUFType.Q4_0: MixRule(GGUFType.Q4_0),
     GGUFType.Q8_0: MixRule(GGUFType.Q8_0),
     GGUFType.Q4_K_M: MixRule(GGUFType.Q4_K, more_bits=GGUFType.Q6_K),
+    GGUFType.Q5_K_M: MixRule(GGUFType.Q5_K, more_bits=GGUFType.Q6_K),
+    GGUFType.Q6_K: MixRule(GGUFType.Q6_K),
 }
 
 
@@ -99,35 +123,46 @@ def linear_type(mix: GGUFType, role: str | None, layer: int, n_layers: int, in_f
     return FALLBACKS.get(qtype, qtype) if in_features % SUPER_BLOCK and qtype in K_GRIDS else qtype
 
 
-def choose(grid: KGrid, w: torch.Tensor, importance: torch.Tensor | None = None
+def choose(grid: BlockGrid, w: torch.Tensor, importance: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales s (R, K / group) and mins m (R, K / group) (None for Q6_K) of w (R, K), K a multiple of 256,
-    as the file stores them (exact float32 products d * sc, dmin * mn); importance (K,) or None."""
+    """Scales s (R, K / group) and mins m (R, K / group) (None on a symmetric grid) of w (R, K), K a multiple
+    of the grid's span, as they are stored (fp16, or exact float32 products d * sc, dmin * mn); importance
+    (K,) or None."""
     r, k = w.shape
-    if k % SUPER_BLOCK:
-        raise ValueError(f"{grid.gguf_type.value} needs rows of a multiple of {SUPER_BLOCK} weights, got {k}")
-    x, n_sub = w.float(), SUPER_BLOCK // grid.group
-    a = _weights(x, importance)  # (R, K)
+    if k % grid.span:
+        raise ValueError(f"{_name(grid)} needs rows of a multiple of {grid.span} weights, got {k}")
+    x, n_sub = w.float(), grid.span // grid.group
+    a = _weights(x, importance, grid.span)  # (R, K)
     if not grid.asymmetric:
         sub = torch.stack([searched_scale(x[i:i + 1], grid.bits, grid.group, a[i]) for i in range(r)]).squeeze(1)
         return _on_levels(sub, grid.levels, n_sub, signed=True), None  # sub: (R, K / group)
-    s, m = _fit_sub_blocks(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), 2 ** grid.bits - 1)
+    s, m = _fit_sub_blocks(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), 2 ** grid.bits - 1,
+                           clip_min=grid.levels is not None)
+    if grid.levels is None:
+        return s.half().float(), m.half().float()
     return _on_levels(s, grid.levels, n_sub), _on_levels(m, grid.levels, n_sub)
 
 
-def _weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """(R, K): importance * sqrt(sigma^2 + x^2), sigma^2 twice the mean square of x's super-block."""
+def _name(grid: BlockGrid) -> str:
+    return grid.gguf_type.value if grid.gguf_type else f"the {grid.bits}-bit asymmetric grid"
+
+
+def _weights(x: torch.Tensor, importance: torch.Tensor | None, span: int) -> torch.Tensor:
+    """(R, K): importance * sqrt(sigma^2 + x^2), sigma^2 twice the mean square of x's `span` columns."""
     r, k = x.shape
-    xs = x.reshape(r, -1, SUPER_BLOCK)
+    xs = x.reshape(r, -1, span)
     sigma2 = 2 * xs.pow(2).mean(-1, keepdim=True)  # (R, S, 1)
     a = torch.sqrt(sigma2 + xs * xs).reshape(r, k)
     return a if importance is None else a * importance.float().clamp(min=0).unsqueeze(0)
 
 
-def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sub-block of x (R, G, g), weights a, the scale s >= 0 and min m >= 0 (w ~ s q - m, q in [0, nmax])
-    with the least weighted error among llama.cpp's candidates, each refitted by least squares."""
-    lo = x.amin(-1, keepdim=True).clamp(max=0)  # (R, G, 1): the min is never above 0
+def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int, clip_min: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block of x (R, G, g), weights a, the scale s >= 0 and min m (w ~ s q - m, q in [0, nmax])
+    with the least weighted error among llama.cpp's candidates, each refitted by least squares; clip_min:
+    m >= 0 (the K-quants' unsigned mins: the offset -m never above 0)."""
+    lo = x.amin(-1, keepdim=True)  # (R, G, 1)
+    lo = lo.clamp(max=0) if clip_min else lo
     width = (x.amax(-1, keepdim=True) - lo).clamp(min=1e-30)  # (R, G, 1)
     inv = (nmax + torch.tensor(INV_STEPS, device=x.device)) / width  # (R, G, C)
     q = torch.round((x.unsqueeze(-1) - lo.unsqueeze(-1)) * inv.unsqueeze(-2)).clamp(0, nmax)  # (R, G, g, C)
@@ -138,7 +173,7 @@ def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int) -> tuple[torch.
     det = (sa * sqq - sq * sq).clamp(min=1e-30)
     s = (sa * sqx - sq * sx) / det  # (R, G, C): least squares of x ~ s q + b
     b = (sqq * sx - sq * sqx) / det
-    above = b > 0  # a positive offset is not a min: fit the scale alone with b = 0
+    above = b > 0 if clip_min else torch.zeros_like(b, dtype=torch.bool)  # clip_min: refit with b = 0
     s = torch.where(above, sqx / sqq.clamp(min=1e-30), s).clamp(min=0)
     b = torch.where(above, torch.zeros_like(b), b)
     err = (aw * (s.unsqueeze(-2) * q + b.unsqueeze(-2) - x.unsqueeze(-1)) ** 2).sum(-2)  # (R, G, C)
@@ -146,11 +181,14 @@ def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int) -> tuple[torch.
     return s.gather(-1, best).squeeze(-1), -b.gather(-1, best).squeeze(-1)
 
 
-def _on_levels(sub: torch.Tensor, levels: tuple[int, int], n_sub: int, signed: bool = False) -> torch.Tensor:
-    """sub (R, K / group) rounded to d * l per super-block of n_sub sub-scales: d fp16, l in `levels`; float32, exact.
+def _on_levels(sub: torch.Tensor, levels: tuple[int, int] | None, n_sub: int, signed: bool = False
+               ) -> torch.Tensor:
+    """sub (R, K / group) rounded to d * l per super-block of n_sub sub-scales (d fp16, l in `levels`), float32.
 
     Unsigned levels: the largest sub-scale maps to the top level. Signed: the sub-scale of largest
-    magnitude maps to the bottom level (-128), whatever its sign, as llama.cpp's Q6_K does."""
+    magnitude maps to the bottom level (-128), whatever its sign, as llama.cpp's Q6_K does. No levels: fp16."""
+    if levels is None:
+        return sub.half().float()
     r, n = sub.shape
     per = sub.reshape(r, n // n_sub, n_sub)  # (R, S, n_sub)
     if signed:
@@ -163,7 +201,7 @@ def _on_levels(sub: torch.Tensor, levels: tuple[int, int], n_sub: int, signed: b
     return (d * lv).reshape(r, n)
 
 
-def round_codes(grid: KGrid, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+def round_codes(grid: BlockGrid, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
     """Codes c (R, K) int8 in the grid's code range of w (R, K) on per-group scale / mins (R, K / group)."""
     r, k = w.shape
     s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
@@ -173,7 +211,7 @@ def round_codes(grid: KGrid, w: torch.Tensor, scale: torch.Tensor, mins: torch.T
     return (q - grid.offset).clamp(*grid.code_range).to(torch.int8)
 
 
-def values(grid: KGrid, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+def values(grid: BlockGrid, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
     """s * (c + offset) - m, float32 (R, K): what llama.cpp's dequantizer computes from the file."""
     s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
     w = s * (codes.float() + grid.offset)

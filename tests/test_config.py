@@ -114,9 +114,12 @@ def test_unknown_key_is_named():
         FairCalibConfig.from_dict({"bogus_field": 1})
 
 
-def test_not_built_capability_raises():
-    with pytest.raises(NotImplementedError, match="sym"):
+def test_asymmetric_needs_a_fixed_transform_and_no_gguf_type():
+    with pytest.raises(ValueError, match="sym=False needs transform 'none' or 'hadamard', got 'flatquant'"):
         FairCalibConfig(sym=False)
+    with pytest.raises(ValueError, match="sym=False with gguf_type"):
+        FairCalibConfig(sym=False, transform="none", gguf_type="Q4_0")
+    assert FairCalibConfig(sym=False, transform="none", group_size=32).sym is False
 
 
 def test_resolved_lengths():
@@ -202,7 +205,7 @@ def test_gguf_type_sets_the_target_grid_and_round_trips():
     (dict(gguf_type="Q8_0", a_bits=8), "a_bits=16"),
     (dict(gguf_type="Q4_0", transform="hadamard"), "transform='none'"),
     (dict(gguf_type="Q4_0", weight_grid="symmetric"), "weight_grid='search'"),
-    (dict(gguf_type="Q6_K"), "gguf_type must be one of ['Q4_0', 'Q8_0', 'Q4_K_M']"),
+    (dict(gguf_type="Q4_K"), "gguf_type must be one of ['Q4_0', 'Q8_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K']"),
     (dict(gguf_type="Q3_X"), "gguf_type"),
 ])
 def test_gguf_type_conflicts_are_refused_by_field(kwargs, named):

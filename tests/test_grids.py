@@ -11,7 +11,17 @@ import torch
 from optimum_fair.calib.gptq import gptq_quantize_k
 from optimum_fair.enums import GGUFType
 from optimum_fair.export.gguf_types import encode, layer_blocks, layer_type
-from optimum_fair.grids import K_GRIDS, choose, linear_type, round_codes, two_level, use_more_bits, values
+from optimum_fair.grids import (
+    GRIDS,
+    K_GRIDS,
+    asymmetric_grid,
+    choose,
+    linear_type,
+    round_codes,
+    two_level,
+    use_more_bits,
+    values,
+)
 from optimum_fair.nn import FairLinear
 
 T = gguf.GGMLQuantizationType
@@ -26,9 +36,9 @@ def _gguf(data: np.ndarray, qtype: GGUFType, shape) -> torch.Tensor:
     return torch.from_numpy(np.array(gguf.quants.dequantize(data, T[qtype.value]))).reshape(shape)
 
 
-@pytest.mark.parametrize("qtype", list(K_GRIDS))
-def test_k_codes_write_back_exactly_through_gguf(qtype):
-    grid, w = K_GRIDS[qtype], _weights()
+@pytest.mark.parametrize("qtype", list(GRIDS))
+def test_grid_codes_write_back_exactly_through_gguf(qtype):
+    grid, w = GRIDS[qtype], _weights()
     scale, mins = choose(grid, w)
     codes = round_codes(grid, w, scale, mins)
     lo, hi = grid.code_range
@@ -45,6 +55,16 @@ def test_q5_0_codes_write_back_exactly_and_match_gguf_quantizer():
     ref = _gguf(gguf.quants.quantize(w.numpy(), T.Q5_0), GGUFType.Q5_0, w.shape)
     assert raw == "Q5_0"
     assert ((ours - w) ** 2).sum() <= ((ref - w) ** 2).sum()  # searched scales: never worse than llama.cpp's own
+
+
+@pytest.mark.parametrize("qtype", [GGUFType.Q4_1, GGUFType.Q5_1])
+def test_q4_1_q5_1_search_is_no_worse_than_gguf_quantizer(qtype):
+    w = _weights(16, 256, seed=4)
+    ours = _gguf(encode(w, qtype)[0], qtype, w.shape)
+    ref = _gguf(gguf.quants.quantize(w.numpy(), T[qtype.value]), qtype, w.shape)
+    assert ((ours - w) ** 2).sum() <= ((ref - w) ** 2).sum()
+    grid = asymmetric_grid(GRIDS[qtype].bits, 32)
+    assert grid == GRIDS[qtype] and asymmetric_grid(4, 128).gguf_type is None
 
 
 def _q4_k_plain(w: torch.Tensor) -> torch.Tensor:
@@ -114,15 +134,15 @@ def test_asymmetric_fair_linear_reference_and_state_dict():
     scale, mins = choose(grid, w)
     codes = round_codes(grid, w, scale, mins)
     layer = FairLinear.from_codes(codes, scale, None, 4, 16, 32, dtype=torch.float16, mins=mins,
-                                  scale_dtype=torch.float32)
+                                  scale_dtype=torch.float32, grid=grid)
     assert torch.equal(layer.dequantized_weight(), values(grid, codes, scale, mins))
     assert layer.set_kernel("auto") is not None and layer.kernel == "reference"  # said why, not silently
     x = torch.randn(3, 256)
     assert torch.allclose(layer(x), x @ values(grid, codes, scale, mins).t(), atol=1e-5)
-    again = FairLinear(256, 8, False, 4, 16, 32, dtype=torch.float16, asymmetric=True, scale_dtype=torch.float32)
+    again = FairLinear(256, 8, False, 4, 16, 32, dtype=torch.float16, grid=grid, scale_dtype=torch.float32)
     again.load_state_dict(layer.state_dict())
     assert torch.equal(again.dequantized_weight(), layer.dequantized_weight())
-    assert layer_type(4, 32, True) is GGUFType.Q4_K and layer_type(6, 16, False) is GGUFType.Q6_K
+    assert layer_type(4, grid) is GGUFType.Q4_K and layer_type(4, None) is GGUFType.Q4_0
 
 
 def test_q4_k_m_rules_match_llama_quantize():

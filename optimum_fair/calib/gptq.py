@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import WeightGrid
-from ..grids import SUPER_BLOCK, KGrid, choose
+from ..grids import SUPER_BLOCK, BlockGrid, choose
 from ..ops import qmax, scale_candidates, weight_scale
 from .objective import expand_token_weights
 
@@ -166,10 +166,10 @@ def gptq_quantize(
     return codes.to(torch.int8), scale
 
 
-def gptq_quantize_k(W: torch.Tensor, H: torch.Tensor | None, grid: KGrid, damp: float = 0.01,
+def gptq_quantize_k(W: torch.Tensor, H: torch.Tensor | None, grid: BlockGrid, damp: float = 0.01,
                     act_order: bool = False, max_damp_tries: int = 4, factor: GPTQFactor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """GPTQ rounding of W (out, in) in a K-quant grid (`grids.KGrid`): codes (out, in) int8, scales and mins
+    """GPTQ rounding of W (out, in) in a K-quant grid (`grids.BlockGrid`): codes (out, in) int8, scales and mins
     (out, in / group) float32 (mins None for Q6_K), so that `grids.values` is Ŵ.
 
     Each super-block's scales and mins are searched (`grids.choose`, importance diag(H)) when the loop
@@ -303,7 +303,7 @@ def _column_loop(
     block_size: int,
     clip: torch.Tensor | float,
     scale_dtype: torch.dtype = torch.float32,
-    grid: WeightGrid | KGrid = WeightGrid.FULL,
+    grid: WeightGrid | BlockGrid = WeightGrid.FULL,
     importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ's column loop with lazy block updates, on columns already in processing order.
@@ -316,15 +316,15 @@ def _column_loop(
     are 0 except on an asymmetric K grid.
     """
     out_f, n_cols = W.shape
-    kgrid = grid if isinstance(grid, KGrid) else None
-    lo, hi = kgrid.code_range if kgrid else (-qmax(bits) - 1, qmax(bits))
-    g, offset = group_size, kgrid.offset if kgrid else 0
-    span = SUPER_BLOCK if kgrid else g  # columns whose scales are chosen together
+    block_grid = grid if isinstance(grid, BlockGrid) else None
+    lo, hi = block_grid.code_range if block_grid else (-qmax(bits) - 1, qmax(bits))
+    g, offset = group_size, block_grid.offset if block_grid else 0
+    span = block_grid.span if block_grid else g  # columns whose scales are chosen together
     if static is None:  # scales found in the loop: keep every span inside one block
         block_size = max(block_size // span, 1) * span
         scale, mins = torch.zeros(out_f, n_cols // g, device=W.device), torch.zeros(out_f, n_cols // g, device=W.device)
     else:
-        scale, mins = static if kgrid else (static, None)
+        scale, mins = static if block_grid else (static, None)
         mins = torch.zeros_like(scale) if mins is None else mins
     col_group = [0] * n_cols if g == -1 else [p // g for p in perm]  # original group of each column
     Q = torch.zeros_like(W)  # codes, processing order
@@ -337,8 +337,8 @@ def _column_loop(
             j = i1 + i
             if static is None and j % span == 0:
                 imp = None if importance is None else importance[j:j + span]  # (span,)
-                if kgrid:
-                    s_new, m_new = choose(kgrid, W1[:, i:i + span], imp)  # (out, span / g) each
+                if block_grid:
+                    s_new, m_new = choose(block_grid, W1[:, i:i + span], imp)  # (out, span / g) each
                     scale[:, j // g:(j + span) // g] = s_new
                     mins[:, j // g:(j + span) // g] = 0.0 if m_new is None else m_new
                 else:
@@ -352,7 +352,7 @@ def _column_loop(
             W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (out, count - i)
             Err1[:, i] = err1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, in - i2): lazy update of the later columns
-    return Q, scale, (mins if kgrid and kgrid.asymmetric else None)
+    return Q, scale, (mins if block_grid and block_grid.asymmetric else None)
 
 
 def _group_scale(W: torch.Tensor, Hinv: torch.Tensor, bits: int, clip: torch.Tensor | float, grid: WeightGrid,

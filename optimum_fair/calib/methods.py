@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import KronInit, Rounding, Transform, WeightGrid
-from ..grids import KGrid, choose, round_codes
+from ..grids import BlockGrid, choose, round_codes
 from ..ops import quantize_weight, weight_scale
 from .gptq import GPTQFactor, gptq_quantize, gptq_quantize_k
 
@@ -69,10 +69,10 @@ class RoundingMethod:
 
 
 def round_to_nearest(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float,
-                     grid: WeightGrid | KGrid, scale_dtype: torch.dtype, **_) -> Rounded:
+                     grid: WeightGrid | BlockGrid, scale_dtype: torch.dtype, **_) -> Rounded:
     """codes (out, d) int8, scale (out, n_groups) and mins (K grids) of W (out, d), each weight rounded on
     its own."""
-    if isinstance(grid, KGrid):
+    if isinstance(grid, BlockGrid):
         scale, mins = choose(grid, W)
         return round_codes(grid, W, scale, mins), scale, mins
     scale = weight_scale(W, bits, group_size, clip, grid, scale_dtype=scale_dtype)
@@ -81,14 +81,14 @@ def round_to_nearest(W: torch.Tensor, bits: int, group_size: int, clip: torch.Te
 
 
 def gptq_rounding(W: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float,
-                  grid: WeightGrid | KGrid, scale_dtype: torch.dtype, H: torch.Tensor | None = None,
+                  grid: WeightGrid | BlockGrid, scale_dtype: torch.dtype, H: torch.Tensor | None = None,
                   factor: GPTQFactor | None = None, damp: float = 0.01, act_order: bool = False,
                   block_size: int = 128) -> Rounded:
     """`gptq_quantize` (or `gptq_quantize_k` on a K grid) of W (out, d) with the Hessian H (d, d) of its
     inputs, or its shared `factor`."""
     if H is None and factor is None:
         raise ValueError("H is required for rounding='gptq' (or factor=gptq_factor(H))")
-    if isinstance(grid, KGrid):
+    if isinstance(grid, BlockGrid):
         return gptq_quantize_k(W, H, grid, damp, act_order, factor=factor)
     codes, scale = gptq_quantize(W, H, bits, group_size, damp=damp, act_order=act_order, block_size=block_size,
                                  clip=clip, scale_dtype=scale_dtype, factor=factor, grid=grid)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..enums import KronInit, Rounding, WeightGrid
-from ..grids import KGrid
+from ..grids import BlockGrid
 from ..ops import fake_quant_act, fake_quant_weight, kron_apply
 from .gptq import GPTQFactor
 from .methods import TransformMethod, rounding_method
@@ -239,12 +239,13 @@ class CalibLinear(nn.Module):
         codes, scale, mins = method.quantize(Wt, self.w_bits, self.group_size, clip, self.grid, scale_dtype, H=H,
                                              factor=factor, damp=damp, act_order=act_order, block_size=block_size)
         p = self.params
-        kgrid = isinstance(self.grid, KGrid)  # K-quant scales are fp16 x integer products: kept in float32
+        block_grid = isinstance(self.grid, BlockGrid)  # K-quant scales are fp16 x integer products: kept in float32
         return {
             "codes": codes,
             "scale": scale,
             "mins": mins,
-            "scale_dtype": torch.float32 if kgrid else None,
+            "scale_dtype": torch.float32 if block_grid else None,
+            "grid": self.grid if block_grid else None,
             "bias": None if self.bias is None else self.bias.clone(),
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,

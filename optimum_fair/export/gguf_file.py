@@ -65,7 +65,8 @@ def check_exportable(model: nn.Module, gguf_type: GGUFType | str | None = None) 
         qtype = _layer_type(module)
         if qtype is None:
             raise ValueError(f"{name}: no GGUF type holds its codes (w_bits={module.w_bits}, group_size="
-                             f"{module.group_size}{', asymmetric' if module.weight_min is not None else ''})")
+                             f"{module.group_size}{', asymmetric' if module.weight_min is not None else ''}; "
+                             "GGUF holds 4 / 5 / 8-bit symmetric or 4 / 5-bit asymmetric codes in groups of 32)")
         if mix is not None and mix.blocks not in FLOATS and qtype not in block_types(mix):
             raise ValueError(f"{name}: gguf_type={mix.blocks.value} stores its block linears as "
                              f"{sorted(t.value for t in block_types(mix))}, this layer's codes are {qtype.value} "
@@ -242,7 +243,7 @@ def _block_type(model: nn.Module, mix: Mix | None) -> GGUFType:
 
 
 def _layer_type(layer: FairLinear) -> GGUFType | None:
-    return layer_type(layer.w_bits, layer.group_size, layer.weight_min is not None)
+    return layer_type(layer.w_bits, layer.grid)
 
 
 def _float_type(gguf_name: str, tensor: torch.Tensor, mix: Mix | None) -> GGUFType:

@@ -32,7 +32,19 @@ import numpy as np
 import torch
 
 from ..enums import GGUFType
-from ..grids import BLOCK_BITS, FALLBACKS, K_GRIDS, MIX_RULES, SUPER_BLOCK, choose, round_codes, two_level, values
+from ..grids import (
+    BLOCK_BITS,
+    FALLBACKS,
+    GRIDS,
+    K_GRIDS,
+    MIX_RULES,
+    SUPER_BLOCK,
+    BlockGrid,
+    choose,
+    round_codes,
+    two_level,
+    values,
+)
 from ..ops import quantize_weight, searched_scale
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
@@ -40,7 +52,8 @@ QK_K = 256  # weights per K-quant super-block
 FLOATS = (GGUFType.F32, GGUFType.F16, GGUFType.BF16)
 FILE_TYPES = {GGUFType.F32: "ALL_F32", GGUFType.F16: "MOSTLY_F16", GGUFType.BF16: "MOSTLY_BF16",
               GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q5_0: "MOSTLY_Q5_0", GGUFType.Q8_0: "MOSTLY_Q8_0",
-              GGUFType.Q4_K_M: "MOSTLY_Q4_K_M", GGUFType.Q4_K: "MOSTLY_Q4_K_M", GGUFType.Q5_K: "MOSTLY_Q5_K_M",
+              GGUFType.Q4_1: "MOSTLY_Q4_1", GGUFType.Q5_1: "MOSTLY_Q5_1", GGUFType.Q4_K_M: "MOSTLY_Q4_K_M",
+              GGUFType.Q4_K: "MOSTLY_Q4_K_M", GGUFType.Q5_K_M: "MOSTLY_Q5_K_M", GGUFType.Q5_K: "MOSTLY_Q5_K_M",
               GGUFType.Q6_K: "MOSTLY_Q6_K"}  # general.file_type (LlamaFileType)
 
 
@@ -61,6 +74,8 @@ MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
     GGUFType.Q4_0: Mix(GGUFType.Q4_0, GGUFType.Q4_0, GGUFType.Q6_K, GGUFType.Q8_0),
     GGUFType.Q8_0: Mix(GGUFType.Q8_0, GGUFType.Q8_0, GGUFType.Q8_0, GGUFType.Q8_0),
     GGUFType.Q4_K_M: Mix(GGUFType.Q4_K_M, GGUFType.Q4_K, GGUFType.Q6_K, GGUFType.Q8_0),
+    GGUFType.Q5_K_M: Mix(GGUFType.Q5_K_M, GGUFType.Q5_K, GGUFType.Q6_K, GGUFType.Q8_0),
+    GGUFType.Q6_K: Mix(GGUFType.Q6_K, GGUFType.Q6_K, GGUFType.Q6_K, GGUFType.Q8_0),
 }
 
 
@@ -71,12 +86,11 @@ def block_types(mix: Mix) -> set[GGUFType]:
     return types | {FALLBACKS[t] for t in types if t in FALLBACKS}
 
 
-def layer_type(w_bits: int, group_size: int, asymmetric: bool) -> GGUFType | None:
-    """The GGUF type a calibrated layer's codes are in (None: no GGUF type holds them exactly)."""
-    if asymmetric:
-        return {4: GGUFType.Q4_K, 5: GGUFType.Q5_K}.get(w_bits) if group_size == 32 else None
-    if w_bits == 6:
-        return GGUFType.Q6_K if group_size == 16 else None
+def layer_type(w_bits: int, grid: BlockGrid | None) -> GGUFType | None:
+    """The GGUF type a calibrated layer's codes are in: its grid's (K-quants, Q4_1 / Q5_1), else the per-32
+    block type of its bits (None: no GGUF type holds them exactly)."""
+    if grid is not None:
+        return grid.gguf_type
     return {4: GGUFType.Q4_0, 5: GGUFType.Q5_0, 8: GGUFType.Q8_0}.get(w_bits)
 
 
@@ -85,7 +99,9 @@ def layer_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | 
     """The bytes (N, ...) of a calibrated layer's codes (N, K) int8, scales and mins in `qtype`."""
     if qtype in BLOCK_BITS:
         return q_blocks(codes, scale, group_size, BLOCK_BITS[qtype])
-    return _k_blocks(codes, scale, mins, qtype)
+    if qtype in K_GRIDS:
+        return _k_blocks(codes, scale, mins, qtype)
+    return _q1_blocks(codes, scale, mins, GRIDS[qtype].bits)
 
 
 def mix_for(gguf_type: GGUFType | str) -> Mix:
@@ -109,23 +125,30 @@ def encode(w: torch.Tensor, qtype: GGUFType) -> tuple[np.ndarray, str | None]:
     if qtype in BLOCK_BITS:
         codes, scale = _block_codes(w, qtype)
         return q_blocks(codes, scale, BLOCK, BLOCK_BITS[qtype]), qtype.value
-    if qtype in K_GRIDS:
-        scale, mins = choose(K_GRIDS[qtype], w)
-        return _k_blocks(round_codes(K_GRIDS[qtype], w, scale, mins), scale, mins, qtype), qtype.value
+    if qtype in GRIDS:
+        scale, mins = choose(GRIDS[qtype], w)
+        return layer_blocks(round_codes(GRIDS[qtype], w, scale, mins), scale, mins, GRIDS[qtype].group,
+                            qtype), qtype.value
     raise ValueError(f"cannot write a float tensor as {qtype.value}")
 
 
 def rounded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
-    """w (N, K) float as `qtype` stores it (a file type: its embedding's type), float32. `encode` writes these
-    values back exactly (block types: their own scale is among its candidates, with zero error)."""
+    """w (N, K) float as `qtype` stores it (a file type: its embedding's type), float32, such that `encode`
+    writes these values back exactly. Block types: their own scale is among the candidates, with zero
+    error. Grids with mins or two-level scales: rounding is repeated until it changes nothing (a search on
+    rounded values can pick a slightly different grid; here two or three passes, same error)."""
     qtype = MIXES[qtype].embedding if qtype in MIX_RULES else qtype
     w = w.detach().float()
-    if qtype in K_GRIDS:
-        grid = K_GRIDS[qtype]
+    if qtype not in GRIDS:
+        codes, scale = _block_codes(w, qtype)
+        return codes.float() * scale.repeat_interleave(BLOCK, dim=1)
+    grid = GRIDS[qtype]
+    for _ in range(8):
         scale, mins = choose(grid, w)
-        return values(grid, round_codes(grid, w, scale, mins), scale, mins)
-    codes, scale = _block_codes(w, qtype)
-    return codes.float() * scale.repeat_interleave(BLOCK, dim=1)
+        w, before = values(grid, round_codes(grid, w, scale, mins), scale, mins), w
+        if torch.equal(w, before):
+            break
+    return w
 
 
 def _block_codes(w: torch.Tensor, qtype: GGUFType) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +172,15 @@ def q_blocks(codes: torch.Tensor, scale: torch.Tensor, group_size: int, w_bits: 
     bits = (q.to(torch.int64) >> 4) << torch.arange(BLOCK)  # (N, B, 32): bit 4 of element j at bit j
     qh = bits.sum(-1).to(torch.int32).numpy().astype("<u4").view(np.uint8).reshape(n, k // BLOCK, 4)
     return np.concatenate([d, qh, qs.numpy()], axis=-1).reshape(n, -1)
+
+
+def _q1_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bits: int) -> np.ndarray:
+    """Q4_1 / Q5_1 bytes of codes (N, K) with per-32 fp16 scales and mins: fp16 d, fp16 m (the offset, -min),
+    then the codes q = c + 2^(b-1) as Q4_0 / Q5_0 lay them out."""
+    n, k = codes.shape
+    q_part = q_blocks(codes, scale, BLOCK, bits).reshape(n, k // BLOCK, -1)  # (N, B, 2 + ...): d, then codes
+    m = (-mins.float()).to(torch.float16).numpy().view(np.uint8).reshape(n, k // BLOCK, 2)
+    return np.concatenate([q_part[..., :2], m, q_part[..., 2:]], axis=-1).reshape(n, -1)
 
 
 def _k_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qtype: GGUFType) -> np.ndarray:
@@ -176,7 +208,7 @@ def _k_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | Non
         high = (q.reshape(n, s, 8, 32).to(torch.int64) >> 4) << torch.arange(8).reshape(1, 1, 8, 1)
         parts.append(high.sum(2).to(torch.uint8).numpy())  # (N, S, 32): bit i from sub-block i
     parts.append(qs.reshape(n, s, 128).numpy())
-    return np.concatenate(parts, axis=-1)
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
 def _pack_q6_k(q: torch.Tensor, levels: torch.Tensor, d: torch.Tensor) -> np.ndarray:

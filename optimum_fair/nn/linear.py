@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..enums import WeightGrid
+from ..grids import BlockGrid
 from ..ops import (
     dequantize_weight,
     fake_quant_act,
@@ -77,7 +78,7 @@ class FairLinear(nn.Module):
         act_clip: bool = False,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
-        asymmetric: bool = False,
+        grid: BlockGrid | None = None,
         scale_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -95,6 +96,8 @@ class FairLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features * row_bytes, dtype=code_dtype, device=device))
         scales = dict(dtype=scale_dtype or dtype, device=device)
         self.register_buffer("weight_scale", torch.ones(out_features, n_groups, **scales))
+        self.grid = grid  # the grid of mins / two-level scales (`optimum_fair.grids`), None: symmetric codes
+        asymmetric = grid is not None and grid.asymmetric
         self.register_buffer("weight_min", torch.zeros(out_features, n_groups, **scales) if asymmetric else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("transform_a", _eye(kron_dims[0], device) if kron_dims else None)
@@ -127,14 +130,18 @@ class FairLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
         mins: torch.Tensor | None = None,
         scale_dtype: torch.dtype | None = None,
+        grid: BlockGrid | None = None,
     ) -> FairLinear:
-        """Pack integer `codes` (out, in) with `scale` (out, n_groups), optional per-group `mins` (an
-        asymmetric grid) and optional transform parts; scales stored in `scale_dtype` (default `dtype`)."""
+        """Pack integer `codes` (out, in) with `scale` (out, n_groups), the grid they are in (None: symmetric;
+        an asymmetric one needs per-group `mins`) and optional transform parts; scales stored in
+        `scale_dtype` (default `dtype`)."""
+        if (mins is not None) != (grid is not None and grid.asymmetric):
+            raise ValueError("per-group mins go with an asymmetric grid, and only with one")
         out_f, in_f = codes.shape
         kron = (transform_a.shape[0], transform_b.shape[0]) if transform_a is not None else None
         layer = cls(in_f, out_f, bias is not None, w_bits, a_bits, group_size, kron_dims=kron,
                     smooth=input_scale is not None, act_clip=act_clip is not None, dtype=dtype,
-                    device=codes.device, asymmetric=mins is not None, scale_dtype=scale_dtype)
+                    device=codes.device, grid=grid, scale_dtype=scale_dtype)
         packed = pack_int4(codes) if w_bits == 4 else codes.to(torch.int8)  # (out, row_bytes)
         layer.weight.copy_(packed.reshape(-1))
         layer.weight_scale.copy_(scale)
@@ -271,8 +278,8 @@ class FairLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
                  f"w_bits={self.w_bits}", f"a_bits={self.a_bits}", f"group_size={self.group_size}"]
-        if self.weight_min is not None:
-            parts.append("asymmetric")
+        if self.grid is not None:
+            parts.append(f"grid={self.grid.gguf_type.value if self.grid.gguf_type else 'asymmetric'}")
         if self.transform_a is not None:
             parts.append(f"kron=({self.transform_a.shape[0]}, {self.transform_b.shape[0]})")
         parts.append(f"kernel={self.kernel}" + (" (packed)" if self.kernel_packed else ""))

@@ -234,7 +234,7 @@ def layer_format(config: FairCalibConfig) -> LayerFormat:
     fp16 scales, so the export is exact), else the model's dtype."""
     scale_dtype = torch.float16 if config.gguf_type is not None else None
     return LayerFormat(config.w_bits, config.a_bits, config.group_size, config.transform, config.weight_grid,
-                       scale_dtype, mix=config.gguf_type)
+                       scale_dtype, mix=config.gguf_type, sym=config.sym)
 
 
 def needs_calibration(config: FairCalibConfig) -> bool:

@@ -17,7 +17,7 @@ from ..arch import find_adapter
 from ..calib.methods import ROUNDINGS, TRANSFORMS, TransformMethod
 from ..calib.rotation import kron_factors
 from ..enums import GGUFType, Rounding, Transform, WeightGrid
-from ..grids import BLOCK_BITS, K_GRIDS, KGrid, linear_type
+from ..grids import BLOCK_BITS, GRIDS, BlockGrid, asymmetric_grid, linear_type
 from ..nn import FairLinear
 
 
@@ -32,7 +32,8 @@ class LayerFormat:
     weight_grid: WeightGrid
     scale_dtype: torch.dtype | None = None  # what the scales are rounded to (None: the linear's dtype)
     mix: GGUFType | None = None  # a GGUF file type: each linear's grid is the type its rules give it (`at`)
-    kgrid: KGrid | None = None  # a K-quant grid (two-level scales per 256 weights) instead of `weight_grid`
+    sym: bool = True  # False: per-group mins (`at` gives each linear its `grids.asymmetric_grid`)
+    block_grid: BlockGrid | None = None  # a grid with mins or two-level scales (`optimum_fair.grids`), else None
 
     @property
     def method(self) -> TransformMethod:
@@ -40,20 +41,27 @@ class LayerFormat:
         return TRANSFORMS[self.transform]
 
     @property
-    def grid(self) -> WeightGrid | KGrid:
+    def grid(self) -> WeightGrid | BlockGrid:
         """What the rounding searches in: the K-quant grid, else the weight grid."""
-        return self.kgrid or self.weight_grid
+        return self.block_grid or self.weight_grid
 
     def at(self, role: str | None, layer: int, n_layers: int, in_features: int) -> LayerFormat:
         """This format for one linear (a llama.cpp `role`, its block `layer` of `n_layers`, its input width):
-        under a GGUF mix, the grid of the type llama.cpp's rules give it (`grids.linear_type`); else itself."""
-        if self.mix is None:
+        under a GGUF mix, the grid of the type llama.cpp's rules give it (`grids.linear_type`); with
+        sym=False, the asymmetric grid of its groups (`grids.asymmetric_grid`); else itself."""
+        if self.block_grid is not None:
             return self
-        qtype = linear_type(self.mix, role, layer, n_layers, in_features)
-        if qtype in K_GRIDS:
-            k = K_GRIDS[qtype]
-            return replace(self, w_bits=k.bits, group_size=k.group, kgrid=k, scale_dtype=torch.float32, mix=None)
-        return replace(self, w_bits=BLOCK_BITS[qtype], group_size=32, kgrid=None, mix=None)
+        if self.mix is not None:
+            qtype = linear_type(self.mix, role, layer, n_layers, in_features)
+            if qtype not in GRIDS:
+                return replace(self, w_bits=BLOCK_BITS[qtype], group_size=32, mix=None)
+            grid = GRIDS[qtype]
+            return replace(self, w_bits=grid.bits, group_size=grid.group, block_grid=grid, scale_dtype=torch.float32,
+                           mix=None)
+        if self.sym:
+            return self
+        grid = asymmetric_grid(self.w_bits, in_features if self.group_size == -1 else self.group_size)
+        return replace(self, block_grid=grid, scale_dtype=torch.float32)
 
 
 def formats(model: nn.Module, fmt: LayerFormat, linears: dict[str, nn.Linear]) -> dict[str, LayerFormat]:
@@ -148,8 +156,8 @@ def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLin
         act_clip="act_clip" in stores,
         dtype=dtype,
         device=linear.weight.device,
-        asymmetric=fmt.kgrid is not None and fmt.kgrid.asymmetric,
-        scale_dtype=fmt.scale_dtype if fmt.kgrid is not None else None,
+        grid=fmt.block_grid,
+        scale_dtype=fmt.scale_dtype if fmt.block_grid is not None else None,
     )
 
 
@@ -180,11 +188,11 @@ def convert_rtn(model: nn.Module, linears: dict[str, nn.Linear], fmt: LayerForma
 
 def round_linear(linear: nn.Linear, fmt: LayerFormat) -> FairLinear:
     """`linear` rounded to nearest in its format (a K-quant grid through its search, `grids.choose`)."""
-    if fmt.kgrid is None:
+    if fmt.block_grid is None:
         return FairLinear.from_linear(linear, fmt.w_bits, fmt.a_bits, fmt.group_size, fmt.weight_grid,
                                       fmt.scale_dtype)
     codes, scale, mins = ROUNDINGS[Rounding.RTN].quantize(linear.weight.detach().float(), fmt.w_bits,
-                                                          fmt.group_size, 1.0, fmt.kgrid, torch.float32)
+                                                          fmt.group_size, 1.0, fmt.block_grid, torch.float32)
     bias = None if linear.bias is None else linear.bias.detach()
     return FairLinear.from_codes(codes, scale, bias, fmt.w_bits, fmt.a_bits, fmt.group_size,
-                                 dtype=linear.weight.dtype, mins=mins, scale_dtype=torch.float32)
+                                 dtype=linear.weight.dtype, mins=mins, scale_dtype=torch.float32, grid=fmt.block_grid)

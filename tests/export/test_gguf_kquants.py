@@ -1,6 +1,6 @@
-"""Calibrating for llama.cpp's Q4_K_M mix and writing it (issue 31): each block linear in the type llama-quantize
-gives it (Q4_K, Q6_K, and the Q5_0 / Q8_0 fallbacks of 704-wide rows), read back exactly by `gguf`'s own
-dequantizer, and a saved checkpoint reloading into the same per-layer grids."""
+"""Calibrating for llama.cpp's K-quant mixes and writing them (issue 31): each block linear in the type
+llama-quantize gives it (Q4_K / Q5_K / Q6_K, and the Q5_0 / Q5_1 / Q8_0 fallbacks of 704-wide rows), read back
+exactly by `gguf`'s own dequantizer, and a saved checkpoint reloading into the same per-layer grids."""
 
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ from optimum_fair.export.gguf_file import rotary_permute
 from optimum_fair.nn import FairLinear
 
 T = gguf.GGMLQuantizationType
-# what llama-quantize Q4_K_M wrote for the shipped model (llama.cpp from llama-cpp-python 0.3.36)
-LLAMA_Q4_K_M = {"attn_v": ["Q4_K", "Q4_K", "Q6_K", "Q6_K"], "ffn_down": ["Q5_0", "Q5_0", "Q8_0", "Q8_0"]}
+# what llama-quantize wrote for the shipped model (llama.cpp from llama-cpp-python 0.3.36): the embedding,
+# the other block linears, attn_v and ffn_down per layer
+LLAMA = {
+    "Q4_K_M": ("Q4_K", "Q4_K", ["Q4_K", "Q4_K", "Q6_K", "Q6_K"], ["Q5_0", "Q5_0", "Q8_0", "Q8_0"]),
+    "Q5_K_M": ("Q5_K", "Q5_K", ["Q5_K", "Q5_K", "Q6_K", "Q6_K"], ["Q5_1", "Q5_1", "Q8_0", "Q8_0"]),
+    "Q6_K": ("Q6_K", "Q6_K", ["Q6_K"] * 4, ["Q8_0"] * 4),
+}
 NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "attn_out": "attn_output",
          "ff_proj": "ffn_gate", "up_proj": "ffn_up", "ff_out": "ffn_down"}
 
@@ -28,28 +33,36 @@ def q4_k_m():
     return AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
 
 
-def test_q4_k_m_file_has_llama_quantizes_layout_and_our_codes_exactly(q4_k_m, tmp_path):
+@pytest.mark.parametrize("mix", list(LLAMA))
+def test_mix_file_has_llama_quantizes_layout_and_our_codes_exactly(mix, q4_k_m, tmp_path):
     tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
-    path = export(q4_k_m, tmp_path / "m.gguf", "gguf", tokenizer=tok, gguf_type="Q4_K_M")
+    model = q4_k_m if mix == "Q4_K_M" else AutoModel.from_pretrained(  # RTN: no data needed
+        optimum_fair.DEFAULT_MODEL, dtype=torch.float32,
+        quantization_config=FairCalibConfig(gguf_type=mix, rounding="rtn", weighting="uniform"))
+    path = export(model, tmp_path / "m.gguf", "gguf", tokenizer=tok, gguf_type=mix)
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
-    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
-    assert tensors["token_embd.weight"].tensor_type is T.Q4_K and tensors["output.weight"].tensor_type is T.Q6_K
-    heads = q4_k_m.config.n_heads
-    for name, layer in q4_k_m.named_modules():
+    assert reader.fields["general.file_type"].contents() == getattr(gguf.LlamaFileType, f"MOSTLY_{mix}")
+    embedding, base, attn_v, ffn_down = LLAMA[mix]
+    assert tensors["token_embd.weight"].tensor_type.name == embedding
+    assert tensors["output.weight"].tensor_type is T.Q6_K
+    assert [int(n) for n in tensors["token_embd.weight"].shape] == [256, 1024]
+    heads = model.config.n_heads
+    for name, layer in model.named_modules():
         if not isinstance(layer, FairLinear):
             continue
         index, leaf = int(name.split(".")[3]), name.rsplit(".", 1)[1]
         t = tensors[f"blk.{index}.{NAMES[leaf]}.weight"]
-        want = LLAMA_Q4_K_M.get(NAMES[leaf], ["Q4_K"] * 4)[index]
+        want = {"attn_v": attn_v[index], "ffn_down": ffn_down[index]}.get(NAMES[leaf], base)
         assert t.tensor_type.name == want, name
+        assert [int(n) for n in t.shape] == [layer.in_features, layer.out_features], name  # 2-D, as llama.cpp reads
         ours = layer.dequantized_weight().float()
         if leaf in ("q_proj", "k_proj"):
             ours = rotary_permute(ours, heads)
         back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(ours.shape)
         assert torch.equal(back, ours), name
-    emb = q4_k_m.get_input_embeddings().weight.float()  # rounded to Q4_K before calibration
-    back = gguf.quants.dequantize(tensors["token_embd.weight"].data, T.Q4_K)
+    emb = model.get_input_embeddings().weight.float()  # rounded to the mix's type before calibration
+    back = gguf.quants.dequantize(tensors["token_embd.weight"].data, T[embedding])
     assert torch.equal(torch.from_numpy(back).reshape(emb.shape), emb)
 
 

@@ -178,3 +178,20 @@ def test_llama_cpp_reads_the_mixes(llama_cpp, q4_0, gguf_type, tmp_path):
         ours = ours_model(torch.tensor([ids])).logits[0]
     assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()  # llama.cpp's own activation rounding
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q5_K_M"])
+def test_llama_cpp_reads_our_k_quant_mixes(llama_cpp, gguf_type, tmp_path):
+    # every block linear in the type llama-quantize gives it (K-quants with mins, Q6_K, Q5_0 / Q5_1 / Q8_0)
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    config = FairCalibConfig(gguf_type=gguf_type, rounding="rtn", weighting="uniform")
+    model = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
+    gguf_path = export(model, tmp_path / f"{gguf_type}.gguf", "gguf", tokenizer=tok, gguf_type=gguf_type)
+    ids = [tok.bos_token_id, *tok("The history of the city begins with", add_special_tokens=False).input_ids]
+    ids += [tok.mask_token_id] * 16
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
+    ours_model = _with_gguf_ends(model.eval(), gguf_path)
+    with torch.no_grad(), reference_kernels(ours_model):
+        ours = ours_model(torch.tensor([ids])).logits[0]
+    assert (theirs - ours).abs().max() <= 0.03 * ours.abs().max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
