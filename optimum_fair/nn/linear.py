@@ -199,6 +199,18 @@ class FairLinear(nn.Module):
                               2 ** (self.w_bits - 1))
         return w.to(self.weight_scale.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as any module, except that a grid's scales and mins stay float32 (fp16 x integer
+        products that a cast to the model's fp16 / bf16 would round, and the GGUF file could not hold)."""
+        kept = {n: getattr(self, n) for n in ("weight_scale", "weight_min")
+                if self.grid is not None and getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(device=after.device))
+        return self
+
     def set_kernel(self, kernel: str = "auto", packed: bool = False) -> str | None:
         """Compute with `kernel` ("auto", "reference", "int8_mm", "int4_weight") from now on.
 
