@@ -120,7 +120,9 @@ def build_card(model: Any, metrics: dict[str, Any] | None = None, base_model: st
         parts.append(EVIDENCE)
     if has_prior:
         parts.append(f"## Files\n\n`{PRIOR_DIR}/` holds the Stage I position prior (`prior.safetensors`, "
-                     "`prior.json` with its decode settings); reuse it with `FairCalibConfig(prior=...)`.\n")
+                     "`prior.json` with its decode settings); reuse it with `FairCalibConfig(prior=...)`. The "
+                     "weights carry the same prior (`fair_prior.*` tensors), so "
+                     "`optimum_fair.calibration_result(model).prior` holds it after loading.\n")
     parts.append(_usage_section(repo_id or REPO_PLACEHOLDER))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts))
 
