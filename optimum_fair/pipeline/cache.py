@@ -108,7 +108,7 @@ class BlockCache:
         names = [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")]  # its FairLinears
         linears = {name: block.get_submodule(name) for name in names}
         for name, fmt in self.formats(index, linears).items():
-            dtype = state[f"{name}.weight_scale"].dtype if fmt.kgrid is None else linears[name].weight.dtype
+            dtype = state[f"{name}.weight_scale"].dtype if fmt.block_grid is None else linears[name].weight.dtype
             set_module(block, name, skeleton(linears[name], fmt, dtype).to(device))
         block.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 
