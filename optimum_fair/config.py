@@ -41,7 +41,8 @@ CONFIG_VERSION = 2
 
 #: The GGUF types calibration rounds in: (w_bits, weights per scale). The others are written by the export.
 GGUF_GRIDS = {GGUFType.Q4_0: (4, 32), GGUFType.Q8_0: (8, 32),  # a mix (K types): its base type's
-              GGUFType.Q4_K_M: (4, 32), GGUFType.Q5_K_M: (5, 32), GGUFType.Q6_K: (6, 16)}
+              GGUFType.Q4_K_M: (4, 32), GGUFType.Q5_K_M: (5, 32), GGUFType.Q6_K: (6, 16),
+              GGUFType.IQ4_NL: (4, 32), GGUFType.IQ4_XS: (4, 32)}
 
 
 _ENUM_FIELDS = {
@@ -83,9 +84,9 @@ class FairCalibConfig(QuantizationConfigMixin):
             group's (signed) scale is the one of least round-off weighted by the Hessian diagonal (GPTQ)
             among llama.cpp's candidates (`ops.searched_scale`); what `gguf_type` uses.
         gguf_type: calibrate in the exact grid of this GGUF file type ("Q4_0", "Q8_0", or llama.cpp's K-quant
-            mixes "Q4_K_M", "Q5_K_M", "Q6_K": each block linear in the type llama-quantize gives it, with its
+            mixes "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS": each block linear in the type llama-quantize gives it, with its
             fallbacks for widths not a multiple of 256), so that `export(..., "gguf")` writes the codes as
-            they are: sets w_bits (the base type's: 4 / 8 / 4 / 5 / 6), group_size (32; 16 for Q6_K),
+            they are: sets w_bits (the base type's: 4 / 8 / 4 / 5 / 6 / 4 / 4), group_size (32; 16 for Q6_K),
             weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
             quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of
             those fields other than their defaults and the type's own are refused. None (default): no

@@ -61,6 +61,8 @@ class GGUFType(str, Enum):
     Q4_K = "Q4_K"  # super-blocks of 256: fp16 d / dmin, 8 six-bit scales and mins, 4-bit codes in [0, 15]
     Q5_K = "Q5_K"  # as Q4_K with 5-bit codes in [0, 31]
     Q6_K = "Q6_K"  # super-blocks of 256: fp16 scale, 16 int8 sub-scales, 6-bit codes in [-32, 31]
+    IQ4_NL = "IQ4_NL"  # blocks of 32: fp16 scale, 4-bit indices into llama.cpp's non-uniform levels
+    IQ4_XS = "IQ4_XS"  # super-blocks of 256: fp16 d, 8 six-bit scales, IQ4_NL's indices
     Q4_K_M = "Q4_K_M"  # llama.cpp's file types that mix tensor types (`grids.MIX_RULES`)
     Q5_K_M = "Q5_K_M"
 

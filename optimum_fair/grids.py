@@ -31,8 +31,9 @@ import torch
 from .enums import GGUFType
 from .ops import searched_scale
 
-__all__ = ["BLOCK_BITS", "FALLBACKS", "GRIDS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "BlockGrid", "MixRule",
-           "asymmetric_grid", "choose", "linear_type", "round_codes", "two_level", "use_more_bits", "values"]
+__all__ = ["BLOCK_BITS", "FALLBACKS", "GRIDS", "IQ4_LEVELS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "BlockGrid",
+           "MixRule", "asymmetric_grid", "choose", "level", "linear_type", "nearest", "round_codes", "two_level",
+           "use_more_bits", "values"]
 
 SUPER_BLOCK = 256  # QK_K: weights per K-quant super-block
 INV_STEPS = tuple(-1.0 + 0.1 * k for k in range(21))  # llama.cpp's Q4_K / Q5_K search: rmin -1, rdelta 0.1, 20 steps
@@ -49,6 +50,7 @@ class BlockGrid:
     group: int
     levels: tuple[int, int] | None
     asymmetric: bool
+    table: tuple[int, ...] | None = None  # a codebook: code c stands for table[c + 2^(b-1)] (IQ4), not c
 
     @property
     def span(self) -> int:
@@ -69,10 +71,15 @@ K_GRIDS = {
     GGUFType.Q5_K: BlockGrid(GGUFType.Q5_K, 5, 32, (0, 63), asymmetric=True),
     GGUFType.Q6_K: BlockGrid(GGUFType.Q6_K, 6, 16, (-128, 127), asymmetric=False),
 }
+#: llama.cpp's non-uniform 4-bit levels (kvalues_iq4nl): IQ4_NL and IQ4_XS store indices into them.
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 #: Every grid calibration can round in by GGUF type (the per-32 symmetric types use `ops.searched_scale`).
 GRIDS = K_GRIDS | {
     GGUFType.Q4_1: BlockGrid(GGUFType.Q4_1, 4, 32, None, asymmetric=True),
     GGUFType.Q5_1: BlockGrid(GGUFType.Q5_1, 5, 32, None, asymmetric=True),
+    GGUFType.IQ4_NL: BlockGrid(GGUFType.IQ4_NL, 4, 32, None, asymmetric=False, table=IQ4_LEVELS),
+    GGUFType.IQ4_XS: BlockGrid(GGUFType.IQ4_XS, 4, 32, (-32, 31), asymmetric=False, table=IQ4_LEVELS),
 }
 
 
@@ -87,7 +94,8 @@ def asymmetric_grid(bits: int, group: int) -> BlockGrid:
 BLOCK_BITS = {GGUFType.Q4_0: 4, GGUFType.Q5_0: 5, GGUFType.Q8_0: 8}
 
 #: What llama.cpp writes instead when a row is not a multiple of 256 weights (llama-quant.cpp).
-FALLBACKS = {GGUFType.Q4_K: GGUFType.Q5_0, GGUFType.Q5_K: GGUFType.Q5_1, GGUFType.Q6_K: GGUFType.Q8_0}
+FALLBACKS = {GGUFType.Q4_K: GGUFType.Q5_0, GGUFType.Q5_K: GGUFType.Q5_1, GGUFType.Q6_K: GGUFType.Q8_0,
+             GGUFType.IQ4_XS: GGUFType.IQ4_NL}
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,8 @@ MIX_RULES = {
     GGUFType.Q4_K_M: MixRule(GGUFType.Q4_K, more_bits=GGUFType.Q6_K),
     GGUFType.Q5_K_M: MixRule(GGUFType.Q5_K, more_bits=GGUFType.Q6_K),
     GGUFType.Q6_K: MixRule(GGUFType.Q6_K),
+    GGUFType.IQ4_NL: MixRule(GGUFType.IQ4_NL),
+    GGUFType.IQ4_XS: MixRule(GGUFType.IQ4_XS),
 }
 
 
@@ -120,7 +130,8 @@ def linear_type(mix: GGUFType, role: str | None, layer: int, n_layers: int, in_f
     rule = MIX_RULES[mix]
     qtype = rule.more_bits if rule.more_bits and role in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers) \
         else rule.base
-    return FALLBACKS.get(qtype, qtype) if in_features % SUPER_BLOCK and qtype in K_GRIDS else qtype
+    super_block = qtype in GRIDS and GRIDS[qtype].levels is not None
+    return FALLBACKS.get(qtype, qtype) if in_features % SUPER_BLOCK and super_block else qtype
 
 
 def choose(grid: BlockGrid, w: torch.Tensor, importance: torch.Tensor | None = None
@@ -133,9 +144,12 @@ def choose(grid: BlockGrid, w: torch.Tensor, importance: torch.Tensor | None = N
         raise ValueError(f"{_name(grid)} needs rows of a multiple of {grid.span} weights, got {k}")
     x, n_sub = w.float(), grid.span // grid.group
     a = _weights(x, importance, grid.span)  # (R, K)
+    if grid.table:
+        sub = _table_scales(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), grid.table)
+        return _on_levels(sub, grid.levels, n_sub, signed=True), None  # sub: (R, K / group)
     if not grid.asymmetric:
         sub = torch.stack([searched_scale(x[i:i + 1], grid.bits, grid.group, a[i]) for i in range(r)]).squeeze(1)
-        return _on_levels(sub, grid.levels, n_sub, signed=True), None  # sub: (R, K / group)
+        return _on_levels(sub, grid.levels, n_sub, signed=True), None
     s, m = _fit_sub_blocks(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), 2 ** grid.bits - 1,
                            clip_min=grid.levels is not None)
     if grid.levels is None:
@@ -181,6 +195,23 @@ def _fit_sub_blocks(x: torch.Tensor, a: torch.Tensor, nmax: int, clip_min: bool 
     return s.gather(-1, best).squeeze(-1), -b.gather(-1, best).squeeze(-1)
 
 
+def _table_scales(x: torch.Tensor, a: torch.Tensor, table: tuple[int, ...]) -> torch.Tensor:
+    """Per group of x (R, G, g), weights a, the scale of least weighted error on a codebook grid, as llama.cpp's
+    IQ4 search: the signed extreme mapped to table[0] + k (k = -7..7) or to -table[0], each refitted by least
+    squares on the indices it gives; (R, G)."""
+    t = torch.tensor(table, dtype=torch.float32, device=x.device)
+    ref = x.gather(-1, x.abs().argmax(-1, keepdim=True))  # (R, G, 1)
+    targets = torch.cat([t[0] + torch.arange(-7, 8, device=x.device), -t[:1]])  # (C,)
+    cand = (ref / targets).unsqueeze(-2)  # (R, G, 1, C)
+    safe = torch.where(cand == 0, torch.ones_like(cand), cand)
+    q = t[torch.bucketize(x.unsqueeze(-1) / safe, (t[1:] + t[:-1]) / 2)]  # (R, G, g, C): nearest levels
+    aw = a.unsqueeze(-1)
+    sqx, sqq = (aw * q * x.unsqueeze(-1)).sum(-2), (aw * q * q).sum(-2)  # (R, G, C)
+    score = sqx * sqx / sqq.clamp(min=1e-30)  # the error each refit removes: the largest wins
+    best = score.argmax(-1, keepdim=True)
+    return (sqx / sqq.clamp(min=1e-30)).gather(-1, best).squeeze(-1)
+
+
 def _on_levels(sub: torch.Tensor, levels: tuple[int, int] | None, n_sub: int, signed: bool = False
                ) -> torch.Tensor:
     """sub (R, K / group) rounded to d * l per super-block of n_sub sub-scales (d fp16, l in `levels`), float32.
@@ -201,21 +232,36 @@ def _on_levels(sub: torch.Tensor, levels: tuple[int, int] | None, n_sub: int, si
     return (d * lv).reshape(r, n)
 
 
+def nearest(grid: BlockGrid, w: torch.Tensor, s: torch.Tensor, m: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The code (float, in the grid's code range) nearest to each w, for scale s and min m (broadcast)."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    y = (w.float() + m) / safe
+    if grid.table:
+        t = torch.tensor(grid.table, dtype=torch.float32, device=w.device)
+        return (torch.bucketize(y, (t[1:] + t[:-1]) / 2) - 2 ** (grid.bits - 1)).float()
+    return (torch.round(y) - grid.offset).clamp(*grid.code_range)
+
+
+def level(grid: BlockGrid, codes: torch.Tensor) -> torch.Tensor:
+    """What a code stands for, float32: c + offset, or the codebook's value."""
+    if grid.table:
+        t = torch.tensor(grid.table, dtype=torch.float32, device=codes.device)
+        return t[codes.long() + 2 ** (grid.bits - 1)]
+    return codes.float() + grid.offset
+
+
 def round_codes(grid: BlockGrid, w: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
     """Codes c (R, K) int8 in the grid's code range of w (R, K) on per-group scale / mins (R, K / group)."""
-    r, k = w.shape
     s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
     m = 0.0 if mins is None else mins.float().repeat_interleave(grid.group, dim=1)
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.where(s == 0, torch.zeros_like(s), torch.round((w.float() + m) / safe))
-    return (q - grid.offset).clamp(*grid.code_range).to(torch.int8)
+    return nearest(grid, w, s, m).to(torch.int8)
 
 
 def values(grid: BlockGrid, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-    """s * (c + offset) - m, float32 (R, K): what llama.cpp's dequantizer computes from the file."""
-    s = scale.float().repeat_interleave(grid.group, dim=1)  # (R, K)
-    w = s * (codes.float() + grid.offset)
-    return w if mins is None else w - mins.float().repeat_interleave(grid.group, dim=1)
+    """s * level(c) - m, float32 (R, K): what llama.cpp's dequantizer computes from the file."""
+    g = codes.shape[1] // scale.shape[1]  # the grid's group, or the whole row
+    w = scale.float().repeat_interleave(g, dim=1) * level(grid, codes)
+    return w if mins is None else w - mins.float().repeat_interleave(g, dim=1)
 
 
 def two_level(sub: torch.Tensor, levels: tuple[int, int], n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,15 +161,11 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size:
     return q.reshape(w.shape).to(torch.int8)
 
 
-def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group_size: int = -1,
-                      mins: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """codes * scale, float32 (out, in); with per-group `mins` (an asymmetric grid, K-quants):
-    scale * (codes + offset) - mins."""
-    # codes: (out, in) int8; scale, mins: (out, n_groups)
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group_size: int = -1) -> torch.Tensor:
+    """codes * scale, float32 (out, in)."""
+    # codes: (out, in) int8; scale: (out, n_groups)
     cg = _grouped(codes.float(), group_size)
-    if mins is None:
-        return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
-    return ((cg + offset) * scale.float().unsqueeze(-1) - mins.float().unsqueeze(-1)).reshape(codes.shape)
+    return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
 
 
 def fake_quant_weight(

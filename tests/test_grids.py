@@ -67,6 +67,20 @@ def test_q4_1_q5_1_search_is_no_worse_than_gguf_quantizer(qtype):
     assert grid == GRIDS[qtype] and asymmetric_grid(4, 128).gguf_type is None
 
 
+def test_iq4_nl_search_beats_plain_codebook_rounding():
+    grid, w = GRIDS[GGUFType.IQ4_NL], _weights(8, 256, seed=5)
+    scale, _ = choose(grid, w)
+    ours = values(grid, round_codes(grid, w, scale, None), scale, None)
+    levels = torch.tensor(grid.table, dtype=torch.float32)
+    plain = torch.empty_like(w)  # llama.cpp's first guess: the largest magnitude on the level 127, nearest levels
+    for r in range(w.shape[0]):
+        for b in range(0, 256, 32):
+            x = w[r, b:b + 32]
+            d = float(torch.tensor(float(x.abs().max()) / 127).half())
+            plain[r, b:b + 32] = d * levels[(x.unsqueeze(1) / d - levels).abs().argmin(1)]
+    assert ((ours - w) ** 2).sum() < 0.9 * ((plain - w) ** 2).sum()
+
+
 def _q4_k_plain(w: torch.Tensor) -> torch.Tensor:
     """Q4_K without search, by plain loops: each 32-block's scale (max - min) / 15 and min -min(min, 0),
     both rounded to 6 bits against the super-block's largest (llama.cpp's reference without the search)."""

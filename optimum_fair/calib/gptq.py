@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..enums import WeightGrid
-from ..grids import SUPER_BLOCK, BlockGrid, choose
+from ..grids import SUPER_BLOCK, BlockGrid, choose, level, nearest
 from ..ops import qmax, scale_candidates, weight_scale
 from .objective import expand_token_weights
 
@@ -312,13 +312,12 @@ def _column_loop(
     perm[j]: original index of processed column j; importance: (in,) diag(H), permuted (the searched grids
     weigh round-off by it); static: scales (out, n_groups), or (scales, mins) on a K grid, fixed up front.
     Returns codes (out, in) as float in processing order and the scales and mins (out, n_groups) indexed
-    by original group (mins None on symmetric grids). A weight is s * (code + offset) - m: offset and m
-    are 0 except on an asymmetric K grid.
+    by original group (mins None on symmetric grids). On a block grid a weight is s * level(code) - m
+    (`grids.level`: code + offset, or a codebook value).
     """
     out_f, n_cols = W.shape
     block_grid = grid if isinstance(grid, BlockGrid) else None
-    lo, hi = block_grid.code_range if block_grid else (-qmax(bits) - 1, qmax(bits))
-    g, offset = group_size, block_grid.offset if block_grid else 0
+    lo, hi, g = -qmax(bits) - 1, qmax(bits), group_size
     span = block_grid.span if block_grid else g  # columns whose scales are chosen together
     if static is None:  # scales found in the loop: keep every span inside one block
         block_size = max(block_size // span, 1) * span
@@ -346,9 +345,14 @@ def _column_loop(
                                                     imp, scale_dtype)
             s, m = scale[:, col_group[j]], mins[:, col_group[j]]  # (out,)
             w = W1[:, i]  # (out,)
-            q = (torch.round((w + m) / torch.where(s == 0, torch.ones_like(s), s)) - offset).clamp(lo, hi)
+            if block_grid:
+                q = nearest(block_grid, w, s, m)
+                value = s * level(block_grid, q) - m
+            else:
+                q = torch.round(w / s).clamp(lo, hi)
+                value = q * s
             Q[:, j] = q
-            err1 = (w - (q + offset) * s + m) / Hinv1[i, i]  # (out,)
+            err1 = (w - value) / Hinv1[i, i]  # (out,)
             W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (out, count - i)
             Err1[:, i] = err1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # (out, in - i2): lazy update of the later columns

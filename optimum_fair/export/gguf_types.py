@@ -54,7 +54,8 @@ FILE_TYPES = {GGUFType.F32: "ALL_F32", GGUFType.F16: "MOSTLY_F16", GGUFType.BF16
               GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q5_0: "MOSTLY_Q5_0", GGUFType.Q8_0: "MOSTLY_Q8_0",
               GGUFType.Q4_1: "MOSTLY_Q4_1", GGUFType.Q5_1: "MOSTLY_Q5_1", GGUFType.Q4_K_M: "MOSTLY_Q4_K_M",
               GGUFType.Q4_K: "MOSTLY_Q4_K_M", GGUFType.Q5_K_M: "MOSTLY_Q5_K_M", GGUFType.Q5_K: "MOSTLY_Q5_K_M",
-              GGUFType.Q6_K: "MOSTLY_Q6_K"}  # general.file_type (LlamaFileType)
+              GGUFType.Q6_K: "MOSTLY_Q6_K", GGUFType.IQ4_NL: "MOSTLY_IQ4_NL",
+              GGUFType.IQ4_XS: "MOSTLY_IQ4_XS"}  # general.file_type (LlamaFileType)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
     GGUFType.Q4_K_M: Mix(GGUFType.Q4_K_M, GGUFType.Q4_K, GGUFType.Q6_K, GGUFType.Q8_0),
     GGUFType.Q5_K_M: Mix(GGUFType.Q5_K_M, GGUFType.Q5_K, GGUFType.Q6_K, GGUFType.Q8_0),
     GGUFType.Q6_K: Mix(GGUFType.Q6_K, GGUFType.Q6_K, GGUFType.Q6_K, GGUFType.Q8_0),
+    GGUFType.IQ4_NL: Mix(GGUFType.IQ4_NL, GGUFType.IQ4_NL, GGUFType.Q6_K, GGUFType.Q8_0),
+    GGUFType.IQ4_XS: Mix(GGUFType.IQ4_XS, GGUFType.IQ4_XS, GGUFType.Q6_K, GGUFType.Q8_0),
 }
 
 
@@ -97,8 +100,10 @@ def layer_type(w_bits: int, grid: BlockGrid | None) -> GGUFType | None:
 def layer_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group_size: int,
                  qtype: GGUFType) -> np.ndarray:
     """The bytes (N, ...) of a calibrated layer's codes (N, K) int8, scales and mins in `qtype`."""
-    if qtype in BLOCK_BITS:
-        return q_blocks(codes, scale, group_size, BLOCK_BITS[qtype])
+    if qtype in BLOCK_BITS or qtype is GGUFType.IQ4_NL:  # IQ4_NL: Q4_0's bytes, the nibbles index levels
+        return q_blocks(codes, scale, group_size, GRIDS[qtype].bits if qtype in GRIDS else BLOCK_BITS[qtype])
+    if qtype is GGUFType.IQ4_XS:
+        return _iq4_xs_blocks(codes, scale)
     if qtype in K_GRIDS:
         return _k_blocks(codes, scale, mins, qtype)
     return _q1_blocks(codes, scale, mins, GRIDS[qtype].bits)
@@ -181,6 +186,20 @@ def _q1_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, bit
     q_part = q_blocks(codes, scale, BLOCK, bits).reshape(n, k // BLOCK, -1)  # (N, B, 2 + ...): d, then codes
     m = (-mins.float()).to(torch.float16).numpy().view(np.uint8).reshape(n, k // BLOCK, 2)
     return np.concatenate([q_part[..., :2], m, q_part[..., 2:]], axis=-1).reshape(n, -1)
+
+
+def _iq4_xs_blocks(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """IQ4_XS bytes (N, K / 256 * 136): fp16 d, 16 bits holding the top two bits of eight 6-bit scales l + 32,
+    4 bytes of their low nibbles, then each 32 indices as Q4_0 lays them out."""
+    n, k = codes.shape
+    s = k // SUPER_BLOCK
+    d, levels = two_level(scale, GRIDS[GGUFType.IQ4_XS].levels, 8)  # (N, S), (N, K / 32)
+    lu = (levels + 32).reshape(n, s, 8).to(torch.int64)  # (N, S, 8) in [0, 63]
+    high = ((lu >> 4) << (2 * torch.arange(8))).sum(-1).to(torch.int32).numpy().astype("<u2").view(np.uint8)
+    low = ((lu[..., 0::2] & 15) | ((lu[..., 1::2] & 15) << 4)).to(torch.uint8).numpy()  # (N, S, 4)
+    nibbles = q_blocks(codes, torch.ones(n, k // BLOCK), BLOCK, 4).reshape(n, s, 8, 18)[..., 2:]  # drop the d's
+    parts = [d.reshape(n, s, 1).numpy().view(np.uint8), high.reshape(n, s, 2), low, nibbles.reshape(n, s, 128)]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
 def _k_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, qtype: GGUFType) -> np.ndarray:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..enums import WeightGrid
-from ..grids import BlockGrid
+from ..grids import BlockGrid, values
 from ..ops import (
     dequantize_weight,
     fake_quant_act,
@@ -194,9 +194,10 @@ class FairLinear(nn.Module):
         return (pack_int4(codes) if self.w_bits == 4 else codes.contiguous()).reshape(-1)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """codes * scale (minus the min on an asymmetric grid) in the scale's dtype: (out, in)."""
-        w = dequantize_weight(self.codes(), self.weight_scale, self.group_size, self.weight_min,
-                              2 ** (self.w_bits - 1))
+        """codes * scale in the scale's dtype (on a block grid, `grids.values`: levels and mins): (out, in)."""
+        if self.grid is not None:
+            return values(self.grid, self.codes(), self.weight_scale, self.weight_min).to(self.weight_scale.dtype)
+        w = dequantize_weight(self.codes(), self.weight_scale, self.group_size)
         return w.to(self.weight_scale.dtype)
 
     def _apply(self, fn, recurse=True):

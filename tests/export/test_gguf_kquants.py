@@ -1,5 +1,5 @@
 """Calibrating for llama.cpp's K-quant mixes and writing them (issue 31): each block linear in the type
-llama-quantize gives it (Q4_K / Q5_K / Q6_K, and the Q5_0 / Q5_1 / Q8_0 fallbacks of 704-wide rows), read back
+llama-quantize gives it (Q4_K / Q5_K / Q6_K / IQ4_XS / IQ4_NL, and the fallbacks of 704-wide rows), read back
 exactly by `gguf`'s own dequantizer, and a saved checkpoint reloading into the same per-layer grids."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ LLAMA = {
     "Q4_K_M": ("Q4_K", "Q4_K", ["Q4_K", "Q4_K", "Q6_K", "Q6_K"], ["Q5_0", "Q5_0", "Q8_0", "Q8_0"]),
     "Q5_K_M": ("Q5_K", "Q5_K", ["Q5_K", "Q5_K", "Q6_K", "Q6_K"], ["Q5_1", "Q5_1", "Q8_0", "Q8_0"]),
     "Q6_K": ("Q6_K", "Q6_K", ["Q6_K"] * 4, ["Q8_0"] * 4),
+    "IQ4_XS": ("IQ4_XS", "IQ4_XS", ["IQ4_XS"] * 4, ["IQ4_NL"] * 4),
+    "IQ4_NL": ("IQ4_NL", "IQ4_NL", ["IQ4_NL"] * 4, ["IQ4_NL"] * 4),
 }
 NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "attn_out": "attn_output",
          "ff_proj": "ffn_gate", "up_proj": "ffn_up", "ff_out": "ffn_down"}

@@ -83,9 +83,9 @@ def test_mixes_follow_llama_quantize():
     assert mix_for("F16").head_type(256) is GGUFType.F16
     km = mix_for("Q4_K_M")
     assert (km.embedding, km.head_type(256), km.head_type(96)) == (GGUFType.Q4_K, GGUFType.Q6_K, GGUFType.Q8_0)
-    accepted = r"\['F32', 'F16', 'BF16', 'Q4_0', 'Q8_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K'\]"
+    accepted = r"\['F32', 'F16', 'BF16', 'Q4_0', 'Q8_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K', 'IQ4_NL', 'IQ4_XS'\]"
     with pytest.raises(ValueError, match=r"must be one of " + accepted):
-        mix_for("IQ4_XS")
+        mix_for("Q2_K")
 
 
 def _tensors(path):
@@ -132,7 +132,7 @@ def test_type_mismatches_are_refused_before_writing(q4_0, tmp_path):
     cases = [
         (folder, dict(gguf_type="F16"), "a float type writes an unquantized model"),
         (folder, dict(gguf_type="Q8_0"), "stores its block linears as \\['Q8_0'\\], this layer's codes are Q4_0"),
-        (folder, dict(gguf_type="IQ4_XS"), "gguf_type must be one of"),
+        (folder, dict(gguf_type="Q2_K"), "gguf_type must be one of"),
     ]
     for source, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -180,7 +180,7 @@ def test_llama_cpp_reads_the_mixes(llama_cpp, q4_0, gguf_type, tmp_path):
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q5_K_M"])
+@pytest.mark.parametrize("gguf_type", ["Q4_K_M", "Q5_K_M", "IQ4_XS"])
 def test_llama_cpp_reads_our_k_quant_mixes(llama_cpp, gguf_type, tmp_path):
     # every block linear in the type llama-quantize gives it (K-quants with mins, Q6_K, Q5_0 / Q5_1 / Q8_0)
     tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
