@@ -83,9 +83,9 @@ class FairCalibConfig(QuantizationConfigMixin):
             store their scales, so either loads exactly; the field says how they were made. "search": each
             group's (signed) scale is the one of least round-off weighted by the Hessian diagonal (GPTQ)
             among llama.cpp's candidates (`ops.searched_scale`); what `gguf_type` uses.
-        gguf_type: calibrate in the exact grid of this GGUF file type ("Q4_0", "Q8_0", or llama.cpp's K-quant
-            mixes "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS": each block linear in the type llama-quantize gives it, with its
-            fallbacks for widths not a multiple of 256), so that `export(..., "gguf")` writes the codes as
+        gguf_type: calibrate in the exact grid of this GGUF file type ("Q4_0", "Q8_0", or llama.cpp's mixes
+            "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS": each block linear in the type llama-quantize gives
+            it, with its fallbacks for widths not a multiple of 256), so that `export(..., "gguf")` writes the codes as
             they are: sets w_bits (the base type's: 4 / 8 / 4 / 5 / 6 / 4 / 4), group_size (32; 16 for Q6_K),
             weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
             quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of

@@ -205,7 +205,8 @@ def test_gguf_type_sets_the_target_grid_and_round_trips():
     (dict(gguf_type="Q8_0", a_bits=8), "a_bits=16"),
     (dict(gguf_type="Q4_0", transform="hadamard"), "transform='none'"),
     (dict(gguf_type="Q4_0", weight_grid="symmetric"), "weight_grid='search'"),
-    (dict(gguf_type="Q4_K"), "gguf_type must be one of ['Q4_0', 'Q8_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K', 'IQ4_NL', 'IQ4_XS']"),
+    (dict(gguf_type="Q4_K"), "gguf_type must be one of ['Q4_0', 'Q8_0', 'Q4_K_M', 'Q5_K_M', 'Q6_K', 'IQ4_NL', "
+                             "'IQ4_XS']"),
     (dict(gguf_type="Q3_X"), "gguf_type"),
 ])
 def test_gguf_type_conflicts_are_refused_by_field(kwargs, named):
