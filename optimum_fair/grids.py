@@ -108,6 +108,10 @@ class MixRule:
     base: GGUFType
     more_bits: GGUFType | None = None
 
+    @property
+    def types(self) -> tuple[GGUFType, ...]:
+        return (self.base,) if self.more_bits is None else (self.base, self.more_bits)
+
 
 MIX_RULES = {
     GGUFType.Q4_0: MixRule(GGUFType.Q4_0),

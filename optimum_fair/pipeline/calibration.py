@@ -32,7 +32,7 @@ from .plan import Plan, block_groups, check_token_ids, make_plan, warn_foreign_t
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
 from .stage2 import calibrate_blocks, capture_block_inputs
-from .surgery import check_convertible, check_group_size, convert_rtn, linears_to_convert
+from .surgery import check_convertible, check_group_size, convert_rtn, linears_to_convert, log_fallbacks
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to convert (skipped: {plan.skip})")
     check_group_size(linears, plan.fmt.group_size)
     check_finite_weights(linears)
+    log_fallbacks(linears, plan.fmt)
     result = CalibrationResult(plan.run_config, plan.skip, base_model=public_name(source_name(model)))
     if plan.calibrate:
         texts = texts if texts is not None else plan.texts

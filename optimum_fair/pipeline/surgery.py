@@ -7,6 +7,7 @@ right shapes on the meta device), by the block cache, and by the pipeline after 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,8 +18,10 @@ from ..arch import find_adapter
 from ..calib.methods import ROUNDINGS, TRANSFORMS, TransformMethod
 from ..calib.rotation import kron_factors
 from ..enums import GGUFType, Rounding, Transform, WeightGrid
-from ..grids import BLOCK_BITS, GRIDS, BlockGrid, asymmetric_grid, linear_type
+from ..grids import BLOCK_BITS, FALLBACKS, GRIDS, MIX_RULES, SUPER_BLOCK, BlockGrid, asymmetric_grid, linear_type
 from ..nn import FairLinear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,18 @@ def check_group_size(linears: dict[str, nn.Linear], group_size: int) -> None:
     bad = [f"{n} (in_features={m.in_features})" for n, m in linears.items() if m.in_features % group_size]
     if bad:
         raise ValueError(f"group_size {group_size} does not divide the input size of: {', '.join(bad[:5])}")
+
+
+def log_fallbacks(linears: dict[str, nn.Module], fmt: LayerFormat) -> None:
+    """Say once which linears a GGUF mix cannot give its super-block types because of their width (rows
+    not a multiple of 256): they are calibrated in llama.cpp's fallback types, as llama-quantize writes."""
+    if fmt.mix is None or not any(t in GRIDS and GRIDS[t].levels for t in MIX_RULES[fmt.mix].types):
+        return
+    fell = sorted({n.rsplit(".", 1)[-1] for n, m in linears.items() if m.in_features % SUPER_BLOCK})
+    if fell:
+        logger.info("%s: %s have rows that are not a multiple of %d weights: calibrated in llama.cpp's fallback "
+                    "types (%s), as llama-quantize writes them", fmt.mix.value, ", ".join(fell), SUPER_BLOCK,
+                    ", ".join(sorted({FALLBACKS[t].value for t in MIX_RULES[fmt.mix].types if t in FALLBACKS})))
 
 
 def skeleton(linear: nn.Linear, fmt: LayerFormat, dtype: torch.dtype) -> FairLinear:

@@ -81,3 +81,12 @@ def test_q4_k_m_checkpoint_reloads_into_the_same_grids(q4_k_m, tmp_path):
             assert torch.equal(other.dequantized_weight(), layer.dequantized_weight()), name
     ids = torch.randint(4, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(again(ids).logits, q4_k_m(ids).logits)
+
+
+def test_fallbacks_are_said_once(caplog):
+    config = FairCalibConfig(gguf_type="Q4_K_M", rounding="rtn", weighting="uniform")
+    with caplog.at_level("INFO", logger="optimum_fair.pipeline.surgery"):
+        AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float32, quantization_config=config)
+    said = [r.getMessage() for r in caplog.records if "fallback" in r.getMessage()]
+    assert said == ["Q4_K_M: ff_out have rows that are not a multiple of 256 weights: calibrated in llama.cpp's "
+                    "fallback types (Q5_0, Q8_0), as llama-quantize writes them"]
