@@ -169,3 +169,12 @@ def test_q4_k_m_rules_match_llama_quantize():
     # use_more_bits for 32 layers, written out from llama.cpp's rule: first and last 4, then every third
     more = [i for i in range(32) if use_more_bits(i, 32)]
     assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
+def test_embedding_of_a_narrow_model_falls_back_as_llama_cpp_does():
+    from optimum_fair.export.gguf_types import mix_for, rounded
+
+    mix = mix_for("Q4_K_M")
+    assert (mix.embedding_type(256), mix.embedding_type(96)) == (GGUFType.Q4_K, GGUFType.Q5_0)
+    w = _weights(8, 96)
+    assert torch.equal(rounded(w, GGUFType.Q4_K_M), rounded(w, GGUFType.Q5_0))  # no error on 96-wide rows

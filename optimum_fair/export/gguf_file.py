@@ -252,7 +252,7 @@ def _float_type(gguf_name: str, tensor: torch.Tensor, mix: Mix | None) -> GGUFTy
     if mix is None or tensor.dim() < 2:
         return GGUFType.F32
     if gguf_name == "token_embd.weight":
-        return mix.embedding
+        return mix.embedding_type(tensor.shape[-1])
     if gguf_name == "output.weight":
         return mix.head_type(tensor.shape[-1])
     return mix.blocks if mix.blocks in FLOATS else GGUFType.F32

@@ -70,6 +70,11 @@ class Mix:
     def head_type(self, width: int) -> GGUFType:
         return self.head if width % QK_K == 0 else self.head_fallback
 
+    def embedding_type(self, width: int) -> GGUFType:
+        """The embedding's type for rows of `width`: a super-block type falls back as llama.cpp's does."""
+        super_block = self.embedding in GRIDS and GRIDS[self.embedding].levels is not None
+        return FALLBACKS.get(self.embedding, self.embedding) if width % QK_K and super_block else self.embedding
+
 
 MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
     GGUFType.Q4_0: Mix(GGUFType.Q4_0, GGUFType.Q4_0, GGUFType.Q6_K, GGUFType.Q8_0),
@@ -142,8 +147,8 @@ def rounded(w: torch.Tensor, qtype: GGUFType) -> torch.Tensor:
     writes these values back exactly. Block types: their own scale is among the candidates, with zero
     error. Grids with mins or two-level scales: rounding is repeated until it changes nothing (a search on
     rounded values can pick a slightly different grid; here two or three passes, same error)."""
-    qtype = MIXES[qtype].embedding if qtype in MIX_RULES else qtype
     w = w.detach().float()
+    qtype = MIXES[qtype].embedding_type(w.shape[1]) if qtype in MIX_RULES else qtype
     if qtype not in GRIDS:
         codes, scale = _block_codes(w, qtype)
         return codes.float() * scale.repeat_interleave(BLOCK, dim=1)

@@ -237,10 +237,10 @@ def _round_embedding_to_target(model: nn.Module, config: FairCalibConfig) -> Non
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if (head is not None and head.weight is embedding.weight) or embedding.weight.shape[1] % gguf_types.BLOCK:
         return
+    qtype = gguf_types.mix_for(config.gguf_type).embedding_type(embedding.weight.shape[1])
     with torch.no_grad():
-        embedding.weight.copy_(gguf_types.rounded(embedding.weight, config.gguf_type))
-    logger.info("token embedding rounded to %s before calibration (the GGUF mix stores it so)",
-                config.gguf_type.value)
+        embedding.weight.copy_(gguf_types.rounded(embedding.weight, qtype))
+    logger.info("token embedding rounded to %s before calibration (the GGUF mix stores it so)", qtype.value)
 
 
 def hub_tags(model: nn.Module, config: FairCalibConfig) -> list[str]:

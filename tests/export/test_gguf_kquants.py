@@ -11,6 +11,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
 from optimum_fair import FairCalibConfig
+from optimum_fair.enums import GGUFType
 from optimum_fair.export import export
 from optimum_fair.export.gguf_file import rotary_permute
 from optimum_fair.nn import FairLinear
@@ -90,3 +91,19 @@ def test_fallbacks_are_said_once(caplog):
     said = [r.getMessage() for r in caplog.records if "fallback" in r.getMessage()]
     assert said == ["Q4_K_M: ff_out have rows that are not a multiple of 256 weights: calibrated in llama.cpp's "
                     "fallback types (Q5_0, Q8_0), as llama-quantize writes them"]
+
+
+def test_a_model_too_narrow_for_k_quants_takes_the_fallbacks():
+    from optimum_fair.export.gguf_types import layer_type
+    from tests.conftest import char_tokenizer, tiny_llada
+
+    tok = char_tokenizer()
+    model = tiny_llada(len(tok), tok.mask_token_id)  # 64 / 96 wide: no row is a multiple of 256
+    emb = model.get_input_embeddings().weight.detach().clone()
+    from optimum_fair import quantize
+    from optimum_fair.export.gguf_types import rounded
+
+    quantize(model, FairCalibConfig(gguf_type="Q4_K_M", rounding="rtn", weighting="uniform"), tokenizer=tok)
+    types = {layer_type(m.w_bits, m.grid) for m in model.modules() if isinstance(m, FairLinear)}
+    assert types == {GGUFType.Q5_0, GGUFType.Q8_0}  # Q4_K -> Q5_0, Q6_K (more bits) -> Q8_0
+    assert torch.equal(model.get_input_embeddings().weight, rounded(emb, GGUFType.Q5_0))
