@@ -32,6 +32,11 @@ def check_exportable(model: nn.Module) -> None:
         if module.has_online_transform:
             raise ValueError(f"{name}: has an online transform (Hadamard / Kronecker or smoothing); "
                              "compressed-tensors export needs transform='none'")
+        if module.grid is not None:
+            grid = module.grid.gguf_type.value if module.grid.gguf_type else "asymmetric, float mins"
+            raise ValueError(f"{name}: calibrated in a GGUF grid ({grid}) that compressed-tensors cannot hold (its "
+                             "zero points are integers); export it as GGUF, or calibrate with sym=True and no "
+                             "gguf_type")
         if (module.w_bits, module.a_bits) not in ((4, 16), (8, 8), (4, 8)):
             raise ValueError(f"{name}: W{module.w_bits}A{module.a_bits} has no compressed-tensors scheme vLLM "
                              "runs (exported: W4A16, W8A8, W4A8)")

@@ -91,3 +91,13 @@ def test_per_channel_asymmetric_has_no_gguf_type():
     assert layer.group_size == -1 and layer.weight_min.shape == (layer.out_features, 1) and layer.grid.gguf_type is None
     with pytest.raises(ValueError, match="no GGUF type holds its codes"):
         export(model, "unused.gguf", "gguf", tokenizer=tok)
+
+
+def test_compressed_tensors_refuses_float_mins(tmp_path):
+    tok = char_tokenizer()
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    quantize(model, FairCalibConfig(rounding="rtn", transform="none", weighting="uniform", a_bits=16, sym=False,
+                                    group_size=32), tokenizer=tok)
+    with pytest.raises(ValueError, match="compressed-tensors cannot hold"):
+        export(model, tmp_path / "ct", "compressed-tensors", tokenizer=tok)
+    assert not (tmp_path / "ct").exists()
