@@ -178,3 +178,20 @@ def test_embedding_of_a_narrow_model_falls_back_as_llama_cpp_does():
     assert (mix.embedding_type(256), mix.embedding_type(96)) == (GGUFType.Q4_K, GGUFType.Q5_0)
     w = _weights(8, 96)
     assert torch.equal(rounded(w, GGUFType.Q4_K_M), rounded(w, GGUFType.Q5_0))  # no error on 96-wide rows
+
+
+def test_int4_kernel_takes_mins_and_leaves_codebooks_to_the_reference():
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(6))
+    cases = ((GGUFType.Q4_K, "int4_weight"), (GGUFType.Q4_1, "int4_weight"), (GGUFType.IQ4_XS, "reference"))
+    for qtype, kernel in cases:
+        grid, w = GRIDS[qtype], _weights(32, 256, seed=7)
+        scale, mins = choose(grid, w)
+        codes = round_codes(grid, w, scale, mins)
+        layer = FairLinear.from_codes(codes, scale, None, 4, 16, 32, dtype=torch.bfloat16, mins=mins,
+                                      scale_dtype=torch.float32, grid=grid)
+        want = x @ values(grid, codes, scale, mins).t()
+        reason = layer.set_kernel("int4_weight")
+        assert layer.kernel == kernel, (qtype, reason)
+        assert (reason is None) == (kernel == "int4_weight")
+        got = layer(x.bfloat16()).float()
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), qtype  # bfloat16 activations and scales

@@ -21,6 +21,7 @@ import weakref
 
 import torch
 
+from ..grids import BlockGrid
 from ..ops import quantize_act
 
 REFERENCE, INT8_MM, INT4_WEIGHT = "reference", "int8_mm", "int4_weight"
@@ -30,17 +31,20 @@ _CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs M > 16 and K, N multip
 
 
 def choose(w_bits: int, a_bits: int, in_features: int, out_features: int, group_size: int,
-           device: torch.device, dtype: torch.dtype, kernel: str = "auto", asymmetric: bool = False
+           device: torch.device, dtype: torch.dtype, kernel: str = "auto", grid: BlockGrid | None = None
            ) -> tuple[str, str | None]:
-    """(kernel, reason): the kernel for a layer of this format, on `device`, computing in `dtype`;
-    reason says why a requested (or, for "auto", any) integer kernel cannot run, else None."""
+    """(kernel, reason): the kernel for a layer of this format (`grid`: the layer's block grid, if any), on
+    `device`, computing in `dtype`; reason says why a requested (or, for "auto", any) integer kernel cannot
+    run, else None."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == REFERENCE:
         return REFERENCE, None
-    if asymmetric:
-        return REFERENCE, f"{kernel}: per-group mins (an asymmetric K-quant grid) run on the reference path"
+    if grid is not None and grid.table:
+        return REFERENCE, f"{kernel}: codes index a codebook ({grid.gguf_type.value}): the reference path computes it"
     wanted = kernel if kernel != "auto" else (INT4_WEIGHT if a_bits >= 16 else INT8_MM)
+    if wanted == INT8_MM and grid is not None and grid.asymmetric:
+        return REFERENCE, f"{wanted}: per-group mins cannot be applied after an integer matmul"
     if wanted == INT8_MM:
         reason = _int8_mm_unsupported(a_bits, in_features, out_features, group_size, device)
     else:
@@ -130,17 +134,21 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # -- int4_weight -----------------------------------------------------------------------------------
-def int4_pack(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(packed, scales_and_zeros, kernel_group): the int4 kernel's operands for codes * scale.
+def int4_pack(codes: torch.Tensor, scale: torch.Tensor, group_size: int, mins: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(packed, scales_and_zeros, kernel_group): the int4 kernel's operands for codes * scale, or for
+    scale * (codes + 8) - mins on an asymmetric grid (the kernel's zero is then 8 scale - min).
 
-    codes: (N, K) int8 in [-8, 7]; scale: (N, n_groups). A per-channel scale (group_size -1) or a
+    codes: (N, K) int8 in [-8, 7]; scale, mins: (N, n_groups). A per-channel scale (group_size -1) or a
     group larger than the kernel takes is repeated over kernel groups, which is the same weight.
     """
     k = codes.shape[1]
     kernel_group = int4_group_size(k if group_size == -1 else group_size)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 1)
-    per_group = scale.float().repeat_interleave(k // kernel_group // scale.shape[1], dim=1)  # (N, K / g)
-    sz = torch.stack((per_group.t(), torch.zeros_like(per_group.t())), dim=-1)  # (K / g, N, 2)
+    repeat = k // kernel_group // scale.shape[1]
+    per_group = scale.float().repeat_interleave(repeat, dim=1)  # (N, K / g)
+    zeros = torch.zeros_like(per_group) if mins is None else 8 * per_group - mins.float().repeat_interleave(repeat, 1)
+    sz = torch.stack((per_group.t(), zeros.t()), dim=-1)  # (K / g, N, 2)
     return packed, sz.to(torch.bfloat16).contiguous(), kernel_group
 
 

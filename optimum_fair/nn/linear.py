@@ -225,8 +225,7 @@ class FairLinear(nn.Module):
             self._kernel_weight = self._kernel_sz = None
         device = self.weight.device
         self.kernel, reason = choose(self.w_bits, self.a_bits, self.in_features, self.out_features,
-                                     self.group_size, device, self.weight_scale.dtype, kernel,
-                                     asymmetric=self.weight_min is not None)
+                                     self.group_size, device, self.weight_scale.dtype, kernel, grid=self.grid)
         self.kernel_packed = packed and self.kernel == INT8_MM and self.w_bits == 4
         self.kernel_device = None if self.kernel == REFERENCE else device.type
         if self.kernel == INT8_MM and not self.kernel_packed:
@@ -234,7 +233,7 @@ class FairLinear(nn.Module):
             self.weight = None
         elif self.kernel == INT4_WEIGHT:
             self._kernel_weight, self._kernel_sz, self._kernel_group = int4_pack(
-                self.codes(), self.weight_scale, self.group_size)
+                self.codes(), self.weight_scale, self.group_size, self.weight_min)
             self.weight = None
         return reason
 
