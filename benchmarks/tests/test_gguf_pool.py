@@ -4,21 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
-BENCH = Path(__file__).resolve().parents[1]  # benchmarks/
-
-
-@pytest.fixture
-def gguf_pool(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import gguf_pool
-
-    return gguf_pool
-
-
-def test_two_seeds_pool_as_documented(gguf_pool):
-    rows = gguf_pool.runs([str(BENCH / "results" / f) for f in ("gguf_vs_llamacpp.json",
+def test_two_seeds_pool_as_documented(bench_module):
+    gguf_pool = bench_module("gguf_pool")
+    rows = gguf_pool.runs([str(Path(__file__).resolve().parents[1] / "results" / f) for f in ("gguf_vs_llamacpp.json",
                                                                 "gguf_vs_llamacpp_seed1.json")])
     p = gguf_pool.pooled(rows["optimum-fair Q4_0 fair, llama.cpp's mix"], rows["llama-quantize Q4_0 + imatrix"])
     assert p["seeds"] == [0, 1]

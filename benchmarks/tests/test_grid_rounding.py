@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gguf
 import numpy as np
-import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1]  # benchmarks/
 
-
-@pytest.fixture
-def grid_rounding(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import grid_rounding
-
-    return grid_rounding
-
-
-def test_compare_counts_only_tensors_of_the_type_and_wins(grid_rounding):
+def test_compare_counts_only_tensors_of_the_type_and_wins(bench_module):
+    grid_rounding = bench_module("grid_rounding")
     g = torch.Generator().manual_seed(0)
     f32, theirs = {}, {}
     for i in range(6):
