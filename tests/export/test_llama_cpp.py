@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import optimum_fair
-from optimum_fair import FairCalibConfig, reference_kernels
+from optimum_fair import FairCalibConfig, reference_kernels, save_quantized
 from optimum_fair.export import export
 from scripts.build_llama_cpp import build, default_cache
 
@@ -61,7 +61,7 @@ def exported(tmp_path_factory):
     config = FairCalibConfig(w_bits=4, a_bits=16, rounding="rtn", transform="none", weighting="uniform",
                              num_probes=8, num_samples=8)
     folder = tmp_path_factory.mktemp("llama_cpp") / "w4a16"
-    AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, quantization_config=config).save_pretrained(folder)
+    save_quantized(AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, quantization_config=config), folder)
     return folder, export(folder, folder.parent / "w4a16.gguf", "gguf")
 
 
@@ -85,7 +85,7 @@ def test_llama_cpp_runs_a_dream_export(llama_cpp, tmp_path):
     from tests.export.test_engines import _tiny_dream
 
     tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
-    _tiny_dream(tok, torch.float16).save_pretrained(tmp_path / "dream")  # fp16 scales: an exact GGUF
+    save_quantized(_tiny_dream(tok, torch.float16), tmp_path / "dream", tokenizer=tok)  # fp16 scales: exact GGUF
     gguf_path = export(tmp_path / "dream", tmp_path / "dream.gguf", "gguf")
     ids = [tok.bos_token_id, *tok("The city of", add_special_tokens=False).input_ids] + [tok.mask_token_id] * 8
     theirs = llama_cpp_logits(llama_cpp, gguf_path, ids, tmp_path)
