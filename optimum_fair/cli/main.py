@@ -118,9 +118,10 @@ def _add_export(sub) -> None:
     p.add_argument("--output", required=True, help="the .gguf file or the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--type", dest="gguf_type", metavar="TYPE", default=None,
-                   help="GGUF file type, as llama-quantize names it: Q4_0 / Q8_0 (the codes' type; embedding and "
-                        "head as llama.cpp's mix) or F32 / F16 / BF16 (an unquantized model); default: the codes "
-                        "as they are, every float tensor F32")
+                   help="GGUF file type, as llama-quantize names it: Q4_0 / Q8_0 / Q4_K_M / Q5_K_M / Q6_K / IQ4_NL "
+                        "/ IQ4_XS (the type the model was calibrated for; embedding and head as llama.cpp's mix) or "
+                        "F32 / F16 / BF16 (an unquantized model); default: the codes as they are, every float "
+                        "tensor F32")
     _common(p)
 
 
