@@ -1,5 +1,6 @@
-"""Weight grids with per-group mins or two-level scales, as data: llama.cpp's K-quants and Q4_1 / Q5_1,
-and the asymmetric grid of `FairCalibConfig(sym=False)`; the search that picks their scales.
+"""Weight grids with per-group mins, two-level scales or a codebook, as data: llama.cpp's K-quants, Q4_1 /
+Q5_1 and IQ4_NL / IQ4_XS, and the asymmetric grid of `FairCalibConfig(sym=False)`; the search that picks
+their scales; llama.cpp's rules for which block linear gets which type in a file type (`MIX_RULES`).
 
 A K-quant cuts each row into super-blocks of 256 weights and those into sub-blocks of `group` weights
 (ggml-quants.c). A weight is
@@ -13,7 +14,8 @@ Q4_K / Q5_K, int8 for Q6_K). A layer stores s_j and m_j per group as float32: th
 an fp16 and a small integer, so `two_level` recovers (d, sc_j) exactly when the file is written.
 
 Q4_1 / Q5_1 (and `asymmetric_grid`, any group) have no super-block: each group stores its own fp16 scale
-and min (`levels` None, `span` = `group`), and the min may be of either sign.
+and min (`levels` None, `span` = `group`), and the min may be of either sign. IQ4_NL / IQ4_XS codes index
+llama.cpp's 16 non-uniform levels (`table`): w = s * table[c + 8], IQ4_XS with 6-bit signed sub-scales.
 
 The search (`choose`) follows llama.cpp's with an importance matrix: per sub-block, candidate inverse
 scales around (2^b - 1) / (max - min), each refitted by weighted least squares of (s, m) given its codes,
