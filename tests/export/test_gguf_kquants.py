@@ -107,3 +107,17 @@ def test_a_model_too_narrow_for_k_quants_takes_the_fallbacks():
     types = {layer_type(m.w_bits, m.grid) for m in model.modules() if isinstance(m, FairLinear)}
     assert types == {GGUFType.Q5_0, GGUFType.Q8_0}  # Q4_K -> Q5_0, Q6_K (more bits) -> Q8_0
     assert torch.equal(model.get_input_embeddings().weight, rounded(emb, GGUFType.Q5_0))
+
+
+def test_resume_cache_reloads_k_quant_blocks(tmp_path, caplog):
+    config = FairCalibConfig(gguf_type="Q4_K_M", rounding="gptq", weighting="uniform", num_samples=4, num_probes=4,
+                             cache_dir=str(tmp_path / "cache"))
+    first = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float16, quantization_config=config)
+    with caplog.at_level("INFO", logger="optimum_fair.pipeline.stage2"):
+        again = AutoModel.from_pretrained(optimum_fair.DEFAULT_MODEL, dtype=torch.float16, quantization_config=config)
+    assert sum("loaded from cache" in r.getMessage() for r in caplog.records) == 4  # every block
+    for name, layer in first.named_modules():
+        if isinstance(layer, FairLinear):
+            other = again.get_submodule(name)
+            assert other.weight_scale.dtype == layer.weight_scale.dtype, name  # float32 on K grids, fp16 on Q5_0
+            assert torch.equal(other.dequantized_weight(), layer.dequantized_weight()), name
