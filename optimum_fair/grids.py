@@ -35,8 +35,8 @@ from .enums import GGUFType
 from .ops import searched_scale
 
 __all__ = ["BLOCK_BITS", "FALLBACKS", "GRIDS", "IQ4_LEVELS", "K_GRIDS", "MIX_RULES", "SUPER_BLOCK", "BlockGrid",
-           "MixRule", "asymmetric_grid", "choose", "level", "linear_type", "nearest", "round_codes", "two_level",
-           "use_more_bits", "values"]
+           "MixRule", "asymmetric_grid", "choose", "fitted", "level", "linear_type", "nearest", "round_codes",
+           "two_level", "use_more_bits", "values"]
 
 SUPER_BLOCK = 256  # QK_K: weights per K-quant super-block
 INV_STEPS = tuple(-1.0 + 0.1 * k for k in range(21))  # llama.cpp's Q4_K / Q5_K search: rmin -1, rdelta 0.1, 20 steps
@@ -137,8 +137,13 @@ def linear_type(mix: GGUFType, role: str | None, layer: int, n_layers: int, in_f
     rule = MIX_RULES[mix]
     qtype = rule.more_bits if rule.more_bits and role in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers) \
         else rule.base
-    super_block = qtype in GRIDS and GRIDS[qtype].levels is not None
-    return FALLBACKS.get(qtype, qtype) if in_features % SUPER_BLOCK and super_block else qtype
+    return fitted(qtype, in_features)
+
+
+def fitted(qtype: GGUFType, width: int) -> GGUFType:
+    """`qtype` for rows of `width` weights: a super-block type (a key of FALLBACKS) falls back as llama.cpp's
+    does when 256 does not divide the width."""
+    return FALLBACKS.get(qtype, qtype) if width % SUPER_BLOCK else qtype
 
 
 def choose(grid: BlockGrid, w: torch.Tensor, importance: torch.Tensor | None = None
@@ -154,8 +159,8 @@ def choose(grid: BlockGrid, w: torch.Tensor, importance: torch.Tensor | None = N
     if grid.table:
         sub = _table_scales(x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group), grid.table)
         return _on_levels(sub, grid.levels, n_sub, signed=True), None  # sub: (R, K / group)
-    if not grid.asymmetric:
-        sub = torch.stack([searched_scale(x[i:i + 1], grid.bits, grid.group, a[i]) for i in range(r)]).squeeze(1)
+    if not grid.asymmetric:  # a per-column importance: one search over all rows
+        sub = searched_scale(x, grid.bits, grid.group, None if importance is None else a[0])  # (R, K / group)
         return _on_levels(sub, grid.levels, n_sub, signed=True), None
     xg, ag = x.reshape(r, -1, grid.group), a.reshape(r, -1, grid.group)  # (R, G, g)
     s, m = _fit_sub_blocks(xg, ag, 2 ** grid.bits - 1, clip_min=grid.levels is not None)
@@ -281,9 +286,8 @@ def round_codes(grid: BlockGrid, w: torch.Tensor, scale: torch.Tensor, mins: tor
 
 def values(grid: BlockGrid, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
     """s * level(c) - m, float32 (R, K): what llama.cpp's dequantizer computes from the file."""
-    g = codes.shape[1] // scale.shape[1]  # the grid's group, or the whole row
-    w = scale.float().repeat_interleave(g, dim=1) * level(grid, codes)
-    return w if mins is None else w - mins.float().repeat_interleave(g, dim=1)
+    w = scale.float().repeat_interleave(grid.group, dim=1) * level(grid, codes)
+    return w if mins is None else w - mins.float().repeat_interleave(grid.group, dim=1)
 
 
 def two_level(sub: torch.Tensor, levels: tuple[int, int], n_sub: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..enums import GGUFType
 from ..files import atomic_path
-from ..grids import K_GRIDS, SUPER_BLOCK
+from ..grids import BLOCK_BITS, K_GRIDS, SUPER_BLOCK
 from ..naming import public_name
 from ..nn import FairLinear
 from .gguf_types import BLOCK, FILE_TYPES, FLOATS, Mix, block_types, encode, layer_blocks, layer_type, mix_for
@@ -264,7 +264,7 @@ def log_scale_rounding(model: nn.Module) -> None:
     layers = [m for m in model.modules() if isinstance(m, FairLinear)]
     for layer in layers:
         scale = layer.weight_scale
-        if scale.dtype == torch.float16 or _layer_type(layer) not in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+        if scale.dtype == torch.float16 or _layer_type(layer) not in BLOCK_BITS:
             continue  # K-quant scales are written as fp16 x integer levels, exactly
         s = scale.float()
         change = ((s.half().float() - s).abs() / s.abs().clamp(min=1e-30)).max().item()
@@ -310,7 +310,7 @@ def _write_tensors(writer, model: nn.Module, names, gguf, mix: Mix | None = None
                 codes, scale = rotary_permute(codes, n_head), rotary_permute(scale, n_head)
                 mins = None if mins is None else rotary_permute(mins, n_head)
             qtype = _layer_type(layer)
-            if qtype in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+            if qtype in BLOCK_BITS:
                 _warn_if_rounded(name, scale)
             writer.add_tensor(gguf_name, layer_blocks(codes, scale, mins, layer.group_size, qtype),
                               raw_dtype=gguf.GGMLQuantizationType[qtype.value])
@@ -330,7 +330,7 @@ def _add_expert(writer, stacks: dict, match: re.Match, layer: FairLinear | None,
     key = f"{match['layer']}.{match['w']}"
     if layer is not None:
         own = _layer_type(layer)
-        if own in (GGUFType.Q4_0, GGUFType.Q5_0, GGUFType.Q8_0):
+        if own in BLOCK_BITS:
             _warn_if_rounded(match.string, layer.weight_scale)
         data = layer_blocks(layer.codes(), layer.weight_scale, layer.weight_min, layer.group_size, own)  # (N, bytes)
         qtype = gguf.GGMLQuantizationType[own.value]

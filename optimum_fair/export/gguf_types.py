@@ -41,6 +41,7 @@ from ..grids import (
     SUPER_BLOCK,
     BlockGrid,
     choose,
+    fitted,
     round_codes,
     two_level,
     values,
@@ -48,7 +49,6 @@ from ..grids import (
 from ..ops import quantize_weight, searched_scale
 
 BLOCK = 32  # weights per Q4_0 / Q8_0 block
-QK_K = 256  # weights per K-quant super-block
 FLOATS = (GGUFType.F32, GGUFType.F16, GGUFType.BF16)
 FILE_TYPES = {GGUFType.F32: "ALL_F32", GGUFType.F16: "MOSTLY_F16", GGUFType.BF16: "MOSTLY_BF16",
               GGUFType.Q4_0: "MOSTLY_Q4_0", GGUFType.Q5_0: "MOSTLY_Q5_0", GGUFType.Q8_0: "MOSTLY_Q8_0",
@@ -65,15 +65,14 @@ class Mix:
     blocks: GGUFType
     embedding: GGUFType
     head: GGUFType
-    head_fallback: GGUFType  # when the head's row width is not a multiple of QK_K
+    head_fallback: GGUFType  # when the head's row width is not a multiple of SUPER_BLOCK
 
     def head_type(self, width: int) -> GGUFType:
-        return self.head if width % QK_K == 0 else self.head_fallback
+        return self.head if width % SUPER_BLOCK == 0 else self.head_fallback
 
     def embedding_type(self, width: int) -> GGUFType:
         """The embedding's type for rows of `width`: a super-block type falls back as llama.cpp's does."""
-        super_block = self.embedding in GRIDS and GRIDS[self.embedding].levels is not None
-        return FALLBACKS.get(self.embedding, self.embedding) if width % QK_K and super_block else self.embedding
+        return fitted(self.embedding, width)
 
 
 MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
@@ -89,8 +88,7 @@ MIXES = {t: Mix(t, t, t, t) for t in FLOATS} | {
 
 def block_types(mix: Mix) -> set[GGUFType]:
     """The types a quantized mix may give block linears (its rule's, and llama.cpp's fallbacks)."""
-    rule = MIX_RULES[mix.blocks]
-    types = {rule.base} | ({rule.more_bits} if rule.more_bits else set())
+    types = set(MIX_RULES[mix.blocks].types)
     return types | {FALLBACKS[t] for t in types if t in FALLBACKS}
 
 
@@ -99,7 +97,7 @@ def layer_type(w_bits: int, grid: BlockGrid | None) -> GGUFType | None:
     block type of its bits (None: no GGUF type holds them exactly)."""
     if grid is not None:
         return grid.gguf_type
-    return {4: GGUFType.Q4_0, 5: GGUFType.Q5_0, 8: GGUFType.Q8_0}.get(w_bits)
+    return {bits: qtype for qtype, bits in BLOCK_BITS.items()}.get(w_bits)
 
 
 def layer_blocks(codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group_size: int,

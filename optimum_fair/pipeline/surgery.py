@@ -147,7 +147,7 @@ def check_group_size(linears: dict[str, nn.Linear], group_size: int) -> None:
 def log_fallbacks(linears: dict[str, nn.Module], fmt: LayerFormat) -> None:
     """Say once which linears a GGUF mix cannot give its super-block types because of their width (rows
     not a multiple of 256): they are calibrated in llama.cpp's fallback types, as llama-quantize writes."""
-    if fmt.mix is None or not any(t in GRIDS and GRIDS[t].levels for t in MIX_RULES[fmt.mix].types):
+    if fmt.mix is None or not any(t in FALLBACKS for t in MIX_RULES[fmt.mix].types):
         return
     fell = sorted({n.rsplit(".", 1)[-1] for n, m in linears.items() if m.in_features % SUPER_BLOCK})
     if fell:
