@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fold-rotation", action="store_true", help="our files: FairCalibConfig(fold_rotation=True)")
     p.add_argument("--act-order", action="store_true", help="our files: FairCalibConfig(act_order=True)")
+    p.add_argument("--input-mode", default="quantized", choices=["quantized", "corrected"],
+                   help="our files: FairCalibConfig(input_mode=...)")
     p.add_argument("--calib-inputs", default="masked", choices=["masked", "text"],
                    help="our Stage II inputs: masked (decode-like canvases, the better here) or text")
     p.add_argument("--repeats", type=int, default=3, help="llama-diffusion-cli runs per file (median)")
@@ -150,7 +152,7 @@ def our_files(model_path, tok, qtype: str, weighting: str, args, work: Path, pri
     fields = dict(gguf_type=qtype, rounding="gptq", transform="none", a_bits=16, weighting=weighting,
                   dataset="wiki", num_samples=args.num_samples, seq_len=args.seq_len, num_probes=args.num_probes,
                   seed=args.seed, tokenizer=str(model_path), calib_inputs=args.calib_inputs,
-                  fold_rotation=args.fold_rotation, act_order=args.act_order)
+                  fold_rotation=args.fold_rotation, act_order=args.act_order, input_mode=args.input_mode)
     if weighting == "fair" and prior:
         fields["prior"] = str(prior[0])  # one Stage I prior for every fair cell
     config = FairCalibConfig(**fields)  # ValueError: a type the package does not take
@@ -162,7 +164,7 @@ def our_files(model_path, tok, qtype: str, weighting: str, args, work: Path, pri
         calibration_result(model).prior.save(prior[0])
     base = dict(type=qtype, source="optimum-fair", imatrix=False, weighting=weighting, calib_s=calib_s)
     name = f"optimum-fair {qtype} {weighting}" + (" + rotation" if args.fold_rotation else "") + \
-        (" + act_order" if args.act_order else "")
+        (" + act_order" if args.act_order else "") + (f" + {args.input_mode}" if args.input_mode != "quantized" else "")
     rows = [{**base, "file": name, "path": export(model, work / f"ours_{qtype}_{weighting}.gguf", "gguf",
                                                   tokenizer=tok)}]
     try:

@@ -164,7 +164,11 @@ class FairCalibConfig(QuantizationConfigMixin):
             full-precision targets (GPTQ or fixed transforms, quantized inputs) only these go through
             the FP block and the RTN block, which saves two of GPTQ's four passes over the samples;
             FlatQuant-style fits and input_mode="fp" use every sample anyway. None = all (default 16).
-        input_mode: "quantized" (block input from the quantized prefix) or "fp".
+        input_mode: "quantized" (block input from the quantized prefix), "fp", or "corrected": the
+            quantized prefix's output, with each GPTQ group rounding the weight whose output on it matches
+            the FP weight's on the FP prefix's output (GPTAQ's asymmetric calibration; `gptq.drift_target`),
+            so the rounding also undoes the drift of earlier blocks. Needs rounding="gptq"; a routed
+            expert's group is rounded as under "quantized".
         calib_inputs: "text" (fully observed calibration text, the paper) or "masked": each sample is
             put in a decode state at a random step of the Stage I commit policy (earlier blocks
             committed, the current one partly, later ones masked), and with fair weighting the
@@ -324,6 +328,9 @@ class FairCalibConfig(QuantizationConfigMixin):
         _check_type("act_order", self.act_order, bool)
         _check_type("true_sequential", self.true_sequential, bool)
         _check_positive_int("loss_samples", self.loss_samples, optional=True)
+        if self.input_mode is InputMode.CORRECTED and self.rounding is not Rounding.GPTQ:
+            raise ValueError(f"input_mode='corrected' corrects GPTQ's targets: it needs rounding='gptq', got "
+                             f"rounding={self.rounding.value!r}")
         _check_type("seed", self.seed, int)
         _check_type("cache_dir", self.cache_dir, str, optional=True)
         if self.cache_dir is not None and not self.cache_dir.strip():

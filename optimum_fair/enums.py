@@ -79,6 +79,9 @@ class InputMode(str, Enum):
 
     QUANTIZED = "quantized"  # output of the already-quantized prefix (default)
     FP = "fp"  # output of the full-precision prefix (FlatQuant's variant)
+    # the quantized prefix's output, with each GPTQ linear's target its output on the FP prefix's (GPTAQ's
+    # asymmetric calibration): the rounding also undoes the drift the quantized prefix left
+    CORRECTED = "corrected"
 
 
 class CalibInputs(str, Enum):

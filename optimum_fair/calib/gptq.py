@@ -22,7 +22,8 @@ from ..grids import SUPER_BLOCK, BlockGrid, choose, level, nearest
 from ..ops import qmax, scale_candidates, weight_scale
 from .objective import expand_token_weights
 
-__all__ = ["GPTQFactor", "accumulate_hessian", "gptq_factor", "gptq_quantize", "gptq_quantize_k", "hessian_sum"]
+__all__ = ["GPTQFactor", "accumulate_hessian", "drift_sum", "drift_target", "gptq_factor", "gptq_quantize",
+           "gptq_quantize_k", "hessian_sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,36 @@ def hessian_sum(x: torch.Tensor, w: torch.Tensor | None, dtype: torch.dtype = to
     if w is not None:
         xf = xf * wf.to(dtype).sqrt().unsqueeze(1)  # row i is sqrt(w_i) x_i
     return gram(xf), xf.shape[0]  # (d, d)
+
+
+def drift_sum(x_fp: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Σ_i w_i (x_fp,i - x_i) x_iᵀ (d, d) over one batch: how far the inputs x a quantized prefix gives a
+    linear drifted from the inputs x_fp the FP prefix gives it (both (batch, seq, d) or (n, d)), against x.
+    Added over batches and divided by the token count like `hessian_sum` (same weights w)."""
+    if x_fp.shape != x.shape:
+        raise ValueError(f"x_fp {tuple(x_fp.shape)} and x {tuple(x.shape)} must have the same shape")
+    d, wf = _token_weights(x, w)  # wf: (n,)
+    xf = x.reshape(-1, d).to(dtype)  # (n, d)
+    delta = (x_fp.reshape(-1, d).to(dtype) - xf) * wf.to(dtype).unsqueeze(1)  # (n, d): w_i (x_fp,i - x_i)
+    return delta.t() @ xf  # (d, d)
+
+
+@torch.no_grad()
+def drift_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight W' (out, d) float32 to round so that W' x matches W x_fp, the output of the FP prefix.
+
+    Rounding W' under H minimises Σ w_i |W x_fp,i - Q x_i|² (GPTAQ's asymmetric calibration), since that
+    objective is |Q - W'|²_H plus a constant for W' = W + W D H^-1, where H = mean w_i x_i x_iᵀ and D =
+    mean w_i (x_fp,i - x_i) x_iᵀ (`drift_sum`). H is damped like `gptq_factor` (λ = damp · mean diag H), which
+    pulls W' towards W where the inputs carry little energy; with no drift (D = 0) W' is W exactly.
+    """
+    Hd = H.double().clone()  # (d, d)
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(damp * Hd.diagonal().mean())
+    correction = torch.linalg.solve(Hd, D.double().t() @ W.double().t()).t()  # W D H^-1: (out, d); H symmetric
+    return (W.double() + correction).float()
 
 
 def gram(x: torch.Tensor, rows: int = 256) -> torch.Tensor:

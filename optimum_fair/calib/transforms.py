@@ -224,8 +224,10 @@ class CalibLinear(nn.Module):
         block_size: int = 128,
         scale_dtype: torch.dtype = torch.float32,
         factor: GPTQFactor | None = None,
+        target: torch.Tensor | None = None,
     ) -> dict:
-        """Keyword arguments of `FairLinear.from_codes` (add `dtype`): the rounded transformed weight.
+        """Keyword arguments of `FairLinear.from_codes` (add `dtype`): the rounded transformed weight (or
+        `target` (out, d), a transformed weight to round in its place: `gptq.drift_target`).
 
         rounding: RTN, or GPTQ with H (d, d) the Hessian of the *transformed* inputs (accumulate it
         from `transformed_input(x)` with `gptq.accumulate_hessian`), or `factor = gptq.gptq_factor(H)` shared
@@ -233,7 +235,7 @@ class CalibLinear(nn.Module):
         scale, so FairLinear's dequantized weight equals the fake-quantized one of `forward`.
         """
         method = rounding_method(rounding)
-        Wt = self.transformed_weight()  # (out, d) float32
+        Wt = self.transformed_weight() if target is None else target  # (out, d) float32
         clip = self.weight_clip()
         clip = clip.detach().float() if torch.is_tensor(clip) else clip
         codes, scale, mins = method.quantize(Wt, self.w_bits, self.group_size, clip, self.grid, scale_dtype, H=H,

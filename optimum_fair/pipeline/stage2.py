@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
-from ..calib.gptq import gptq_factor
+from ..calib.gptq import drift_target, gptq_factor
 from ..calib.methods import ROUNDINGS, TransformMethod
 from ..calib.transforms import CalibLinear, TransformParams, fit_transforms, smooth_scale, transform_params
 from ..devices import computing_in, execution_device
@@ -37,7 +37,7 @@ from ..nn.linear import float_weights_kept
 from .cache import state_digest
 from .offload import onloaded
 from .plan import StageTwoSettings
-from .stats import counted_hessians, expert_of, group_input_absmax, module_checksum, stream_loss
+from .stats import counted_hessians, expert_of, group_drifts, group_input_absmax, module_checksum, stream_loss
 from .surgery import round_linear, set_module
 
 logger = logging.getLogger(__name__)
@@ -194,9 +194,14 @@ def calibrate_block(
     shard: DataShard | None = None,
     layer: int = 0,
     n_layers: int = 1,
+    drift: tuple[nn.Module, Callable, torch.Tensor] | None = None,
 ) -> None:
     """Replace the linears of `block` (float32, on the compute device) by calibrated FairLinears; block
     `layer` of `n_layers` (what a GGUF mix's per-layer rules read).
+
+    drift: (the FP block, its caller, the FP stream of x_in's samples) for `InputMode.CORRECTED`: each
+    dense GPTQ group then rounds `gptq.drift_target`, so that its output on x_in matches the FP block's
+    on the FP stream.
 
     x_in, targets (and 2-d weights) hold this process's samples of `shard` (default: all of them).
     """
@@ -217,12 +222,15 @@ def calibrate_block(
         logger.info("  learned transforms: loss %.4g -> %.4g over %d epochs", history[0], history[-1],
                     len(history))
     hessians = {}
-    if method.hessian and not s.true_sequential:  # every group's Hessian from one pass
+    # corrected inputs: each group's Hessian and drift with the earlier groups quantized (true-sequential), so
+    # a group also undoes its block's earlier rounding (its drift from one pass over the float block would be 0)
+    dense = [group[0] for group in groups if drift is not None and not expert_of(block, group[0])]
+    if method.hessian and not s.true_sequential and drift is None:  # every group's Hessian from one pass
         firsts = [group[0] for group in groups]
         found, counts = counted_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights, shard)
         hessians = dict(zip(firsts, zip(found, counts, strict=True), strict=True))
     for group in groups:  # forward order: true-sequential, later groups see earlier ones quantized
-        factor, rounding = None, s.rounding
+        factor, rounding, retargeted = None, s.rounding, {}
         if method.hessian:  # one Hessian and one factorisation per group (q/k/v share them)
             H, count = hessians.pop(group[0], (None, 0))
             if H is None:
@@ -232,10 +240,16 @@ def calibrate_block(
                             H.shape[0])
                 rounding = Rounding.RTN
             else:
+                if group[0] in dense:  # the FP outputs as targets: before the factor damps H in place
+                    (D,) = group_drifts(block, drift[0], [group[0]], [calib[group[0]]], call, drift[1], x_in,
+                                        drift[2], weights, shard)
+                    retargeted = {n: drift_target(calib[n].transformed_weight(), H, D, s.damp) for n in group}
+                    del D
                 factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:
-            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=fmts[name].scale_dtype or dtype)
+            kwargs = calib[name].export(rounding, factor=factor, scale_dtype=fmts[name].scale_dtype or dtype,
+                                        target=retargeted.get(name))
             fair = FairLinear.from_codes(**kwargs, dtype=dtype).to(linears[name].weight.device)
             set_module(block, name, fair)
             del calib[name], linears[name]  # the float weight goes as soon as its codes exist
@@ -350,7 +364,7 @@ def loss_shard(shard: DataShard, s: StageTwoSettings) -> DataShard:
     """The samples that score the logged losses: the first `loss_samples` when nothing else needs the FP
     targets (GPTQ or fixed transforms on quantized inputs), else all. Its batches are the first batches of
     `shard`, on the same ranks, so each rank's logged rows are a prefix of its rows."""
-    if s.loss_samples is None or s.fmt.method.learned or s.input_mode is InputMode.FP:
+    if s.loss_samples is None or s.fmt.method.learned or s.input_mode is not InputMode.QUANTIZED:
         return shard
     return DataShard(shard.world, min(s.loss_samples, shard.num_samples), shard.batch_size)
 
@@ -366,7 +380,7 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
     extras = functools.partial(extras, l=l)  # block l's own captured arguments
     call = block_caller(block, extras, device, s.compute_dtype)
     targets = run_batched(call, fp_stream, s.batch_size)  # h*_l: (n_logged_local, seq, d)
-    x_in = q_stream if s.input_mode is InputMode.QUANTIZED else fp_stream
+    x_in = fp_stream if s.input_mode is InputMode.FP else q_stream
     m = targets.shape[0]
     w_log = weights if weights is None or weights.dim() == 1 else weights[:m]
     generator.manual_seed(s.seed + l)  # each block's randomness independent of earlier work
@@ -376,7 +390,12 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
     if shard.world.agree(loaded, f"block {l}: found in cache_dir (cache_dir must be visible to every rank)"):
         logger.info("block %d: loaded from cache", l)
     else:
-        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard, l, n_layers)
+        drift = None
+        if s.input_mode is InputMode.CORRECTED and ROUNDINGS[s.rounding].hessian:  # the FP block gives the targets
+            fp_block = copy.deepcopy(block)
+            drift = (fp_block, block_caller(fp_block, extras, device, s.compute_dtype), fp_stream)
+        calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard, l, n_layers, drift)
+        del drift
         bad = [k for k, v in block.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"block {l} calibrated to non-finite values in {bad[:3]}: check the model's weights "

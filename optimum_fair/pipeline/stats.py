@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..calib.gptq import hessian_sum
+from ..calib.gptq import drift_sum, hessian_sum
 from ..calib.objective import expand_token_weights, weighted_sq_error
 from ..calib.transforms import CalibLinear, channel_absmax
 from ..distributed import DataShard
@@ -159,6 +159,53 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
     total = shard.world.all_reduce_sum(torch.tensor(counts, dtype=torch.int64), "calibration token counts")
     counted = [int(n) for n in total]
     return [H / max(n, 1) for H, n in zip(totals, counted, strict=True)], counted
+
+
+@torch.no_grad()
+def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calibs: list[CalibLinear],
+                 call: Callable, fp_call: Callable, x_in: torch.Tensor, x_fp: torch.Tensor,
+                 weights: torch.Tensor | None, shard: DataShard) -> list[torch.Tensor]:
+    """One D = (1/n) Σ_i w_i (x_fp,i - x̃_i) x̃_iᵀ (d_g, d_g) float64 per group of a dense block: x̃_i the
+    group's transformed input in `block` (as it is now) on the quantized stream x_in, x_fp,i its input in
+    the FP block `fp_block` on the FP stream x_fp (the same samples), both transformed by calibs[g]
+    (`gptq.drift_sum`); sums added in global batch order over all processes, like `counted_hessians`.
+    call / fp_call run block / fp_block on a batch."""
+    found: dict = {}
+
+    def hook_for(key: tuple, g: int):
+        def hook(module, args):
+            with torch.autocast(args[0].device.type, enabled=False):
+                found[key] = calibs[g].transformed_input(args[0].float())  # (b, seq, d_g)
+            if g == len(firsts) - 1:
+                raise _HessiansTaken
+
+        return hook
+
+    handles = [m.get_submodule(name).register_forward_pre_hook(hook_for((side, g), g))
+               for side, m in (("fp", fp_block), ("q", block)) for g, name in enumerate(firsts)]
+    totals = [torch.zeros(c.weight.shape[1], c.weight.shape[1], dtype=torch.float64, device=c.weight.device)
+              for c in calibs]  # (d_g, d_g) each
+    B, n = shard.batch_size, 0
+    try:
+        for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
+            present = r * B < x_in.shape[0]
+            found.clear()
+            if present:
+                for run, x in ((fp_call, x_fp), (call, x_in)):
+                    with contextlib.suppress(_HessiansTaken):
+                        run(x[r * B:(r + 1) * B])
+                w = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
+                n += found[("q", 0)].shape[:-1].numel()
+            for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
+                d = c.weight.shape[1]
+                part = drift_sum(found[("fp", g)], found[("q", g)], w, dtype=torch.float32) if present \
+                    else torch.zeros(d, d, device=c.weight.device)
+                totals[g] = shard.world.fold(totals[g], part, present, what=f"input drift of {name}")
+    finally:
+        for h in handles:
+            h.remove()
+    count = int(shard.world.all_reduce_sum(torch.tensor([n], dtype=torch.int64), "calibration token counts")[0])
+    return [D / max(count, 1) for D in totals]
 
 
 def expert_of(block: nn.Module, name: str) -> tuple[str, int] | None:

@@ -36,6 +36,8 @@ SMALL = dict(num_probes=40, num_samples=12, seq_len=32, window=16, block_length=
              dataset="lee", early_boost=1.0, compute_dtype="float32")
 JOBS = {
     "gptq": ("from_pretrained", dict(SMALL, rounding="gptq", transform="hadamard", loss_samples=8)),  # 2 of 3 batches
+    # the FP block's stream and the drift sums split over the ranks too
+    "corrected": ("quantize", dict(SMALL, rounding="gptq", transform="none", a_bits=16, input_mode="corrected")),
     "flat_fp": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant", input_mode="fp",
                                  weight_grid="symmetric")),
     "flat": ("quantize", dict(SMALL, rounding="rtn", transform="flatquant", weight_grid="symmetric")),
@@ -82,7 +84,7 @@ def single(model_dir, tmp_path_factory):
     """The single-process runs every multi-process run is compared with."""
     out = tmp_path_factory.mktemp("single")
     torch.set_num_threads(1)
-    for name in ("gptq", "flat_fp", "flat", "rtn"):
+    for name in ("gptq", "corrected", "flat_fp", "flat", "rtn"):
         run_job(str(model_dir), out / name, *JOBS[name])
     return out
 
@@ -91,7 +93,7 @@ def single(model_dir, tmp_path_factory):
 def torchrun(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
     _launch(["torchrun", "--standalone", "--nproc_per_node", "2", WORKER, str(model_dir), str(out),
-             _jobs("collectives", "gptq", "flat_fp", "flat")])
+             _jobs("collectives", "gptq", "corrected", "flat_fp", "flat")])
     return out
 
 
@@ -118,6 +120,14 @@ def test_gptq_hadamard_checkpoint_is_bit_identical(single, torchrun):
     assert r0["size"] == r1["size"] == 2
     assert r0["prior"] == r1["prior"] == one["prior"]  # Stage I: 3 probe batches over 2 ranks
     assert r0["records"] == r1["records"] == one["records"]  # Stage II losses, bit for bit
+
+
+def test_corrected_inputs_checkpoint_is_bit_identical(single, torchrun):
+    ref, par = _tensors(single / "corrected"), _tensors(torchrun / "corrected")
+    assert sorted(ref) == sorted(par)
+    assert [k for k in ref if not torch.equal(ref[k], par[k])] == []
+    r0, r1 = _ranks(torchrun / "corrected")
+    assert r0["records"] == r1["records"] == json.loads((single / "corrected" / "rank0.json").read_text())["records"]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
