@@ -40,7 +40,7 @@ from ..arch import find_adapter
 from ..config import FairCalibConfig
 from ..digests import digest_metadata
 from ..distributed import is_main_process
-from ..enums import WeightGrid
+from ..enums import InputMode, WeightGrid
 from ..modeling import register_native_models
 from ..nn import use_kernels
 from ..pipeline.moe import prepare_tied_load, tie_blocks, unfuse_experts
@@ -189,17 +189,19 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
 
 @contextlib.contextmanager
 def _given_back_on_failure(model: nn.Module, config: FairCalibConfig) -> Iterator[None]:
-    """A copy of the float weights the steps before calibration change (the folded rotation: all of them;
-    a GGUF target: the token embedding) until calibration ends: a failure puts them back (every tensor
-    still in the model; calibration checks its input before it converts any layer)."""
+    """A copy of the float weights calibration changes besides the converted linears (the folded rotation:
+    all of them; a GGUF target: the token embedding; input_mode "corrected": the LM head) until calibration
+    ends: a failure puts them back (every tensor still in the model; calibration checks its input before it
+    converts any layer)."""
     state = model.state_dict()
-    if config.fold_rotation:
-        names = list(state)
-    elif config.gguf_type is not None:
-        embedding = model.get_input_embeddings().weight
-        names = [n for n, p in model.named_parameters() if p is embedding]
-    else:
-        names = []
+    changed = []
+    if config.gguf_type is not None:
+        changed.append(model.get_input_embeddings())
+    if config.input_mode is InputMode.CORRECTED:
+        changed.append(model.get_output_embeddings())
+    weights = [m.weight for m in changed if m is not None]
+    names = list(state) if config.fold_rotation else \
+        [n for n, p in model.named_parameters() if any(p is w for w in weights)]
     saved = {n: state[n].detach().to("cpu", copy=True) for n in names}
     try:
         yield

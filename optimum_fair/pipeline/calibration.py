@@ -18,20 +18,23 @@ import torch
 from torch import nn
 
 from ..arch import find_adapter
+from ..calib.methods import ROUNDINGS
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
 from ..digests import tensor_digest
 from ..distributed import DataShard, World, get_world
+from ..enums import InputMode
 from ..masks import block_diffusion_mask
 from ..naming import public_name, source_name
 from ..scoring.states import decoding_states, noisy_canvases
 from .cache import BlockCache, run_fingerprint, settings_digest
+from .head import refit_head
 from .moe import check_tied, tie_blocks, unfuse_experts
 from .plan import Plan, block_groups, check_token_ids, make_plan, warn_foreign_tokenizer
 from .result import CalibrationResult
 from .stage1 import probe_source, stage_one
-from .stage2 import calibrate_blocks, capture_block_inputs
+from .stage2 import calibrate_blocks, capture_block_inputs, model_forward
 from .surgery import check_convertible, check_group_size, convert_rtn, linears_to_convert, log_fallbacks
 
 logger = logging.getLogger(__name__)
@@ -113,8 +116,13 @@ def _stages(model: nn.Module, plan: Plan, texts, tokenizer):
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     logger.info("Stage II: block forwards in %s", s.compute_dtype)
+    corrected = s.input_mode is InputMode.CORRECTED and ROUNDINGS[s.rounding].hessian
+    streams = {} if corrected else None
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, s, model_float_dtype(model),
-                               execution_device(model), cache=cache, shard=shard)
+                               execution_device(model), cache=cache, shard=shard, streams=streams)
+    if corrected:  # the float head refitted to the quantized body, through the model's own tail
+        local = weights if weights is None or weights.dim() == 1 else weights[shard.sample_ids]
+        refit_head(model, blocks[-1], model_forward(model, mask, inputs), streams, local, shard, s.damp)
     return prior, records
 
 

@@ -85,13 +85,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     sample); otherwise it is dropped.
     Returns hidden (n, seq, d) float32 on CPU and `extras(b, l=0) -> (args, kwargs)` for block l, batch b.
     """
-    device = execution_device(model)
-    fixed = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
-
-    def forward(ids: torch.Tensor) -> None:
-        kwargs = inputs(ids) if inputs is not None else {"input_ids": ids}
-        model(**{k: v.to(device) for k, v in kwargs.items()}, **fixed)
-
+    forward = model_forward(model, attention_mask, inputs)
     per_block: list[list] = [[] for _ in blocks]
     with contextlib.ExitStack() as stack:  # every block's arguments, from one full forward of the first batch
         for block, store in zip(blocks, per_block, strict=True):
@@ -117,6 +111,19 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
         return _rebatch(args0, b0, b), _rebatch(kwargs0, b0, b)
 
     return hidden, extras
+
+
+def model_forward(model: nn.Module, attention_mask: torch.Tensor | None = None,
+                  inputs: Callable | None = None) -> Callable[[torch.Tensor], None]:
+    """forward(ids (b, seq)): `model` run on a batch of calibration ids, as `capture_block_inputs` runs it."""
+    device = execution_device(model)
+    fixed = {} if attention_mask is None else {"attention_mask": attention_mask.to(device)}
+
+    def forward(ids: torch.Tensor) -> None:
+        kwargs = inputs(ids) if inputs is not None else {"input_ids": ids}
+        model(**{k: v.to(device) for k, v in kwargs.items()}, **fixed)
+
+    return forward
 
 
 def _keep(kwargs: dict, keep_cache: bool) -> dict:
@@ -328,6 +335,7 @@ def calibrate_blocks(
     device: torch.device,
     cache=None,
     shard: DataShard | None = None,
+    streams: dict | None = None,
 ) -> list[dict]:
     """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss', 'samples'} records
     ('samples': how many samples scored the two losses, `loss_shard`).
@@ -340,6 +348,8 @@ def calibrate_blocks(
     cached block is loaded instead of calibrated.
     shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
     2-d weights all n rows); the records and the calibrated blocks are the same on every process.
+    streams: a dict that receives the last block's outputs, "fp" (the FP model's, the logged samples) and
+    "q" (the quantized model's, all of this process's samples).
     """
     shard = shard or DataShard(World(), hidden.shape[0], s.batch_size)
     if shard.batch_size != s.batch_size or hidden.shape[0] != len(shard.sample_ids):
@@ -357,6 +367,8 @@ def calibrate_blocks(
                                                      weights, s, generator, dtype, device, cache, shard, logged,
                                                      len(blocks))
         records.append(record)
+    if streams is not None:
+        streams.update(fp=fp_stream, q=q_stream)
     return records
 
 

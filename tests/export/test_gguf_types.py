@@ -179,3 +179,27 @@ def test_export_without_a_type_names_the_calibrated_one(q4_0, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         export(folder, tmp_path / "mix.gguf", "gguf", gguf_type="Q4_0")
     assert "calibrated for" not in caplog.text
+
+
+def test_a_failure_after_the_head_refit_gives_the_float_head_back(monkeypatch):
+    """input_mode="corrected" changes the float LM head at the end of calibration; a failure after that puts
+    the user's head (and the embedding) back."""
+    from optimum_fair import FairCalibConfig, quantize
+    from optimum_fair.pipeline import calibration
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    head, embedding = (m.weight.detach().clone() for m in (model.get_output_embeddings(),
+                                                           model.get_input_embeddings()))
+    refit = calibration.refit_head
+
+    def refit_then_fail(model, *args):
+        assert refit(model, *args)  # the head did change
+        raise RuntimeError("killed after the head refit")
+
+    monkeypatch.setattr(calibration, "refit_head", refit_then_fail)
+    with pytest.raises(RuntimeError, match="after the head refit"):
+        quantize(model, FairCalibConfig(gguf_type="Q4_0", rounding="gptq", weighting="uniform", num_samples=4,
+                                        seq_len=32, batch_size=4, input_mode="corrected"), tokenizer=tok)
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
