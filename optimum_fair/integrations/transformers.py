@@ -175,8 +175,8 @@ def quantize_loaded(model: nn.Module, quantizer: FairCalibHfQuantizer, texts, to
         require_token(repo_id=config.push_to_hub)
     with _given_back_on_failure(model, config):
         _fold_rotation(model, config)
-        _round_embedding_to_target(model, config)
-        result = calibrate(model, config, texts, tokenizer)
+        fp_embedding = _round_embedding_to_target(model, config)
+        result = calibrate(model, config, texts, tokenizer, fp_embedding=fp_embedding)
     quantizer.result, quantizer.quantization_config = result, result.config
     quantizer.tokenizer = tokenizer if tokenizer is not None else config.tokenizer
     quantizer.pre_quantized = True  # the model in memory is now quantized
@@ -227,22 +227,26 @@ def _fold_rotation(model: nn.Module, config: FairCalibConfig) -> None:
     logger.info("residual stream rotated (%d x %d, folded into the weights) before calibration", width, width)
 
 
-def _round_embedding_to_target(model: nn.Module, config: FairCalibConfig) -> None:
+def _round_embedding_to_target(model: nn.Module, config: FairCalibConfig) -> torch.Tensor | None:
     """For a GGUF target, the token embedding rounded to the target type first, as llama.cpp's mix stores
     it, so Stage II calibrates the blocks on the inputs the file will give them (on the shipped model
     this took the Q4_0 mix's flip rate from 0.117 to 0.102, docs/export.md). Left float when tied to the
-    LM head (llama.cpp then stores it in the head's type) or when its width is not a multiple of 32."""
+    LM head (llama.cpp then stores it in the head's type) or when its width is not a multiple of 32.
+    Returns the float embedding it replaced under input_mode "corrected" (the FP stream starts from it),
+    else None."""
     if config.gguf_type is None:
-        return
+        return None
     from ..export import gguf_types  # torch only; loaded when a GGUF target is calibrated
 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if (head is not None and head.weight is embedding.weight) or embedding.weight.shape[1] % gguf_types.BLOCK:
-        return
+        return None
     qtype = gguf_types.mix_for(config.gguf_type).embedding_type(embedding.weight.shape[1])
+    fp = embedding.weight.detach().clone() if config.input_mode is InputMode.CORRECTED else None
     with torch.no_grad():
         embedding.weight.copy_(gguf_types.rounded(embedding.weight, qtype))
     logger.info("token embedding rounded to %s before calibration (the GGUF mix stores it so)", qtype.value)
+    return fp
 
 
 def hub_tags(model: nn.Module, config: FairCalibConfig) -> list[str]:

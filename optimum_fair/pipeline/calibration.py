@@ -11,8 +11,10 @@ prior and the same quantized model as a single process would make. Only rank 0 w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,11 +42,15 @@ from .surgery import check_convertible, check_group_size, convert_rtn, linears_t
 logger = logging.getLogger(__name__)
 
 
-def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None) -> CalibrationResult:
+def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=None,
+              fp_embedding: torch.Tensor | None = None) -> CalibrationResult:
     """Quantize `model` in place (its linears become FairLinears) and return what calibration produced.
 
     texts: calibration text (a list of strings, a `datasets.Dataset` or a dataset name); default the
     config's `dataset`. tokenizer: an object or a path; default the config's `tokenizer`, then the model's own.
+    fp_embedding: the token embedding's float weight where the model's was rounded before calibration (a
+    GGUF target): under input_mode "corrected" the FP stream starts from it, so block 0 also corrects
+    towards the float embedding's outputs.
     Every setting is resolved once, by `plan.make_plan`, before any work.
     """
     if not isinstance(config, FairCalibConfig):
@@ -67,7 +73,7 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     if plan.calibrate:
         texts = texts if texts is not None else plan.texts
         tokenizer = tokenizer if tokenizer is not None else plan.tokenizer
-        result.prior, result.blocks = _stages(model, plan, texts, tokenizer)
+        result.prior, result.blocks = _stages(model, plan, texts, tokenizer, fp_embedding)
     rest = linears_to_convert(model, plan.skip + plan.tied)  # everything with RTN, or the linears outside the blocks
     if rest:
         logger.info("round-to-nearest for %d linears: %s", len(rest), list(rest)[:4])
@@ -77,7 +83,7 @@ def calibrate(model: nn.Module, config: FairCalibConfig, texts=None, tokenizer=N
     return result
 
 
-def _stages(model: nn.Module, plan: Plan, texts, tokenizer):
+def _stages(model: nn.Module, plan: Plan, texts, tokenizer, fp_embedding: torch.Tensor | None = None):
     """Stage I + Stage II on `model` in place; returns (prior or None, per-block records)."""
     adapter, setup, s = plan.adapter, plan.decode, plan.stage_two
     blocks = adapter.block_list(model)
@@ -117,13 +123,36 @@ def _stages(model: nn.Module, plan: Plan, texts, tokenizer):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     logger.info("Stage II: block forwards in %s", s.compute_dtype)
     corrected = s.input_mode is InputMode.CORRECTED and ROUNDINGS[s.rounding].hessian
+    fp_hidden = None
+    if corrected and fp_embedding is not None:  # the FP stream from the float embedding
+        with _embedding_weight(model, fp_embedding):
+            fp_hidden, _ = capture_block_inputs(model, blocks, ids[shard.sample_ids], s.batch_size, mask,
+                                                inputs=inputs, keep_cache=adapter.canvas)
     streams = {} if corrected else None
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, s, model_float_dtype(model),
-                               execution_device(model), cache=cache, shard=shard, streams=streams)
+                               execution_device(model), cache=cache, shard=shard, streams=streams,
+                               fp_hidden=fp_hidden)
     if corrected:  # the float head refitted to the quantized body, through the model's own tail
         local = weights if weights is None or weights.dim() == 1 else weights[shard.sample_ids]
         refit_head(model, blocks[-1], model_forward(model, mask, inputs), streams, local, shard, s.damp)
     return prior, records
+
+
+@contextlib.contextmanager
+def _embedding_weight(model: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """The token embedding's weight replaced by `weight` (same shape) for the block; put back after."""
+    embedding = model.get_input_embeddings().weight
+    if weight.shape != embedding.shape:
+        raise ValueError(f"fp_embedding has shape {tuple(weight.shape)}, the model's embedding "
+                         f"{tuple(embedding.shape)}")
+    kept = embedding.detach().clone()
+    with torch.no_grad():
+        embedding.copy_(weight)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            embedding.copy_(kept)
 
 
 def check_finite_weights(linears: dict[str, nn.Module]) -> None:

@@ -336,6 +336,7 @@ def calibrate_blocks(
     cache=None,
     shard: DataShard | None = None,
     streams: dict | None = None,
+    fp_hidden: torch.Tensor | None = None,
 ) -> list[dict]:
     """Calibrate every block in order; returns per-block {'block', 'loss_rtn', 'loss', 'samples'} records
     ('samples': how many samples scored the two losses, `loss_shard`).
@@ -348,6 +349,8 @@ def calibrate_blocks(
     cached block is loaded instead of calibrated.
     shard: with several processes, which samples this one holds (`hidden` has exactly those rows, and
     2-d weights all n rows); the records and the calibrated blocks are the same on every process.
+    fp_hidden: the FP model's inputs of blocks[0] where they differ from `hidden` (the quantized model's:
+    a GGUF target's rounded embedding), like `hidden`; default `hidden`.
     streams: a dict that receives the last block's outputs, "fp" (the FP model's, the logged samples) and
     "q" (the quantized model's, all of this process's samples).
     """
@@ -359,7 +362,8 @@ def calibrate_blocks(
         weights = weights[shard.sample_ids]  # (n_local, seq)
     generator = torch.Generator().manual_seed(s.seed)
     logged = loss_shard(shard, s)
-    fp_stream, q_stream = hidden[:len(logged.sample_ids)], hidden  # the FP stream: the logged samples only
+    fp_start = hidden if fp_hidden is None else fp_hidden
+    fp_stream, q_stream = fp_start[:len(logged.sample_ids)], hidden  # the FP stream: the logged samples only
     records = []
     for l, block in enumerate(tqdm(blocks, desc="Stage II: blocks", disable=not shard.world.is_main)):
         with onloaded(block, device):

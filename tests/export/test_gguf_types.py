@@ -203,3 +203,32 @@ def test_a_failure_after_the_head_refit_gives_the_float_head_back(monkeypatch):
                                         seq_len=32, batch_size=4, input_mode="corrected"), tokenizer=tok)
     assert torch.equal(model.get_output_embeddings().weight, head)
     assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
+def test_corrected_inputs_start_the_fp_stream_from_the_float_embedding(monkeypatch):
+    """A GGUF target rounds the token embedding before calibration; under input_mode="corrected" the FP
+    stream of block 0 still comes from the float embedding (so block 0 corrects towards it), the quantized
+    stream from the rounded one, and the model keeps the rounded one."""
+    from optimum_fair import FairCalibConfig, quantize
+    from optimum_fair.export import gguf_types
+    from optimum_fair.pipeline import calibration
+
+    tok = AutoTokenizer.from_pretrained(optimum_fair.DEFAULT_MODEL)
+    model = tiny_llada(len(tok), tok.mask_token_id)
+    float_embedding = model.get_input_embeddings().weight.detach().clone()
+    seen = {}
+    real = calibration.calibrate_blocks
+
+    def spy(blocks, groups_of, hidden, *args, **kwargs):
+        seen.update(hidden=hidden, fp_hidden=kwargs["fp_hidden"])
+        return real(blocks, groups_of, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate_blocks", spy)
+    quantize(model, FairCalibConfig(gguf_type="Q4_0", rounding="gptq", weighting="uniform", num_samples=4,
+                                    seq_len=32, batch_size=4, input_mode="corrected", dataset="lee"), tokenizer=tok)
+    rounded = gguf_types.rounded(float_embedding, gguf_types.GGUFType.Q4_0)
+    assert torch.equal(model.get_input_embeddings().weight, rounded)
+    # LLaDA's first block reads the embedding rows of the (masked) calibration states as they are
+    rows_fp, rows_q = seen["fp_hidden"].reshape(-1, rounded.shape[1]), seen["hidden"].reshape(-1, rounded.shape[1])
+    assert not torch.equal(rows_fp, rows_q)
+    assert torch.isin(rows_fp[:, 0], float_embedding[:, 0]).all() and torch.isin(rows_q[:, 0], rounded[:, 0]).all()
