@@ -90,7 +90,8 @@ class FairCalibConfig(QuantizationConfigMixin):
             weight_grid "search", a_bits 16 (GGUF holds weights only; llama.cpp
             quantizes activations itself) and transform "none" (GGUF has no online transforms). Values of
             those fields other than their defaults and the type's own are refused. None (default): no
-            GGUF target. Pair it with rounding="gptq" for calibrated codes.
+            GGUF target. Pair it with rounding="gptq" for calibrated codes, and input_mode="corrected"
+            for the best file measured (docs/export.md).
         rounding: "rtn" (default, as FlatQuant) or "gptq" (weighted GPTQ, H = sum_i w_i x_i x_i^T).
         transform: "flatquant" (default, the paper's base quantizer: learned Kronecker transforms,
             smoothing and clipping), "hadamard" (fixed random rotation) or "none".

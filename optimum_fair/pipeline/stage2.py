@@ -232,6 +232,9 @@ def calibrate_block(
     # corrected inputs: each group's Hessian and drift with the earlier groups quantized (true-sequential), so
     # a group also undoes its block's earlier rounding (its drift from one pass over the float block would be 0)
     dense = [group[0] for group in groups if drift is not None and not expert_of(block, group[0])]
+    if drift is not None and len(dense) < len(groups):
+        logger.info("  corrected inputs: %d routed-expert groups rounded on the quantized stream alone",
+                    len(groups) - len(dense))
     if method.hessian and not s.true_sequential and drift is None:  # every group's Hessian from one pass
         firsts = [group[0] for group in groups]
         found, counts = counted_hessians(block, firsts, [calib[n] for n in firsts], call, x_in, weights, shard)

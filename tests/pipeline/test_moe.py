@@ -94,6 +94,22 @@ def test_an_expert_without_tokens_falls_back_to_rtn_and_the_count_is_logged(tok,
         assert torch.equal(packed.codes(), rtn.codes()) == name.startswith("7.")
 
 
+def test_corrected_inputs_round_dense_groups_towards_fp_and_experts_on_the_quantized_stream(tok, caplog):
+    """input_mode="corrected" on LLaDA-MoE: the attention and shared groups of a MoE layer round towards the
+    FP block (other codes than "quantized"), each routed expert as under "quantized" (routing differs between
+    the two streams), said in the log."""
+    runs = {}
+    for mode in ("quantized", "corrected"):
+        model = _model(tok)
+        with caplog.at_level(logging.INFO, logger="optimum_fair"):
+            calibrate(model, FairCalibConfig(rounding="gptq", weighting="uniform", input_mode=mode, **SMALL),
+                      texts=TEXTS, tokenizer=tok)
+        runs[mode] = model
+    assert "corrected inputs: 16 routed-expert groups rounded on the quantized stream alone" in caplog.text  # 8 x 2
+    codes = {mode: m.get_submodule("model.layers.1.self_attn.o_proj").codes() for mode, m in runs.items()}
+    assert not torch.equal(codes["quantized"], codes["corrected"])
+
+
 def _linear(weight: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = nn.Parameter(weight)
