@@ -91,3 +91,29 @@ def test_unset_window_and_blocks_resolve_to_values_that_fit():
     assert FairCalibConfig(block_length=8).resolved_window(64) == 16
     with pytest.raises(ValueError, match="block_length"):
         FairCalibConfig(block_length=32).resolved_window(64)  # a set value that cannot fit is named
+
+
+def test_corrected_inputs_refit_dreams_head_and_the_model_reloads(tmp_path):
+    tok = char_tokenizer()
+    model = _dream(tok)
+    head = model.get_output_embeddings().weight.detach().clone()
+    quantize(model, FairCalibConfig(**SMALL, rounding="gptq", transform="none", a_bits=16, weighting="uniform",
+                                    input_mode="corrected"), tokenizer=tok)
+    assert not torch.equal(model.get_output_embeddings().weight, head)  # refitted through Dream's own norm
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(X).logits, model(X).logits)
+
+
+def test_corrected_inputs_leave_a_tied_head_alone(caplog):
+    import logging
+
+    tok = char_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), tie_word_embeddings=True)).eval()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="optimum_fair"):
+        quantize(model, FairCalibConfig(**SMALL, rounding="gptq", transform="none", a_bits=16, weighting="uniform",
+                                        input_mode="corrected"), tokenizer=tok)
+    assert "the LM head is not a float linear of its own; left as it is" in caplog.text
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
