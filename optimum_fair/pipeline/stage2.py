@@ -243,18 +243,19 @@ def calibrate_block(
         factor, rounding, retargeted = None, s.rounding, {}
         if method.hessian:  # one Hessian and one factorisation per group (q/k/v share them)
             H, count = hessians.pop(group[0], (None, 0))
-            if H is None:
+            if group[0] in dense:  # the FP outputs as targets (H and D of the same inputs, one pass)
+                ((H, D),) = group_drifts(block, drift[0], [group[0]], [calib[group[0]]], call, drift[1], x_in,
+                                         drift[2], weights, shard)
+                retargeted = {n: drift_target(calib[n].transformed_weight(), H, D, s.damp) for n in group}
+                count = x_in.shape[:2].numel()  # a dense group reads every token (H is not singular by count)
+                del D
+            elif H is None:
                 (H,), (count,) = counted_hessians(block, [group[0]], [calib[group[0]]], call, x_in, weights, shard)
             if count < H.shape[0] and expert_of(block, group[0]):  # a rarely routed expert: H is singular
                 logger.info("  %s: %d calibration tokens for %d inputs: round-to-nearest", group[0], count,
                             H.shape[0])
                 rounding = Rounding.RTN
             else:
-                if group[0] in dense:  # the FP outputs as targets: before the factor damps H in place
-                    (D,) = group_drifts(block, drift[0], [group[0]], [calib[group[0]]], call, drift[1], x_in,
-                                        drift[2], weights, shard)
-                    retargeted = {n: drift_target(calib[n].transformed_weight(), H, D, s.damp) for n in group}
-                    del D
                 factor = gptq_factor(H, s.damp, s.act_order, overwrite=True)
             del H
         for name in group:

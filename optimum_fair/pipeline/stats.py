@@ -164,12 +164,13 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
 @torch.no_grad()
 def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calibs: list[CalibLinear],
                  call: Callable, fp_call: Callable, x_in: torch.Tensor, x_fp: torch.Tensor,
-                 weights: torch.Tensor | None, shard: DataShard) -> list[torch.Tensor]:
-    """One D = (1/n) Σ_i w_i (x_fp,i - x̃_i) x̃_iᵀ (d_g, d_g) float64 per group of a dense block: x̃_i the
-    group's transformed input in `block` (as it is now) on the quantized stream x_in, x_fp,i its input in
-    the FP block `fp_block` on the FP stream x_fp (the same samples), both transformed by calibs[g]
-    (`gptq.drift_sum`); sums added in global batch order over all processes, like `counted_hessians`.
-    call / fp_call run block / fp_block on a batch."""
+                 weights: torch.Tensor | None, shard: DataShard) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(H, D) per group of a dense block, from one pass of each block: H = (1/n) Σ_i w_i x̃_i x̃_iᵀ as in
+    `counted_hessians` and D = (1/n) Σ_i w_i (x_fp,i - x̃_i) x̃_iᵀ (`gptq.drift_sum`), both (d_g, d_g)
+    float64, x̃_i the group's transformed input in `block` (as it is now) on the quantized stream x_in,
+    x_fp,i its input in the FP block `fp_block` on the FP stream x_fp (the same samples), both transformed
+    by calibs[g]; sums added in global batch order over all processes. call / fp_call run block / fp_block
+    on a batch."""
     found: dict = {}
 
     def hook_for(key: tuple, g: int):
@@ -183,8 +184,8 @@ def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calib
 
     handles = [m.get_submodule(name).register_forward_pre_hook(hook_for((side, g), g))
                for side, m in (("fp", fp_block), ("q", block)) for g, name in enumerate(firsts)]
-    totals = [torch.zeros(c.weight.shape[1], c.weight.shape[1], dtype=torch.float64, device=c.weight.device)
-              for c in calibs]  # (d_g, d_g) each
+    totals = [[torch.zeros(c.weight.shape[1], c.weight.shape[1], dtype=torch.float64, device=c.weight.device)
+               for _ in range(2)] for c in calibs]  # [H, D] per group, (d_g, d_g) each
     B, n = shard.batch_size, 0
     try:
         for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
@@ -198,14 +199,16 @@ def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calib
                 n += found[("q", 0)].shape[:-1].numel()
             for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
                 d = c.weight.shape[1]
-                part = drift_sum(found[("fp", g)], found[("q", g)], w, dtype=torch.float32) if present \
-                    else torch.zeros(d, d, device=c.weight.device)
-                totals[g] = shard.world.fold(totals[g], part, present, what=f"input drift of {name}")
+                parts = (hessian_sum(found[("q", g)], w, dtype=torch.float32)[0],
+                         drift_sum(found[("fp", g)], found[("q", g)], w, dtype=torch.float32)) if present \
+                    else (torch.zeros(d, d, device=c.weight.device),) * 2
+                totals[g] = [shard.world.fold(total, part, present, what=f"{what} of {name}")
+                             for total, part, what in zip(totals[g], parts, ("Hessian", "input drift"), strict=True)]
     finally:
         for h in handles:
             h.remove()
     count = int(shard.world.all_reduce_sum(torch.tensor([n], dtype=torch.int64), "calibration token counts")[0])
-    return [D / max(count, 1) for D in totals]
+    return [(H / max(count, 1), D / max(count, 1)) for H, D in totals]
 
 
 def expert_of(block: nn.Module, name: str) -> tuple[str, int] | None:
