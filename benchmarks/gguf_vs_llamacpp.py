@@ -10,8 +10,8 @@ F32 GGUF with our exporter. Per GGUF type T (`--types`; Q4_K_M and IQ4_XS are ll
   each also with the token embedding and the output head kept F32 (`--token-embedding-type f32
   --output-tensor-type f32`), which separates the block linears' error from the embedding's and head's;
 * optimum-fair calibrated for T (`FairCalibConfig(gguf_type=T)`: GPTQ in the GGUF grid, the same
-  calibration windows, masked decode-like inputs unless `--calib-inputs text`), weighting uniform and
-  fair, exported with `export(model, out, "gguf")` and, where the exporter takes `gguf_type`, also as
+  calibration windows, masked decode-like inputs unless `--calib-inputs text`; `--input-mode corrected`:
+  GPTQ towards the FP model's outputs, the recommended recipe), weighting uniform and fair, exported with `export(model, out, "gguf")` and, where the exporter takes `gguf_type`, also as
   llama.cpp's mix (embedding and head quantized). A type the package refuses is recorded as not
   supported.
 
