@@ -11,8 +11,9 @@ F32 GGUF with our exporter. Per GGUF type T (`--types`; Q4_K_M and IQ4_XS are ll
   --output-tensor-type f32`), which separates the block linears' error from the embedding's and head's;
 * optimum-fair calibrated for T (`FairCalibConfig(gguf_type=T)`: GPTQ in the GGUF grid, the same
   calibration windows, masked decode-like inputs unless `--calib-inputs text`; `--input-mode corrected`:
-  GPTQ towards the FP model's outputs, the recommended recipe), weighting uniform and fair, exported with `export(model, out, "gguf")` and, where the exporter takes `gguf_type`, also as
-  llama.cpp's mix (embedding and head quantized). A type the package refuses is recorded as not
+  GPTQ towards the FP model's outputs, the recommended recipe), weighting uniform and fair, exported
+  with `export(model, out, "gguf")` and, where the exporter takes `gguf_type`, also as llama.cpp's mix
+  (embedding and head quantized). A type the package refuses is recorded as not
   supported.
 
 Every file is read back with the `gguf` package's dequantizer into a float LLaDA and scored with the
