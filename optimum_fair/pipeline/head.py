@@ -4,8 +4,8 @@ The head stays float in the model (a GGUF export rounds it to the mix's head typ
 does). Its weight becomes `gptq.drift_target(W, H, D)`: the weight whose logits on the quantized body's
 final hidden states best match the FP head's logits on the FP model's (H and D from the head's inputs on
 the two last-block streams, through the model's own tail: final norm and anything else before the head).
-On the shipped model's Q4_0 mix this took the flip rate from 0.079 / 0.102 to 0.076 / 0.096 (seeds 0 / 1)
-and the NLL down on both held-out texts (docs/export.md).
+A prototype of this step on the shipped model's Q4_0 mix took the flip rate from 0.079 / 0.102 to
+0.076 / 0.096 (seeds 0 / 1) and the NLL down on both held-out texts; docs/export.md has the full recipe's.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from ..calib.gptq import drift_sum, drift_target, hessian_sum
+from ..calib.gptq import drift_target
 from ..distributed import DataShard
+from .stats import drift_moments
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +67,19 @@ def refit_head(model: nn.Module, last_block: nn.Module, forward: Callable[[torch
         found["x"] = args[0].detach().float()  # (b, seq, d)
         raise _HeadReached
 
-    d, B, n = head.in_features, shard.batch_size, 0
-    H = torch.zeros(d, d, dtype=torch.float64, device=head.weight.device)  # Σ w x̃ x̃ᵀ
-    D = torch.zeros_like(H)  # Σ w (x_fp - x̃) x̃ᵀ
+    def inputs(lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = {}
+        for side in ("fp", "q"):
+            given["x"] = streams[side][lo:hi]
+            with contextlib.suppress(_HeadReached):
+                forward(torch.zeros(given["x"].shape[:2], dtype=torch.long))
+            x[side] = found.pop("x").to(head.weight.device)
+        return [(x["fp"], x["q"])]
+
     with _last_block_gives(last_block, given), contextlib.ExitStack() as stack:
         stack.callback(head.register_forward_pre_hook(take).remove)
-        for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
-            present = r * B < streams["q"].shape[0]
-            parts = {"H": torch.zeros(d, d, device=H.device), "D": torch.zeros(d, d, device=H.device)}
-            if present:
-                x = {}
-                for side in ("fp", "q"):
-                    given["x"] = streams[side][r * B:(r + 1) * B]
-                    with contextlib.suppress(_HeadReached):
-                        forward(torch.zeros(given["x"].shape[:2], dtype=torch.long))
-                    x[side] = found.pop("x").to(H.device)
-                w = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
-                parts = {"H": hessian_sum(x["q"], w, dtype=torch.float32)[0],
-                         "D": drift_sum(x["fp"], x["q"], w, dtype=torch.float32)}
-                n += x["q"].shape[:-1].numel()
-            H = shard.world.fold(H, parts["H"], present, what="Hessian of the LM head")
-            D = shard.world.fold(D, parts["D"], present, what="input drift of the LM head")
-    count = int(shard.world.all_reduce_sum(torch.tensor([n], dtype=torch.int64), "calibration token counts")[0])
-    head.weight.copy_(drift_target(head.weight.float(), H / count, D / count, damp))
-    logger.info("input_mode='corrected': LM head refitted to the quantized body (%d tokens)", count)
+        ((H, D),) = drift_moments(inputs, streams["q"].shape[0], weights, [head.in_features], ["the LM head"],
+                                  head.weight.device, shard)
+    head.weight.copy_(drift_target(head.weight.float(), H, D, damp))
+    logger.info("input_mode='corrected': LM head refitted to the quantized body")
     return True

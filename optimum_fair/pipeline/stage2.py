@@ -247,11 +247,10 @@ def calibrate_block(
                 ((H, D),) = group_drifts(block, drift[0], [group[0]], [calib[group[0]]], call, drift[1], x_in,
                                          drift[2], weights, shard)
                 retargeted = {n: drift_target(calib[n].transformed_weight(), H, D, s.damp) for n in group}
-                count = x_in.shape[:2].numel()  # a dense group reads every token (H is not singular by count)
                 del D
             elif H is None:
                 (H,), (count,) = counted_hessians(block, [group[0]], [calib[group[0]]], call, x_in, weights, shard)
-            if count < H.shape[0] and expert_of(block, group[0]):  # a rarely routed expert: H is singular
+            if expert_of(block, group[0]) and count < H.shape[0]:  # a rarely routed expert: H is singular
                 logger.info("  %s: %d calibration tokens for %d inputs: round-to-nearest", group[0], count,
                             H.shape[0])
                 rounding = Rounding.RTN

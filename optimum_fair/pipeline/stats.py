@@ -162,15 +162,40 @@ def counted_hessians(block: nn.Module, firsts: list[str], calibs: list[CalibLine
 
 
 @torch.no_grad()
+def drift_moments(inputs: Callable[[int, int], list[tuple[torch.Tensor, torch.Tensor]]], n_local: int,
+                  weights: torch.Tensor | None, dims: list[int], names: list[str], device: torch.device,
+                  shard: DataShard) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(H, D) per input of a linear, over the samples of all processes: H = (1/n) Σ_i w_i x̃_i x̃_iᵀ (as
+    `counted_hessians`) and D = (1/n) Σ_i w_i (x_fp,i - x̃_i) x̃_iᵀ (`gptq.drift_sum`), both (d_g, d_g) float64.
+
+    inputs(lo, hi) -> [(x_fp, x̃)] per input g, each (b, seq, d_g): its inputs for this process's samples
+    lo:hi (n_local in all) on the FP and the quantized stream; batch sums added in global batch order over
+    the processes (`World.fold`); names[g] says whose sums they are in a disagreement message."""
+    totals = [[torch.zeros(d, d, dtype=torch.float64, device=device) for _ in range(2)] for d in dims]  # [H, D]
+    B, n = shard.batch_size, 0
+    for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
+        present = r * B < n_local
+        pairs = inputs(r * B, (r + 1) * B) if present else [None] * len(dims)
+        w = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
+        n += pairs[0][1].shape[:-1].numel() if present else 0
+        for g, (pair, d) in enumerate(zip(pairs, dims, strict=True)):
+            parts = (hessian_sum(pair[1], w, dtype=torch.float32)[0],
+                     drift_sum(pair[0], pair[1], w, dtype=torch.float32)) if present \
+                else (torch.zeros(d, d, device=device),) * 2
+            totals[g] = [shard.world.fold(total, part, present, what=f"{what} of {names[g]}")
+                         for total, part, what in zip(totals[g], parts, ("Hessian", "input drift"), strict=True)]
+    count = int(shard.world.all_reduce_sum(torch.tensor([n], dtype=torch.int64), "calibration token counts")[0])
+    return [(H / max(count, 1), D / max(count, 1)) for H, D in totals]
+
+
+@torch.no_grad()
 def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calibs: list[CalibLinear],
                  call: Callable, fp_call: Callable, x_in: torch.Tensor, x_fp: torch.Tensor,
                  weights: torch.Tensor | None, shard: DataShard) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(H, D) per group of a dense block, from one pass of each block: H = (1/n) Σ_i w_i x̃_i x̃_iᵀ as in
-    `counted_hessians` and D = (1/n) Σ_i w_i (x_fp,i - x̃_i) x̃_iᵀ (`gptq.drift_sum`), both (d_g, d_g)
-    float64, x̃_i the group's transformed input in `block` (as it is now) on the quantized stream x_in,
-    x_fp,i its input in the FP block `fp_block` on the FP stream x_fp (the same samples), both transformed
-    by calibs[g]; sums added in global batch order over all processes. call / fp_call run block / fp_block
-    on a batch."""
+    """`drift_moments` of each group of a dense block, from one pass of each block: x̃_i the group's
+    transformed input in `block` (as it is now) on the quantized stream x_in, x_fp,i its input in the FP
+    block `fp_block` on the FP stream x_fp (the same samples), both transformed by calibs[g]. call /
+    fp_call run block / fp_block on a batch."""
     found: dict = {}
 
     def hook_for(key: tuple, g: int):
@@ -182,33 +207,21 @@ def group_drifts(block: nn.Module, fp_block: nn.Module, firsts: list[str], calib
 
         return hook
 
+    def inputs(lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        found.clear()
+        for run, x in ((fp_call, x_fp), (call, x_in)):
+            with contextlib.suppress(_HessiansTaken):
+                run(x[lo:hi])
+        return [(found[("fp", g)], found[("q", g)]) for g in range(len(firsts))]
+
     handles = [m.get_submodule(name).register_forward_pre_hook(hook_for((side, g), g))
                for side, m in (("fp", fp_block), ("q", block)) for g, name in enumerate(firsts)]
-    totals = [[torch.zeros(c.weight.shape[1], c.weight.shape[1], dtype=torch.float64, device=c.weight.device)
-               for _ in range(2)] for c in calibs]  # [H, D] per group, (d_g, d_g) each
-    B, n = shard.batch_size, 0
     try:
-        for r in range(shard.rounds):  # round r: batch r * N + rank on this rank, if any
-            present = r * B < x_in.shape[0]
-            found.clear()
-            if present:
-                for run, x in ((fp_call, x_fp), (call, x_in)):
-                    with contextlib.suppress(_HessiansTaken):
-                        run(x[r * B:(r + 1) * B])
-                w = weights if weights is None or weights.dim() == 1 else weights[r * B:(r + 1) * B]
-                n += found[("q", 0)].shape[:-1].numel()
-            for g, (name, c) in enumerate(zip(firsts, calibs, strict=True)):
-                d = c.weight.shape[1]
-                parts = (hessian_sum(found[("q", g)], w, dtype=torch.float32)[0],
-                         drift_sum(found[("fp", g)], found[("q", g)], w, dtype=torch.float32)) if present \
-                    else (torch.zeros(d, d, device=c.weight.device),) * 2
-                totals[g] = [shard.world.fold(total, part, present, what=f"{what} of {name}")
-                             for total, part, what in zip(totals[g], parts, ("Hessian", "input drift"), strict=True)]
+        return drift_moments(inputs, x_in.shape[0], weights, [c.weight.shape[1] for c in calibs], firsts,
+                             calibs[0].weight.device, shard)
     finally:
         for h in handles:
             h.remove()
-    count = int(shard.world.all_reduce_sum(torch.tensor([n], dtype=torch.int64), "calibration token counts")[0])
-    return [(H / max(count, 1), D / max(count, 1)) for H, D in totals]
 
 
 def expert_of(block: nn.Module, name: str) -> tuple[str, int] | None:
