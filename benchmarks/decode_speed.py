@@ -8,7 +8,8 @@ one-per-step output and to the FP32 teacher's under the same commit rule without
 prompts whose whole answer equals the latter, and the teacher-forced frontier flip rate (all decisions / teacher
 margin >= 0.1) on that FP32 same-rule trajectory, read through the row's cache (issue 34's metric). Models: the
 FP32 teacher, optionally bf16, and W4A4 / W8A8 (quick RTN + Hadamard calibration, integer kernels). Batch = all
-prompts at once. Times: the fastest of ``--repeats`` interleaved runs.
+prompts at once. Times: the fastest of ``--repeats`` interleaved runs; ``x_paired``: the speed-up over FP32
+one-per-step within each repeat, median [min, max] over the repeats.
 
     OMP_NUM_THREADS=1 python benchmarks/decode_speed.py --threads 1 --out benchmarks/results/decode_speed.json
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,16 +95,21 @@ def flips(model, fp_trace, policy: dict) -> tuple[float, float]:
 
 def timed(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float,
           repeats: int) -> dict:
-    """{(model, policy label): (trace, fastest of ``repeats`` wall times)}, the cases interleaved per repeat so
+    """{(model, policy label): (trace, [wall seconds of each repeat])}, the cases interleaved per repeat so
     that a busy spell on a shared machine spreads over all of them."""
     out = {}
     for _ in range(repeats):
         for name, model in models.items():
             for label, policy in policies(threshold):
                 trace, seconds = decode(model, prompts, gen_length, block_length, policy)
-                prev = out.get((name, label))
-                out[(name, label)] = (trace, seconds if prev is None else min(prev[1], seconds))
+                out[(name, label)] = (trace, out.get((name, label), (None, []))[1] + [seconds])
     return out
+
+
+def paired_ratio(base: list[float], times: list[float]) -> str:
+    """The speed-up over the baseline within each repeat (same moment of the machine): median [min, max]."""
+    ratios = sorted(b / t for b, t in zip(base, times, strict=True))
+    return f"{statistics.median(ratios):.2f} [{ratios[0]:.2f}, {ratios[-1]:.2f}]"
 
 
 def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int, threshold: float,
@@ -111,7 +118,8 @@ def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int,
     times = timed(models, prompts, gen_length, block_length, threshold, repeats)
     for name, model in models.items():
         for label, policy in policies(threshold):
-            trace, seconds = times[(name, label)]
+            trace, each = times[(name, label)]
+            seconds = min(each)
             rule_key = label.split(" + ")[0]
             if name == "fp32" and "cache" not in policy:
                 fp[rule_key] = trace
@@ -119,12 +127,15 @@ def run(models: dict, prompts: torch.Tensor, gen_length: int, block_length: int,
             rows.append(dict(model=name, policy=label, seconds=round(seconds, 3),
                              tokens_per_s=round(trace.generated.numel() / seconds, 1),
                              steps_per_token=round(trace.steps_per_token(), 3), flip_rate=flip_all,
-                             flip_rate_m01=flip_m, gen=trace.generated, rule=rule_key))
+                             flip_rate_m01=flip_m, gen=trace.generated, rule=rule_key, each=each))
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("gen", "rule")}), flush=True)
-    base = next(r["seconds"] for r in rows if r["model"] == "fp32" and r["policy"] == "one-per-step")
+    base = next(r for r in rows if r["model"] == "fp32" and r["policy"] == "one-per-step")
+    for r in rows:
+        r["x_fp32_one_per_step"] = round(base["seconds"] / r["seconds"], 2)
+        r["x_paired"] = paired_ratio(base["each"], r["each"])
     for r in rows:
         gen, same_rule = r.pop("gen"), fp[r.pop("rule")].generated
-        r["x_fp32_one_per_step"] = round(base / r["seconds"], 2)
+        r["each"] = [round(t, 3) for t in r["each"]]
         r["agree_fp_one_per_step"] = round(float((gen == fp["one-per-step"].generated).double().mean()), 3)
         r["agree_fp_same_rule"] = round(float((gen == same_rule).double().mean()), 3)
         r["same_text_fp_same_rule"] = round(float((gen == same_rule).all(-1).double().mean()), 3)
@@ -212,7 +223,7 @@ def llama_cpp_anchor(llama_dir: Path, models: dict, tok, prompt: torch.Tensor, g
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["model", "policy", "seconds", "tokens_per_s", "x_fp32_one_per_step", "steps_per_token",
+    cols = ["model", "policy", "seconds", "tokens_per_s", "x_fp32_one_per_step", "x_paired", "steps_per_token",
             "agree_fp_one_per_step", "agree_fp_same_rule", "same_text_fp_same_rule", "flip_rate", "flip_rate_m01"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]

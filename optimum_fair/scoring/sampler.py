@@ -136,15 +136,19 @@ def _llada_choose(
     Returns:
         chosen: (batch, block) bool, x0: (batch, block) proposed tokens.
     """
-    logits64 = logits.double()  # a copy: the caller's logits stay untouched
-    noisy = logits64 if temperature == 0 else logits64 + temperature * gumbel_like(logits64, generator)
-    x0 = noisy.argmax(-1)  # (batch, block)
+    if temperature == 0:
+        x0 = logits.argmax(-1)  # (batch, block); widening to float64 is exact, so the same argmax
+    else:
+        logits64 = logits.double()
+        x0 = (logits64 + temperature * gumbel_like(logits64, generator)).argmax(-1)
     if remasking is Remasking.LOW_CONFIDENCE:
-        chosen_logit = logits64.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        conf = torch.exp(chosen_logit - logits64.logsumexp(-1))  # p(x0): (batch, block)
+        rows = logits[masked].double()  # (n_masked, vocab): only masked positions are ranked
+        chosen_logit = rows.gather(-1, x0[masked].unsqueeze(-1)).squeeze(-1)
+        conf = torch.full(masked.shape, float("-inf"), dtype=torch.float64, device=masked.device)
+        conf[masked] = torch.exp(chosen_logit - rows.logsumexp(-1))  # p(x0) where masked
     else:
         conf = torch.rand(masked.shape, dtype=torch.float64, device=masked.device, generator=generator)
-    conf = conf.masked_fill(~masked, float("-inf"))
+        conf = conf.masked_fill(~masked, float("-inf"))
     return select_parallel(conf, count, *rule), x0
 
 
