@@ -20,13 +20,11 @@ import torch
 from torch import nn
 
 from ..arch import find_adapter
-from ..calib.methods import ROUNDINGS
 from ..config import FairCalibConfig
 from ..data import calibration_sequences, load_texts, resolve_tokenizer
 from ..devices import execution_device, model_float_dtype
 from ..digests import tensor_digest
 from ..distributed import DataShard, World, get_world
-from ..enums import InputMode
 from ..masks import block_diffusion_mask
 from ..naming import public_name, source_name
 from ..scoring.states import decoding_states, noisy_canvases
@@ -122,17 +120,16 @@ def _stages(model: nn.Module, plan: Plan, texts, tokenizer, fp_embedding: torch.
     if not world.agree(bool(torch.isfinite(hidden).all()), "finite inputs of the first block"):
         raise ValueError("non-finite activations at the input of the first block: check the model's weights")
     logger.info("Stage II: block forwards in %s", s.compute_dtype)
-    corrected = s.input_mode is InputMode.CORRECTED and ROUNDINGS[s.rounding].hessian
     fp_hidden = None
-    if corrected and fp_embedding is not None:  # the FP stream from the float embedding
+    if s.corrected and fp_embedding is not None:  # the FP stream from the float embedding
         with _embedding_weight(model, fp_embedding):
             fp_hidden, _ = capture_block_inputs(model, blocks, ids[shard.sample_ids], s.batch_size, mask,
                                                 inputs=inputs, keep_cache=adapter.canvas)
-    streams = {} if corrected else None
+    streams = {} if s.corrected else None
     records = calibrate_blocks(blocks, groups_of, hidden, extras, weights, s, model_float_dtype(model),
                                execution_device(model), cache=cache, shard=shard, streams=streams,
                                fp_hidden=fp_hidden)
-    if corrected:  # the float head refitted to the quantized body, through the model's own tail
+    if s.corrected:  # the float head refitted to the quantized body, through the model's own tail
         local = weights if weights is None or weights.dim() == 1 else weights[shard.sample_ids]
         refit_head(model, blocks[-1], model_forward(model, mask, inputs), streams, local, shard, s.damp)
     return prior, records

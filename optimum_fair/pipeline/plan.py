@@ -84,6 +84,12 @@ class StageTwoSettings:
     compute_dtype: torch.dtype  # the blocks' forwards (`devices.resolve_compute_dtype`)
     roles: tuple[tuple[str, str], ...] = ()  # the family's llama.cpp roles of block linears (a GGUF mix's rules)
 
+    @property
+    def corrected(self) -> bool:
+        """Whether GPTQ rounds towards the FP model's outputs (`InputMode.CORRECTED`): an FP copy of each block,
+        the FP stream of every sample and the LM head's refit."""
+        return self.input_mode is InputMode.CORRECTED and ROUNDINGS[self.rounding].hessian
+
     def formats(self, layer: int, n_layers: int, linears: dict[str, nn.Module]) -> dict[str, LayerFormat]:
         """{name in block `layer` of n_layers: its format} (`LayerFormat.at`)."""
         roles = dict(self.roles)

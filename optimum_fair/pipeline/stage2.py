@@ -410,7 +410,7 @@ def _one_block(l, block, groups, extras, fp_stream, q_stream, weights, s: StageT
         logger.info("block %d: loaded from cache", l)
     else:
         drift = None
-        if s.input_mode is InputMode.CORRECTED and ROUNDINGS[s.rounding].hessian:  # the FP block gives the targets
+        if s.corrected:  # the FP block gives the targets
             fp_block = copy.deepcopy(block)
             drift = (fp_block, block_caller(fp_block, extras, device, s.compute_dtype), fp_stream)
         calibrate_block(block, groups, call, x_in, targets, weights, s, generator, dtype, shard, l, n_layers, drift)
