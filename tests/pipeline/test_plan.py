@@ -28,6 +28,12 @@ def test_a_run_without_calibration_resolves_no_decode_setup():
     assert not plan.calibrate and plan.decode is None
 
 
+@pytest.mark.parametrize("input_mode, corrected", [("corrected", True), ("quantized", False), ("fp", False)])
+def test_the_plan_says_once_whether_gptq_rounds_towards_the_fp_model(input_mode, corrected):
+    plan = make_plan(tiny_llada(100, 99), FairCalibConfig(rounding="gptq", input_mode=input_mode), CPU)
+    assert plan.stage_two.corrected is corrected
+
+
 def test_the_steps_rule_is_checked_on_a_window_resolved_from_the_model():
     """window = 64 // 4 = 16 from the model's length: 2 blocks of 8, which 3 steps do not split evenly."""
     with pytest.raises(ValueError, match=r"steps \(3\) must be a multiple of the number of blocks"):
